@@ -1,0 +1,19 @@
+//! oxtune's trainer: the GPT-OSS model assembled from the domain crates (`mxfp4`, `moe`, `lora`,
+//! `optim`, `data`): configuration, checkpoint loading, the CPU reference forward pass, sizes and
+//! memory estimates.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod sizes;
+pub mod weights;
+
+#[cfg(test)]
+mod testutil;
+
+pub use config::{GptOssConfig, LayerType, RopeScaling};
+pub use error::{Error, Result};
+pub use model::{KvCache, Model};

@@ -1,0 +1,124 @@
+//! Project automation. `cargo xtask <command>`:
+//!
+//! - `train [ARGS..]`: the main job; runs `oxtune train` (release build) with ARGS, or with no
+//!   arguments on the embedded default (tiny GPT-OSS + the persona dataset).
+//! - `check-deps`: enforces the dependency rule: the domain crates (mxfp4, moe, lora, optim, data)
+//!   depend on no other workspace crate except `oxtune-kernels`, and that one only as an optional
+//!   dependency behind their `cuda` feature.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+const DOMAIN: [&str; 5] = ["oxtune-mxfp4", "oxtune-moe", "oxtune-lora", "oxtune-optim", "oxtune-data"];
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("train") => train(args.collect()),
+        Some("check-deps") => check_deps(),
+        _ => {
+            eprintln!("usage: cargo xtask <train [ARGS..] | check-deps>");
+            std::process::exit(2)
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn train(args: Vec<String>) -> Result<()> {
+    let status = cargo()
+        .args(["run", "--quiet", "--release", "--package", "oxtune-cli", "--bin", "oxtune", "--", "train"])
+        .args(&args)
+        .status()
+        .context("running cargo")?;
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+/// Violations of the dependency rule in `cargo metadata` output.
+fn dependency_violations(meta: &Value) -> Vec<String> {
+    let mut bad = vec![];
+    let packages = meta["packages"].as_array().cloned().unwrap_or_default();
+    let workspace: Vec<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
+    for p in &packages {
+        let name = p["name"].as_str().unwrap_or_default();
+        if !DOMAIN.contains(&name) {
+            continue;
+        }
+        for d in p["dependencies"].as_array().into_iter().flatten() {
+            let dep = d["name"].as_str().unwrap_or_default();
+            if !workspace.contains(&dep) {
+                continue;
+            }
+            let optional = d["optional"].as_bool().unwrap_or(false);
+            if dep != "oxtune-kernels" {
+                bad.push(format!("{name} depends on workspace crate {dep}; domain crates must stay independent (compose them in oxtune-trainer)"));
+            } else if !optional {
+                bad.push(format!(
+                    "{name} depends on oxtune-kernels unconditionally; make it optional behind the `cuda` feature"
+                ));
+            } else {
+                let cuda = &p["features"]["cuda"];
+                let gated = cuda
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x == "dep:oxtune-kernels" || x == "oxtune-kernels"));
+                if !gated {
+                    bad.push(format!("{name}: oxtune-kernels must be enabled by the `cuda` feature"));
+                }
+            }
+        }
+    }
+    bad
+}
+
+fn check_deps() -> Result<()> {
+    let out =
+        cargo().args(["metadata", "--format-version", "1", "--no-deps"]).output().context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout)?;
+    let bad = dependency_violations(&meta);
+    if bad.is_empty() {
+        println!("check-deps: ok ({} domain crates depend on no other workspace crate)", DOMAIN.len());
+        Ok(())
+    } else {
+        bail!("dependency rule broken:\n  {}", bad.join("\n  "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(deps: Value, features: Value) -> Value {
+        json!({"packages": [
+            {"name": "oxtune-moe", "dependencies": deps, "features": features},
+            {"name": "oxtune-mxfp4", "dependencies": [], "features": {}},
+            {"name": "oxtune-kernels", "dependencies": [], "features": {}},
+        ]})
+    }
+
+    #[test]
+    fn accepts_kernels_behind_cuda() {
+        let m = meta(
+            json!([{"name": "oxtune-kernels", "optional": true}, {"name": "half", "optional": false}]),
+            json!({"cuda": ["dep:oxtune-kernels"]}),
+        );
+        assert!(dependency_violations(&m).is_empty());
+    }
+
+    #[test]
+    fn rejects_domain_to_domain_and_ungated_kernels() {
+        let m = meta(json!([{"name": "oxtune-mxfp4", "optional": false}]), json!({}));
+        assert!(dependency_violations(&m)[0].contains("oxtune-moe depends on workspace crate oxtune-mxfp4"));
+        let m = meta(json!([{"name": "oxtune-kernels", "optional": false}]), json!({}));
+        assert!(dependency_violations(&m)[0].contains("unconditionally"));
+        let m = meta(json!([{"name": "oxtune-kernels", "optional": true}]), json!({"cuda": []}));
+        assert!(dependency_violations(&m)[0].contains("`cuda` feature"));
+    }
+}

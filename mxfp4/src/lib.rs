@@ -387,6 +387,46 @@ mod tests {
         }
     }
 
+    /// triton's `downcast_to_mxfp_torch` conversion, re-expressed on the f32 bit pattern (sign,
+    /// exponent, mantissa; guard and sticky bits; round to nearest even; saturate at code 7).
+    fn triton_bits_e2m1(x: f32) -> u8 {
+        let q = x.to_bits();
+        let sign = ((q >> 28) & 0x8) as u8;
+        let exp = (q >> 23) & 0xFF;
+        let man = q & 0x7F_FFFF;
+        let (mut mant, mut sticky) = (man, false);
+        if exp < 127 {
+            let shift = 127 - exp - 1;
+            let pre = 0x40_0000 | (man >> 1);
+            let mask = if shift >= 31 { u32::MAX >> 1 } else { (1u32 << shift) - 1 };
+            sticky = (man & 1) != 0 || (pre & mask) != 0;
+            mant = if shift >= 32 { 0 } else { pre >> shift };
+        }
+        let e = exp.max(126) - 126;
+        let m2 = (mant >> 21) & 3;
+        let (lsb, guard) = ((m2 >> 1) & 1, m2 & 1);
+        sticky |= (mant & ((1 << 21) - 1)) != 0;
+        let inc = guard & (sticky as u32 | lsb);
+        let v = ((((e << 2) | m2) + inc) >> 1).min(7);
+        sign | v as u8
+    }
+
+    #[test]
+    fn rounding_equals_tritons_bit_algorithm() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut xs: Vec<f32> = (0..200_000).map(|_| rng.gen_range(-7.0f32..7.0)).collect();
+        // Every tie and neighbour of a tie, both signs, and tiny values.
+        for m in [0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] {
+            for v in [m, f32::from_bits(m.to_bits() + 1), f32::from_bits(m.to_bits() - 1)] {
+                xs.extend([v, -v]);
+            }
+        }
+        xs.extend([0.0, -0.0, 1e-30, -1e-30, 1e-45, 100.0, -100.0]);
+        for x in xs {
+            assert_eq!(encode_e2m1(x), triton_bits_e2m1(x), "x = {x:e}");
+        }
+    }
+
     #[test]
     fn scale_rounds_up_so_nothing_clips() {
         // amax 6 -> d = 1 exactly -> scale 2^0; amax 6.01 -> d > 1 -> 2^1.

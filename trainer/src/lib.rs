@@ -2,13 +2,17 @@
 //! `optim`, `data`): configuration, checkpoint loading, the CPU reference forward pass, sizes and
 //! memory estimates.
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod grad;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod sample;
 pub mod sizes;
+pub mod tiny;
 pub mod weights;
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use oxtune_moe::{moe_forward, SwigluParams};
 
+use crate::adapter::{AdaptedExperts, Adapter, Dense, NoAdapter};
 use crate::checkpoint::Checkpoint;
 use crate::config::{GptOssConfig, LayerType};
 use crate::error::{Error, Result};
@@ -14,7 +15,7 @@ use crate::ops::linear::linear;
 use crate::ops::loss::{cross_entropy, shift_labels};
 use crate::ops::rmsnorm::rmsnorm;
 use crate::ops::rope::Rope;
-use crate::weights::{Layer, Weights};
+use crate::weights::Weights;
 
 pub struct Model {
     pub cfg: GptOssConfig,
@@ -61,15 +62,15 @@ impl Model {
         Ok(Self::new(cfg, w))
     }
 
-    fn heads(&self) -> Heads {
+    pub(crate) fn heads(&self) -> Heads {
         Heads { nq: self.cfg.num_attention_heads, nkv: self.cfg.num_key_value_heads, d: self.cfg.head_dim }
     }
 
-    fn act(&self) -> SwigluParams {
+    pub(crate) fn swiglu(&self) -> SwigluParams {
         SwigluParams { alpha: self.cfg.swiglu_alpha as f32, limit: self.cfg.swiglu_limit as f32 }
     }
 
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+    pub(crate) fn check_token_ids(&self, ids: &[u32]) -> Result<()> {
         if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
             return Err(Error::Input(format!(
                 "token id {t} at index {i} is out of range: the model's vocabulary has {} tokens",
@@ -79,46 +80,51 @@ impl Model {
         Ok(())
     }
 
-    fn embed(&self, ids: &[u32]) -> Vec<f32> {
+    pub(crate) fn embed_tokens(&self, ids: &[u32]) -> Vec<f32> {
         let h = self.cfg.hidden_size;
         ids.iter().flat_map(|&t| self.w.embed[t as usize * h..(t as usize + 1) * h].iter().copied()).collect()
     }
 
     /// One decoder layer over tokens `x [N, H]` grouped in `rows`; with a cache (one row only),
-    /// keys and values of earlier tokens come from it and the new ones are appended.
+    /// keys and values of earlier tokens come from it and the new ones are appended. With `save`,
+    /// the activations the backward pass needs are kept.
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         l: usize,
-        layer: &Layer,
         x: &mut [f32],
         pos: &[u32],
         seg: &[u32],
         rows: &[Range<usize>],
         cache: Option<&mut LayerCache>,
+        adapter: &dyn Adapter,
+        save: Option<&mut Vec<LayerActs>>,
     ) -> Result<()> {
+        let layer = &self.w.layers[l];
         let cfg = &self.cfg;
-        let (h, qw, kw) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width());
+        let (qw, kw) = (cfg.q_width(), cfg.kv_width());
         let eps = cfg.rms_norm_eps as f32;
-        let (a, _) = rmsnorm(x, &layer.input_norm, eps);
-        let mut q = linear(&a, &layer.q.w, Some(&layer.q.b), h, qw);
-        let mut k = linear(&a, &layer.k.w, Some(&layer.k.b), h, kw);
-        let v = linear(&a, &layer.v.w, Some(&layer.v.b), h, kw);
+        let x_in = save.as_ref().map(|_| x.to_vec());
+        let (a, rstd1) = rmsnorm(x, &layer.input_norm, eps);
+        let proj = |m: Dense, lin: &crate::weights::Linear, input: &[f32]| {
+            let mut y = linear(input, &lin.w, Some(&lin.b), lin.n_in, lin.n_out);
+            adapter.dense_forward(l, m, input, &mut y);
+            y
+        };
+        let mut q = proj(Dense::Q, &layer.q, &a);
+        let mut k = proj(Dense::K, &layer.k, &a);
+        let v = proj(Dense::V, &layer.v, &a);
         self.rope.apply(&mut q, pos, false);
         self.rope.apply(&mut k, pos, false);
-        let window = (layer.kind == LayerType::Sliding).then_some(cfg.sliding_window);
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let window = self.layer_window(l);
+        let scale = self.attention_scale();
         let mut o = vec![0.0f32; q.len()];
+        let mut lse = vec![];
         match cache {
             None => {
                 for r in rows {
-                    let c = Coords {
-                        q_pos: &pos[r.clone()],
-                        k_pos: &pos[r.clone()],
-                        q_seg: &seg[r.clone()],
-                        k_seg: &seg[r.clone()],
-                        window,
-                    };
-                    let (or, _) = attention(
+                    let c = row_coords(pos, seg, r, window);
+                    let (or, lr) = attention(
                         &q[r.start * qw..r.end * qw],
                         &k[r.start * kw..r.end * kw],
                         &v[r.start * kw..r.end * kw],
@@ -128,6 +134,7 @@ impl Model {
                         scale,
                     );
                     o[r.start * qw..r.end * qw].copy_from_slice(&or);
+                    lse.push(lr);
                 }
             }
             Some(c) => {
@@ -147,23 +154,67 @@ impl Model {
                 }
             }
         }
-        let attn = linear(&o, &layer.o.w, Some(&layer.o.b), qw, h);
+        let attn = proj(Dense::O, &layer.o, &o);
         x.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
-        let (b, _) = rmsnorm(x, &layer.post_norm, eps);
-        let (m, _) =
-            moe_forward(&b, &layer.router.w, &layer.router.b, &layer.experts, cfg.num_experts_per_tok, self.act())
+        let x_mid = save.as_ref().map(|_| x.to_vec());
+        let (b, rstd2) = rmsnorm(x, &layer.post_norm, eps);
+        let experts = AdaptedExperts { base: &layer.experts, adapter, layer: l };
+        let (m, moe) =
+            moe_forward(&b, &layer.router.w, &layer.router.b, &experts, cfg.num_experts_per_tok, self.swiglu())
                 .map_err(|e| Error::Input(format!("layer {l}: {e}")))?;
         x.iter_mut().zip(&m).for_each(|(a, b)| *a += b);
+        if let Some(acts) = save {
+            acts.push(LayerActs {
+                x_in: x_in.expect("saved"),
+                a,
+                rstd1,
+                q,
+                k,
+                v,
+                o,
+                lse,
+                x_mid: x_mid.expect("saved"),
+                rstd2,
+                moe,
+            });
+        }
         Ok(())
+    }
+
+    /// Layer `l` of a training forward, keeping what the backward pass needs.
+    pub(crate) fn layer_saving(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        b: &crate::grad::TrainBatch,
+        adapter: &dyn Adapter,
+        acts: &mut Vec<LayerActs>,
+    ) -> Result<()> {
+        self.layer(l, x, &b.pos, &b.seg, &b.rows, None, adapter, Some(acts))
+    }
+
+    pub(crate) fn layer_window(&self, l: usize) -> Option<usize> {
+        (self.w.layers[l].kind == LayerType::Sliding).then_some(self.cfg.sliding_window)
+    }
+
+    pub(crate) fn attention_scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
     /// Final hidden states `[N, H]` (after the last norm) for tokens grouped in `rows`, each with
     /// its position and segment id (packed rows restart positions per segment).
-    pub fn hidden(&self, ids: &[u32], pos: &[u32], seg: &[u32], rows: &[Range<usize>]) -> Result<Vec<f32>> {
-        self.check_ids(ids)?;
-        let mut x = self.embed(ids);
-        for (l, layer) in self.w.layers.iter().enumerate() {
-            self.layer(l, layer, &mut x, pos, seg, rows, None)?;
+    pub fn hidden(
+        &self,
+        ids: &[u32],
+        pos: &[u32],
+        seg: &[u32],
+        rows: &[Range<usize>],
+        adapter: &dyn Adapter,
+    ) -> Result<Vec<f32>> {
+        self.check_token_ids(ids)?;
+        let mut x = self.embed_tokens(ids);
+        for l in 0..self.w.layers.len() {
+            self.layer(l, &mut x, pos, seg, rows, None, adapter, None)?;
         }
         Ok(rmsnorm(&x, &self.w.norm, self.cfg.rms_norm_eps as f32).0)
     }
@@ -175,13 +226,18 @@ impl Model {
 
     /// Logits `[B·T, V]` for `ids [B, T]`, each row at positions `0..T`.
     pub fn forward(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
+        self.forward_with(ids, batch, seq, &NoAdapter)
+    }
+
+    /// As [`Model::forward`], with an adapter.
+    pub fn forward_with(&self, ids: &[u32], batch: usize, seq: usize, adapter: &dyn Adapter) -> Result<Vec<f32>> {
         if ids.len() != batch * seq || seq == 0 {
             return Err(Error::Input(format!("{} token ids do not form a [{batch}, {seq}] batch", ids.len())));
         }
         let pos: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
         let seg = vec![0u32; ids.len()];
         let rows: Vec<_> = (0..batch).map(|b| b * seq..(b + 1) * seq).collect();
-        Ok(self.logits(&self.hidden(ids, &pos, &seg, &rows)?))
+        Ok(self.logits(&self.hidden(ids, &pos, &seg, &rows, adapter)?))
     }
 
     /// transformers' causal-LM loss for `labels [B, T]` (−100 ignored): mean over counted tokens.
@@ -198,7 +254,12 @@ impl Model {
 
     /// Runs `ids` through the model after what the cache holds; returns the last token's logits.
     pub fn step(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.check_ids(ids)?;
+        self.step_with(ids, cache, &NoAdapter)
+    }
+
+    /// As [`Model::step`], with an adapter.
+    pub fn step_with(&self, ids: &[u32], cache: &mut KvCache, adapter: &dyn Adapter) -> Result<Vec<f32>> {
+        self.check_token_ids(ids)?;
         if ids.is_empty() {
             return Err(Error::Input("no tokens to run".into()));
         }
@@ -207,10 +268,11 @@ impl Model {
         }
         let pos: Vec<u32> = (cache.next_pos..cache.next_pos + ids.len() as u32).collect();
         let seg = vec![0u32; ids.len()];
-        let mut x = self.embed(ids);
+        let mut x = self.embed_tokens(ids);
         let whole = 0..ids.len();
-        for (l, layer) in self.w.layers.iter().enumerate() {
-            self.layer(l, layer, &mut x, &pos, &seg, std::slice::from_ref(&whole), Some(&mut cache.layers[l]))?;
+        for l in 0..self.w.layers.len() {
+            let c = Some(&mut cache.layers[l]);
+            self.layer(l, &mut x, &pos, &seg, std::slice::from_ref(&whole), c, adapter, None)?;
         }
         cache.next_pos += ids.len() as u32;
         let h = self.cfg.hidden_size;
@@ -220,21 +282,57 @@ impl Model {
 
     /// Greedy decoding: up to `max_new` tokens after `prompt`, stopping after any of `stop`.
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        self.generate(prompt, max_new, stop, &NoAdapter, &mut |logits| argmax(logits))
+    }
+
+    /// Decoding with any token chooser (greedy, sampling): up to `max_new` tokens after `prompt`,
+    /// stopping after any of `stop`.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        adapter: &dyn Adapter,
+        choose: &mut dyn FnMut(&[f32]) -> u32,
+    ) -> Result<Vec<u32>> {
         let mut cache = KvCache::default();
         let mut out = Vec::with_capacity(max_new);
         if max_new == 0 {
             return Ok(out);
         }
-        let mut logits = self.step(prompt, &mut cache)?;
+        let mut logits = self.step_with(prompt, &mut cache, adapter)?;
         loop {
-            let next = argmax(&logits);
+            let next = choose(&logits);
             out.push(next);
             if out.len() == max_new || stop.contains(&next) {
                 return Ok(out);
             }
-            logits = self.step(&[next], &mut cache)?;
+            logits = self.step_with(&[next], &mut cache, adapter)?;
         }
     }
+}
+
+/// Attention coordinates of one row of a batch (queries and keys are the same tokens).
+pub(crate) fn row_coords<'a>(pos: &'a [u32], seg: &'a [u32], r: &Range<usize>, window: Option<usize>) -> Coords<'a> {
+    Coords { q_pos: &pos[r.clone()], k_pos: &pos[r.clone()], q_seg: &seg[r.clone()], k_seg: &seg[r.clone()], window }
+}
+
+/// What one layer's backward pass needs from its forward pass.
+pub(crate) struct LayerActs {
+    pub x_in: Vec<f32>,
+    pub a: Vec<f32>,
+    pub rstd1: Vec<f32>,
+    /// After RoPE.
+    pub q: Vec<f32>,
+    /// After RoPE.
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub o: Vec<f32>,
+    /// Per row `[nq, T_row]`.
+    pub lse: Vec<Vec<f32>>,
+    pub x_mid: Vec<f32>,
+    pub rstd2: Vec<f32>,
+    pub moe: oxtune_moe::MoeCache,
 }
 
 /// Index of the largest value; the first one on ties (as torch.argmax).

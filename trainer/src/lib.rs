@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod grad;
 pub mod io;
+pub mod lora_adapter;
 pub mod model;
 pub mod ops;
 pub mod sample;

@@ -2,6 +2,7 @@
 
 mod data_cmd;
 mod model_cmd;
+mod train_cmd;
 
 use std::path::PathBuf;
 
@@ -38,32 +39,111 @@ enum Cmd {
         /// Output safetensors file: `logits` (F32 [B, T, V]) and `loss` (F32 [1]) when labels are given.
         #[arg(long)]
         out: PathBuf,
-    },
-    /// Greedy decoding with a KV cache; prints the new token ids as a JSON array.
-    Generate {
+        /// A LoRA adapter directory (PEFT format) applied on top of the model.
         #[arg(long)]
-        model: PathBuf,
+        adapter: Option<PathBuf>,
+        /// Also write `grad.<key>` for every adapter tensor: the gradient of the mean loss (needs
+        /// --adapter and labels).
+        #[arg(long)]
+        grads: bool,
+    },
+    /// Generate a reply: `--prompt TEXT` prints the assistant's final answer; `--prompt-ids 1,2,3`
+    /// continues raw token ids and prints the new ids as JSON. Greedy unless --temperature > 0.
+    Generate {
+        /// Model directory [default: the embedded tiny GPT-OSS].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// LoRA adapter directory (PEFT format).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A user message, rendered in the harmony chat format.
+        #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+        prompt: Option<String>,
         /// Comma-separated prompt token ids, e.g. 1,2,3.
         #[arg(long)]
-        prompt_ids: String,
-        #[arg(long, default_value_t = 32)]
-        max_new_tokens: usize,
-        /// Do not stop at the config's eos_token_id.
+        prompt_ids: Option<String>,
+        /// With --prompt-ids: do not stop at the config's eos_token_id.
         #[arg(long)]
         ignore_eos: bool,
+        #[command(flatten)]
+        decode: DecodeArgs,
     },
+    /// Chat with the model in the terminal (harmony format; prints the final channel).
+    Chat {
+        /// Model directory [default: the embedded tiny GPT-OSS].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// LoRA adapter directory (PEFT format).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        decode: DecodeArgs,
+    },
+    /// Fine-tune with LoRA: prints progress (step, loss, lr, tokens/s, ETA), writes the adapter
+    /// (PEFT format), checkpoints, metrics.jsonl and loss.svg to --out.
+    Train(Box<train_cmd::TrainArgs>),
     /// Check and render chat datasets (JSONL) in the harmony format.
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
 }
 
+#[derive(clap::Args)]
+struct DecodeArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens with probability >= P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// A system prompt (rendered as the developer message's instructions).
+    #[arg(long)]
+    system: Option<String>,
+    /// Also print the analysis channel (chain of thought).
+    #[arg(long)]
+    show_reasoning: bool,
+}
+
+impl DecodeArgs {
+    fn decode(self) -> model_cmd::Decode {
+        model_cmd::Decode {
+            sampling: oxtune_trainer::sample::SamplerConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            max_new_tokens: self.max_new_tokens,
+            system: self.system,
+            show_reasoning: self.show_reasoning,
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Inspect { model_dir, seq, rank } => model_cmd::inspect(&model_dir, seq, rank),
-        Cmd::Forward { model, tokens, out } => model_cmd::forward(&model, &tokens, &out),
-        Cmd::Generate { model, prompt_ids, max_new_tokens, ignore_eos } => {
-            model_cmd::generate(&model, &prompt_ids, max_new_tokens, ignore_eos)
+        Cmd::Forward { model, tokens, out, adapter, grads } => {
+            model_cmd::forward(&model, &tokens, &out, adapter.as_deref(), grads)
         }
+        Cmd::Generate { model, adapter, prompt, prompt_ids, ignore_eos, decode } => {
+            let d = decode.decode();
+            match (prompt, prompt_ids) {
+                (Some(p), _) => model_cmd::generate_text(model.as_deref(), adapter.as_deref(), &p, &d),
+                (None, Some(ids)) => {
+                    model_cmd::generate_ids(model.as_deref(), adapter.as_deref(), &ids, &d, ignore_eos)
+                }
+                (None, None) => anyhow::bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+            }
+        }
+        Cmd::Chat { model, adapter, decode } => model_cmd::chat(model.as_deref(), adapter.as_deref(), &decode.decode()),
+        Cmd::Train(a) => train_cmd::run(*a),
         Cmd::Data(c) => data_cmd::run(c),
     }
 }

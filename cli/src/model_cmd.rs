@@ -5,7 +5,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use oxtune_trainer::checkpoint::Checkpoint;
 use oxtune_trainer::io::{save_safetensors, OwnedTensor};
-use oxtune_trainer::{sizes, GptOssConfig, LayerType, Model};
+use oxtune_trainer::adapter::{Adapter, NoAdapter};
+use oxtune_trainer::grad::TrainBatch;
+use oxtune_trainer::ops::loss::shift_labels;
+use oxtune_trainer::{peft, sizes, GptOssConfig, LayerType, Model};
+use oxtune_data::{Conversation, Message, Renderer, Role, SystemConfig, Tokenizer};
+use oxtune_trainer::chat::reply;
+use oxtune_trainer::lora_adapter::LoraAdapter;
+use oxtune_trainer::sample::{Sampler, SamplerConfig};
+use oxtune_trainer::train::{load_model, load_tokenizer, TrainConfig};
 use safetensors::{Dtype, SafeTensors};
 
 fn bytes(n: u64) -> String {
@@ -105,8 +113,8 @@ fn read_ids(st: &SafeTensors, name: &str, path: &Path) -> Result<Option<(Vec<i64
     Ok(Some((v, t.shape().to_vec())))
 }
 
-/// `oxtune forward --model DIR --tokens IN --out OUT`
-pub fn forward(model: &Path, tokens: &Path, out: &PathBuf) -> Result<()> {
+/// `oxtune forward --model DIR --tokens IN --out OUT [--adapter DIR [--grads]]`
+pub fn forward(model: &Path, tokens: &Path, out: &PathBuf, adapter: Option<&Path>, grads: bool) -> Result<()> {
     let bytes = std::fs::read(tokens).with_context(|| format!("reading {}", tokens.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", tokens.display()))?;
@@ -123,22 +131,72 @@ pub fn forward(model: &Path, tokens: &Path, out: &PathBuf) -> Result<()> {
         }
     }
     let m = Model::load(model)?;
+    let mut lora = adapter.map(|dir| peft::load_adapter(dir, &m.cfg)).transpose()?;
     let ids32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let started = std::time::Instant::now();
-    let logits = m.forward(&ids32, b, t)?;
+    let logits = m.forward_with(&ids32, b, t, hook(&lora))?;
     let mut outs = vec![("logits".to_string(), OwnedTensor::f32(&[b, t, m.cfg.vocab_size], &logits))];
-    if let Some((l, _)) = labels {
-        let loss = m.loss(&logits, &l, t)?;
+    if let Some((l, _)) = &labels {
+        let loss = m.loss(&logits, l, t)?;
         eprintln!("loss {loss:.6}");
         outs.push(("loss".to_string(), OwnedTensor::f32(&[1], &[loss])));
+    }
+    if grads {
+        let (Some(a), Some((l, _))) = (lora.as_mut(), &labels) else {
+            bail!("--grads needs --adapter and `labels` in {}", tokens.display());
+        };
+        let batch = TrainBatch {
+            pos: (0..b).flat_map(|_| 0..t as u32).collect(),
+            seg: vec![0; ids32.len()],
+            rows: (0..b).map(|r| r * t..(r + 1) * t).collect(),
+            targets: shift_labels(l, t),
+            ids: ids32.clone(),
+        };
+        let n = batch.counted().max(1);
+        // The gradient of the mean loss, as transformers' loss.backward() gives it.
+        m.forward_backward(&batch, &*a, 1.0 / n as f32, None)?;
+        for tensor in a.tensors.iter_mut() {
+            let shape = tensor.shape.clone();
+            let name = format!("grad.{}", tensor.name);
+            outs.push((name, OwnedTensor::f32(&shape, tensor.grad())));
+        }
     }
     save_safetensors(out, &outs)?;
     eprintln!("wrote {} ({b}x{t} tokens in {:.2}s)", out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// `oxtune generate --model DIR --prompt-ids 1,2,3 --max-new-tokens N`
-pub fn generate(model: &Path, prompt_ids: &str, max_new: usize, ignore_eos: bool) -> Result<()> {
+/// Options shared by `generate` and `chat`.
+pub struct Decode {
+    pub sampling: SamplerConfig,
+    pub max_new_tokens: usize,
+    pub system: Option<String>,
+    pub show_reasoning: bool,
+}
+
+/// The model (a directory, or the embedded tiny one) and its optional adapter.
+pub fn load(model: Option<&Path>, adapter: Option<&Path>) -> Result<(Model, Option<LoraAdapter>)> {
+    let cfg = TrainConfig { model: model.map(Path::to_path_buf), ..TrainConfig::default() };
+    let m = load_model(&cfg)?;
+    let a = adapter.map(|d| peft::load_adapter(d, &m.cfg)).transpose()?;
+    Ok((m, a))
+}
+
+fn hook(a: &Option<LoraAdapter>) -> &dyn Adapter {
+    match a {
+        Some(a) => a,
+        None => &NoAdapter,
+    }
+}
+
+/// `oxtune generate --prompt-ids 1,2,3`: raw ids in, new ids out (JSON).
+pub fn generate_ids(
+    model: Option<&Path>,
+    adapter: Option<&Path>,
+    prompt_ids: &str,
+    d: &Decode,
+    ignore_eos: bool,
+) -> Result<()> {
     let prompt: Vec<u32> = prompt_ids
         .split(',')
         .map(|s| {
@@ -147,9 +205,65 @@ pub fn generate(model: &Path, prompt_ids: &str, max_new: usize, ignore_eos: bool
                 .with_context(|| format!("--prompt-ids: `{s}` is not a token id (expected e.g. 1,2,3)"))
         })
         .collect::<Result<_>>()?;
-    let m = Model::load(model)?;
+    let (m, a) = load(model, adapter)?;
     let stop = if ignore_eos { vec![] } else { m.cfg.eos_token_ids.clone() };
-    let ids = m.generate_greedy(&prompt, max_new, &stop)?;
+    let mut sampler = Sampler::new(d.sampling.clone());
+    let ids = m.generate(&prompt, d.max_new_tokens, &stop, hook(&a), &mut |l| sampler.choose(l))?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
+}
+
+fn conversation(system: &Option<String>) -> Conversation {
+    Conversation::new(system.iter().map(|s| Message::system(s.clone())).collect())
+}
+
+fn answer(m: &Model, a: &dyn Adapter, tok: &Tokenizer, conv: &Conversation, d: &Decode) -> Result<String> {
+    let renderer = Renderer::new(tok.clone(), SystemConfig::default());
+    let r = reply(m, a, &renderer, tok, conv, &d.sampling, d.max_new_tokens)?;
+    if d.show_reasoning {
+        if let Some(text) = r.completion.as_ref().ok().and_then(|c| c.analysis()) {
+            println!("[reasoning] {text}");
+        }
+    }
+    Ok(r.text(tok))
+}
+
+/// `oxtune generate --prompt TEXT`: one user message, prints the final answer.
+pub fn generate_text(model: Option<&Path>, adapter: Option<&Path>, prompt: &str, d: &Decode) -> Result<()> {
+    let (m, a) = load(model, adapter)?;
+    let tok = load_tokenizer(model)?;
+    let mut conv = conversation(&d.system);
+    conv.messages.push(Message::user(prompt));
+    println!("{}", answer(&m, hook(&a), &tok, &conv, d)?);
+    Ok(())
+}
+
+/// `oxtune chat`: reads user turns from stdin (`/reset` starts over, `/quit` or end of input
+/// leaves) and prints the final-channel answers.
+pub fn chat(model: Option<&Path>, adapter: Option<&Path>, d: &Decode) -> Result<()> {
+    let (m, a) = load(model, adapter)?;
+    let tok = load_tokenizer(model)?;
+    let mut conv = conversation(&d.system);
+    eprintln!("chat ready: type a message; /reset starts over, /quit leaves");
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("you> ");
+        line.clear();
+        if stdin.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => return Ok(()),
+            "/reset" => {
+                conv = conversation(&d.system);
+                continue;
+            }
+            text => conv.messages.push(Message::user(text)),
+        }
+        let text = answer(&m, hook(&a), &tok, &conv, d)?;
+        println!("assistant> {text}");
+        conv.messages.push(Message::new(Role::Assistant, text));
+    }
 }

@@ -29,7 +29,32 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The main job's settings for the embedded tiny model and persona dataset: a higher learning
+/// rate and several epochs, since the tiny model starts from random weights; answers shown before
+/// and after, and a failure if the held-out loss does not fall.
+const DEFAULT_JOB: &[&str] = &[
+    "--out",
+    "runs/default",
+    "--epochs",
+    "6",
+    "--lr",
+    "3e-3",
+    "--grad-accum",
+    "1",
+    "--max-len",
+    "1024",
+    "--eval-every",
+    "11",
+    "--save-every",
+    "33",
+    "--show-answers",
+    "3",
+    "--require-eval-improvement",
+];
+
 fn train(args: Vec<String>) -> Result<()> {
+    let args: Vec<String> = if args.is_empty() { DEFAULT_JOB.iter().map(|s| s.to_string()).collect() } else { args };
+    println!("cargo xtask train: oxtune train {}", args.join(" "));
     let status = cargo()
         .args(["run", "--quiet", "--release", "--package", "oxtune-cli", "--bin", "oxtune", "--", "train"])
         .args(&args)

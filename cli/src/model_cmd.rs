@@ -3,17 +3,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use oxtune_trainer::checkpoint::Checkpoint;
-use oxtune_trainer::io::{save_safetensors, OwnedTensor};
-use oxtune_trainer::adapter::{Adapter, NoAdapter};
-use oxtune_trainer::grad::TrainBatch;
-use oxtune_trainer::ops::loss::shift_labels;
-use oxtune_trainer::{peft, sizes, GptOssConfig, LayerType, Model};
 use oxtune_data::{Conversation, Message, Renderer, Role, SystemConfig, Tokenizer};
+use oxtune_trainer::adapter::{Adapter, NoAdapter};
 use oxtune_trainer::chat::reply;
+use oxtune_trainer::checkpoint::Checkpoint;
+use oxtune_trainer::grad::TrainBatch;
+use oxtune_trainer::io::{save_safetensors, OwnedTensor};
 use oxtune_trainer::lora_adapter::LoraAdapter;
+use oxtune_trainer::ops::loss::shift_labels;
 use oxtune_trainer::sample::{Sampler, SamplerConfig};
 use oxtune_trainer::train::{load_model, load_tokenizer, TrainConfig};
+use oxtune_trainer::{peft, sizes, GptOssConfig, LayerType, Model};
 use safetensors::{Dtype, SafeTensors};
 
 fn bytes(n: u64) -> String {

@@ -10,9 +10,7 @@ use oxtune_data::{read_conversations, Conversation, Renderer, Role, SystemConfig
 use oxtune_trainer::adapter::Adapter;
 use oxtune_trainer::chat::reply;
 use oxtune_trainer::sample::SamplerConfig;
-use oxtune_trainer::train::{
-    load_model, load_tokenizer, Event, Mask, OptimizerKind, Schedule, TrainConfig, Trainer,
-};
+use oxtune_trainer::train::{load_model, load_tokenizer, Event, Mask, OptimizerKind, Schedule, TrainConfig, Trainer};
 use oxtune_trainer::Model;
 
 /// Every option of [`TrainConfig`]; flags given here override the TOML `--config` file, which
@@ -216,7 +214,12 @@ fn questions(name: &str, text: &str, n: usize) -> Vec<Conversation> {
         .collect()
 }
 
-fn show_answers(model: &Model, adapter: &dyn Adapter, tok: &Tokenizer, sets: &[(&str, Vec<Conversation>)]) -> Result<()> {
+fn show_answers(
+    model: &Model,
+    adapter: &dyn Adapter,
+    tok: &Tokenizer,
+    sets: &[(&str, Vec<Conversation>)],
+) -> Result<()> {
     let renderer = Renderer::new(tok.clone(), SystemConfig::default());
     let greedy = SamplerConfig { temperature: 0.0, ..SamplerConfig::default() };
     for (label, convs) in sets {

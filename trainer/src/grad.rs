@@ -54,7 +54,7 @@ impl TrainBatch {
 }
 
 /// Rows of the LM head computed at once: bounds the logits buffer to `HEAD_CHUNK · V` floats.
-const HEAD_CHUNK: usize = 256;
+const HEAD_CHUNK: usize = 32;
 
 /// Gradients of the attention sinks per layer `[L][nq]`, when they are trained.
 pub type SinkGrads = Vec<Vec<f32>>;

@@ -3,6 +3,7 @@
 //! memory estimates.
 
 pub mod adapter;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -11,9 +12,12 @@ pub mod io;
 pub mod lora_adapter;
 pub mod model;
 pub mod ops;
+pub mod peft;
+pub mod plot;
 pub mod sample;
 pub mod sizes;
 pub mod tiny;
+pub mod train;
 pub mod weights;
 
 #[cfg(test)]

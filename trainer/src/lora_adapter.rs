@@ -62,6 +62,12 @@ impl LoraTensor {
     pub fn grad(&mut self) -> &mut Vec<f32> {
         self.grad.get_mut().expect("no thread panicked while holding a gradient")
     }
+
+    /// Name, value and gradient at once (for an optimizer step).
+    pub fn parts(&mut self) -> (&str, &mut [f32], &[f32]) {
+        let g = self.grad.get_mut().expect("no thread panicked while holding a gradient");
+        (&self.name, &mut self.value, g)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -1,0 +1,44 @@
+//! Answering a conversation with the model: harmony prompt → decoding → parsed channels.
+
+use oxtune_data::{parse_completion, Completion, Conversation, Renderer, Tokenizer};
+
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::sample::{Sampler, SamplerConfig};
+
+/// The generated tokens and, when they follow the harmony format, their parsed messages.
+pub struct Reply {
+    pub ids: Vec<u32>,
+    pub completion: std::result::Result<Completion, String>,
+}
+
+impl Reply {
+    /// The final answer, or the raw decoded text when the model did not write one.
+    pub fn text(&self, tok: &Tokenizer) -> String {
+        match self.completion.as_ref().ok().and_then(|c| c.final_text()) {
+            Some(t) => t.to_string(),
+            None => format!("(no final answer) {}", tok.decode(&self.ids).unwrap_or_default()),
+        }
+    }
+}
+
+/// The assistant's reply to `conv` (which ends with a user or tool message).
+pub fn reply(
+    model: &Model,
+    adapter: &dyn Adapter,
+    renderer: &Renderer,
+    tok: &Tokenizer,
+    conv: &Conversation,
+    sampling: &SamplerConfig,
+    max_new_tokens: usize,
+) -> Result<Reply> {
+    let data_err = |e: oxtune_data::Error| Error::Input(e.to_string());
+    let prompt = renderer.render_prompt(conv).map_err(data_err)?;
+    let h = tok.harmony_tokens();
+    let stop = [h.return_, h.call];
+    let mut sampler = Sampler::new(sampling.clone());
+    let ids = model.generate(&prompt, max_new_tokens, &stop, adapter, &mut |l| sampler.choose(l))?;
+    let completion = parse_completion(tok, &ids).map_err(|e| e.to_string());
+    Ok(Reply { ids, completion })
+}

@@ -1,0 +1,700 @@
+//! The training loop: data → model → LoRA → optimizer, with gradient accumulation, clipping, a
+//! learning-rate schedule, periodic evaluation, atomic checkpoints and an exact resume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use oxtune_data::{BatchConfig, BatchMode, Batcher, BatcherState, Example, LoadOptions, MaskPolicy, Tokenizer};
+use oxtune_optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, LrSchedule, Optimizer, Param, ScheduleKind};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::Adapter;
+use crate::error::{io_err, Error, Result};
+use crate::grad::{SinkGrads, TrainBatch};
+use crate::io::write_atomic;
+use crate::lora_adapter::{LoraAdapter, LoraSpec};
+use crate::model::Model;
+use crate::ops::loss::IGNORE_INDEX;
+use crate::{peft, tiny};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Adamw8bit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+    CosineMinLr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mask {
+    /// The last assistant turn (analysis and final).
+    LastTurn,
+    AllTurns,
+    FinalOnly,
+}
+
+/// Every training option. Defaults are what users expect for gpt-oss LoRA; every field is also a
+/// `oxtune train` flag and a key of the optional TOML run config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face gpt-oss directory; none = the embedded tiny model.
+    pub model: Option<PathBuf>,
+    /// Training JSONL; none = the embedded persona dataset.
+    pub data: Option<PathBuf>,
+    /// Held-out JSONL; none = `eval_ratio` of the training data (the embedded eval set for the
+    /// embedded dataset).
+    pub eval_data: Option<PathBuf>,
+    pub eval_ratio: f64,
+    pub out: PathBuf,
+    pub rank: usize,
+    pub alpha: f32,
+    pub rslora: bool,
+    pub lora_attention: bool,
+    pub lora_experts: bool,
+    pub train_sinks: bool,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub min_lr_ratio: f64,
+    pub warmup_ratio: f64,
+    pub epochs: f64,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<u64>,
+    /// Sequences' token budget per micro-batch is `micro_batch · max_len` (padding-free rows).
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub max_len: usize,
+    pub max_grad_norm: f64,
+    pub mask: Mask,
+    pub eval_every: u64,
+    pub save_every: u64,
+    /// Checkpoints kept (older ones are deleted once a newer one is complete).
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    pub skip_invalid: bool,
+    /// Stop after this many optimizer steps in a row with a non-finite loss or gradient.
+    pub max_bad_steps: u32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            data: None,
+            eval_data: None,
+            eval_ratio: 0.05,
+            out: PathBuf::from("runs/default"),
+            rank: 8,
+            alpha: 16.0,
+            rslora: false,
+            lora_attention: true,
+            lora_experts: true,
+            train_sinks: false,
+            optimizer: OptimizerKind::Adamw8bit,
+            lr: 2e-4,
+            weight_decay: 0.0,
+            schedule: Schedule::Cosine,
+            min_lr_ratio: 0.1,
+            warmup_ratio: 0.03,
+            epochs: 1.0,
+            max_steps: None,
+            micro_batch: 1,
+            grad_accum: 4,
+            max_len: 2048,
+            max_grad_norm: 1.0,
+            mask: Mask::LastTurn,
+            eval_every: 50,
+            save_every: 100,
+            keep_checkpoints: 2,
+            seed: 42,
+            skip_invalid: false,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML run config; unknown keys are an error naming them.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        toml::from_str(&text).map_err(|e| Error::Config { path: path.into(), msg: e.to_string() })
+    }
+
+    pub fn lora_spec(&self) -> LoraSpec {
+        LoraSpec {
+            r: self.rank,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            attention: self.lora_attention,
+            experts: self.lora_experts,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Input(m));
+        if self.rank == 0 {
+            return bad("--rank must be at least 1".into());
+        }
+        if !self.lora_attention && !self.lora_experts && !self.train_sinks {
+            return bad("nothing to train: enable LoRA on attention and/or experts, or --train-sinks".into());
+        }
+        if self.micro_batch == 0 || self.grad_accum == 0 || self.max_len == 0 {
+            return bad("--micro-batch, --grad-accum and --max-len must be positive".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("--lr {} must be a positive number", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad(format!("--warmup-ratio {} must be in [0, 1)", self.warmup_ratio));
+        }
+        Ok(())
+    }
+}
+
+/// What the loop reports as it goes.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Start {
+        steps: u64,
+        train_examples: usize,
+        eval_examples: usize,
+        trainable_params: usize,
+        resumed_from: Option<u64>,
+    },
+    Step {
+        step: u64,
+        steps: u64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f32,
+        tokens_per_s: f64,
+        eta_s: f64,
+    },
+    Skipped {
+        step: u64,
+        reason: String,
+    },
+    Eval {
+        step: u64,
+        loss: f64,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Metric {
+    pub step: u64,
+    pub kind: String,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// The run's result.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub steps: u64,
+    pub first_eval: Option<f64>,
+    pub last_eval: Option<f64>,
+    pub skipped_steps: u64,
+    pub adapter_dir: PathBuf,
+}
+
+/// Resume state written with every checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    batcher: BatcherState,
+    skipped_steps: u64,
+    bad_in_row: u32,
+    metrics: Vec<Metric>,
+    config: TrainConfig,
+    /// FNV-1a of each file of the checkpoint, to detect a corrupt or partial one.
+    checksums: HashMap<String, String>,
+}
+
+fn fnv1a(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Loads the model named by the config (or builds the embedded tiny one).
+pub fn load_model(cfg: &TrainConfig) -> Result<Model> {
+    match &cfg.model {
+        Some(dir) => Model::load(dir),
+        None => {
+            let c = tiny::tiny_default_config();
+            let w = tiny::random_weights(&c, tiny::DEFAULT_SEED);
+            Ok(Model::new(c, w))
+        }
+    }
+}
+
+/// The tokenizer of a model directory, or the built-in o200k_harmony.
+pub fn load_tokenizer(model: Option<&Path>) -> Result<Tokenizer> {
+    let data_err = |e: oxtune_data::Error| Error::Input(e.to_string());
+    match model {
+        Some(dir) if dir.join("tokenizer.json").exists() => Tokenizer::from_model_dir(dir).map_err(data_err),
+        _ => Tokenizer::o200k_harmony().map_err(data_err),
+    }
+}
+
+/// Turns a padding-free data batch into the model's batch: next-token targets within each
+/// sequence, one attention row per sequence.
+pub fn to_train_batch(b: &oxtune_data::Batch) -> TrainBatch {
+    let n = b.input_ids.len();
+    let mut seg = vec![0u32; n];
+    let mut targets = vec![IGNORE_INDEX; n];
+    let mut rows = vec![];
+    for (s, w) in b.cu_seqlens.windows(2).enumerate() {
+        let (start, end) = (w[0] as usize, w[1] as usize);
+        rows.push(start..end);
+        for t in start..end {
+            seg[t] = s as u32;
+            if t + 1 < end && b.labels[t + 1] != oxtune_data::IGNORE {
+                targets[t] = b.labels[t + 1] as i64;
+            }
+        }
+    }
+    TrainBatch { ids: b.input_ids.clone(), pos: b.position_ids.clone(), seg, rows, targets }
+}
+
+/// Eval batches of one pass over `examples`.
+fn eval_batches(examples: &[Example], cfg: &TrainConfig) -> Result<Vec<TrainBatch>> {
+    if examples.is_empty() {
+        return Ok(vec![]);
+    }
+    let bc = BatchConfig {
+        mode: BatchMode::PaddingFree,
+        batch_size: cfg.micro_batch,
+        max_len: cfg.max_len,
+        shuffle: false,
+        bucket_by_length: false,
+        seed: 0,
+        pad_id: 199_999,
+    };
+    let b = Batcher::new(examples.to_vec(), bc).map_err(|e| Error::Input(e.to_string()))?;
+    Ok(b.one_epoch().map(|x| to_train_batch(&x)).collect())
+}
+
+pub fn eval_loss(model: &Model, adapter: &dyn Adapter, batches: &[TrainBatch]) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for b in batches {
+        let (s, c) = model.eval_loss(b, adapter)?;
+        sum += s;
+        n += c;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+fn load_options(cfg: &TrainConfig) -> LoadOptions {
+    LoadOptions {
+        mask: match cfg.mask {
+            Mask::LastTurn => MaskPolicy::LastTurn,
+            Mask::AllTurns => MaskPolicy::AllTurns,
+            Mask::FinalOnly => MaskPolicy::FinalOnly,
+        },
+        max_len: Some(cfg.max_len),
+        skip_invalid: cfg.skip_invalid,
+        ..LoadOptions::default()
+    }
+}
+
+/// Train and eval examples as the config asks.
+pub fn load_data(cfg: &TrainConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<Example>)> {
+    let data_err = |e: oxtune_data::Error| Error::Input(e.to_string());
+    let opts = load_options(cfg);
+    let train = match &cfg.data {
+        Some(p) => oxtune_data::load_file(p, &opts, tok).map_err(data_err)?,
+        None => oxtune_data::load_bytes("persona_train.jsonl", oxtune_data::DEFAULT_TRAIN_JSONL.as_bytes(), &opts, tok)
+            .map_err(data_err)?,
+    };
+    let (train, eval) = match (&cfg.eval_data, &cfg.data) {
+        (Some(p), _) => (train, oxtune_data::load_file(p, &opts, tok).map_err(data_err)?),
+        (None, None) => (
+            train,
+            oxtune_data::load_bytes("persona_eval.jsonl", oxtune_data::DEFAULT_EVAL_JSONL.as_bytes(), &opts, tok)
+                .map_err(data_err)?,
+        ),
+        (None, Some(_)) if cfg.eval_ratio > 0.0 => train.split(cfg.eval_ratio, cfg.seed).map_err(data_err)?,
+        (None, Some(_)) => {
+            let empty = oxtune_data::Dataset { examples: vec![], report: train.report.clone() };
+            (train, empty)
+        }
+    };
+    if train.examples.is_empty() {
+        return Err(Error::Input(format!(
+            "no usable training examples in {} ({} lines read); see `oxtune data check`",
+            train.report.file, train.report.lines
+        )));
+    }
+    Ok((train.examples, eval.examples))
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: Model,
+    pub adapter: LoraAdapter,
+    sinks: Option<SinkGrads>,
+    opt: Box<dyn Optimizer>,
+    schedule: LrSchedule,
+    batcher: Batcher,
+    eval: Vec<TrainBatch>,
+    pub step: u64,
+    pub steps: u64,
+    skipped_steps: u64,
+    bad_in_row: u32,
+    pub metrics: Vec<Metric>,
+    resumed_from: Option<u64>,
+    train_examples: usize,
+}
+
+fn optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
+    let e = |e: oxtune_optim::Error| Error::Input(e.to_string());
+    let adam = AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() };
+    Ok(match cfg.optimizer {
+        OptimizerKind::Adamw => Box::new(AdamW::new(adam).map_err(e)?),
+        OptimizerKind::Adamw8bit => {
+            Box::new(AdamW8bit::new(AdamW8bitConfig { adam, ..AdamW8bitConfig::default() }).map_err(e)?)
+        }
+    })
+}
+
+impl Trainer {
+    /// Sets up a run: model, data, adapter, optimizer; with `resume`, continues from the newest
+    /// complete checkpoint in `cfg.out` (a corrupt one is reported and the one before it used).
+    pub fn new(
+        cfg: TrainConfig,
+        model: Model,
+        tok: &Tokenizer,
+        resume: bool,
+        log: &mut dyn FnMut(Event),
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let (train, eval) = load_data(&cfg, tok)?;
+        let train_examples = train.len();
+        let bc = BatchConfig {
+            mode: BatchMode::PaddingFree,
+            batch_size: cfg.micro_batch,
+            max_len: cfg.max_len,
+            shuffle: true,
+            bucket_by_length: false,
+            seed: cfg.seed,
+            pad_id: 199_999,
+        };
+        let batcher = Batcher::new(train, bc).map_err(|e| Error::Input(e.to_string()))?;
+        let per_epoch = (batcher.batches_per_epoch() as u64).div_ceil(cfg.grad_accum as u64).max(1);
+        let steps = cfg.max_steps.unwrap_or(((per_epoch as f64) * cfg.epochs).ceil() as u64).max(1);
+        let kind = match cfg.schedule {
+            Schedule::Constant => ScheduleKind::Constant,
+            Schedule::Linear => ScheduleKind::Linear,
+            Schedule::Cosine => ScheduleKind::Cosine { num_cycles: 0.5 },
+            Schedule::CosineMinLr => ScheduleKind::CosineWithMinLr { num_cycles: 0.5, min_lr_rate: cfg.min_lr_ratio },
+        };
+        let warmup = LrSchedule::warmup_from_ratio(cfg.warmup_ratio, steps);
+        let schedule = LrSchedule::new(kind, cfg.lr, warmup, steps).map_err(|e| Error::Input(e.to_string()))?;
+        let adapter = LoraAdapter::new(&model.cfg, cfg.lora_spec(), cfg.seed);
+        let sinks =
+            cfg.train_sinks.then(|| vec![vec![0.0f32; model.cfg.num_attention_heads]; model.cfg.num_hidden_layers]);
+        let mut t = Self {
+            opt: optimizer(&cfg)?,
+            eval: eval_batches(&eval, &cfg)?,
+            cfg,
+            model,
+            adapter,
+            sinks,
+            schedule,
+            batcher,
+            step: 0,
+            steps,
+            skipped_steps: 0,
+            bad_in_row: 0,
+            metrics: vec![],
+            resumed_from: None,
+            train_examples,
+        };
+        if resume {
+            t.resume(log)?;
+        }
+        Ok(t)
+    }
+
+    fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
+        let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.cfg.out)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.strip_prefix("checkpoint-").and_then(|s| s.parse().ok()).map(|s| (s, e.path()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn resume(&mut self, log: &mut dyn FnMut(Event)) -> Result<()> {
+        for (step, dir) in self.checkpoints().into_iter().rev() {
+            match self.load_checkpoint(&dir) {
+                Ok(()) => {
+                    self.resumed_from = Some(step);
+                    return Ok(());
+                }
+                Err(e) => log(Event::Skipped {
+                    step,
+                    reason: format!("checkpoint {} unusable ({e}); trying an older one", dir.display()),
+                }),
+            }
+        }
+        Err(Error::Input(format!("--resume: no complete checkpoint in {}", self.cfg.out.display())))
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let sp = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(io_err(&sp))?;
+        let st: TrainerState =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: sp.clone(), source })?;
+        for (file, sum) in &st.checksums {
+            let p = dir.join(file);
+            let bytes = std::fs::read(&p).map_err(io_err(&p))?;
+            if &fnv1a(&bytes) != sum {
+                return Err(Error::Checkpoint { file: p, msg: "checksum mismatch (corrupt or partial file)".into() });
+            }
+        }
+        if st.config.lora_spec() != self.cfg.lora_spec() || st.config.seed != self.cfg.seed {
+            return Err(Error::Input("the checkpoint was made with other LoRA settings or seed".into()));
+        }
+        let values = peft::read_adapter_tensors(dir)?;
+        let mut adapter = LoraAdapter::from_values(&self.model.cfg, self.cfg.lora_spec(), values)?;
+        std::mem::swap(&mut self.adapter, &mut adapter);
+        self.opt.load_state(&dir.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
+        if let Some(s) = &mut self.sinks {
+            let p = dir.join("sinks.json");
+            let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
+            let sinks: Vec<Vec<f32>> = serde_json::from_str(&text).map_err(|source| Error::Json { path: p, source })?;
+            for (layer, v) in self.model.w.layers.iter_mut().zip(&sinks) {
+                layer.sinks.clone_from(v);
+            }
+            s.iter_mut().for_each(|g| g.fill(0.0));
+        }
+        self.batcher.restore(st.batcher).map_err(|e| Error::Input(e.to_string()))?;
+        self.step = st.step;
+        self.skipped_steps = st.skipped_steps;
+        self.bad_in_row = st.bad_in_row;
+        self.metrics = st.metrics;
+        Ok(())
+    }
+
+    /// Writes `out/checkpoint-STEP` atomically: files go to a temporary directory that is renamed
+    /// once complete; older checkpoints beyond `keep_checkpoints` are then removed.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let final_dir = self.cfg.out.join(format!("checkpoint-{}", self.step));
+        let tmp = self.cfg.out.join(format!(".checkpoint-{}.tmp", self.step));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        self.save_adapter(&tmp)?;
+        self.opt.save_state(&tmp.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
+        let mut files = vec!["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"];
+        if self.sinks.is_some() {
+            let sinks: Vec<&Vec<f32>> = self.model.w.layers.iter().map(|l| &l.sinks).collect();
+            write_atomic(&tmp.join("sinks.json"), serde_json::to_string(&sinks).expect("floats").as_bytes())?;
+            files.push("sinks.json");
+        }
+        let mut checksums = HashMap::new();
+        for f in files {
+            let p = tmp.join(f);
+            checksums.insert(f.to_string(), fnv1a(&std::fs::read(&p).map_err(io_err(&p))?));
+        }
+        let st = TrainerState {
+            step: self.step,
+            batcher: self.batcher.state().clone(),
+            skipped_steps: self.skipped_steps,
+            bad_in_row: self.bad_in_row,
+            metrics: self.metrics.clone(),
+            config: self.cfg.clone(),
+            checksums,
+        };
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&st).expect("serializable").as_bytes(),
+        )?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+        let all = self.checkpoints();
+        for (_, old) in all.iter().take(all.len().saturating_sub(self.cfg.keep_checkpoints.max(1))) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(final_dir)
+    }
+
+    /// Writes the adapter in PEFT's format into `dir`.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let base = self.cfg.model.as_ref().map(|p| p.display().to_string());
+        peft::write_adapter(dir, &self.adapter, base.as_deref())
+    }
+
+    /// Runs one optimizer step (`grad_accum` micro-batches). Returns false once the run is over.
+    pub fn train_step(&mut self, log: &mut dyn FnMut(Event), started: Instant, start_step: u64) -> Result<bool> {
+        if self.step >= self.steps {
+            return Ok(false);
+        }
+        let t0 = Instant::now();
+        let micro: Vec<TrainBatch> =
+            (0..self.cfg.grad_accum).map(|_| to_train_batch(&self.batcher.next_batch())).collect();
+        let counted: usize = micro.iter().map(TrainBatch::counted).sum();
+        let tokens: usize = micro.iter().map(|b| b.ids.len()).sum();
+        self.adapter.zero_grad();
+        if let Some(s) = &mut self.sinks {
+            s.iter_mut().for_each(|g| g.fill(0.0));
+        }
+        let (mut loss_sum, mut n) = (0.0, 0usize);
+        if counted > 0 {
+            let scale = 1.0 / counted as f32;
+            for b in &micro {
+                let (s, c) = self.model.forward_backward(b, &self.adapter, scale, self.sinks.as_mut())?;
+                loss_sum += s;
+                n += c;
+            }
+        }
+        let loss = if n == 0 { f64::NAN } else { loss_sum / n as f64 };
+        let lr = self.schedule.lr(self.step);
+        // Gradients of all trainable tensors, then clip and step.
+        let mut grads: Vec<&mut [f32]> = self.adapter.tensors.iter_mut().map(|t| t.grad().as_mut_slice()).collect();
+        if let Some(s) = self.sinks.as_mut() {
+            grads.extend(s.iter_mut().map(|g| g.as_mut_slice()));
+        }
+        let finite = loss.is_finite() && grads.iter().all(|g| g.iter().all(|x| x.is_finite()));
+        self.step += 1;
+        if !finite {
+            self.skipped_steps += 1;
+            self.bad_in_row += 1;
+            log(Event::Skipped {
+                step: self.step,
+                reason: format!("non-finite loss or gradient (loss {loss}); step skipped"),
+            });
+            if self.bad_in_row >= self.cfg.max_bad_steps {
+                return Err(Error::Input(format!(
+                    "{} steps in a row had a non-finite loss or gradient; stopping (the last good checkpoint is kept). Try a lower --lr.",
+                    self.bad_in_row
+                )));
+            }
+            return Ok(true);
+        }
+        self.bad_in_row = 0;
+        let grad_norm = oxtune_optim::clip_grad_norm(&mut grads, self.cfg.max_grad_norm as f32)
+            .map_err(|e| Error::Input(e.to_string()))?;
+        let mut params: Vec<Param> = vec![];
+        for t in self.adapter.tensors.iter_mut() {
+            let (name, value, grad) = t.parts();
+            params.push(Param::new(name, value, grad));
+        }
+        let sink_names: Vec<String> =
+            (0..self.model.w.layers.len()).map(|l| format!("model.layers.{l}.self_attn.sinks")).collect();
+        if let Some(s) = &self.sinks {
+            for ((layer, g), name) in self.model.w.layers.iter_mut().zip(s).zip(&sink_names) {
+                params.push(Param::without_decay(name, &mut layer.sinks, g));
+            }
+        }
+        self.opt.step(&mut params, lr).map_err(|e| Error::Input(e.to_string()))?;
+        let secs = t0.elapsed().as_secs_f64();
+        let done = (self.step - start_step) as f64;
+        let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
+        self.metrics.push(Metric { step: self.step, kind: "train".into(), loss, lr, grad_norm, tokens, seconds: secs });
+        log(Event::Step {
+            step: self.step,
+            steps: self.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs.max(1e-9),
+            eta_s: per_step * (self.steps - self.step) as f64,
+        });
+        Ok(true)
+    }
+
+    pub fn evaluate(&mut self, log: &mut dyn FnMut(Event)) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let loss = eval_loss(&self.model, &self.adapter, &self.eval)?;
+        self.metrics.push(Metric {
+            step: self.step,
+            kind: "eval".into(),
+            loss,
+            lr: 0.0,
+            grad_norm: 0.0,
+            tokens: 0,
+            seconds: 0.0,
+        });
+        log(Event::Eval { step: self.step, loss });
+        Ok(Some(loss))
+    }
+
+    /// The whole run: evaluation before training, steps with periodic evaluation and
+    /// checkpoints, the final adapter in `out/adapter`, `metrics.jsonl` and `loss.svg`.
+    pub fn run(&mut self, log: &mut dyn FnMut(Event)) -> Result<Summary> {
+        std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
+        log(Event::Start {
+            steps: self.steps,
+            train_examples: self.train_examples,
+            eval_examples: self.eval.len(),
+            trainable_params: self.adapter.num_params(),
+            resumed_from: self.resumed_from,
+        });
+        if self.step == 0 {
+            self.evaluate(log)?;
+        }
+        let started = Instant::now();
+        let start_step = self.step;
+        while self.train_step(log, started, start_step)? {
+            let last = self.step == self.steps;
+            if self.cfg.eval_every > 0 && (self.step % self.cfg.eval_every == 0 || last) {
+                self.evaluate(log)?;
+            }
+            if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !last {
+                let p = self.save_checkpoint()?;
+                log(Event::Checkpoint { step: self.step, path: p });
+            }
+        }
+        let adapter_dir = self.cfg.out.join("adapter");
+        std::fs::create_dir_all(&adapter_dir).map_err(io_err(&adapter_dir))?;
+        self.save_adapter(&adapter_dir)?;
+        let p = self.save_checkpoint()?;
+        log(Event::Checkpoint { step: self.step, path: p });
+        let lines: String =
+            self.metrics.iter().map(|m| serde_json::to_string(m).expect("serializable") + "\n").collect();
+        write_atomic(&self.cfg.out.join("metrics.jsonl"), lines.as_bytes())?;
+        crate::plot::loss_svg(&self.metrics, &self.cfg.out.join("loss.svg"))?;
+        let evals: Vec<f64> = self.metrics.iter().filter(|m| m.kind == "eval").map(|m| m.loss).collect();
+        Ok(Summary {
+            steps: self.step,
+            first_eval: evals.first().copied(),
+            last_eval: evals.last().copied(),
+            skipped_steps: self.skipped_steps,
+            adapter_dir,
+        })
+    }
+}

@@ -106,3 +106,108 @@ fn bad_inputs_are_clear_errors() {
     assert!(!ok && err.contains("missing.safetensors"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn forward_with_adapter_writes_peft_gradients() {
+    let model = fixtures().join("model/tiny-top4");
+    let peft = fixtures().join("lora/peft-tiny-top4");
+    let reference = peft.join("reference.safetensors");
+    let out = tmp("grads.safetensors");
+    let (ok, _, err) = oxtune(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        peft.to_str().unwrap(),
+        "--tokens",
+        reference.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--grads",
+    ]);
+    assert!(ok, "{err}");
+    let (got, want) = (std::fs::read(&out).unwrap(), std::fs::read(&reference).unwrap());
+    let (got, want) = (SafeTensors::deserialize(&got).unwrap(), SafeTensors::deserialize(&want).unwrap());
+    let grads: Vec<String> = want.names().into_iter().filter(|n| n.starts_with("grad.")).map(String::from).collect();
+    assert_eq!(grads.len(), 36);
+    for name in grads.iter().chain([&"logits".to_string()]) {
+        let (g, w) = (f32s(&got, name), f32s(&want, name));
+        let num: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        assert!((num / den).sqrt() <= 1e-3, "{name}: relative error {}", (num / den).sqrt());
+    }
+    std::fs::remove_file(out).unwrap();
+    // --grads without labels or adapter is an error, not a panic.
+    let no_labels = fixtures().join("model/tiny-top4/reference.safetensors");
+    let (ok, _, err) = oxtune(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        no_labels.to_str().unwrap(),
+        "--out",
+        "x",
+        "--grads",
+    ]);
+    assert!(!ok && err.contains("--grads needs --adapter"), "{err}");
+}
+
+#[test]
+fn train_then_chat_and_generate_with_the_adapter() {
+    let out = tmp("train");
+    let (ok, stdout, err) = oxtune(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-len",
+        "256",
+        "--eval-every",
+        "0",
+        "--lr",
+        "1e-3",
+    ]);
+    assert!(ok, "{err}\n{stdout}");
+    assert!(stdout.contains("step     2/2") && stdout.contains("tok/s") && stdout.contains("ETA"), "{stdout}");
+    assert!(stdout.contains("eval loss"), "{stdout}");
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss.svg",
+        "checkpoint-2/trainer_state.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let adapter = out.join("adapter");
+    let (ok, text, err) = oxtune(&[
+        "generate",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "Bạn tên là gì?",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(ok && !text.trim().is_empty(), "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oxtune"))
+        .args(["chat", "--adapter", adapter.to_str().unwrap(), "--max-new-tokens", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all("Xin chào\n/reset\nBạn làm nghề gì?\n/quit\n".as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let chat = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(chat.matches("assistant>").count(), 2, "{chat}");
+    // A bad option value names the flag and the choices.
+    let (ok, _, err) = oxtune(&["train", "--out", out.to_str().unwrap(), "--optimizer", "sgd"]);
+    assert!(!ok && err.contains("--optimizer sgd") && err.contains("adamw8bit"), "{err}");
+    let _ = std::fs::remove_dir_all(out);
+}

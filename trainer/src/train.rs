@@ -654,7 +654,7 @@ impl Trainer {
     }
 
     /// The whole run: evaluation before training, steps with periodic evaluation and
-    /// checkpoints, the final adapter in `out/adapter`, `metrics.jsonl` and `loss.svg`.
+    /// checkpoints, a final evaluation, the final adapter in `out/adapter`, `metrics.jsonl` and `loss.svg`.
     pub fn run(&mut self, log: &mut dyn FnMut(Event)) -> Result<Summary> {
         std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
         log(Event::Start {
@@ -671,7 +671,7 @@ impl Trainer {
         let start_step = self.step;
         while self.train_step(log, started, start_step)? {
             let last = self.step == self.steps;
-            if self.cfg.eval_every > 0 && (self.step % self.cfg.eval_every == 0 || last) {
+            if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 && !last {
                 self.evaluate(log)?;
             }
             if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !last {
@@ -679,6 +679,7 @@ impl Trainer {
                 log(Event::Checkpoint { step: self.step, path: p });
             }
         }
+        self.evaluate(log)?;
         let adapter_dir = self.cfg.out.join("adapter");
         std::fs::create_dir_all(&adapter_dir).map_err(io_err(&adapter_dir))?;
         self.save_adapter(&adapter_dir)?;

@@ -1,1 +1,2 @@
-//! Placeholder: filled by a later issue.
+//! Cross-crate benchmarks (see `benches/`): CPU training throughput of the embedded tiny GPT-OSS.
+//! Per-crate benchmarks live next to each crate.

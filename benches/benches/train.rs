@@ -12,7 +12,7 @@ use oxtune_trainer::Model;
 fn bench(c: &mut Criterion) {
     let cfg = tiny_default_config();
     let model = Model::new(cfg.clone(), random_weights(&cfg, DEFAULT_SEED));
-    let mut adapter = LoraAdapter::new(&cfg, LoraSpec::default(), 1);
+    let mut adapter = LoraAdapter::new(&cfg, LoraSpec::default(), 1).unwrap();
     let t = 512;
     // A deterministic spread of ids over the vocabulary; next-token targets.
     let ids: Vec<u32> = (0..t as u64).map(|i| ((i * 2_654_435_761) % cfg.vocab_size as u64) as u32).collect();
@@ -31,14 +31,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             adapter.zero_grad();
             model.forward_backward(&batch, &adapter, 1.0 / (t - 1) as f32, None).unwrap();
-            let mut params: Vec<Param> = adapter
-                .tensors
-                .iter_mut()
-                .map(|x| {
-                    let (n, v, gr) = x.parts();
-                    Param::new(n, v, gr)
-                })
-                .collect();
+            let mut named = adapter.params();
+            let mut params: Vec<Param> = named.iter_mut().map(|(n, v, g)| Param::new(n, v, g)).collect();
             opt.step(&mut params, 1e-4).unwrap();
         })
     });

@@ -13,7 +13,7 @@ use oxtune_trainer::lora_adapter::LoraAdapter;
 use oxtune_trainer::ops::loss::shift_labels;
 use oxtune_trainer::sample::{Sampler, SamplerConfig};
 use oxtune_trainer::train::{load_model, load_tokenizer, TrainConfig};
-use oxtune_trainer::{peft, sizes, GptOssConfig, LayerType, Model};
+use oxtune_trainer::{sizes, GptOssConfig, LayerType, Model};
 use safetensors::{Dtype, SafeTensors};
 
 fn bytes(n: u64) -> String {
@@ -131,7 +131,7 @@ pub fn forward(model: &Path, tokens: &Path, out: &PathBuf, adapter: Option<&Path
         }
     }
     let m = Model::load(model)?;
-    let mut lora = adapter.map(|dir| peft::load_adapter(dir, &m.cfg)).transpose()?;
+    let mut lora = adapter.map(|dir| LoraAdapter::load(dir, &m.cfg)).transpose()?;
     let ids32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let started = std::time::Instant::now();
     let logits = m.forward_with(&ids32, b, t, hook(&lora))?;
@@ -155,10 +155,8 @@ pub fn forward(model: &Path, tokens: &Path, out: &PathBuf, adapter: Option<&Path
         let n = batch.counted().max(1);
         // The gradient of the mean loss, as transformers' loss.backward() gives it.
         m.forward_backward(&batch, &*a, 1.0 / n as f32, None)?;
-        for tensor in a.tensors.iter_mut() {
-            let shape = tensor.shape.clone();
-            let name = format!("grad.{}", tensor.name);
-            outs.push((name, OwnedTensor::f32(&shape, tensor.grad())));
+        for (key, shape, g) in a.grads() {
+            outs.push((format!("grad.{key}"), OwnedTensor::f32(&shape, g)));
         }
     }
     save_safetensors(out, &outs)?;
@@ -178,7 +176,7 @@ pub struct Decode {
 pub fn load(model: Option<&Path>, adapter: Option<&Path>) -> Result<(Model, Option<LoraAdapter>)> {
     let cfg = TrainConfig { model: model.map(Path::to_path_buf), ..TrainConfig::default() };
     let m = load_model(&cfg)?;
-    let a = adapter.map(|d| peft::load_adapter(d, &m.cfg)).transpose()?;
+    let a = adapter.map(|d| LoraAdapter::load(d, &m.cfg)).transpose()?;
     Ok((m, a))
 }
 

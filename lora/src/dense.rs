@@ -253,11 +253,15 @@ impl LoraLinear {
         check_len("lora_B", self.b.len(), n_out * r, format!("[{n_out}, {r}] (fixed at construction)"))
     }
 
-    /// Adds `s * (dropout(x) A^T) B^T` into `y [tokens, out]` for `x [tokens, in]`.
-    pub fn forward(&self, x: &[f32], y: &mut [f32], dropout: Option<&DropoutMask>) -> Result<LoraActivations> {
+    /// The activations `h = dropout(x) A^T` alone, for a backward pass whose forward kept nothing.
+    pub fn activations(&self, x: &[f32], dropout: Option<&DropoutMask>) -> Result<LoraActivations> {
         self.check_params()?;
         let tokens = rows_of("LoRA input x", x.len(), self.in_features)?;
-        check_len("LoRA output y", y.len(), tokens * self.out_features, format!("[{tokens}, {}]", self.out_features))?;
+        Ok(LoraActivations { tokens, h: self.hidden(x, tokens, dropout)? })
+    }
+
+    /// `h = dropout(x) A^T [tokens, r]`.
+    fn hidden(&self, x: &[f32], tokens: usize, dropout: Option<&DropoutMask>) -> Result<Vec<f32>> {
         let dropped;
         let xd = match dropout {
             Some(mask) => {
@@ -280,6 +284,15 @@ impl LoraLinear {
             self.rank,
             1,
         );
+        Ok(h)
+    }
+
+    /// Adds `s * (dropout(x) A^T) B^T` into `y [tokens, out]` for `x [tokens, in]`.
+    pub fn forward(&self, x: &[f32], y: &mut [f32], dropout: Option<&DropoutMask>) -> Result<LoraActivations> {
+        self.check_params()?;
+        let tokens = rows_of("LoRA input x", x.len(), self.in_features)?;
+        check_len("LoRA output y", y.len(), tokens * self.out_features, format!("[{tokens}, {}]", self.out_features))?;
+        let h = self.hidden(x, tokens, dropout)?;
         sgemm(
             self.scaling,
             View::rm(&h, tokens, self.rank),

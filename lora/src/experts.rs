@@ -149,6 +149,15 @@ impl LoraExperts {
         View { data: &self.b, offset: e, rows: self.out_features, cols: self.rank, rs: re, cs: self.experts }
     }
 
+    /// `h = x A_e^T [n, r]` alone, for a backward pass whose forward kept nothing.
+    pub fn activations_expert(&self, e: usize, x: &[f32]) -> Result<Vec<f32>> {
+        self.check_expert(e)?;
+        let n = rows_of("expert LoRA input x", x.len(), self.in_features)?;
+        let mut h = vec![0.0; n * self.rank];
+        sgemm(1.0, View::rm(x, n, self.in_features), self.a_e(e).t(), 0.0, &mut h, 0, self.rank, 1);
+        Ok(h)
+    }
+
     /// Adds `s (x A_e^T) B_e^T` into `y [n, out]` for the `n` tokens `x [n, in]` routed to expert `e`, and
     /// returns `h = x A_e^T [n, r]` for the backward pass. `n = 0` is allowed.
     pub fn forward_expert(&self, e: usize, x: &[f32], y: &mut [f32]) -> Result<Vec<f32>> {

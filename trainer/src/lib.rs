@@ -12,7 +12,6 @@ pub mod io;
 pub mod lora_adapter;
 pub mod model;
 pub mod ops;
-pub mod peft;
 pub mod plot;
 pub mod sample;
 pub mod sizes;

@@ -1,15 +1,17 @@
-//! LoRA on the gpt-oss model: dense LoRA on q/k/v/o_proj and PEFT `target_parameters` LoRA on the
-//! experts (`gate_up_proj`, `down_proj`), held as named f32 tensors with PEFT's key names.
-//!
-//! Dense: `y += s · (x Aᵀ) Bᵀ`, `A [r, in]`, `B [out, r]`. Experts: `A [r·E, in]`, `B [out, r·E]`;
-//! expert `e` uses rows `e·r .. e·r + r` of A and columns `k·E + e` of B (PEFT's layout), and its
-//! delta is applied to the tokens routed to it without materialising `B·A`.
+//! LoRA on the gpt-oss model, assembled from the `lora` crate: [`LoraLinear`] on q/k/v/o_proj and
+//! [`LoraExperts`] (PEFT `target_parameters`) on the experts' `gate_up_proj` and `down_proj`, with
+//! PEFT's key names and adapter files.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Mutex;
 
-use oxtune_moe::{gemm, Proj};
-use rand::{Rng, SeedableRng};
+use oxtune_lora::{
+    load_adapter, save_adapter, AdapterConfig, AdapterTensor, GptOssDims, LoraConfig, LoraExperts, LoraGrads,
+    LoraLinear, LoraSite, GPT_OSS_EXPERT_PARAMS,
+};
+use oxtune_moe::Proj;
+use rand::SeedableRng;
 
 use crate::adapter::{Adapter, Dense};
 use crate::config::GptOssConfig;
@@ -34,244 +36,277 @@ impl Default for LoraSpec {
 }
 
 impl LoraSpec {
-    pub fn scale(&self) -> f32 {
-        if self.rslora {
-            self.alpha / (self.r as f32).sqrt()
+    fn lora_config(&self) -> LoraConfig {
+        LoraConfig { r: self.r, alpha: self.alpha as f64, use_rslora: self.rslora, dropout: 0.0 }
+    }
+
+    fn attention_modules(&self) -> Vec<&'static str> {
+        if self.attention {
+            Dense::ALL.iter().map(|d| d.name()).collect()
         } else {
-            self.alpha / self.r as f32
+            vec![]
         }
     }
-}
 
-/// One trainable tensor and its gradient.
-#[derive(Debug)]
-pub struct LoraTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub value: Vec<f32>,
-    grad: Mutex<Vec<f32>>,
-}
-
-impl LoraTensor {
-    fn new(name: String, shape: Vec<usize>, value: Vec<f32>) -> Self {
-        let n = value.len();
-        Self { name, shape, value, grad: Mutex::new(vec![0.0; n]) }
+    fn expert_params(&self) -> Vec<&'static str> {
+        if self.experts {
+            GPT_OSS_EXPERT_PARAMS.to_vec()
+        } else {
+            vec![]
+        }
     }
 
-    /// The accumulated gradient.
-    pub fn grad(&mut self) -> &mut Vec<f32> {
-        self.grad.get_mut().expect("no thread panicked while holding a gradient")
+    /// The PEFT `adapter_config.json` for this spec.
+    pub fn adapter_config(&self, base_model: Option<&str>) -> AdapterConfig {
+        let modules = self.attention_modules().iter().map(|s| s.to_string()).collect();
+        let params = self.expert_params().iter().map(|p| format!("mlp.experts.{p}")).collect();
+        let mut c = AdapterConfig::new(self.r, self.alpha as f64, modules, params);
+        c.use_rslora = self.rslora;
+        c.base_model_name_or_path = base_model.map(String::from);
+        c
     }
 
-    /// Name, value and gradient at once (for an optimizer step).
-    pub fn parts(&mut self) -> (&str, &mut [f32], &[f32]) {
-        let g = self.grad.get_mut().expect("no thread panicked while holding a gradient");
-        (&self.name, &mut self.value, g)
+    /// The spec an adapter config describes (only what oxtune trains: all of q/k/v/o or none, both
+    /// expert weights or none).
+    pub fn from_adapter_config(c: &AdapterConfig) -> Result<Self> {
+        let modules: Vec<String> = match &c.target_modules {
+            Some(oxtune_lora::TargetModules::List(l)) => l.clone(),
+            Some(oxtune_lora::TargetModules::Pattern(p)) => {
+                return Err(Error::Input(format!(
+                    "adapter target_modules is the pattern {p:?}; oxtune reads adapters that list q_proj, k_proj, v_proj, o_proj"
+                )))
+            }
+            None => vec![],
+        };
+        let attention = Dense::ALL.iter().all(|d| modules.iter().any(|m| m == d.name()));
+        if !attention && !modules.is_empty() {
+            return Err(Error::Input(format!(
+                "adapter target_modules {modules:?}: oxtune trains all of q_proj, k_proj, v_proj, o_proj or none of them"
+            )));
+        }
+        let params = c.target_parameters.clone().unwrap_or_default();
+        let experts = !params.is_empty();
+        if experts && GPT_OSS_EXPERT_PARAMS.iter().any(|p| !params.iter().any(|x| x.ends_with(p))) {
+            return Err(Error::Input(format!(
+                "adapter target_parameters {params:?}: expected both mlp.experts.gate_up_proj and mlp.experts.down_proj"
+            )));
+        }
+        Ok(Self { r: c.r, alpha: c.lora_alpha as f32, rslora: c.use_rslora, attention, experts })
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    a: usize,
-    b: usize,
-    n_in: usize,
-    n_out: usize,
+enum Weights {
+    Dense(LoraLinear),
+    Experts(LoraExperts),
 }
 
-#[derive(Debug)]
+/// One LoRA pair, its PEFT site and its accumulated gradients.
+struct Entry {
+    site: LoraSite,
+    weights: Weights,
+    grads: Mutex<LoraGrads>,
+}
+
+/// The adapter of a whole model.
 pub struct LoraAdapter {
     pub spec: LoraSpec,
-    pub tensors: Vec<LoraTensor>,
-    num_experts: usize,
-    dense: HashMap<(usize, Dense), Slot>,
-    experts: HashMap<(usize, Proj), Slot>,
+    entries: Vec<Entry>,
+    dense: HashMap<(usize, Dense), usize>,
+    experts: HashMap<(usize, Proj), usize>,
 }
 
-/// PEFT's key prefix of a module of layer `l`.
-pub fn module_key(l: usize, module: &str) -> String {
-    format!("base_model.model.model.layers.{l}.{module}")
-}
-
-/// PEFT's module path for an expert projection: both targeted nests `gate_up_proj` one level
-/// deeper (`experts.base_layer`), since PEFT wraps parameters in registration order.
-fn expert_module(proj: Proj, both: bool) -> &'static str {
-    match (proj, both) {
-        (Proj::GateUp, true) => "mlp.experts.base_layer",
-        _ => "mlp.experts",
-    }
+fn lora_err(e: oxtune_lora::Error) -> Error {
+    Error::Input(e.to_string())
 }
 
 impl LoraAdapter {
-    /// The adapter's tensor names and shapes for a model, in a fixed order.
-    pub fn layout(cfg: &GptOssConfig, spec: &LoraSpec) -> Vec<(String, Vec<usize>)> {
-        let (h, i, e, r) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, spec.r);
-        let mut out = vec![];
-        for l in 0..cfg.num_hidden_layers {
-            if spec.attention {
-                for m in Dense::ALL {
-                    let (n_in, n_out) = match m {
-                        Dense::Q => (h, cfg.q_width()),
-                        Dense::K | Dense::V => (h, cfg.kv_width()),
-                        Dense::O => (cfg.q_width(), h),
-                    };
-                    let k = module_key(l, &format!("self_attn.{}", m.name()));
-                    out.push((format!("{k}.lora_A.weight"), vec![r, n_in]));
-                    out.push((format!("{k}.lora_B.weight"), vec![n_out, r]));
-                }
-            }
-            if spec.experts {
-                for (p, n_in, n_out) in [(Proj::GateUp, h, 2 * i), (Proj::Down, i, h)] {
-                    let k = module_key(l, expert_module(p, true));
-                    out.push((format!("{k}.lora_A.weight"), vec![r * e, n_in]));
-                    out.push((format!("{k}.lora_B.weight"), vec![n_out, r * e]));
-                }
-            }
-        }
-        out
+    fn sites(cfg: &GptOssConfig, spec: &LoraSpec) -> Result<Vec<LoraSite>> {
+        let dims = GptOssDims {
+            hidden_size: cfg.hidden_size,
+            num_attention_heads: cfg.num_attention_heads,
+            num_key_value_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            intermediate_size: cfg.intermediate_size,
+            num_local_experts: cfg.num_local_experts,
+        };
+        dims.sites(0..cfg.num_hidden_layers, spec.r, &spec.attention_modules(), &spec.expert_params()).map_err(lora_err)
     }
 
-    /// A fresh adapter with PEFT's initialisation: A ~ U(±1/√in) (kaiming-uniform, a = √5), B = 0.
-    pub fn new(cfg: &GptOssConfig, spec: LoraSpec, seed: u64) -> Self {
+    /// Builds the adapter from `(A, B)` per site, in the order of [`Self::sites`].
+    fn assemble(cfg: &GptOssConfig, spec: LoraSpec, pairs: Vec<(Vec<f32>, Vec<f32>)>) -> Result<Self> {
+        let lc = spec.lora_config();
+        let mut entries = Vec::new();
+        let (mut dense, mut experts) = (HashMap::new(), HashMap::new());
+        let sites = Self::sites(cfg, &spec)?;
+        let mut it = sites.into_iter().zip(pairs);
+        for l in 0..cfg.num_hidden_layers {
+            for m in Dense::ALL.into_iter().filter(|_| spec.attention) {
+                let (site, (a, b)) = it.next().expect("one site per projection");
+                let [_, n_in] = site.a_shape();
+                let [n_out, _] = site.b_shape();
+                let w = LoraLinear::from_weights(n_in, n_out, a, b, lc.scaling()).map_err(lora_err)?;
+                dense.insert((l, m), entries.len());
+                let grads = Mutex::new(w.zero_grads());
+                entries.push(Entry { site, weights: Weights::Dense(w), grads });
+            }
+            for p in [Proj::GateUp, Proj::Down].into_iter().filter(|_| spec.experts) {
+                let (site, (a, b)) = it.next().expect("one site per expert weight");
+                let [_, n_in] = site.a_shape();
+                let [n_out, _] = site.b_shape();
+                let w = LoraExperts::from_weights(site.experts(), n_in, n_out, a, b, lc.scaling()).map_err(lora_err)?;
+                experts.insert((l, p), entries.len());
+                let grads = Mutex::new(w.zero_grads());
+                entries.push(Entry { site, weights: Weights::Experts(w), grads });
+            }
+        }
+        Ok(Self { spec, entries, dense, experts })
+    }
+
+    /// A fresh adapter with PEFT's initialisation (A kaiming-uniform, B zero) from `seed`.
+    pub fn new(cfg: &GptOssConfig, spec: LoraSpec, seed: u64) -> Result<Self> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let values = Self::layout(cfg, &spec)
-            .into_iter()
-            .map(|(name, shape)| {
-                let n = shape.iter().product();
-                let v = if name.ends_with("lora_A.weight") {
-                    let bound = 1.0 / (shape[1] as f32).sqrt();
-                    (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+        let lc = spec.lora_config();
+        let pairs = Self::sites(cfg, &spec)?
+            .iter()
+            .map(|s| {
+                let [_, n_in] = s.a_shape();
+                let [n_out, _] = s.b_shape();
+                if s.experts() > 1 {
+                    LoraExperts::new(s.experts(), n_in, n_out, &lc, &mut rng).map(|w| (w.a, w.b))
                 } else {
-                    vec![0.0; n]
-                };
-                (name, v)
+                    LoraLinear::new(n_in, n_out, &lc, &mut rng).map(|w| (w.a, w.b))
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(lora_err)?;
+        Self::assemble(cfg, spec, pairs)
+    }
+
+    /// Reads a PEFT adapter directory made for `cfg`, checking every name and shape.
+    pub fn load(dir: &Path, cfg: &GptOssConfig) -> Result<Self> {
+        let config = oxtune_lora::read_adapter_config(dir).map_err(lora_err)?;
+        let spec = LoraSpec::from_adapter_config(&config)?;
+        let sites = Self::sites(cfg, &spec)?;
+        let loaded = load_adapter(dir, &sites).map_err(lora_err)?;
+        Self::assemble(cfg, spec, loaded.pairs.into_iter().map(|p| (p.a, p.b)).collect())
+    }
+
+    /// Writes the adapter as a PEFT directory (atomic files).
+    pub fn save(&self, dir: &Path, base_model: Option<&str>) -> Result<()> {
+        let tensors: Vec<AdapterTensor> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let (a, b) = e.values();
+                AdapterTensor { site: &e.site, a, b }
             })
             .collect();
-        Self::from_values(cfg, spec, values).expect("layout matches itself")
-    }
-
-    /// An adapter from named values; every tensor of the layout must be present with its shape,
-    /// and nothing else.
-    pub fn from_values(cfg: &GptOssConfig, spec: LoraSpec, mut values: HashMap<String, Vec<f32>>) -> Result<Self> {
-        let mut tensors = vec![];
-        let (mut dense, mut experts) = (HashMap::new(), HashMap::new());
-        for (name, shape) in Self::layout(cfg, &spec) {
-            let v = values.remove(&name).ok_or_else(|| {
-                Error::Input(format!("adapter is missing `{name}` (expected shape {shape:?}); was it made for this model and these targets?"))
-            })?;
-            if v.len() != shape.iter().product::<usize>() {
-                return Err(Error::Input(format!(
-                    "adapter tensor `{name}` has {} values, expected shape {shape:?}",
-                    v.len()
-                )));
-            }
-            tensors.push(LoraTensor::new(name, shape, v));
-        }
-        if let Some(extra) = values.keys().next() {
-            return Err(Error::Input(format!(
-                "adapter tensor `{extra}` does not belong to a rank-{} adapter of this model ({} unexpected tensors)",
-                spec.r,
-                values.len()
-            )));
-        }
-        // Pair A/B tensors with the projections they adapt (layout order: A then B).
-        let mut it = 0;
-        for l in 0..cfg.num_hidden_layers {
-            if spec.attention {
-                for m in Dense::ALL {
-                    let (a, b) = (&tensors[it], &tensors[it + 1]);
-                    dense.insert((l, m), Slot { a: it, b: it + 1, n_in: a.shape[1], n_out: b.shape[0] });
-                    it += 2;
-                }
-            }
-            if spec.experts {
-                for p in [Proj::GateUp, Proj::Down] {
-                    let (a, b) = (&tensors[it], &tensors[it + 1]);
-                    experts.insert((l, p), Slot { a: it, b: it + 1, n_in: a.shape[1], n_out: b.shape[0] });
-                    it += 2;
-                }
-            }
-        }
-        Ok(Self { spec, tensors, num_experts: cfg.num_local_experts, dense, experts })
+        save_adapter(dir, &self.spec.adapter_config(base_model), &tensors).map_err(lora_err)
     }
 
     pub fn zero_grad(&mut self) {
-        for t in &mut self.tensors {
-            t.grad().fill(0.0);
+        for e in &mut self.entries {
+            e.grads.get_mut().expect("no thread panicked while holding a gradient").zero();
         }
     }
 
     pub fn num_params(&self) -> usize {
-        self.tensors.iter().map(|t| t.value.len()).sum()
+        self.entries.iter().map(|e| e.values().0.len() + e.values().1.len()).sum()
     }
 
-    fn accumulate(&self, idx: usize, f: impl FnOnce(&mut [f32])) {
-        let mut g = self.tensors[idx].grad.lock().expect("no thread panicked while holding a gradient");
-        f(&mut g);
+    /// `(key, shape, value)` of every tensor, with the keys of `adapter_model.safetensors`.
+    pub fn tensors(&self) -> Vec<(String, [usize; 2], &[f32])> {
+        self.entries
+            .iter()
+            .flat_map(|e| {
+                let (a, b) = e.values();
+                [(e.site.a_key(), e.site.a_shape(), a), (e.site.b_key(), e.site.b_shape(), b)]
+            })
+            .collect()
+    }
+
+    /// `(key, shape, gradient)` of every tensor.
+    pub fn grads(&mut self) -> Vec<(String, [usize; 2], &mut [f32])> {
+        self.entries
+            .iter_mut()
+            .flat_map(|e| {
+                let g = e.grads.get_mut().expect("no thread panicked while holding a gradient");
+                [(e.site.a_key(), e.site.a_shape(), &mut g.a[..]), (e.site.b_key(), e.site.b_shape(), &mut g.b[..])]
+            })
+            .collect()
+    }
+
+    /// `(key, value, gradient)` of every tensor, for an optimizer step.
+    pub fn params(&mut self) -> Vec<(String, &mut [f32], &[f32])> {
+        self.entries
+            .iter_mut()
+            .flat_map(|e| {
+                let g = e.grads.get_mut().expect("no thread panicked while holding a gradient");
+                let (a, b) = match &mut e.weights {
+                    Weights::Dense(w) => (&mut w.a, &mut w.b),
+                    Weights::Experts(w) => (&mut w.a, &mut w.b),
+                };
+                [(e.site.a_key(), &mut a[..], &g.a[..]), (e.site.b_key(), &mut b[..], &g.b[..])]
+            })
+            .collect()
     }
 }
 
+impl Entry {
+    fn values(&self) -> (&[f32], &[f32]) {
+        match &self.weights {
+            Weights::Dense(w) => (&w.a, &w.b),
+            Weights::Experts(w) => (&w.a, &w.b),
+        }
+    }
+
+    fn dense(&self) -> &LoraLinear {
+        match &self.weights {
+            Weights::Dense(w) => w,
+            Weights::Experts(_) => unreachable!("dense sites hold dense LoRA"),
+        }
+    }
+
+    fn experts(&self) -> &LoraExperts {
+        match &self.weights {
+            Weights::Experts(w) => w,
+            Weights::Dense(_) => unreachable!("expert sites hold expert LoRA"),
+        }
+    }
+}
+
+// Shapes are fixed when the adapter is built for the model, and the model passes activations of
+// those shapes, so the lora crate's shape errors cannot occur here.
+const SHAPES: &str = "activation shapes match the adapter built for this model";
+
 impl Adapter for LoraAdapter {
     fn dense_forward(&self, layer: usize, m: Dense, x: &[f32], y: &mut [f32]) {
-        let Some(s) = self.dense.get(&(layer, m)) else { return };
-        let (r, n) = (self.spec.r, x.len() / s.n_in);
-        let mut hid = vec![0.0f32; n * r];
-        gemm::matmul(x, &self.tensors[s.a].value, &mut hid, n, s.n_in, r, true, 0.0);
-        hid.iter_mut().for_each(|v| *v *= self.spec.scale());
-        gemm::matmul(&hid, &self.tensors[s.b].value, y, n, r, s.n_out, true, 1.0);
+        if let Some(&i) = self.dense.get(&(layer, m)) {
+            self.entries[i].dense().forward(x, y, None).expect(SHAPES);
+        }
     }
 
     fn dense_backward(&self, layer: usize, m: Dense, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        let Some(s) = self.dense.get(&(layer, m)) else { return };
-        let (r, n, sc) = (self.spec.r, x.len() / s.n_in, self.spec.scale());
-        let (a, b) = (&self.tensors[s.a].value, &self.tensors[s.b].value);
-        let mut hid = vec![0.0f32; n * r];
-        gemm::matmul(x, a, &mut hid, n, s.n_in, r, true, 0.0);
-        // g = s · dy B  [n, r]
-        let mut g = vec![0.0f32; n * r];
-        gemm::matmul(dy, b, &mut g, n, s.n_out, r, false, 0.0);
-        g.iter_mut().for_each(|v| *v *= sc);
-        hid.iter_mut().for_each(|v| *v *= sc);
-        self.accumulate(s.b, |gb| gemm::matmul_at(dy, &hid, gb, s.n_out, n, r, 1.0));
-        self.accumulate(s.a, |ga| gemm::matmul_at(&g, x, ga, r, n, s.n_in, 1.0));
-        gemm::matmul(&g, a, dx, n, r, s.n_in, false, 1.0);
+        if let Some(&i) = self.dense.get(&(layer, m)) {
+            let e = &self.entries[i];
+            let act = e.dense().activations(x, None).expect(SHAPES);
+            let mut g = e.grads.lock().expect("no thread panicked while holding a gradient");
+            e.dense().backward(x, &act, dy, Some(dx), None, &mut g).expect(SHAPES);
+        }
     }
 
-    fn expert_forward(&self, layer: usize, p: Proj, e: usize, x: &[f32], y: &mut [f32]) {
-        let Some(s) = self.experts.get(&(layer, p)) else { return };
-        let (r, ne, n) = (self.spec.r, self.num_experts, x.len() / s.n_in);
-        let a_e = &self.tensors[s.a].value[e * r * s.n_in..(e + 1) * r * s.n_in];
-        let mut hid = vec![0.0f32; n * r];
-        gemm::matmul(x, a_e, &mut hid, n, s.n_in, r, true, 0.0);
-        hid.iter_mut().for_each(|v| *v *= self.spec.scale());
-        // y += hid · B_eᵀ with B_eᵀ[k, o] = B[o, k·E + e].
-        let b = &self.tensors[s.b].value[e..];
-        gemm::sgemm_strided(n, r, s.n_out, &hid, (r, 1), b, (ne, r * ne), 1.0, y, s.n_out);
+    fn expert_forward(&self, layer: usize, p: Proj, ex: usize, x: &[f32], y: &mut [f32]) {
+        if let Some(&i) = self.experts.get(&(layer, p)) {
+            self.entries[i].experts().forward_expert(ex, x, y).expect(SHAPES);
+        }
     }
 
-    fn expert_backward(&self, layer: usize, p: Proj, e: usize, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        let Some(s) = self.experts.get(&(layer, p)) else { return };
-        let (r, ne, n, sc) = (self.spec.r, self.num_experts, x.len() / s.n_in, self.spec.scale());
-        let a_e = &self.tensors[s.a].value[e * r * s.n_in..(e + 1) * r * s.n_in];
-        let b = &self.tensors[s.b].value[e..];
-        let mut hid = vec![0.0f32; n * r];
-        gemm::matmul(x, a_e, &mut hid, n, s.n_in, r, true, 0.0);
-        hid.iter_mut().for_each(|v| *v *= sc);
-        // g = s · dy B_e with B_e[o, k] = B[o, k·E + e].
-        let mut g = vec![0.0f32; n * r];
-        gemm::sgemm_strided(n, s.n_out, r, dy, (s.n_out, 1), b, (r * ne, ne), 0.0, &mut g, r);
-        g.iter_mut().for_each(|v| *v *= sc);
-        let mut gb = vec![0.0f32; s.n_out * r];
-        gemm::matmul_at(dy, &hid, &mut gb, s.n_out, n, r, 0.0);
-        self.accumulate(s.b, |acc| {
-            for o in 0..s.n_out {
-                for k in 0..r {
-                    acc[o * r * ne + k * ne + e] += gb[o * r + k];
-                }
-            }
-        });
-        self.accumulate(s.a, |acc| {
-            gemm::matmul_at(&g, x, &mut acc[e * r * s.n_in..(e + 1) * r * s.n_in], r, n, s.n_in, 1.0)
-        });
-        gemm::matmul(&g, a_e, dx, n, r, s.n_in, false, 1.0);
+    fn expert_backward(&self, layer: usize, p: Proj, ex: usize, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        if let Some(&i) = self.experts.get(&(layer, p)) {
+            let e = &self.entries[i];
+            let h = e.experts().activations_expert(ex, x).expect(SHAPES);
+            let mut g = e.grads.lock().expect("no thread panicked while holding a gradient");
+            e.experts().backward_expert(ex, x, &h, dy, Some(dx), &mut g).expect(SHAPES);
+        }
     }
 }

@@ -16,7 +16,7 @@ use crate::io::write_atomic;
 use crate::lora_adapter::{LoraAdapter, LoraSpec};
 use crate::model::Model;
 use crate::ops::loss::IGNORE_INDEX;
-use crate::{peft, tiny};
+use crate::tiny;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -416,7 +416,7 @@ impl Trainer {
         };
         let warmup = LrSchedule::warmup_from_ratio(cfg.warmup_ratio, steps);
         let schedule = LrSchedule::new(kind, cfg.lr, warmup, steps).map_err(|e| Error::Input(e.to_string()))?;
-        let adapter = LoraAdapter::new(&model.cfg, cfg.lora_spec(), cfg.seed);
+        let adapter = LoraAdapter::new(&model.cfg, cfg.lora_spec(), cfg.seed)?;
         let sinks =
             cfg.train_sinks.then(|| vec![vec![0.0f32; model.cfg.num_attention_heads]; model.cfg.num_hidden_layers]);
         let mut t = Self {
@@ -487,9 +487,11 @@ impl Trainer {
         if st.config.lora_spec() != self.cfg.lora_spec() || st.config.seed != self.cfg.seed {
             return Err(Error::Input("the checkpoint was made with other LoRA settings or seed".into()));
         }
-        let values = peft::read_adapter_tensors(dir)?;
-        let mut adapter = LoraAdapter::from_values(&self.model.cfg, self.cfg.lora_spec(), values)?;
-        std::mem::swap(&mut self.adapter, &mut adapter);
+        let adapter = LoraAdapter::load(dir, &self.model.cfg)?;
+        if adapter.spec != self.cfg.lora_spec() {
+            return Err(Error::Input("the checkpoint's adapter has other LoRA settings".into()));
+        }
+        self.adapter = adapter;
         self.opt.load_state(&dir.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
         if let Some(s) = &mut self.sinks {
             let p = dir.join("sinks.json");
@@ -553,7 +555,7 @@ impl Trainer {
     /// Writes the adapter in PEFT's format into `dir`.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         let base = self.cfg.model.as_ref().map(|p| p.display().to_string());
-        peft::write_adapter(dir, &self.adapter, base.as_deref())
+        self.adapter.save(dir, base.as_deref())
     }
 
     /// Runs one optimizer step (`grad_accum` micro-batches). Returns false once the run is over.
@@ -582,7 +584,7 @@ impl Trainer {
         let loss = if n == 0 { f64::NAN } else { loss_sum / n as f64 };
         let lr = self.schedule.lr(self.step);
         // Gradients of all trainable tensors, then clip and step.
-        let mut grads: Vec<&mut [f32]> = self.adapter.tensors.iter_mut().map(|t| t.grad().as_mut_slice()).collect();
+        let mut grads: Vec<&mut [f32]> = self.adapter.grads().into_iter().map(|(_, _, g)| g).collect();
         if let Some(s) = self.sinks.as_mut() {
             grads.extend(s.iter_mut().map(|g| g.as_mut_slice()));
         }
@@ -606,11 +608,8 @@ impl Trainer {
         self.bad_in_row = 0;
         let grad_norm = oxtune_optim::clip_grad_norm(&mut grads, self.cfg.max_grad_norm as f32)
             .map_err(|e| Error::Input(e.to_string()))?;
-        let mut params: Vec<Param> = vec![];
-        for t in self.adapter.tensors.iter_mut() {
-            let (name, value, grad) = t.parts();
-            params.push(Param::new(name, value, grad));
-        }
+        let mut adapter_params = self.adapter.params();
+        let mut params: Vec<Param> = adapter_params.iter_mut().map(|(n, v, g)| Param::new(n, v, g)).collect();
         let sink_names: Vec<String> =
             (0..self.model.w.layers.len()).map(|l| format!("model.layers.{l}.self_attn.sinks")).collect();
         if let Some(s) = &self.sinks {

@@ -46,7 +46,7 @@ fn config(out: PathBuf) -> TrainConfig {
 }
 
 fn values(t: &Trainer) -> Vec<Vec<f32>> {
-    t.adapter.tensors.iter().map(|x| x.value.clone()).collect()
+    t.adapter.tensors().into_iter().map(|(_, _, v)| v.to_vec()).collect()
 }
 
 #[test]

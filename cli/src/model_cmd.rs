@@ -1,6 +1,6 @@
 //! `oxtune inspect`, `oxtune forward`, `oxtune generate`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use oxtune_data::{Conversation, Message, Renderer, Role, SystemConfig, Tokenizer};
@@ -114,7 +114,7 @@ fn read_ids(st: &SafeTensors, name: &str, path: &Path) -> Result<Option<(Vec<i64
 }
 
 /// `oxtune forward --model DIR --tokens IN --out OUT [--adapter DIR [--grads]]`
-pub fn forward(model: &Path, tokens: &Path, out: &PathBuf, adapter: Option<&Path>, grads: bool) -> Result<()> {
+pub fn forward(model: &Path, tokens: &Path, out: &Path, adapter: Option<&Path>, grads: bool) -> Result<()> {
     let bytes = std::fs::read(tokens).with_context(|| format!("reading {}", tokens.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", tokens.display()))?;

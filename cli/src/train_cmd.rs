@@ -53,6 +53,9 @@ pub struct TrainArgs {
     /// Also train the attention sinks.
     #[arg(long)]
     train_sinks: bool,
+    /// QLoRA: hold the attention projections in NF4 while training (experts stay MXFP4).
+    #[arg(long)]
+    qlora: bool,
     /// Optimizer: adamw8bit or adamw [default: adamw8bit].
     #[arg(long)]
     optimizer: Option<String>,
@@ -153,6 +156,7 @@ impl TrainArgs {
         c.lora_attention &= !self.no_lora_attention;
         c.lora_experts &= !self.no_lora_experts;
         c.train_sinks |= self.train_sinks;
+        c.qlora |= self.qlora;
         c.skip_invalid |= self.skip_invalid;
         if let Some(o) = &self.optimizer {
             c.optimizer = parse_enum::<OptimizerKind>("optimizer", o, "adamw8bit, adamw")?;
@@ -238,12 +242,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let tok = load_tokenizer(cfg.model.as_deref())?;
     let model = load_model(&cfg)?;
     println!(
-        "model: {} ({} layers, {} experts top-{}, vocab {}); tokenizer ready in {:.1}s",
+        "model: {} ({} layers, {} experts top-{}, vocab {}{}); tokenizer ready in {:.1}s",
         cfg.model.as_ref().map_or("embedded tiny GPT-OSS".to_string(), |p| p.display().to_string()),
         model.cfg.num_hidden_layers,
         model.cfg.num_local_experts,
         model.cfg.num_experts_per_tok,
         model.cfg.vocab_size,
+        if cfg.qlora { format!(", attention in NF4: {} bytes", model.w.attention_nbytes()) } else { String::new() },
         t0.elapsed().as_secs_f64()
     );
     let sets: Vec<(&str, Vec<Conversation>)> = if args.show_answers == 0 {
@@ -285,7 +290,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     if let (Some(a), Some(b)) = (summary.first_eval, summary.last_eval) {
         println!("eval loss {a:.4} -> {b:.4}");
-        if args.require_eval_improvement && !(b < a) {
+        // A NaN eval loss counts as no improvement.
+        if args.require_eval_improvement && b.partial_cmp(&a) != Some(std::cmp::Ordering::Less) {
             bail!("the eval loss did not fall ({a:.4} -> {b:.4})");
         }
     } else if args.require_eval_improvement {

@@ -206,6 +206,24 @@ fn train_then_chat_and_generate_with_the_adapter() {
     let chat = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(chat.matches("assistant>").count(), 2, "{chat}");
+    // QLoRA: attention in NF4.
+    let q = tmp("qlora");
+    let (ok, stdout, err) = oxtune(&[
+        "train",
+        "--out",
+        q.to_str().unwrap(),
+        "--qlora",
+        "--max-steps",
+        "1",
+        "--grad-accum",
+        "1",
+        "--max-len",
+        "256",
+        "--eval-every",
+        "0",
+    ]);
+    assert!(ok && stdout.contains("attention in NF4") && stdout.contains("step     1/1"), "{err}\n{stdout}");
+    let _ = std::fs::remove_dir_all(q);
     // A bad option value names the flag and the choices.
     let (ok, _, err) = oxtune(&["train", "--out", out.to_str().unwrap(), "--optimizer", "sgd"]);
     assert!(!ok && err.contains("--optimizer sgd") && err.contains("adamw8bit"), "{err}");

@@ -12,7 +12,7 @@ use crate::adapter::{AdaptedExperts, Adapter, Dense};
 use crate::error::{Error, Result};
 use crate::model::{row_coords, LayerActs, Model};
 use crate::ops::attention::attention_backward;
-use crate::ops::linear::{linear, linear_backward_input};
+use crate::ops::linear::linear;
 use crate::ops::loss::{cross_entropy, IGNORE_INDEX};
 use crate::ops::rmsnorm::{rmsnorm, rmsnorm_backward};
 
@@ -131,7 +131,7 @@ impl Model {
         mut sinks: Option<&mut SinkGrads>,
     ) -> Result<(f64, usize, Vec<f32>)> {
         let cfg = &self.cfg;
-        let (h, qw, kw) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width());
+        let (qw, kw) = (cfg.q_width(), cfg.kv_width());
         let eps = cfg.rms_norm_eps as f32;
         let mut x = x0;
         let mut acts: Vec<LayerActs> = Vec::with_capacity(self.w.layers.len());
@@ -150,7 +150,7 @@ impl Model {
             let dnorm2 = rmsnorm_backward(&act.x_mid, &layer.post_norm, &act.rstd2, &db);
             dx.iter_mut().zip(&dnorm2).for_each(|(a, g)| *a += g);
             // Attention block: x_mid = x_in + o_proj(attn(q, k, v)).
-            let mut dout = linear_backward_input(&dx, &layer.o.w, qw, h);
+            let mut dout = layer.o.backward_input(&dx);
             adapter.dense_backward(l, Dense::O, &act.o, &dx, &mut dout);
             let (mut dq, mut dk, mut dv) =
                 (vec![0.0f32; act.q.len()], vec![0.0f32; act.k.len()], vec![0.0f32; act.v.len()]);
@@ -179,9 +179,9 @@ impl Model {
             }
             self.rope.apply(&mut dq, &b.pos, true);
             self.rope.apply(&mut dk, &b.pos, true);
-            let mut da = linear_backward_input(&dq, &layer.q.w, h, qw);
+            let mut da = layer.q.backward_input(&dq);
             for (m, lin, g) in [(Dense::K, &layer.k, &dk), (Dense::V, &layer.v, &dv)] {
-                let d = linear_backward_input(g, &lin.w, h, kw);
+                let d = lin.backward_input(g);
                 da.iter_mut().zip(&d).for_each(|(a, x)| *a += x);
                 adapter.dense_backward(l, m, &act.a, g, &mut da);
             }

@@ -107,7 +107,7 @@ impl Model {
         let x_in = save.as_ref().map(|_| x.to_vec());
         let (a, rstd1) = rmsnorm(x, &layer.input_norm, eps);
         let proj = |m: Dense, lin: &crate::weights::Linear, input: &[f32]| {
-            let mut y = linear(input, &lin.w, Some(&lin.b), lin.n_in, lin.n_out);
+            let mut y = lin.forward(input);
             adapter.dense_forward(l, m, input, &mut y);
             y
         };

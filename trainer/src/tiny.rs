@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::{GptOssConfig, LayerType, RopeScaling};
-use crate::weights::{Bytes, ExpertStore, Experts, Layer, Linear, Weights};
+use crate::weights::{Bytes, ExpertStore, Experts, Layer, Linear, Router, Weights};
 
 /// The seed of the embedded default model's weights.
 pub const DEFAULT_SEED: u64 = 20250805;
@@ -57,13 +57,11 @@ pub fn random_weights(cfg: &GptOssConfig, seed: u64) -> Weights {
     let norm = normal(h, 0.1, 1.0);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for &kind in &cfg.layer_types {
-        let mut lin = |n_in: usize, n_out: usize| Linear {
-            w: normal(n_out * n_in, (n_in as f32).powf(-0.5), 0.0),
-            b: normal(n_out, 0.1, 0.0),
-            n_in,
-            n_out,
+        let mut lin = |n_in: usize, n_out: usize| {
+            Linear::new(normal(n_out * n_in, (n_in as f32).powf(-0.5), 0.0), normal(n_out, 0.1, 0.0), n_in, n_out)
         };
-        let (q, k, vv, o, router) = (lin(h, qw), lin(h, kw), lin(h, kw), lin(qw, h), lin(h, e));
+        let (q, k, vv, o) = (lin(h, qw), lin(h, kw), lin(h, kw), lin(qw, h));
+        let router = Router { w: normal(e * h, (h as f32).powf(-0.5), 0.0), b: normal(e, 0.1, 0.0) };
         let mut mx = |rows: usize, cols: usize| {
             let w = normal(e * rows * cols, (cols as f32).powf(-0.5), 0.0);
             let t = oxtune_mxfp4::quantize_f32(&w, &[e, rows, cols]).expect("finite weights, cols % 32 == 0");

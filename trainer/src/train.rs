@@ -63,6 +63,9 @@ pub struct TrainConfig {
     pub lora_attention: bool,
     pub lora_experts: bool,
     pub train_sinks: bool,
+    /// QLoRA: hold the attention projections in NF4 (bitsandbytes' format) while training; the
+    /// experts stay in MXFP4 either way.
+    pub qlora: bool,
     pub optimizer: OptimizerKind,
     pub lr: f64,
     pub weight_decay: f64,
@@ -102,6 +105,7 @@ impl Default for TrainConfig {
             lora_attention: true,
             lora_experts: true,
             train_sinks: false,
+            qlora: false,
             optimizer: OptimizerKind::Adamw8bit,
             lr: 2e-4,
             weight_decay: 0.0,
@@ -240,16 +244,21 @@ fn fnv1a(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Loads the model named by the config (or builds the embedded tiny one).
+/// Loads the model named by the config (or builds the embedded tiny one), with the attention
+/// projections in NF4 for QLoRA.
 pub fn load_model(cfg: &TrainConfig) -> Result<Model> {
-    match &cfg.model {
-        Some(dir) => Model::load(dir),
+    let mut m = match &cfg.model {
+        Some(dir) => Model::load(dir)?,
         None => {
             let c = tiny::tiny_default_config();
             let w = tiny::random_weights(&c, tiny::DEFAULT_SEED);
-            Ok(Model::new(c, w))
+            Model::new(c, w)
         }
+    };
+    if cfg.qlora {
+        m.w.quantize_attention_nf4()?;
     }
+    Ok(m)
 }
 
 /// The tokenizer of a model directory, or the built-in o200k_harmony.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use oxtune_lora::{FrozenWeight, Nf4Weight};
 use oxtune_moe::{gemm, ExpertWeights, Proj};
 use oxtune_mxfp4::{Mxfp4Tensor, BLOCK};
 use safetensors::Dtype;
@@ -10,6 +11,7 @@ use safetensors::Dtype;
 use crate::checkpoint::{Checkpoint, MmapSlice};
 use crate::config::{GptOssConfig, LayerType};
 use crate::error::{Error, Result};
+use crate::ops::linear::{linear, linear_backward_input};
 
 /// Bytes backing an MXFP4 tensor: mapped from a checkpoint or owned (generated models).
 #[derive(Clone, Debug)]
@@ -27,13 +29,107 @@ impl AsRef<[u8]> for Bytes {
     }
 }
 
+/// A frozen dense weight `W [n_out, n_in]`: f32 (from bf16 checkpoints) or NF4 (QLoRA).
+#[derive(Clone, Debug)]
+pub enum DenseWeight {
+    F32(Vec<f32>),
+    Nf4(Nf4Weight),
+}
+
 /// `y = x · Wᵀ + b`, `W [n_out, n_in]`.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub w: Vec<f32>,
+    pub w: DenseWeight,
     pub b: Vec<f32>,
     pub n_in: usize,
     pub n_out: usize,
+}
+
+// Shapes are checked when weights are loaded or quantized; activations come from the model.
+const SHAPES: &str = "activation shapes match the model's weights";
+
+impl Linear {
+    pub fn new(w: Vec<f32>, b: Vec<f32>, n_in: usize, n_out: usize) -> Self {
+        Self { w: DenseWeight::F32(w), b, n_in, n_out }
+    }
+
+    /// `x [n, in] → y [n, out]`.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        match &self.w {
+            DenseWeight::F32(w) => linear(x, w, Some(&self.b), self.n_in, self.n_out),
+            DenseWeight::Nf4(w) => {
+                let n = x.len() / self.n_in;
+                let mut y: Vec<f32> = (0..n).flat_map(|_| self.b.iter().copied()).collect();
+                w.matmul_acc(x, &mut y).expect(SHAPES);
+                y
+            }
+        }
+    }
+
+    /// `dy [n, out] → dx [n, in] = dy · W`.
+    pub fn backward_input(&self, dy: &[f32]) -> Vec<f32> {
+        match &self.w {
+            DenseWeight::F32(w) => linear_backward_input(dy, w, self.n_in, self.n_out),
+            DenseWeight::Nf4(w) => {
+                let mut dx = vec![0.0; dy.len() / self.n_out * self.n_in];
+                w.matmul_t_acc(dy, &mut dx).expect(SHAPES);
+                dx
+            }
+        }
+    }
+
+    /// Re-stores the weight in NF4 (bitsandbytes' format, block 64, double-quantized absmax).
+    pub fn quantize_nf4(&mut self) -> Result<()> {
+        if let DenseWeight::F32(w) = &self.w {
+            let q = Nf4Weight::quantize(w, self.n_out, self.n_in, true)
+                .map_err(|e| Error::Input(format!("NF4 quantization: {e}")))?;
+            self.w = DenseWeight::Nf4(q);
+        }
+        Ok(())
+    }
+
+    /// Bytes of the weight and bias.
+    pub fn nbytes(&self) -> usize {
+        let w = match &self.w {
+            DenseWeight::F32(w) => 4 * w.len(),
+            DenseWeight::Nf4(w) => w.nbytes(),
+        };
+        w + 4 * self.b.len()
+    }
+}
+
+/// The router `logits = x · Wᵀ + b`, `W [E, H]` (kept in f32: it is small and decides routing).
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// One expert's MXFP4 matrix `[out, in]` as a frozen weight for the `lora` crate's matmuls.
+struct Mxfp4Expert<'a>(Mxfp4Tensor<&'a [u8]>);
+
+impl FrozenWeight for Mxfp4Expert<'_> {
+    fn shape(&self) -> (usize, usize) {
+        (self.0.rows(), self.0.cols())
+    }
+
+    fn dequantize_rows(&self, rows: std::ops::Range<usize>, dst: &mut [f32]) -> oxtune_lora::Result<()> {
+        oxtune_lora::check_tile(rows.clone(), 0..self.0.cols(), self.0.rows(), self.0.cols(), dst.len())?;
+        self.0.dequantize_rows_f32(rows.start, dst).map_err(|e| oxtune_lora::Error::Base(Box::new(e)))
+    }
+
+    fn dequantize_tile(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        dst: &mut [f32],
+    ) -> oxtune_lora::Result<()> {
+        self.0.dequantize_tile_f32(rows, cols, dst).map_err(|e| oxtune_lora::Error::Base(Box::new(e)))
+    }
+
+    fn nbytes(&self) -> usize {
+        self.0.nbytes()
+    }
 }
 
 /// Expert projection weights.
@@ -56,9 +152,6 @@ pub struct Experts {
     pub hidden: usize,
     pub intermediate: usize,
 }
-
-/// Rows of an MXFP4 matrix decoded per GEMM tile: bounds scratch memory to `TILE · in` floats.
-const TILE: usize = 256;
 
 impl Experts {
     fn bias(&self, proj: Proj, e: usize) -> &[f32] {
@@ -93,15 +186,8 @@ impl ExpertWeights for Experts {
             }
             ExpertStore::Mxfp4 { gate_up, down } => {
                 let t = if proj == Proj::GateUp { gate_up } else { down };
-                let w = t.index(e).expect("expert index checked by the caller");
-                let mut tile = vec![0.0f32; TILE * n_in];
-                for r0 in (0..n_out).step_by(TILE) {
-                    let rows = TILE.min(n_out - r0);
-                    let tile = &mut tile[..rows * n_in];
-                    w.dequantize_rows_f32(r0, tile).expect("tile inside the expert");
-                    // out[:, r0..r0+rows] += x · tileᵀ
-                    gemm::sgemm_strided(n, n_in, rows, x, (n_in, 1), tile, (1, n_in), 1.0, &mut out[r0..], n_out);
-                }
+                let w = Mxfp4Expert(t.index(e).expect("expert index checked by the caller"));
+                w.matmul_acc(x, out).expect(SHAPES);
             }
         }
     }
@@ -116,16 +202,9 @@ impl ExpertWeights for Experts {
             }
             ExpertStore::Mxfp4 { gate_up, down } => {
                 let t = if proj == Proj::GateUp { gate_up } else { down };
-                let w = t.index(e).expect("expert index checked by the caller");
+                let w = Mxfp4Expert(t.index(e).expect("expert index checked by the caller"));
                 dx.fill(0.0);
-                let mut tile = vec![0.0f32; TILE * n_in];
-                for r0 in (0..n_out).step_by(TILE) {
-                    let rows = TILE.min(n_out - r0);
-                    let tile = &mut tile[..rows * n_in];
-                    w.dequantize_rows_f32(r0, tile).expect("tile inside the expert");
-                    // dx += dy[:, r0..r0+rows] · tile
-                    gemm::sgemm_strided(n, rows, n_in, &dy[r0..], (n_out, 1), tile, (n_in, 1), 1.0, dx, n_in);
-                }
+                w.matmul_t_acc(dy, dx).expect(SHAPES);
             }
         }
     }
@@ -141,7 +220,7 @@ pub struct Layer {
     pub o: Linear,
     pub sinks: Vec<f32>,
     pub post_norm: Vec<f32>,
-    pub router: Linear,
+    pub router: Router,
     pub experts: Experts,
 }
 
@@ -168,12 +247,12 @@ impl Reader<'_> {
     }
 
     fn linear(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: self.f32(&format!("{prefix}.weight"), &[n_out, n_in])?,
-            b: self.f32(&format!("{prefix}.bias"), &[n_out])?,
+        Ok(Linear::new(
+            self.f32(&format!("{prefix}.weight"), &[n_out, n_in])?,
+            self.f32(&format!("{prefix}.bias"), &[n_out])?,
             n_in,
             n_out,
-        })
+        ))
     }
 
     fn mxfp4(&mut self, name: &str, e: usize, rows: usize, cols: usize) -> Result<Mxfp4Tensor<Bytes>> {
@@ -193,6 +272,21 @@ impl Reader<'_> {
 }
 
 impl Weights {
+    /// QLoRA: re-stores the attention projections (q/k/v/o) of every layer in NF4.
+    pub fn quantize_attention_nf4(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
+                lin.quantize_nf4()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the attention projections (weights and biases).
+    pub fn attention_nbytes(&self) -> usize {
+        self.layers.iter().map(|l| l.q.nbytes() + l.k.nbytes() + l.v.nbytes() + l.o.nbytes()).sum()
+    }
+
     /// Loads every tensor of a gpt-oss checkpoint, checking names, dtypes and shapes against
     /// `cfg`; tensors the model does not use are an error too.
     pub fn load(ckpt: &Checkpoint, cfg: &GptOssConfig) -> Result<Self> {
@@ -229,7 +323,10 @@ impl Weights {
                 o: r.linear(&format!("{p}.self_attn.o_proj"), cfg.q_width(), h)?,
                 sinks: r.f32(&format!("{p}.self_attn.sinks"), &[cfg.num_attention_heads])?,
                 post_norm: r.f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                router: r.linear(&format!("{p}.mlp.router"), h, e)?,
+                router: Router {
+                    w: r.f32(&format!("{p}.mlp.router.weight"), &[e, h])?,
+                    b: r.f32(&format!("{p}.mlp.router.bias"), &[e])?,
+                },
                 experts: Experts {
                     store,
                     gate_up_bias: r.f32(&format!("{p}.mlp.experts.gate_up_proj_bias"), &[e, 2 * i])?,

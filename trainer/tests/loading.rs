@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use oxtune_lora::FrozenWeight;
 use oxtune_trainer::checkpoint::Checkpoint;
 use oxtune_trainer::io::{save_safetensors, OwnedTensor};
+use oxtune_trainer::weights::DenseWeight;
 use oxtune_trainer::{GptOssConfig, LayerType, Model, RopeScaling};
 use safetensors::SafeTensors;
 
@@ -197,4 +199,43 @@ fn kv_cache_decoding_equals_full_forward() {
     }
     assert!(cache.len(0) <= 5, "sliding layer cache holds {} > window", cache.len(0));
     assert_eq!(cache.len(1), ids.len());
+}
+
+#[test]
+fn qlora_nf4_attention_equals_its_dequantized_weights_and_is_small() {
+    let full = Model::load(&fixture("model/tiny-top4")).unwrap();
+    let mut q = Model::load(&fixture("model/tiny-top4")).unwrap();
+    let before = q.w.attention_nbytes();
+    q.w.quantize_attention_nf4().unwrap();
+    let after = q.w.attention_nbytes();
+    // Weights go from 4 bytes to 4.127 bits (NF4 with double-quantized absmax); biases stay f32.
+    let weights: usize =
+        q.w.layers.iter().map(|l| l.q.n_in * l.q.n_out + l.k.n_in * l.k.n_out * 2 + l.o.n_in * l.o.n_out).sum();
+    let biases = (before - 4 * weights) as f64;
+    let bits = (after as f64 - biases) * 8.0 / weights as f64;
+    assert!((4.0..4.6).contains(&bits), "{bits} bits per NF4 weight");
+    // The NF4 model computes exactly what the f32 model computes with the dequantized weights.
+    let mut deq = Model::load(&fixture("model/tiny-top4")).unwrap();
+    for (dl, ql) in deq.w.layers.iter_mut().zip(&q.w.layers) {
+        for (d, qq) in [(&mut dl.q, &ql.q), (&mut dl.k, &ql.k), (&mut dl.v, &ql.v), (&mut dl.o, &ql.o)] {
+            let DenseWeight::Nf4(w) = &qq.w else { panic!("not quantized") };
+            let mut f = vec![0.0f32; qq.n_out * qq.n_in];
+            w.dequantize_rows(0..qq.n_out, &mut f).unwrap();
+            d.w = DenseWeight::F32(f);
+        }
+    }
+    let ids: Vec<u32> = (0..12).map(|i| (i * 29 + 3) % 300).collect();
+    let rel = |a: &[f32], b: &[f32]| {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        (num / a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()).sqrt()
+    };
+    let (a, b, c) =
+        (full.forward(&ids, 1, 12).unwrap(), q.forward(&ids, 1, 12).unwrap(), deq.forward(&ids, 1, 12).unwrap());
+    println!(
+        "NF4 attention: {bits:.3} bits/weight; logits vs f32 {:.3e}, vs dequantized {:.3e}",
+        rel(&a, &b),
+        rel(&c, &b)
+    );
+    assert!(rel(&c, &b) < 1e-5, "NF4 path differs from its dequantized weights");
+    assert!(rel(&a, &b) > 1e-3, "quantization changed nothing");
 }

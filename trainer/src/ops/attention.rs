@@ -167,7 +167,7 @@ pub fn attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{fd_check, randn};
+    use crate::testutil::{fd_check_f64, randn};
 
     const H: Heads = Heads { nq: 4, nkv: 2, d: 8 };
 
@@ -180,6 +180,18 @@ mod tests {
         mask: &dyn Fn(usize, usize) -> bool,
         t: usize,
     ) -> Vec<f64> {
+        let w = |x: &[f32]| -> Vec<f64> { x.iter().map(|&v| v as f64).collect() };
+        naive64(&w(q), &w(k), &w(v), &w(sinks), mask, t)
+    }
+
+    fn naive64(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        sinks: &[f64],
+        mask: &dyn Fn(usize, usize) -> bool,
+        t: usize,
+    ) -> Vec<f64> {
         let Heads { nq, nkv, d } = H;
         let mut out = vec![0.0f64; t * nq * d];
         for h in 0..nq {
@@ -188,18 +200,15 @@ mod tests {
                 let s: Vec<Option<f64>> = (0..t)
                     .map(|j| {
                         mask(i, j).then(|| {
-                            (0..d)
-                                .map(|x| q[i * nq * d + h * d + x] as f64 * k[j * nkv * d + g * d + x] as f64)
-                                .sum::<f64>()
-                                * 0.25
+                            (0..d).map(|x| q[i * nq * d + h * d + x] * k[j * nkv * d + g * d + x]).sum::<f64>() * 0.25
                         })
                     })
                     .collect();
-                let z: f64 = s.iter().flatten().map(|x| x.exp()).sum::<f64>() + (sinks[h] as f64).exp();
+                let z: f64 = s.iter().flatten().map(|x| x.exp()).sum::<f64>() + sinks[h].exp();
                 for (j, sj) in s.iter().enumerate() {
                     if let Some(sj) = sj {
                         for x in 0..d {
-                            out[i * nq * d + h * d + x] += sj.exp() / z * v[j * nkv * d + g * d + x] as f64;
+                            out[i * nq * d + h * d + x] += sj.exp() / z * v[j * nkv * d + g * d + x];
                         }
                     }
                 }
@@ -263,10 +272,16 @@ mod tests {
         let dout = randn(90, q.len(), 1.0);
         let (o, lse) = attention(&q, &k, &v, &s, H, c, 0.25);
         let (dq, dk, dv, ds) = attention_backward(&q, &k, &v, &s, &o, &lse, &dout, H, c, 0.25);
-        let loss = |o: Vec<f32>| o.iter().zip(&dout).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
-        fd_check(&q, &dq, |x| loss(attention(x, &k, &v, &s, H, c, 0.25).0), 2e-3);
-        fd_check(&k, &dk, |x| loss(attention(&q, x, &v, &s, H, c, 0.25).0), 2e-3);
-        fd_check(&v, &dv, |x| loss(attention(&q, &k, x, &s, H, c, 0.25).0), 2e-3);
-        fd_check(&s, &ds, |x| loss(attention(&q, &k, &v, x, H, c, 0.25).0), 2e-3);
+        // f64 reference: the definition with the window-3 causal mask, Σ dout · o.
+        let mask = |i: usize, j: usize| j <= i && i - j < 3;
+        let loss = |q: &[f64], k: &[f64], v: &[f64], s: &[f64]| -> f64 {
+            naive64(q, k, v, s, &mask, t).iter().zip(&dout).map(|(a, b)| a * *b as f64).sum()
+        };
+        let w = |x: &[f32]| -> Vec<f64> { x.iter().map(|&v| v as f64).collect() };
+        let (q6, k6, v6, s6) = (w(&q), w(&k), w(&v), w(&s));
+        fd_check_f64(&q, &dq, |x| loss(x, &k6, &v6, &s6), 1e-4);
+        fd_check_f64(&k, &dk, |x| loss(&q6, x, &v6, &s6), 1e-4);
+        fd_check_f64(&v, &dv, |x| loss(&q6, &k6, x, &s6), 1e-4);
+        fd_check_f64(&s, &ds, |x| loss(&q6, &k6, &v6, x), 1e-4);
     }
 }

@@ -96,7 +96,7 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{fd_check, randn};
+    use crate::testutil::{fd_check_f64, randn};
 
     #[test]
     fn gpt_oss_20b_yarn_values_match_the_spec() {
@@ -119,16 +119,25 @@ mod tests {
         let dy = randn(2, x.len(), 1.0);
         let mut dx = dy.clone();
         r.apply(&mut dx, &pos, true);
-        fd_check(
-            &x,
-            &dx,
-            |xv| {
-                let mut y = xv.to_vec();
-                r.apply(&mut y, &pos, false);
-                y.iter().zip(&dy).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
-            },
-            1e-3,
-        );
+        // f64 reference of the rotation with the same (f32) cos and sin.
+        let d = cfg.head_dim;
+        let f = |xv: &[f64]| -> f64 {
+            let mut acc = 0.0;
+            let width = xv.len() / pos.len();
+            for (t, row) in xv.chunks(width).enumerate() {
+                let (c, s) = r.cos_sin(pos[t]);
+                for (hh, head) in row.chunks(d).enumerate() {
+                    for i in 0..d / 2 {
+                        let (a, b) = (head[i], head[i + d / 2]);
+                        let base = t * width + hh * d;
+                        acc += dy[base + i] as f64 * (a * c[i] as f64 - b * s[i] as f64);
+                        acc += dy[base + i + d / 2] as f64 * (b * c[i] as f64 + a * s[i] as f64);
+                    }
+                }
+            }
+            acc
+        };
+        fd_check_f64(&x, &dx, f, 1e-5);
         // The rotation times mscale² is what the inverse composes to.
         let mut y = x.clone();
         r.apply(&mut y, &pos, false);

@@ -115,3 +115,27 @@ fn config_from_toml_and_bad_keys() {
     assert!(e.contains("run.toml") && e.contains("rnak"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sinks_train_when_asked_and_are_checkpointed() {
+    let tok = Tokenizer::o200k_harmony().unwrap();
+    let mut quiet = |_: Event| {};
+    let dir = out_dir("sinks");
+    let cfg = TrainConfig {
+        train_sinks: true,
+        lora_attention: false,
+        lora_experts: false,
+        max_steps: Some(2),
+        ..config(dir.clone())
+    };
+    let before: Vec<Vec<f32>> = small_model().w.layers.iter().map(|l| l.sinks.clone()).collect();
+    let mut t = Trainer::new(cfg.clone(), small_model(), &tok, false, &mut quiet).unwrap();
+    t.run(&mut quiet).unwrap();
+    let after: Vec<Vec<f32>> = t.model.w.layers.iter().map(|l| l.sinks.clone()).collect();
+    assert_ne!(before, after, "sinks did not move");
+    // A resumed run restores the trained sinks from the checkpoint.
+    let r = Trainer::new(cfg, small_model(), &tok, true, &mut quiet).unwrap();
+    let restored: Vec<Vec<f32>> = r.model.w.layers.iter().map(|l| l.sinks.clone()).collect();
+    assert_eq!(restored, after);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -6,14 +6,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::config::{GptOssConfig, LayerType, RopeScaling};
+use crate::config::{GptOssConfig, LayerType};
 use crate::weights::{Bytes, ExpertStore, Experts, Layer, Linear, Router, Weights};
 
 /// The seed of the embedded default model's weights.
 pub const DEFAULT_SEED: u64 = 20250805;
 
 /// The default tiny config: vocab 201088, hidden 128, 4 layers (sliding window 64, full),
-/// 8 heads of 16 (2 KV heads), 8 experts top-2 of intermediate 128.
+/// 8 heads of 16 (2 KV heads), 8 experts top-2 of intermediate 128; YaRN and the rest as gpt-oss-20b.
 pub fn tiny_default_config() -> GptOssConfig {
     GptOssConfig {
         vocab_size: 201088,
@@ -27,14 +27,6 @@ pub fn tiny_default_config() -> GptOssConfig {
         num_experts_per_tok: 2,
         sliding_window: 64,
         layer_types: (0..4).map(|i| if i % 2 == 0 { LayerType::Sliding } else { LayerType::Full }).collect(),
-        rope_scaling: RopeScaling::Yarn {
-            factor: 32.0,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            original_max_position_embeddings: 4096.0,
-            truncate: false,
-            attention_factor: None,
-        },
         ..GptOssConfig::gpt_oss_20b()
     }
 }

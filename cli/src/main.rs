@@ -1,6 +1,7 @@
 //! `oxtune`: fine-tune GPT-OSS with LoRA / QLoRA.
 
 mod data_cmd;
+mod merge_cmd;
 mod model_cmd;
 mod train_cmd;
 
@@ -85,6 +86,10 @@ enum Cmd {
     /// Check and render chat datasets (JSONL) in the harmony format.
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
+    /// Merge a LoRA adapter into its base model: a Hugging Face directory in bf16 or MXFP4.
+    Merge(merge_cmd::MergeArgs),
+    /// Write an adapter as one safetensors file whose metadata names rank, alpha, targets and the base.
+    ExportAdapter(merge_cmd::ExportAdapterArgs),
 }
 
 #[derive(clap::Args)]
@@ -145,5 +150,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Chat { model, adapter, decode } => model_cmd::chat(model.as_deref(), adapter.as_deref(), &decode.decode()),
         Cmd::Train(a) => train_cmd::run(*a),
         Cmd::Data(c) => data_cmd::run(c),
+        Cmd::Merge(a) => merge_cmd::merge(a),
+        Cmd::ExportAdapter(a) => merge_cmd::export_adapter(a),
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod grad;
 pub mod io;
 pub mod lora_adapter;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod plot;

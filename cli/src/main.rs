@@ -47,6 +47,9 @@ enum Cmd {
         /// --adapter and labels).
         #[arg(long)]
         grads: bool,
+        /// Use an adapter that oxtune recorded as trained on another base model.
+        #[arg(long)]
+        ignore_base_mismatch: bool,
     },
     /// Generate a reply: `--prompt TEXT` prints the assistant's final answer; `--prompt-ids 1,2,3`
     /// continues raw token ids and prints the new ids as JSON. Greedy unless --temperature > 0.
@@ -113,6 +116,9 @@ struct DecodeArgs {
     /// Also print the analysis channel (chain of thought).
     #[arg(long)]
     show_reasoning: bool,
+    /// Use an adapter that oxtune recorded as trained on another base model.
+    #[arg(long)]
+    ignore_base_mismatch: bool,
 }
 
 impl DecodeArgs {
@@ -127,6 +133,7 @@ impl DecodeArgs {
             max_new_tokens: self.max_new_tokens,
             system: self.system,
             show_reasoning: self.show_reasoning,
+            ignore_base_mismatch: self.ignore_base_mismatch,
         }
     }
 }
@@ -134,8 +141,8 @@ impl DecodeArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Inspect { model_dir, seq, rank } => model_cmd::inspect(&model_dir, seq, rank),
-        Cmd::Forward { model, tokens, out, adapter, grads } => {
-            model_cmd::forward(&model, &tokens, &out, adapter.as_deref(), grads)
+        Cmd::Forward { model, tokens, out, adapter, grads, ignore_base_mismatch } => {
+            model_cmd::forward(&model, &tokens, &out, adapter.as_deref(), grads, ignore_base_mismatch)
         }
         Cmd::Generate { model, adapter, prompt, prompt_ids, ignore_eos, decode } => {
             let d = decode.decode();

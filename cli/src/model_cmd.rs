@@ -9,7 +9,7 @@ use oxtune_trainer::chat::reply;
 use oxtune_trainer::checkpoint::Checkpoint;
 use oxtune_trainer::grad::TrainBatch;
 use oxtune_trainer::io::{save_safetensors, OwnedTensor};
-use oxtune_trainer::lora_adapter::LoraAdapter;
+use oxtune_trainer::lora_adapter::{check_base, model_fingerprint, LoraAdapter};
 use oxtune_trainer::ops::loss::shift_labels;
 use oxtune_trainer::sample::{Sampler, SamplerConfig};
 use oxtune_trainer::train::{load_model, load_tokenizer, TrainConfig};
@@ -114,7 +114,14 @@ fn read_ids(st: &SafeTensors, name: &str, path: &Path) -> Result<Option<(Vec<i64
 }
 
 /// `oxtune forward --model DIR --tokens IN --out OUT [--adapter DIR [--grads]]`
-pub fn forward(model: &Path, tokens: &Path, out: &Path, adapter: Option<&Path>, grads: bool) -> Result<()> {
+pub fn forward(
+    model: &Path,
+    tokens: &Path,
+    out: &Path,
+    adapter: Option<&Path>,
+    grads: bool,
+    ignore_base_mismatch: bool,
+) -> Result<()> {
     let bytes = std::fs::read(tokens).with_context(|| format!("reading {}", tokens.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", tokens.display()))?;
@@ -131,7 +138,7 @@ pub fn forward(model: &Path, tokens: &Path, out: &Path, adapter: Option<&Path>, 
         }
     }
     let m = Model::load(model)?;
-    let mut lora = adapter.map(|dir| LoraAdapter::load(dir, &m.cfg)).transpose()?;
+    let mut lora = adapter.map(|dir| load_adapter(dir, Some(model), &m, ignore_base_mismatch)).transpose()?;
     let ids32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let started = std::time::Instant::now();
     let logits = m.forward_with(&ids32, b, t, hook(&lora))?;
@@ -170,13 +177,21 @@ pub struct Decode {
     pub max_new_tokens: usize,
     pub system: Option<String>,
     pub show_reasoning: bool,
+    pub ignore_base_mismatch: bool,
+}
+
+/// An adapter directory for `m` (loaded from `model`, or the embedded tiny one), refusing one
+/// that oxtune recorded as trained on another base unless `ignore_base_mismatch`.
+fn load_adapter(dir: &Path, model: Option<&Path>, m: &Model, ignore_base_mismatch: bool) -> Result<LoraAdapter> {
+    check_base(dir, &model_fingerprint(model)?, ignore_base_mismatch)?;
+    Ok(LoraAdapter::load(dir, &m.cfg)?)
 }
 
 /// The model (a directory, or the embedded tiny one) and its optional adapter.
-pub fn load(model: Option<&Path>, adapter: Option<&Path>) -> Result<(Model, Option<LoraAdapter>)> {
+pub fn load(model: Option<&Path>, adapter: Option<&Path>, d: &Decode) -> Result<(Model, Option<LoraAdapter>)> {
     let cfg = TrainConfig { model: model.map(Path::to_path_buf), ..TrainConfig::default() };
     let m = load_model(&cfg)?;
-    let a = adapter.map(|d| LoraAdapter::load(d, &m.cfg)).transpose()?;
+    let a = adapter.map(|dir| load_adapter(dir, model, &m, d.ignore_base_mismatch)).transpose()?;
     Ok((m, a))
 }
 
@@ -203,7 +218,7 @@ pub fn generate_ids(
                 .with_context(|| format!("--prompt-ids: `{s}` is not a token id (expected e.g. 1,2,3)"))
         })
         .collect::<Result<_>>()?;
-    let (m, a) = load(model, adapter)?;
+    let (m, a) = load(model, adapter, d)?;
     let stop = if ignore_eos { vec![] } else { m.cfg.eos_token_ids.clone() };
     let mut sampler = Sampler::new(d.sampling.clone());
     let ids = m.generate(&prompt, d.max_new_tokens, &stop, hook(&a), &mut |l| sampler.choose(l))?;
@@ -228,7 +243,7 @@ fn answer(m: &Model, a: &dyn Adapter, tok: &Tokenizer, conv: &Conversation, d: &
 
 /// `oxtune generate --prompt TEXT`: one user message, prints the final answer.
 pub fn generate_text(model: Option<&Path>, adapter: Option<&Path>, prompt: &str, d: &Decode) -> Result<()> {
-    let (m, a) = load(model, adapter)?;
+    let (m, a) = load(model, adapter, d)?;
     let tok = load_tokenizer(model)?;
     let mut conv = conversation(&d.system);
     conv.messages.push(Message::user(prompt));
@@ -239,7 +254,7 @@ pub fn generate_text(model: Option<&Path>, adapter: Option<&Path>, prompt: &str,
 /// `oxtune chat`: reads user turns from stdin (`/reset` starts over, `/quit` or end of input
 /// leaves) and prints the final-channel answers.
 pub fn chat(model: Option<&Path>, adapter: Option<&Path>, d: &Decode) -> Result<()> {
-    let (m, a) = load(model, adapter)?;
+    let (m, a) = load(model, adapter, d)?;
     let tok = load_tokenizer(model)?;
     let mut conv = conversation(&d.system);
     eprintln!("chat ready: type a message; /reset starts over, /quit leaves");

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -198,6 +199,10 @@ fn print_event(e: Event) {
             let _ = std::io::stdout().flush();
         }
         Event::Skipped { step, reason } => eprintln!("step {step}: {reason}"),
+        Event::Spike { step, loss, mean } => eprintln!(
+            "step {step}: warning: loss spike, {loss:.4} is more than {}x the mean {mean:.4} of the last steps",
+            oxtune_trainer::train::SPIKE_FACTOR
+        ),
         Event::Eval { step, loss } => println!("eval  step {step:>5}  loss {loss:.4}"),
         Event::Checkpoint { step, path } => println!("checkpoint step {step}: {}", path.display()),
     }
@@ -234,6 +239,22 @@ fn show_answers(
         }
     }
     Ok(())
+}
+
+/// This process's command line with `--resume` added, quoted for a POSIX shell.
+fn resume_command() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    let quote = |a: &String| {
+        if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c)) {
+            a.clone()
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    args.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -273,7 +294,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("answers before training:");
         show_answers(&trainer.model, &trainer.adapter, &tok, &sets)?;
     }
+    let stop = trainer.stop_handle();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("second Ctrl-C: stopping now; resume from the last checkpoint with --resume");
+            std::process::exit(130);
+        }
+        eprintln!("Ctrl-C: finishing the current step and saving a checkpoint (Ctrl-C again stops at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
     let summary = trainer.run(&mut print_event)?;
+    if let Some(ckpt) = &summary.interrupted {
+        println!(
+            "interrupted after step {}/{}; checkpoint: {}\nto continue: {}",
+            summary.steps,
+            trainer.steps,
+            ckpt.display(),
+            resume_command()
+        );
+        let _ = std::io::stdout().flush();
+        // 130 = 128 + SIGINT, what shells report for a command stopped by Ctrl-C.
+        std::process::exit(130);
+    }
     if !sets.is_empty() {
         println!("answers after training:");
         show_answers(&trainer.model, &trainer.adapter, &tok, &sets)?;

@@ -115,6 +115,36 @@ pub struct LoraAdapter {
     experts: HashMap<(usize, Proj), usize>,
 }
 
+/// The file next to `adapter_config.json` in adapter directories oxtune writes: the fingerprint of
+/// the base model it was trained on. PEFT ignores it.
+pub const BASE_FILE: &str = "oxtune_base.json";
+
+/// The fingerprint of a base model: a model directory's ([`crate::merge::base_fingerprint`]) or the
+/// embedded tiny model's.
+pub fn model_fingerprint(model: Option<&Path>) -> Result<String> {
+    match model {
+        Some(dir) => crate::merge::base_fingerprint(dir),
+        None => Ok(format!("embedded-tiny-gpt-oss:seed-{}", crate::tiny::DEFAULT_SEED)),
+    }
+}
+
+/// Checks that the adapter in `dir` was trained on the model with `fingerprint`. Adapters without
+/// oxtune's record (made by PEFT) pass; a different base is an error unless `allow_mismatch`.
+pub fn check_base(dir: &Path, fingerprint: &str, allow_mismatch: bool) -> Result<()> {
+    let p = dir.join(BASE_FILE);
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: p.clone(), source })?;
+    let recorded = v["base_model_fingerprint"].as_str().unwrap_or_default();
+    if recorded != fingerprint && !allow_mismatch {
+        return Err(Error::Input(format!(
+            "the adapter in {} was trained on another base model (fingerprint {recorded}, this model {fingerprint}); \
+             pass --ignore-base-mismatch to use it anyway",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 fn lora_err(e: oxtune_lora::Error) -> Error {
     Error::Input(e.to_string())
 }
@@ -189,6 +219,14 @@ impl LoraAdapter {
         let sites = Self::sites(cfg, &spec)?;
         let loaded = load_adapter(dir, &sites).map_err(lora_err)?;
         Self::assemble(cfg, spec, loaded.pairs.into_iter().map(|p| (p.a, p.b)).collect())
+    }
+
+    /// Writes the adapter as a PEFT directory (atomic files) with the base model's fingerprint
+    /// in [`BASE_FILE`].
+    pub fn save_for_base(&self, dir: &Path, base_model: Option<&str>, fingerprint: &str) -> Result<()> {
+        self.save(dir, base_model)?;
+        let v = serde_json::json!({ "base_model_fingerprint": fingerprint, "base_model_name_or_path": base_model });
+        crate::io::write_atomic(&dir.join(BASE_FILE), serde_json::to_string_pretty(&v).expect("json").as_bytes())
     }
 
     /// Writes the adapter as a PEFT directory (atomic files).

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use oxtune_data::{BatchConfig, BatchMode, Batcher, BatcherState, Example, LoadOptions, MaskPolicy, Tokenizer};
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::Adapter;
 use crate::error::{io_err, Error, Result};
 use crate::grad::{SinkGrads, TrainBatch};
-use crate::io::write_atomic;
+use crate::io::{sync_dir, write_atomic};
 use crate::lora_adapter::{LoraAdapter, LoraSpec};
 use crate::model::Model;
 use crate::ops::loss::IGNORE_INDEX;
@@ -190,6 +192,13 @@ pub enum Event {
         step: u64,
         reason: String,
     },
+    /// The step's loss is more than [`SPIKE_FACTOR`] times the mean of the last
+    /// [`SPIKE_WINDOW`] steps' losses (`mean`). The step is applied; this is a warning.
+    Spike {
+        step: u64,
+        loss: f64,
+        mean: f64,
+    },
     Eval {
         step: u64,
         loss: f64,
@@ -200,7 +209,8 @@ pub enum Event {
     },
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`. `kind` is `train`, `eval`, or `spike` (a loss spike: the line
+/// repeats that step's `train` line).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Metric {
     pub step: u64,
@@ -220,6 +230,25 @@ pub struct Summary {
     pub last_eval: Option<f64>,
     pub skipped_steps: u64,
     pub adapter_dir: PathBuf,
+    /// The run was stopped through [`Trainer::stop_handle`]: a checkpoint of the last step was
+    /// saved (`adapter_dir` was not written) and `--resume` continues it.
+    pub interrupted: Option<PathBuf>,
+}
+
+/// A step's loss is a spike when it exceeds this many times the recent mean.
+pub const SPIKE_FACTOR: f64 = 2.0;
+/// Steps in the running mean for spike detection; no spike is reported before this many steps.
+pub const SPIKE_WINDOW: usize = 20;
+const SPIKE_MIN_STEPS: usize = 5;
+
+/// The running mean of `recent` (the last losses, oldest first) when `loss` is a spike against it.
+pub fn spike_mean(recent: &[f64], loss: f64) -> Option<f64> {
+    let recent = &recent[recent.len().saturating_sub(SPIKE_WINDOW)..];
+    if recent.len() < SPIKE_MIN_STEPS {
+        return None;
+    }
+    let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+    (mean > 0.0 && loss > SPIKE_FACTOR * mean).then_some(mean)
 }
 
 /// Resume state written with every checkpoint.
@@ -379,6 +408,7 @@ pub struct Trainer {
     pub metrics: Vec<Metric>,
     resumed_from: Option<u64>,
     train_examples: usize,
+    stop: Arc<AtomicBool>,
 }
 
 fn optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
@@ -444,6 +474,7 @@ impl Trainer {
             metrics: vec![],
             resumed_from: None,
             train_examples,
+            stop: Arc::new(AtomicBool::new(false)),
         };
         if resume {
             t.resume(log)?;
@@ -519,14 +550,46 @@ impl Trainer {
         Ok(())
     }
 
+    /// A flag that, once set (from a Ctrl-C handler, say), makes [`Trainer::run`] stop after the
+    /// current step with a checkpoint.
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
     /// Writes `out/checkpoint-STEP` atomically: files go to a temporary directory that is renamed
-    /// once complete; older checkpoints beyond `keep_checkpoints` are then removed.
+    /// once complete; older checkpoints beyond `keep_checkpoints` are then removed. On failure (a
+    /// full disk, say) the temporary directory is removed and the older checkpoints are untouched.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let final_dir = self.cfg.out.join(format!("checkpoint-{}", self.step));
         let tmp = self.cfg.out.join(format!(".checkpoint-{}.tmp", self.step));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        self.save_adapter(&tmp)?;
+        if let Err(e) = self.write_checkpoint(&tmp) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            let previous = match self.checkpoints().last() {
+                Some((_, p)) => format!("the previous checkpoint {} is intact", p.display()),
+                None => "there is no earlier checkpoint".to_string(),
+            };
+            return Err(Error::Checkpoint {
+                file: final_dir,
+                msg: format!(
+                    "could not save the checkpoint: {e}; {previous}. Free disk space (or fix the permissions) and run again with --resume"
+                ),
+            });
+        }
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+        sync_dir(&self.cfg.out);
+        let all = self.checkpoints();
+        for (_, old) in all.iter().take(all.len().saturating_sub(self.cfg.keep_checkpoints.max(1))) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(final_dir)
+    }
+
+    /// Every file of a checkpoint, into `tmp`.
+    fn write_checkpoint(&self, tmp: &Path) -> Result<()> {
+        let _ = std::fs::remove_dir_all(tmp);
+        std::fs::create_dir_all(tmp).map_err(io_err(tmp))?;
+        self.save_adapter(tmp)?;
         self.opt.save_state(&tmp.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
         let mut files = vec!["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"];
         if self.sinks.is_some() {
@@ -551,14 +614,21 @@ impl Trainer {
         write_atomic(
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(&st).expect("serializable").as_bytes(),
-        )?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
-        let all = self.checkpoints();
-        for (_, old) in all.iter().take(all.len().saturating_sub(self.cfg.keep_checkpoints.max(1))) {
-            let _ = std::fs::remove_dir_all(old);
+        )
+    }
+
+    /// Removes what a killed run left half-written in `out`: `.checkpoint-N.tmp` directories and
+    /// [`write_atomic`]'s temporary files. Complete checkpoints are never touched.
+    fn remove_partial_files(&self) {
+        for e in std::fs::read_dir(&self.cfg.out).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(rest) = name.strip_prefix('.') else { continue };
+            if rest.starts_with("checkpoint-") && rest.ends_with(".tmp") {
+                let _ = std::fs::remove_dir_all(e.path());
+            } else if rest.rsplit_once(".tmp-").is_some_and(|(_, pid)| pid.parse::<u32>().is_ok()) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
-        Ok(final_dir)
     }
 
     /// Writes the adapter in PEFT's format into `dir`.
@@ -604,7 +674,10 @@ impl Trainer {
             self.bad_in_row += 1;
             log(Event::Skipped {
                 step: self.step,
-                reason: format!("non-finite loss or gradient (loss {loss}); step skipped"),
+                reason: format!(
+                    "non-finite loss or gradient (loss {loss}); step skipped ({} in a row, the run stops at {})",
+                    self.bad_in_row, self.cfg.max_bad_steps
+                ),
             });
             if self.bad_in_row >= self.cfg.max_bad_steps {
                 return Err(Error::Input(format!(
@@ -630,7 +703,15 @@ impl Trainer {
         let secs = t0.elapsed().as_secs_f64();
         let done = (self.step - start_step) as f64;
         let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
-        self.metrics.push(Metric { step: self.step, kind: "train".into(), loss, lr, grad_norm, tokens, seconds: secs });
+        let mut recent: Vec<f64> =
+            self.metrics.iter().rev().filter(|m| m.kind == "train").take(SPIKE_WINDOW).map(|m| m.loss).collect();
+        recent.reverse();
+        let metric = Metric { step: self.step, kind: "train".into(), loss, lr, grad_norm, tokens, seconds: secs };
+        self.metrics.push(metric.clone());
+        if let Some(mean) = spike_mean(&recent, loss) {
+            self.metrics.push(Metric { kind: "spike".into(), ..metric });
+            log(Event::Spike { step: self.step, loss, mean });
+        }
         log(Event::Step {
             step: self.step,
             steps: self.steps,
@@ -663,8 +744,13 @@ impl Trainer {
 
     /// The whole run: evaluation before training, steps with periodic evaluation and
     /// checkpoints, a final evaluation, the final adapter in `out/adapter`, `metrics.jsonl` and `loss.svg`.
+    ///
+    /// Stops early, with a checkpoint of the last step, when [`Trainer::stop_handle`] is set or
+    /// `max_bad_steps` steps in a row are non-finite (then an error; no checkpoint is written
+    /// while the last step was non-finite, so the last good ones are kept).
     pub fn run(&mut self, log: &mut dyn FnMut(Event)) -> Result<Summary> {
         std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
+        self.remove_partial_files();
         log(Event::Start {
             steps: self.steps,
             train_examples: self.train_examples,
@@ -677,14 +763,37 @@ impl Trainer {
         }
         let started = Instant::now();
         let start_step = self.step;
-        while self.train_step(log, started, start_step)? {
+        loop {
+            match self.train_step(log, started, start_step) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    // Keep what the run measured (the losses before a divergence, say).
+                    let _ = self.write_metrics();
+                    return Err(e);
+                }
+            }
             let last = self.step == self.steps;
             if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 && !last {
                 self.evaluate(log)?;
             }
-            if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !last {
+            let mut saved = None;
+            if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !last && self.bad_in_row == 0 {
                 let p = self.save_checkpoint()?;
-                log(Event::Checkpoint { step: self.step, path: p });
+                log(Event::Checkpoint { step: self.step, path: p.clone() });
+                saved = Some(p);
+            }
+            if self.stop.load(Ordering::SeqCst) && !last {
+                let p = match saved {
+                    Some(p) => p,
+                    None => {
+                        let p = self.save_checkpoint()?;
+                        log(Event::Checkpoint { step: self.step, path: p.clone() });
+                        p
+                    }
+                };
+                self.write_metrics()?;
+                return Ok(self.summary(Some(p)));
             }
         }
         self.evaluate(log)?;
@@ -693,17 +802,44 @@ impl Trainer {
         self.save_adapter(&adapter_dir)?;
         let p = self.save_checkpoint()?;
         log(Event::Checkpoint { step: self.step, path: p });
+        self.write_metrics()?;
+        crate::plot::loss_svg(&self.metrics, &self.cfg.out.join("loss.svg"))?;
+        Ok(self.summary(None))
+    }
+
+    fn write_metrics(&self) -> Result<()> {
         let lines: String =
             self.metrics.iter().map(|m| serde_json::to_string(m).expect("serializable") + "\n").collect();
-        write_atomic(&self.cfg.out.join("metrics.jsonl"), lines.as_bytes())?;
-        crate::plot::loss_svg(&self.metrics, &self.cfg.out.join("loss.svg"))?;
+        write_atomic(&self.cfg.out.join("metrics.jsonl"), lines.as_bytes())
+    }
+
+    fn summary(&self, interrupted: Option<PathBuf>) -> Summary {
         let evals: Vec<f64> = self.metrics.iter().filter(|m| m.kind == "eval").map(|m| m.loss).collect();
-        Ok(Summary {
+        Summary {
             steps: self.step,
             first_eval: evals.first().copied(),
             last_eval: evals.last().copied(),
             skipped_steps: self.skipped_steps,
-            adapter_dir,
-        })
+            adapter_dir: self.cfg.out.join("adapter"),
+            interrupted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spike_needs_history_and_twice_the_recent_mean() {
+        let flat = [1.0; 30];
+        assert_eq!(spike_mean(&flat[..SPIKE_MIN_STEPS - 1], 100.0), None, "too little history");
+        assert_eq!(spike_mean(&flat, 2.0), None, "exactly twice is not a spike");
+        assert_eq!(spike_mean(&flat, 2.5), Some(1.0));
+        // Only the last SPIKE_WINDOW losses count: an old high loss does not hide a new spike.
+        let mut v = vec![100.0; 10];
+        v.extend([1.0; SPIKE_WINDOW]);
+        assert_eq!(spike_mean(&v, 3.0), Some(1.0));
+        assert_eq!(spike_mean(&flat, f64::INFINITY), Some(1.0));
     }
 }

@@ -9,6 +9,19 @@ use safetensors::Dtype;
 
 use crate::error::{io_err, Error, Result};
 
+/// FNV-1a 64 of `bytes`, continuing from `h` (start with [`FNV_OFFSET`]): a fast identity and
+/// corruption check, not a cryptographic hash.
+pub fn fnv1a64(bytes: &[u8], mut h: u64) -> u64 {
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// FNV-1a's initial state.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

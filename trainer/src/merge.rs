@@ -34,6 +34,7 @@ use crate::adapter::Dense;
 use crate::checkpoint::Checkpoint;
 use crate::config::GptOssConfig;
 use crate::error::{io_err, Error, Result};
+use crate::io::{fnv1a64, FNV_OFFSET};
 use crate::lora_adapter::LoraAdapter;
 
 /// Files besides the weights that a model directory carries and a merge copies when present.
@@ -735,14 +736,6 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
 }
 
 /// 64-bit FNV-1a: a stable identity check for files oxtune writes, not a cryptographic hash.
-fn fnv1a64(bytes: &[u8], mut h: u64) -> u64 {
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
 /// A fingerprint of a base model: FNV-1a over config.json (parsed and re-serialized, so formatting does
 /// not matter) and every tensor's name, dtype and shape, in name order. `fnv1a64:` + 16 hex digits.
 pub fn base_fingerprint(model: &Path) -> Result<String> {
@@ -751,7 +744,7 @@ pub fn base_fingerprint(model: &Path) -> Result<String> {
     let v: serde_json::Value =
         serde_json::from_slice(&text).map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
     let ckpt = Checkpoint::open(model)?;
-    let mut h = fnv1a64(v.to_string().as_bytes(), 0xcbf29ce484222325);
+    let mut h = fnv1a64(v.to_string().as_bytes(), FNV_OFFSET);
     for n in ckpt.names() {
         let t = ckpt.info(n).expect("listed by the checkpoint");
         h = fnv1a64(format!("\n{n} {:?} {:?}", t.dtype, t.shape).as_bytes(), h);

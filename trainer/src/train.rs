@@ -265,12 +265,7 @@ struct TrainerState {
 }
 
 fn fnv1a(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", crate::io::fnv1a64(bytes, crate::io::FNV_OFFSET))
 }
 
 /// Loads the model named by the config (or builds the embedded tiny one), with the attention
@@ -409,6 +404,8 @@ pub struct Trainer {
     resumed_from: Option<u64>,
     train_examples: usize,
     stop: Arc<AtomicBool>,
+    /// The base model's fingerprint, recorded in every adapter directory the run writes.
+    fingerprint: String,
 }
 
 fn optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
@@ -458,6 +455,7 @@ impl Trainer {
         let adapter = LoraAdapter::new(&model.cfg, cfg.lora_spec(), cfg.seed)?;
         let sinks =
             cfg.train_sinks.then(|| vec![vec![0.0f32; model.cfg.num_attention_heads]; model.cfg.num_hidden_layers]);
+        let cfg_model = cfg.model.clone();
         let mut t = Self {
             opt: optimizer(&cfg)?,
             eval: eval_batches(&eval, &cfg)?,
@@ -474,6 +472,7 @@ impl Trainer {
             metrics: vec![],
             resumed_from: None,
             train_examples,
+            fingerprint: crate::lora_adapter::model_fingerprint(cfg_model.as_deref())?,
             stop: Arc::new(AtomicBool::new(false)),
         };
         if resume {
@@ -527,6 +526,7 @@ impl Trainer {
         if st.config.lora_spec() != self.cfg.lora_spec() || st.config.seed != self.cfg.seed {
             return Err(Error::Input("the checkpoint was made with other LoRA settings or seed".into()));
         }
+        crate::lora_adapter::check_base(dir, &self.fingerprint, false)?;
         let adapter = LoraAdapter::load(dir, &self.model.cfg)?;
         if adapter.spec != self.cfg.lora_spec() {
             return Err(Error::Input("the checkpoint's adapter has other LoRA settings".into()));
@@ -634,7 +634,7 @@ impl Trainer {
     /// Writes the adapter in PEFT's format into `dir`.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         let base = self.cfg.model.as_ref().map(|p| p.display().to_string());
-        self.adapter.save(dir, base.as_deref())
+        self.adapter.save_for_base(dir, base.as_deref(), &self.fingerprint)
     }
 
     /// Runs one optimizer step (`grad_accum` micro-batches). Returns false once the run is over.

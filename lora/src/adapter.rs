@@ -37,6 +37,10 @@ pub enum TargetModules {
     Pattern(String),
 }
 
+/// The largest rank accepted from a config file; it keeps shape arithmetic far from overflow (PEFT's
+/// ranks are in the tens to hundreds).
+pub const MAX_RANK: usize = 1 << 16;
+
 /// The LoRA fields of a PEFT `adapter_config.json`. Fields this crate does not interpret are kept in
 /// `other`, so a loaded config is written back unchanged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,8 +159,8 @@ impl AdapterConfig {
         if self.peft_type != "LORA" {
             return unsupported(&format!("peft_type {:?} (only \"LORA\")", self.peft_type));
         }
-        if self.r == 0 {
-            return Err(Error::Config("adapter_config.json: r must be at least 1".into()));
+        if self.r == 0 || self.r > MAX_RANK {
+            return Err(Error::Config(format!("adapter_config.json: r = {} must be between 1 and {MAX_RANK}", self.r)));
         }
         if self.use_dora {
             return unsupported("use_dora = true (DoRA)");

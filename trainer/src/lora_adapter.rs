@@ -215,6 +215,7 @@ impl LoraAdapter {
     /// Reads a PEFT adapter directory made for `cfg`, checking every name and shape.
     pub fn load(dir: &Path, cfg: &GptOssConfig) -> Result<Self> {
         let config = oxtune_lora::read_adapter_config(dir).map_err(lora_err)?;
+        config.check_supported().map_err(lora_err)?;
         let spec = LoraSpec::from_adapter_config(&config)?;
         let sites = Self::sites(cfg, &spec)?;
         let loaded = load_adapter(dir, &sites).map_err(lora_err)?;

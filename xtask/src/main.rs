@@ -2,6 +2,8 @@
 //!
 //! - `train [ARGS..]`: the main job; runs `oxtune train` (release build) with ARGS, or with no
 //!   arguments on the embedded default (tiny GPT-OSS + the persona dataset).
+//! - `gpu-bundle`: builds every GPU test binary (release) into `gpu-bundle/bin/` with a
+//!   `gpu-bundle/run` script that runs them, GPU tests included, on the GPU machine.
 //! - `check-deps`: enforces the dependency rule: the domain crates (mxfp4, moe, lora, optim, data)
 //!   depend on no other workspace crate except `oxtune-kernels`, and that one only as an optional
 //!   dependency behind their `cuda` feature.
@@ -18,8 +20,9 @@ fn main() -> Result<()> {
     match args.next().as_deref() {
         Some("train") => train(args.collect()),
         Some("check-deps") => check_deps(),
+        Some("gpu-bundle") => gpu_bundle(),
         _ => {
-            eprintln!("usage: cargo xtask <train [ARGS..] | check-deps>");
+            eprintln!("usage: cargo xtask <train [ARGS..] | check-deps | gpu-bundle>");
             std::process::exit(2)
         }
     }
@@ -61,6 +64,42 @@ fn train(args: Vec<String>) -> Result<()> {
         .status()
         .context("running cargo")?;
     std::process::exit(status.code().unwrap_or(1))
+}
+
+/// Test binaries of the crates with GPU code, built for the GPU machine (same x86-64 Linux; every
+/// CUDA library is dlopen'ed there).
+fn gpu_bundle() -> Result<()> {
+    let out = cargo()
+        .args(["test", "--release", "--no-run", "--message-format=json", "--package", "oxtune-kernels"])
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("building the GPU tests failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let bin = std::path::Path::new("gpu-bundle/bin");
+    let _ = std::fs::remove_dir_all(bin);
+    std::fs::create_dir_all(bin)?;
+    let mut names = vec![];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+        let (Some(exe), true) = (msg["executable"].as_str(), msg["profile"]["test"].as_bool() == Some(true)) else {
+            continue;
+        };
+        let name = format!("{}-{}", msg["target"]["name"].as_str().unwrap_or("test"), names.len());
+        std::fs::copy(exe, bin.join(&name)).with_context(|| format!("copying {exe}"))?;
+        // Debug info is most of the size and the device tool carries 64 MiB at most; best effort.
+        let _ = Command::new("strip").arg(bin.join(&name)).status();
+        names.push(name);
+    }
+    let script = "#!/bin/sh\n# Runs every GPU test binary, GPU tests included; exits non-zero if any fails.\ncd \"$(dirname \"$0\")\"\nfail=0\nfor t in bin/*; do echo \"== $t\"; \"$t\" --include-ignored --nocapture --test-threads 1 || fail=1; done\nexit $fail\n";
+    std::fs::write("gpu-bundle/run", script)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions("gpu-bundle/run", std::fs::Permissions::from_mode(0o755))?;
+    }
+    println!("gpu-bundle: {} test binaries in gpu-bundle/bin; on the GPU machine run gpu-bundle/run", names.len());
+    Ok(())
 }
 
 /// Violations of the dependency rule in `cargo metadata` output.

@@ -1,0 +1,52 @@
+//! The GPU: context, stream, architecture, and kernels loaded from their CUBINs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::{nvrtc, Error, Result};
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// NVRTC target: `sm_90a` on Hopper (wgmma, TMA), `sm_XY` elsewhere.
+    pub arch: String,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+/// Whether libcuda can be loaded (a GPU machine).
+pub fn driver_available() -> bool {
+    // SAFETY: only dlopen's the library; no driver call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, or says clearly what is missing (never a panic from dlopen).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_available() {
+            return Err(Error::NoDriver { searched: cudarc::get_lib_name_candidates("cuda") });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
+        let stream = ctx.default_stream();
+        Ok(Self { ctx, stream, arch, modules: Mutex::new(HashMap::new()) })
+    }
+
+    /// Kernel `function` of source `name` (compiled for this device, through the CUBIN cache).
+    pub fn function(&self, name: &str, src: &str, function: &str) -> Result<CudaFunction> {
+        let mut modules = self.modules.lock().expect("no thread panicked while loading a module");
+        let module = match modules.get(name) {
+            Some(m) => m.clone(),
+            None => {
+                let cubin = nvrtc::cached_cubin(name, src, &self.arch)?;
+                let m = self.ctx.load_module(Ptx::from_binary(cubin))?;
+                modules.insert(name.to_string(), m.clone());
+                m
+            }
+        };
+        Ok(module.load_function(function)?)
+    }
+}

@@ -193,15 +193,19 @@ impl Checkpoint {
     /// non-finite values.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.expect(name, &[Dtype::BF16, Dtype::F16, Dtype::F32], shape)?;
-        let b = self.bytes(t);
-        let v: Vec<f32> = match t.dtype {
-            Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        };
+        let v = decode_floats(t.dtype, self.bytes(t));
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(self.tensor_err(name, format!("element {i} is {} (weights must be finite)", v[i])));
         }
         Ok(v)
+    }
+}
+
+/// Little-endian BF16, F16 or F32 bytes as f32 (any other dtype is read as F32; callers check it).
+pub fn decode_floats(dtype: Dtype, b: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
     }
 }

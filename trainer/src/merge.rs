@@ -411,11 +411,7 @@ impl<'a> Merger<'a> {
         let info = self.ckpt.info(&name).expect("checked in plan");
         let per = inp * out * info.dtype.bitsize() / 8;
         let bytes = &self.ckpt.bytes(info)[e * per..(e + 1) * per];
-        let w: Vec<f32> = match info.dtype {
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        };
+        let w = crate::checkpoint::decode_floats(info.dtype, bytes);
         Ok(if out_in { transpose(&w, inp, out) } else { w })
     }
 

@@ -1,27 +1,15 @@
 //! Loss spikes and stop requests in the training loop itself (the process-level cases, kills,
 //! Ctrl-C, full disks, are in `cli/tests/reliability.rs`).
 
+mod common;
+
+use common::small_model;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use oxtune_data::Tokenizer;
-use oxtune_trainer::tiny::{random_weights, tiny_default_config};
 use oxtune_trainer::train::{Event, Metric, TrainConfig, Trainer, SPIKE_FACTOR};
-use oxtune_trainer::{GptOssConfig, Model};
-
-fn small_model() -> Model {
-    let base = tiny_default_config();
-    let cfg = GptOssConfig {
-        hidden_size: 64,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        layer_types: base.layer_types[..2].to_vec(),
-        ..base
-    };
-    let w = random_weights(&cfg, 11);
-    Model::new(cfg, w)
-}
 
 fn config(tag: &str) -> TrainConfig {
     let out = std::env::temp_dir().join(format!("oxtune-reliability-{tag}-{}", std::process::id()));

@@ -2,27 +2,14 @@
 //! ends bit-identical to an uninterrupted one, a corrupt checkpoint falls back to an older one,
 //! and the run writes its adapter, metrics and plot.
 
+mod common;
+
+use common::small_model;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use oxtune_data::Tokenizer;
-use oxtune_trainer::tiny::{random_weights, tiny_default_config};
 use oxtune_trainer::train::{Event, OptimizerKind, TrainConfig, Trainer};
-use oxtune_trainer::{GptOssConfig, Model};
-
-fn small_model() -> Model {
-    let base = tiny_default_config();
-    let cfg = GptOssConfig {
-        hidden_size: 64,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        layer_types: base.layer_types[..2].to_vec(),
-        ..base
-    };
-    cfg.validate().unwrap();
-    let w = random_weights(&cfg, 11);
-    Model::new(cfg, w)
-}
 
 fn out_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("oxtune-train-{tag}-{}", std::process::id()));

@@ -1,5 +1,6 @@
 //! `oxtune`: fine-tune GPT-OSS with LoRA / QLoRA.
 
+mod bench_cmd;
 mod data_cmd;
 mod merge_cmd;
 mod model_cmd;
@@ -86,6 +87,21 @@ enum Cmd {
     /// Fine-tune with LoRA: prints progress (step, loss, lr, tokens/s, ETA), writes the adapter
     /// (PEFT format), checkpoints, metrics.jsonl and loss.svg to --out.
     Train(Box<train_cmd::TrainArgs>),
+    /// Measure training speed and GPU memory at gpt-oss shapes with random weights (GPU only),
+    /// optionally side by side with the transformers + PEFT peer on the same card.
+    BenchTrain(bench_cmd::BenchArgs),
+    /// Write a checkpoint with random weights in gpt-oss's real layout (bf16 dense tensors, MXFP4
+    /// experts, sharded with an index) for benchmarks and GPU runs at real shapes, no download.
+    InitRandom {
+        /// `gpt-oss-20b`, `gpt-oss-120b`, `tiny`, or a directory whose config.json to use.
+        #[arg(long, default_value = "gpt-oss-20b")]
+        config: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Check and render chat datasets (JSONL) in the harmony format.
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
@@ -119,11 +135,17 @@ struct DecodeArgs {
     /// Use an adapter that oxtune recorded as trained on another base model.
     #[arg(long)]
     ignore_base_mismatch: bool,
+    /// Where to run: auto (the GPU when one is usable, else the CPU), cuda, or cpu.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Tokens of context (prompt and answer) the GPU buffers are sized for.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
 }
 
 impl DecodeArgs {
-    fn decode(self) -> model_cmd::Decode {
-        model_cmd::Decode {
+    fn decode(self) -> anyhow::Result<model_cmd::Decode> {
+        Ok(model_cmd::Decode {
             sampling: oxtune_trainer::sample::SamplerConfig {
                 temperature: self.temperature,
                 top_k: self.top_k,
@@ -134,7 +156,9 @@ impl DecodeArgs {
             system: self.system,
             show_reasoning: self.show_reasoning,
             ignore_base_mismatch: self.ignore_base_mismatch,
-        }
+            device: self.device.parse()?,
+            context: self.context,
+        })
     }
 }
 
@@ -145,7 +169,7 @@ fn main() -> anyhow::Result<()> {
             model_cmd::forward(&model, &tokens, &out, adapter.as_deref(), grads, ignore_base_mismatch)
         }
         Cmd::Generate { model, adapter, prompt, prompt_ids, ignore_eos, decode } => {
-            let d = decode.decode();
+            let d = decode.decode()?;
             match (prompt, prompt_ids) {
                 (Some(p), _) => model_cmd::generate_text(model.as_deref(), adapter.as_deref(), &p, &d),
                 (None, Some(ids)) => {
@@ -154,8 +178,12 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
             }
         }
-        Cmd::Chat { model, adapter, decode } => model_cmd::chat(model.as_deref(), adapter.as_deref(), &decode.decode()),
+        Cmd::Chat { model, adapter, decode } => {
+            model_cmd::chat(model.as_deref(), adapter.as_deref(), &decode.decode()?)
+        }
+        Cmd::InitRandom { config, out, seed } => model_cmd::init_random(&config, &out, seed),
         Cmd::Train(a) => train_cmd::run(*a),
+        Cmd::BenchTrain(a) => bench_cmd::run(a),
         Cmd::Data(c) => data_cmd::run(c),
         Cmd::Merge(a) => merge_cmd::merge(a),
         Cmd::ExportAdapter(a) => merge_cmd::export_adapter(a),

@@ -5,11 +5,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use oxtune_data::{Conversation, Message, Renderer, Role, SystemConfig, Tokenizer};
 use oxtune_trainer::adapter::{Adapter, NoAdapter};
-use oxtune_trainer::chat::reply;
+use oxtune_trainer::chat::{reply_with, CpuGenerator, Generate};
 use oxtune_trainer::checkpoint::Checkpoint;
+use oxtune_trainer::gpu::{Device, GpuEngine};
 use oxtune_trainer::grad::TrainBatch;
 use oxtune_trainer::io::{save_safetensors, OwnedTensor};
-use oxtune_trainer::lora_adapter::{check_base, model_fingerprint, LoraAdapter};
+use oxtune_trainer::lora_adapter::{check_base, model_fingerprint, LoraAdapter, LoraSpec};
 use oxtune_trainer::ops::loss::shift_labels;
 use oxtune_trainer::sample::{Sampler, SamplerConfig};
 use oxtune_trainer::train::{load_model, load_tokenizer, TrainConfig};
@@ -178,6 +179,9 @@ pub struct Decode {
     pub system: Option<String>,
     pub show_reasoning: bool,
     pub ignore_base_mismatch: bool,
+    pub device: Device,
+    /// Tokens of context the GPU buffers are sized for (prompt and answer).
+    pub context: usize,
 }
 
 /// An adapter directory for `m` (loaded from `model`, or the embedded tiny one), refusing one
@@ -202,6 +206,42 @@ fn hook(a: &Option<LoraAdapter>) -> &dyn Adapter {
     }
 }
 
+/// The model on the device `d` asks for: the GPU engine (with the adapter, if any) or the CPU.
+enum Runner {
+    Cpu(Box<(Model, Option<LoraAdapter>)>),
+    Gpu(Box<GpuEngine>),
+}
+
+impl Runner {
+    fn new(m: Model, a: Option<LoraAdapter>, d: &Decode) -> Result<Self> {
+        let (gpu, why_not) = oxtune_trainer::gpu::open(d.device)?;
+        Ok(match gpu {
+            Some(gpu) => {
+                eprintln!("device: {}", oxtune_trainer::gpu::describe(&gpu));
+                let none = LoraSpec { attention: false, experts: false, ..LoraSpec::default() };
+                let a = match a {
+                    Some(a) => a,
+                    None => LoraAdapter::new(&m.cfg, none, 0)?,
+                };
+                Runner::Gpu(Box::new(GpuEngine::new(gpu, &m, &a, d.context)?))
+            }
+            None => {
+                if let Some(why) = why_not {
+                    eprintln!("device: CPU (no usable GPU: {why})");
+                }
+                Runner::Cpu(Box::new((m, a)))
+            }
+        })
+    }
+
+    fn with<R>(&mut self, f: impl FnOnce(&mut dyn Generate) -> R) -> R {
+        match self {
+            Runner::Cpu(b) => f(&mut CpuGenerator { model: &b.0, adapter: hook(&b.1) }),
+            Runner::Gpu(e) => f(&mut **e),
+        }
+    }
+}
+
 /// `oxtune generate --prompt-ids 1,2,3`: raw ids in, new ids out (JSON).
 pub fn generate_ids(
     model: Option<&Path>,
@@ -221,7 +261,8 @@ pub fn generate_ids(
     let (m, a) = load(model, adapter, d)?;
     let stop = if ignore_eos { vec![] } else { m.cfg.eos_token_ids.clone() };
     let mut sampler = Sampler::new(d.sampling.clone());
-    let ids = m.generate(&prompt, d.max_new_tokens, &stop, hook(&a), &mut |l| sampler.choose(l))?;
+    let mut r = Runner::new(m, a, d)?;
+    let ids = r.with(|g| g.generate(&prompt, d.max_new_tokens, &stop, &mut |l| sampler.choose(l)))?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
 }
@@ -230,9 +271,9 @@ fn conversation(system: &Option<String>) -> Conversation {
     Conversation::new(system.iter().map(|s| Message::system(s.clone())).collect())
 }
 
-fn answer(m: &Model, a: &dyn Adapter, tok: &Tokenizer, conv: &Conversation, d: &Decode) -> Result<String> {
+fn answer(run: &mut Runner, tok: &Tokenizer, conv: &Conversation, d: &Decode) -> Result<String> {
     let renderer = Renderer::new(tok.clone(), SystemConfig::default());
-    let r = reply(m, a, &renderer, tok, conv, &d.sampling, d.max_new_tokens)?;
+    let r = run.with(|g| reply_with(g, &renderer, tok, conv, &d.sampling, d.max_new_tokens))?;
     if d.show_reasoning {
         if let Some(text) = r.completion.as_ref().ok().and_then(|c| c.analysis()) {
             println!("[reasoning] {text}");
@@ -245,9 +286,10 @@ fn answer(m: &Model, a: &dyn Adapter, tok: &Tokenizer, conv: &Conversation, d: &
 pub fn generate_text(model: Option<&Path>, adapter: Option<&Path>, prompt: &str, d: &Decode) -> Result<()> {
     let (m, a) = load(model, adapter, d)?;
     let tok = load_tokenizer(model)?;
+    let mut run = Runner::new(m, a, d)?;
     let mut conv = conversation(&d.system);
     conv.messages.push(Message::user(prompt));
-    println!("{}", answer(&m, hook(&a), &tok, &conv, d)?);
+    println!("{}", answer(&mut run, &tok, &conv, d)?);
     Ok(())
 }
 
@@ -256,6 +298,7 @@ pub fn generate_text(model: Option<&Path>, adapter: Option<&Path>, prompt: &str,
 pub fn chat(model: Option<&Path>, adapter: Option<&Path>, d: &Decode) -> Result<()> {
     let (m, a) = load(model, adapter, d)?;
     let tok = load_tokenizer(model)?;
+    let mut run = Runner::new(m, a, d)?;
     let mut conv = conversation(&d.system);
     eprintln!("chat ready: type a message; /reset starts over, /quit leaves");
     let stdin = std::io::stdin();
@@ -275,8 +318,30 @@ pub fn chat(model: Option<&Path>, adapter: Option<&Path>, d: &Decode) -> Result<
             }
             text => conv.messages.push(Message::user(text)),
         }
-        let text = answer(&m, hook(&a), &tok, &conv, d)?;
+        let text = answer(&mut run, &tok, &conv, d)?;
         println!("assistant> {text}");
         conv.messages.push(Message::new(Role::Assistant, text));
     }
+}
+
+/// `oxtune init-random`: a random-weight checkpoint in the real layout.
+pub fn init_random(config: &str, out: &Path, seed: u64) -> Result<()> {
+    let cfg = match config {
+        "gpt-oss-20b" | "20b" => GptOssConfig::gpt_oss_20b(),
+        "gpt-oss-120b" | "120b" => GptOssConfig::gpt_oss_120b(),
+        "tiny" => GptOssConfig::tiny(),
+        dir => GptOssConfig::from_dir(Path::new(dir))?,
+    };
+    let started = std::time::Instant::now();
+    oxtune_trainer::random_ckpt::write_random_checkpoint(&cfg, out, seed, &mut |done, total| {
+        eprint!("\rwriting {}: shard {done}/{total} ({:.0}s)", out.display(), started.elapsed().as_secs_f64());
+    })?;
+    eprintln!();
+    println!(
+        "wrote a random gpt-oss checkpoint ({} layers, {} experts) to {}",
+        cfg.num_hidden_layers,
+        cfg.num_local_experts,
+        out.display()
+    );
+    Ok(())
 }

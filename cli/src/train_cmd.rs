@@ -114,6 +114,9 @@ pub struct TrainArgs {
     /// Stop after N optimizer steps in a row with a non-finite loss [default: 5].
     #[arg(long)]
     max_bad_steps: Option<u32>,
+    /// Where to train: auto (the GPU when one is usable, else the CPU), cuda, or cpu [default: auto].
+    #[arg(long)]
+    device: Option<String>,
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -168,6 +171,9 @@ impl TrainArgs {
         if let Some(m) = &self.mask {
             c.mask = parse_enum::<Mask>("mask", m, "last_turn, all_turns, final_only")?;
         }
+        if let Some(d) = &self.device {
+            c.device = d.parse()?;
+        }
         Ok(c)
     }
 }
@@ -183,7 +189,8 @@ fn eta(secs: f64) -> String {
 
 fn print_event(e: Event) {
     match e {
-        Event::Start { steps, train_examples, eval_examples, trainable_params, resumed_from } => {
+        Event::Start { steps, train_examples, eval_examples, trainable_params, resumed_from, device } => {
+            println!("device: {device}");
             println!(
                 "training: {steps} steps, {train_examples} training examples, {eval_examples} eval batches, {trainable_params} trainable parameters"
             );

@@ -364,3 +364,27 @@ fn chat_with_an_adapter_of_another_rank_is_an_error() {
     let q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: shape [8, 128] in the file, the model expects [4, 128]";
     assert!(stderr.contains(q), "{stderr}");
 }
+
+#[test]
+fn asking_for_a_gpu_without_one_is_a_clear_error() {
+    if oxtune_kernels::device::driver_available() {
+        // This machine has an NVIDIA driver, so the message for a missing one cannot be provoked;
+        // the GPU machine checks the other faults (trainer/tests/gpu_engine.rs).
+        eprintln!("SKIPPED: an NVIDIA driver is present; this test checks the no-driver message");
+        return;
+    }
+    let out = tmp("no-gpu");
+    let o = run(&train_args(&out, &["--device", "cuda", "--max-steps", "1"]));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for want in ["--device cuda", "libcuda", "LD_LIBRARY_PATH", "--device cpu"] {
+        assert!(stderr.contains(want), "expected {want:?} in:\n{stderr}");
+    }
+    // With `auto` the same machine trains on the CPU and says why.
+    let o = run(&train_args(&out, &["--device", "auto", "--max-steps", "1", "--save-every", "0"]));
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("device: CPU") && stdout.contains("no usable GPU"), "{stdout}");
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -22,7 +22,24 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// A kernel that writes to an invalid address: CUDA_ERROR_ILLEGAL_ADDRESS, a sticky error that
+/// poisons the context. Only for testing how callers survive a GPU fault ([`Gpu::inject_fault`]).
+pub const FAULT_SRC: &str = "extern \"C\" __global__ void oxtune_illegal_address() { *(volatile int*)8 = 1; }\n";
+
 impl Gpu {
+    /// Provokes a sticky CUDA error (an illegal address) and returns it. Testing hook: after this
+    /// every call on this context fails, as after a real fault.
+    pub fn inject_fault(&self) -> Result<()> {
+        use cudarc::driver::LaunchConfig;
+        let f = self.function("fault", FAULT_SRC, "oxtune_illegal_address")?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: it is not: the kernel writes to address 8 on purpose, which the driver reports
+        // as an illegal address (the context is poisoned, host memory is untouched).
+        unsafe { self.stream.launch_builder(&f).launch(cfg) }?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
     /// Opens device `ordinal`, or says clearly what is missing (never a panic from dlopen).
     pub fn new(ordinal: usize) -> Result<Self> {
         if !driver_available() {

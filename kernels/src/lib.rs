@@ -7,9 +7,11 @@
 //! machines without CUDA. Kernels compile without a GPU too: `nvrtc::compile_cubin` needs only
 //! libnvrtc and the CUDA headers (CI installs both from PyPI wheels).
 
+pub mod blas;
 pub mod device;
 pub mod nvrtc;
 pub mod ops;
+pub mod testing;
 
 pub use device::Gpu;
 

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::permute::{combine_backward, gather_rows};
 use crate::router::{route, route_backward, router_logits};
 use crate::{gemm, swiglu, swiglu_backward, Error, Result, Routing, RoutingPlan, SwigluParams};
 
@@ -85,11 +86,7 @@ pub fn moe_forward(
     let routing = route(&router_logits(x, router_w, router_b, hd), n_e, k)?;
     let plan = RoutingPlan::new(&routing);
     let slots = plan.token.len();
-    let mut xs = vec![0.0f32; slots * hd];
-    for (s, row) in xs.chunks_exact_mut(hd).enumerate() {
-        let tok = plan.token[s] as usize;
-        row.copy_from_slice(&x[tok * hd..(tok + 1) * hd]);
-    }
+    let xs = gather_rows(x, &plan.token, hd);
     let mut h = vec![0.0f32; slots * i2];
     let mut z = vec![0.0f32; slots * i2 / 2];
     let mut y = vec![0.0f32; slots * hd];
@@ -116,7 +113,8 @@ pub fn moe_forward(
             experts.forward(Proj::Down, e, ze, ye);
         });
     }
-    // Combine in ascending expert order per token, the order transformers' index_add_ loop uses.
+    // Combine in ascending expert order per token, the order transformers' index_add_ loop uses
+    // (permute::combine, the GPU kernel's reference, sums in top-k order: they differ by rounding).
     let mut out = vec![0.0f32; t * hd];
     for s in 0..slots {
         let tok = plan.token[s] as usize;
@@ -144,17 +142,7 @@ pub fn moe_backward(
     let t = dout.len() / hd;
     let slots = plan.token.len();
     // dweights and the weighted upstream gradient of every slot.
-    let mut dweights = vec![0.0f32; t * k];
-    let mut dys = vec![0.0f32; slots * hd];
-    for s in 0..slots {
-        let tok = plan.token[s] as usize;
-        let d = &dout[tok * hd..(tok + 1) * hd];
-        dweights[tok * k + plan.choice[s] as usize] =
-            d.iter().zip(&cache.y[s * hd..(s + 1) * hd]).map(|(a, b)| a * b).sum();
-        for (o, v) in dys[s * hd..(s + 1) * hd].iter_mut().zip(d) {
-            *o = plan.weight[s] * v;
-        }
-    }
+    let (dys, dweights) = combine_backward(dout, &cache.y, &plan.weight, &plan.token, &plan.choice, k, hd);
     let mut dxs = vec![0.0f32; slots * hd];
     {
         let ranges: Vec<_> = (0..n_e).map(|e| plan.range(e)).collect();

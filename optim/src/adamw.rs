@@ -85,6 +85,19 @@ impl AdamW {
     pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
         self.states.get(name).map(|s| (s.exp_avg.as_slice(), s.exp_avg_sq.as_slice()))
     }
+
+    /// Every state, for the exchange with the GPU optimizer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn states(&self) -> &BTreeMap<String, AdamState> {
+        &self.states
+    }
+
+    /// An optimizer holding `states` (already validated by their producer).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_states(config: AdamWConfig, states: BTreeMap<String, AdamState>) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config, states })
+    }
 }
 
 /// torch's `lerp(start, end, w)`: it switches formula at w = 0.5 to stay exact at w = 1, and its vectorised
@@ -98,16 +111,34 @@ fn torch_lerp(start: f32, end: f32, w: f32) -> f32 {
     }
 }
 
-/// Scalars of one torch AdamW step, rounded to f32 where torch hands them to an f32 kernel.
+/// Scalars of one torch AdamW step, rounded to f32 where torch hands them to an f32 kernel (the GPU kernel
+/// receives exactly these).
 #[derive(Clone, Copy)]
-struct StepScalars {
-    decay: f32,
-    w1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-    neg_step_size: f32,
+pub(crate) struct StepScalars {
+    pub decay: f32,
+    pub w1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub neg_step_size: f32,
+}
+
+impl StepScalars {
+    /// The scalars of step number `step` (1 for the first step).
+    pub fn new(cfg: &AdamWConfig, lr: f64, decay: bool, step: u64) -> Self {
+        let t = step as f64;
+        // torch computes these in Python floats (f64) and converts them when they meet an f32 tensor.
+        Self {
+            decay: if decay && cfg.weight_decay != 0.0 { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0 },
+            w1: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            bc2_sqrt: (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
+            eps: cfg.eps as f32,
+            neg_step_size: (-(lr / (1.0 - cfg.beta1.powf(t)))) as f32,
+        }
+    }
 }
 
 #[inline]
@@ -128,17 +159,7 @@ pub(crate) fn adamw_update(
     st: &mut AdamState,
 ) {
     st.step += 1;
-    let t = st.step as f64;
-    // torch computes these in Python floats (f64) and converts them when they meet an f32 tensor.
-    let s = StepScalars {
-        decay: if decay && cfg.weight_decay != 0.0 { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0 },
-        w1: (1.0 - cfg.beta1) as f32,
-        beta2: cfg.beta2 as f32,
-        one_minus_beta2: (1.0 - cfg.beta2) as f32,
-        bc2_sqrt: (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
-        eps: cfg.eps as f32,
-        neg_step_size: (-(lr / (1.0 - cfg.beta1.powf(t)))) as f32,
-    };
+    let s = StepScalars::new(cfg, lr, decay, st.step);
     let run = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             adamw_element(p, g, m, v, s);

@@ -55,19 +55,19 @@ pub(crate) struct BlockwiseState {
 }
 
 impl BlockwiseState {
-    fn new(n: usize) -> Self {
+    pub(crate) fn new(n: usize) -> Self {
         let blocks = n.div_ceil(BLOCK);
         // Byte 0 with absmax 0 dequantizes to exactly 0 in both maps.
         Self { step: 0, state1: vec![0; n], state2: vec![0; n], absmax1: vec![0.0; blocks], absmax2: vec![0.0; blocks] }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.state1.len()
     }
 }
 
 #[derive(Clone, Debug)]
-enum State {
+pub(crate) enum State {
     Fp32(AdamState),
     Blockwise(BlockwiseState),
 }
@@ -88,19 +88,20 @@ pub struct AdamW8bit {
     states: BTreeMap<String, State>,
 }
 
+/// The f32 scalars of one step, as bitsandbytes' kernels receive them (the GPU kernels receive exactly these).
 #[derive(Clone, Copy)]
-struct Scalars {
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    c2_eps: f32,
-    step_size: f32,
-    decay: Option<f32>,
+pub(crate) struct Scalars {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub c2_eps: f32,
+    pub step_size: f32,
+    pub decay: Option<f32>,
 }
 
 impl Scalars {
-    fn new(cfg: &AdamWConfig, lr: f64, decay: bool, step: u64) -> Self {
+    pub(crate) fn new(cfg: &AdamWConfig, lr: f64, decay: bool, step: u64) -> Self {
         // The kernels receive f32 hyperparameters and do all arithmetic in f32.
         let (beta1, beta2, eps, lr, wd) =
             (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32, lr as f32, cfg.weight_decay as f32);
@@ -239,6 +240,19 @@ impl AdamW8bit {
             Some(State::Fp32(s)) => Some((&s.exp_avg, &s.exp_avg_sq)),
             _ => None,
         }
+    }
+
+    /// Every state, for the exchange with the GPU optimizer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn states(&self) -> &BTreeMap<String, State> {
+        &self.states
+    }
+
+    /// An optimizer holding `states` (already validated by their producer).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_states(config: AdamW8bitConfig, states: BTreeMap<String, State>) -> Result<Self> {
+        config.adam.validate()?;
+        Ok(Self { config, states })
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -27,16 +27,10 @@ pub fn global_grad_norm(grads: &[&[f32]]) -> f32 {
 /// NaN and so poisons every gradient; check the returned norm when that must be survivable, or use
 /// [`global_grad_norm`] first.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> Result<f32> {
-    if !(max_norm > 0.0 && max_norm.is_finite()) {
-        return Err(Error::Config(format!(
-            "max_grad_norm = {max_norm} must be positive and finite (to disable clipping, skip the call)"
-        )));
-    }
+    check_max_norm(max_norm)?;
     let views: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
     let total = global_grad_norm(&views);
-    // torch clamps with `max=1.0`, which keeps a NaN coefficient NaN; f32::min would drop it.
-    let coef = max_norm / (total + 1e-6);
-    let coef = if coef > 1.0 { 1.0 } else { coef };
+    let coef = clip_coef(total, max_norm);
     for g in grads.iter_mut() {
         if g.len() >= PAR_MIN {
             g.par_iter_mut().for_each(|x| *x *= coef);
@@ -45,4 +39,24 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> Result<f32> {
         }
     }
     Ok(total)
+}
+
+pub(crate) fn check_max_norm(max_norm: f32) -> Result<()> {
+    if !(max_norm > 0.0 && max_norm.is_finite()) {
+        return Err(Error::Config(format!(
+            "max_grad_norm = {max_norm} must be positive and finite (to disable clipping, skip the call)"
+        )));
+    }
+    Ok(())
+}
+
+/// torch's clip coefficient `min(1, max_norm / (total + 1e-6))` in f32.
+pub(crate) fn clip_coef(total: f32, max_norm: f32) -> f32 {
+    // torch clamps with `max=1.0`, which keeps a NaN coefficient NaN; f32::min would drop it.
+    let coef = max_norm / (total + 1e-6);
+    if coef > 1.0 {
+        1.0
+    } else {
+        coef
+    }
 }

@@ -43,10 +43,15 @@
 //! - [`clip_grad_norm`] / [`global_grad_norm`]: torch's global-norm clipping.
 //! - [`LrSchedule`] / [`ScheduleKind`]: constant, linear, cosine and cosine-with-min-lr, each with warmup.
 //! - [`quant8`]: the dynamic 8-bit maps and blockwise (de)quantization.
+//! - With feature `cuda`, the same updates on the GPU (`cuda::AdamWGpu`, `cuda::AdamW8bitGpu`, states on the
+//!   device, exchanged with the CPU optimizers for the state file) and the global gradient norm
+//!   (`cuda::global_grad_norm_gpu`, `cuda::clip_grad_norm_gpu`).
 
 mod adamw;
 mod adamw8bit;
 mod clip;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod quant8;
 mod schedule;
 mod state;
@@ -82,6 +87,9 @@ pub enum Error {
     SafeTensors { path: PathBuf, source: safetensors::SafeTensorError },
     #[error("optimizer state file {path}: {detail}")]
     StateFile { path: PathBuf, detail: String },
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Gpu(#[from] oxtune_kernels::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -126,17 +134,28 @@ pub trait Optimizer: Send {
     fn load_state(&mut self, path: &Path) -> Result<()>;
 }
 
+/// Kernel sources of the `cuda` module (module names prefixed `optim_`), for the compile check that CI runs
+/// without a GPU.
+#[cfg(feature = "cuda")]
+pub const SOURCES: &[(&str, &str)] =
+    &[("optim_adamw", cuda::ADAMW_SRC), ("optim_adamw8bit", cuda::ADAMW8BIT_SRC), ("optim_clip", cuda::CLIP_SRC)];
+
 pub(crate) fn check_params(params: &[Param<'_>], lr: f64) -> Result<()> {
+    check_step(params.iter().map(|p| (p.name, p.value.len(), p.grad.len())), lr)
+}
+
+/// The validation of `Optimizer::step` over `(name, value length, gradient length)` of every parameter.
+pub(crate) fn check_step<'a>(params: impl Iterator<Item = (&'a str, usize, usize)>, lr: f64) -> Result<()> {
     if !(lr >= 0.0 && lr.is_finite()) {
         return Err(Error::Config(format!("learning rate {lr} must be finite and non-negative")));
     }
     let mut seen = HashSet::new();
-    for p in params {
-        if p.value.len() != p.grad.len() {
-            return Err(Error::GradLength { name: p.name.to_string(), param: p.value.len(), grad: p.grad.len() });
+    for (name, param, grad) in params {
+        if param != grad {
+            return Err(Error::GradLength { name: name.to_string(), param, grad });
         }
-        if !seen.insert(p.name) {
-            return Err(Error::DuplicateName(p.name.to_string()));
+        if !seen.insert(name) {
+            return Err(Error::DuplicateName(name.to_string()));
         }
     }
     Ok(())

@@ -14,6 +14,8 @@ pub enum Error {
     Tensor { name: String, file: PathBuf, msg: String },
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error(transparent)]
     Mxfp4(#[from] oxtune_mxfp4::Error),
     #[error(transparent)]
@@ -25,4 +27,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { path, source }
+}
+
+impl From<oxtune_kernels::Error> for Error {
+    fn from(e: oxtune_kernels::Error) -> Self {
+        Error::Gpu(e.to_string())
+    }
 }

@@ -1,12 +1,14 @@
 //! oxtune's trainer: the GPT-OSS model assembled from the domain crates (`mxfp4`, `moe`, `lora`,
-//! `optim`, `data`): configuration, checkpoint loading, the CPU reference forward pass, sizes and
-//! memory estimates.
+//! `optim`, `data`): configuration, checkpoint loading, the CPU reference forward and backward passes, the GPU
+//! engine (`gpu`), training, sizes and memory estimates.
 
 pub mod adapter;
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gpu;
 pub mod grad;
 pub mod io;
 pub mod lora_adapter;
@@ -14,6 +16,7 @@ pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod random_ckpt;
 pub mod sample;
 pub mod sizes;
 pub mod tiny;

@@ -95,6 +95,26 @@ impl LoraSpec {
     }
 }
 
+/// What a LoRA pair adapts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Dense(Dense),
+    Experts(Proj),
+}
+
+/// One LoRA pair's place and shapes: A `[rank·experts, n_in]`, B `[n_out, rank·experts]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SiteLayout {
+    pub layer: usize,
+    pub target: Target,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub rank: usize,
+    /// 1 for dense projections.
+    pub experts: usize,
+    pub scaling: f32,
+}
+
 enum Weights {
     Dense(LoraLinear),
     Experts(LoraExperts),
@@ -241,6 +261,37 @@ impl LoraAdapter {
             })
             .collect();
         save_adapter(dir, &self.spec.adapter_config(base_model), &tensors).map_err(lora_err)
+    }
+
+    /// Where each LoRA pair sits, in the order of [`LoraAdapter::tensors`] (pair `i` is tensors
+    /// `2i` (A) and `2i + 1` (B)): what an engine on another device needs to mirror the adapter.
+    pub fn layout(&self) -> Vec<SiteLayout> {
+        let mut v: Vec<Option<SiteLayout>> = vec![None; self.entries.len()];
+        let mut put = |i: usize, layer: usize, target: Target| {
+            let e = &self.entries[i];
+            let [_, n_in] = e.site.a_shape();
+            let [n_out, _] = e.site.b_shape();
+            let scaling = match &e.weights {
+                Weights::Dense(w) => w.scaling(),
+                Weights::Experts(w) => w.scaling(),
+            };
+            v[i] = Some(SiteLayout {
+                layer,
+                target,
+                n_in,
+                n_out,
+                rank: e.site.rank(),
+                experts: e.site.experts(),
+                scaling,
+            });
+        };
+        for (&(l, m), &i) in &self.dense {
+            put(i, l, Target::Dense(m));
+        }
+        for (&(l, p), &i) in &self.experts {
+            put(i, l, Target::Experts(p));
+        }
+        v.into_iter().map(|s| s.expect("every entry is in one map")).collect()
     }
 
     pub fn zero_grad(&mut self) {

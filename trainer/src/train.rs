@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;
 use crate::error::{io_err, Error, Result};
+use crate::gpu::{Device, GpuEngine};
 use crate::grad::{SinkGrads, TrainBatch};
 use crate::io::{sync_dir, write_atomic};
 use crate::lora_adapter::{LoraAdapter, LoraSpec};
@@ -91,6 +92,8 @@ pub struct TrainConfig {
     pub skip_invalid: bool,
     /// Stop after this many optimizer steps in a row with a non-finite loss or gradient.
     pub max_bad_steps: u32,
+    /// Where the model runs: `auto` (the GPU when one is usable), `cuda` or `cpu`.
+    pub device: Device,
 }
 
 impl Default for TrainConfig {
@@ -127,6 +130,7 @@ impl Default for TrainConfig {
             seed: 42,
             skip_invalid: false,
             max_bad_steps: 5,
+            device: Device::Auto,
         }
     }
 }
@@ -178,6 +182,8 @@ pub enum Event {
         eval_examples: usize,
         trainable_params: usize,
         resumed_from: Option<u64>,
+        /// Where the steps run ("CPU (...)" or the GPU's name and memory).
+        device: String,
     },
     Step {
         step: u64,
@@ -406,6 +412,11 @@ pub struct Trainer {
     stop: Arc<AtomicBool>,
     /// The base model's fingerprint, recorded in every adapter directory the run writes.
     fingerprint: String,
+    /// The GPU engine when the run uses a GPU.
+    engine: Option<GpuEngine>,
+    device: String,
+    /// A GPU call failed: the device may be unusable (a sticky error); the host state is intact.
+    gpu_failed: bool,
 }
 
 fn optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
@@ -474,10 +485,26 @@ impl Trainer {
             train_examples,
             fingerprint: crate::lora_adapter::model_fingerprint(cfg_model.as_deref())?,
             stop: Arc::new(AtomicBool::new(false)),
+            engine: None,
+            device: String::new(),
+            gpu_failed: false,
         };
         if resume {
             t.resume(log)?;
         }
+        let (gpu, why_not) = crate::gpu::open(t.cfg.device)?;
+        t.device = match gpu {
+            Some(gpu) => {
+                let d = crate::gpu::describe(&gpu);
+                let budget = t.cfg.micro_batch * t.cfg.max_len;
+                t.engine = Some(GpuEngine::new(gpu, &t.model, &t.adapter, budget)?);
+                d
+            }
+            None => match why_not {
+                Some(why) => format!("CPU ({} threads; no usable GPU: {why})", rayon::current_num_threads()),
+                None => format!("CPU ({} threads)", rayon::current_num_threads()),
+            },
+        };
         Ok(t)
     }
 
@@ -643,6 +670,9 @@ impl Trainer {
             return Ok(false);
         }
         let t0 = Instant::now();
+        // A GPU fault during the step leaves the host state (adapter, optimizer) at the last
+        // completed step; the data order is put back too so a checkpoint taken then resumes exactly.
+        let batcher_before = self.engine.as_ref().map(|_| self.batcher.state().clone());
         let micro: Vec<TrainBatch> =
             (0..self.cfg.grad_accum).map(|_| to_train_batch(&self.batcher.next_batch())).collect();
         let counted: usize = micro.iter().map(TrainBatch::counted).sum();
@@ -652,7 +682,33 @@ impl Trainer {
             s.iter_mut().for_each(|g| g.fill(0.0));
         }
         let (mut loss_sum, mut n) = (0.0, 0usize);
-        if counted > 0 {
+        if let Some(eng) = &mut self.engine {
+            eng.zero_grads()?;
+        }
+        if let Some(eng) = &mut self.engine {
+            let passes = (|| {
+                let (mut sum, mut n) = (0.0, 0usize);
+                if counted > 0 {
+                    for b in &micro {
+                        let (s, c) = eng.forward_backward(b, 1.0 / counted as f32)?;
+                        sum += s;
+                        n += c;
+                    }
+                }
+                eng.download_grads(&mut self.adapter, self.sinks.as_deref_mut())?;
+                Ok::<_, Error>((sum, n))
+            })();
+            match passes {
+                Ok((s, c)) => (loss_sum, n) = (s, c),
+                Err(e) => {
+                    if let Some(st) = batcher_before {
+                        self.batcher.restore(st).map_err(|e| Error::Input(e.to_string()))?;
+                    }
+                    self.gpu_failed = true;
+                    return Err(e);
+                }
+            }
+        } else if counted > 0 {
             let scale = 1.0 / counted as f32;
             for b in &micro {
                 let (s, c) = self.model.forward_backward(b, &self.adapter, scale, self.sinks.as_mut())?;
@@ -700,6 +756,14 @@ impl Trainer {
             }
         }
         self.opt.step(&mut params, lr).map_err(|e| Error::Input(e.to_string()))?;
+        drop(params);
+        drop(adapter_params);
+        if let Some(eng) = &mut self.engine {
+            let sinks: Option<Vec<Vec<f32>>> =
+                self.sinks.as_ref().map(|_| self.model.w.layers.iter().map(|l| l.sinks.clone()).collect());
+            // The host holds this step's result; a fault here loses nothing.
+            eng.upload_params(&self.adapter, sinks.as_deref()).inspect_err(|_| self.gpu_failed = true)?;
+        }
         let secs = t0.elapsed().as_secs_f64();
         let done = (self.step - start_step) as f64;
         let per_step = started.elapsed().as_secs_f64() / done.max(1.0);
@@ -728,7 +792,22 @@ impl Trainer {
         if self.eval.is_empty() {
             return Ok(None);
         }
-        let loss = eval_loss(&self.model, &self.adapter, &self.eval)?;
+        let loss = match &mut self.engine {
+            Some(eng) => {
+                let (mut sum, mut n) = (0.0, 0usize);
+                for b in &self.eval {
+                    let (s, c) = eng.eval_loss(b).inspect_err(|_| self.gpu_failed = true)?;
+                    sum += s;
+                    n += c;
+                }
+                if n == 0 {
+                    f64::NAN
+                } else {
+                    sum / n as f64
+                }
+            }
+            None => eval_loss(&self.model, &self.adapter, &self.eval)?,
+        };
         self.metrics.push(Metric {
             step: self.step,
             kind: "eval".into(),
@@ -757,9 +836,12 @@ impl Trainer {
             eval_examples: self.eval.len(),
             trainable_params: self.adapter.num_params(),
             resumed_from: self.resumed_from,
+            device: self.device.clone(),
         });
         if self.step == 0 {
-            self.evaluate(log)?;
+            if let Err(e) = self.evaluate(log) {
+                return Err(self.after_failure(e, log));
+            }
         }
         let started = Instant::now();
         let start_step = self.step;
@@ -770,12 +852,14 @@ impl Trainer {
                 Err(e) => {
                     // Keep what the run measured (the losses before a divergence, say).
                     let _ = self.write_metrics();
-                    return Err(e);
+                    return Err(self.after_failure(e, log));
                 }
             }
             let last = self.step == self.steps;
             if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 && !last {
-                self.evaluate(log)?;
+                if let Err(e) = self.evaluate(log) {
+                    return Err(self.after_failure(e, log));
+                }
             }
             let mut saved = None;
             if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !last && self.bad_in_row == 0 {
@@ -796,7 +880,9 @@ impl Trainer {
                 return Ok(self.summary(Some(p)));
             }
         }
-        self.evaluate(log)?;
+        if let Err(e) = self.evaluate(log) {
+            return Err(self.after_failure(e, log));
+        }
         let adapter_dir = self.cfg.out.join("adapter");
         std::fs::create_dir_all(&adapter_dir).map_err(io_err(&adapter_dir))?;
         self.save_adapter(&adapter_dir)?;
@@ -805,6 +891,30 @@ impl Trainer {
         self.write_metrics()?;
         crate::plot::loss_svg(&self.metrics, &self.cfg.out.join("loss.svg"))?;
         Ok(self.summary(None))
+    }
+
+    /// After a failed step or evaluation: when the GPU failed, saves the last completed step from
+    /// the host (which holds the adapter, optimizer and data order) and says how to continue.
+    fn after_failure(&mut self, e: Error, log: &mut dyn FnMut(Event)) -> Error {
+        if !self.gpu_failed {
+            return e;
+        }
+        let cause = match e {
+            Error::Gpu(m) => m,
+            other => other.to_string(),
+        };
+        match self.save_checkpoint() {
+            Ok(p) => {
+                log(Event::Checkpoint { step: self.step, path: p.clone() });
+                Error::Gpu(format!(
+                    "{cause}\nThe GPU failed after step {}; the run stopped after saving that step to {}. Continue \
+                     it with --resume (on this or another GPU, or with --device cpu).",
+                    self.step,
+                    p.display()
+                ))
+            }
+            Err(save) => Error::Gpu(format!("{cause}\nThe GPU failed and saving a checkpoint failed too: {save}")),
+        }
     }
 
     fn write_metrics(&self) -> Result<()> {

@@ -2,8 +2,9 @@
 //!
 //! - `train [ARGS..]`: the main job; runs `oxtune train` (release build) with ARGS, or with no
 //!   arguments on the embedded default (tiny GPT-OSS + the persona dataset).
-//! - `gpu-bundle`: builds every GPU test binary (release) into `gpu-bundle/bin/` with a
-//!   `gpu-bundle/run` script that runs them, GPU tests included, on the GPU machine.
+//! - `gpu-bundle`: builds the GPU crates' test binaries and the trainer's GPU engine tests (release)
+//!   into `gpu-bundle/bin/`, the `oxtune` binary into `gpu-bundle/oxtune`, and a `gpu-bundle/run`
+//!   script that runs the tests, GPU tests included, on the GPU machine (from the repository root).
 //! - `check-deps`: enforces the dependency rule: the domain crates (mxfp4, moe, lora, optim, data)
 //!   depend on no other workspace crate except `oxtune-kernels`, and that one only as an optional
 //!   dependency behind their `cuda` feature.
@@ -66,39 +67,81 @@ fn train(args: Vec<String>) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1))
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `target`).
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| "target".into())
+}
+
 /// Test binaries of the crates with GPU code, built for the GPU machine (same x86-64 Linux; every
 /// CUDA library is dlopen'ed there).
 fn gpu_bundle() -> Result<()> {
-    let out = cargo()
-        .args(["test", "--release", "--no-run", "--message-format=json", "--package", "oxtune-kernels"])
-        .output()
-        .context("running cargo")?;
-    if !out.status.success() {
-        bail!("building the GPU tests failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
+    // The GPU crates' whole test suites (CPU references and GPU tests), and the trainer's GPU
+    // engine tests (its CPU suite runs in CI).
+    let builds: [&[&str]; 2] = [
+        &[
+            "-p",
+            "oxtune-kernels",
+            "-p",
+            "oxtune-moe",
+            "-p",
+            "oxtune-optim",
+            "--features",
+            "oxtune-moe/cuda,oxtune-optim/cuda",
+        ],
+        &["-p", "oxtune-trainer", "--test", "gpu_engine"],
+    ];
     let bin = std::path::Path::new("gpu-bundle/bin");
     let _ = std::fs::remove_dir_all(bin);
     std::fs::create_dir_all(bin)?;
     let mut names = vec![];
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
-        let (Some(exe), true) = (msg["executable"].as_str(), msg["profile"]["test"].as_bool() == Some(true)) else {
-            continue;
-        };
-        let name = format!("{}-{}", msg["target"]["name"].as_str().unwrap_or("test"), names.len());
-        std::fs::copy(exe, bin.join(&name)).with_context(|| format!("copying {exe}"))?;
-        // Debug info is most of the size and the device tool carries 64 MiB at most; best effort.
-        let _ = Command::new("strip").arg(bin.join(&name)).status();
-        names.push(name);
+    for args in builds {
+        let out = cargo()
+            .args(["test", "--release", "--no-run", "--message-format=json"])
+            .args(args)
+            .output()
+            .context("running cargo")?;
+        if !out.status.success() {
+            bail!("building the GPU tests failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+            let (Some(exe), true) = (msg["executable"].as_str(), msg["profile"]["test"].as_bool() == Some(true)) else {
+                continue;
+            };
+            let pkg = msg["package_id"].as_str().and_then(|p| p.split('#').next()).and_then(|p| p.rsplit('/').next());
+            let name = format!(
+                "{}-{}-{}",
+                pkg.unwrap_or("pkg"),
+                msg["target"]["name"].as_str().unwrap_or("test"),
+                names.len()
+            );
+            std::fs::copy(exe, bin.join(&name)).with_context(|| format!("copying {exe}"))?;
+            // Debug info is most of the size and the device tool carries 64 MiB at most; best effort.
+            let _ = Command::new("strip").arg(bin.join(&name)).status();
+            names.push(name);
+        }
     }
-    let script = "#!/bin/sh\n# Runs every GPU test binary, GPU tests included; exits non-zero if any fails.\ncd \"$(dirname \"$0\")\"\nfail=0\nfor t in bin/*; do echo \"== $t\"; \"$t\" --include-ignored --nocapture --test-threads 1 || fail=1; done\nexit $fail\n";
+    // The CLI too, for GPU runs of `oxtune train`, `oxtune init-random` and `oxtune chat`.
+    let st = cargo()
+        .args(["build", "--release", "-p", "oxtune-cli", "--bin", "oxtune"])
+        .status()
+        .context("running cargo")?;
+    if !st.success() {
+        bail!("building oxtune failed");
+    }
+    std::fs::copy(target_dir().join("release/oxtune"), "gpu-bundle/oxtune").context("copying oxtune")?;
+    let _ = Command::new("strip").arg("gpu-bundle/oxtune").status();
+    let script = "#!/bin/sh\n# Runs every GPU test binary, GPU tests included, from the repository root (fixtures are\n# found there); exits non-zero if any fails.\nfail=0\nfor t in \"$(dirname \"$0\")\"/bin/*; do echo \"== $t\"; \"$t\" --include-ignored --nocapture --test-threads 1 || fail=1; done\nexit $fail\n";
     std::fs::write("gpu-bundle/run", script)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions("gpu-bundle/run", std::fs::Permissions::from_mode(0o755))?;
     }
-    println!("gpu-bundle: {} test binaries in gpu-bundle/bin; on the GPU machine run gpu-bundle/run", names.len());
+    println!(
+        "gpu-bundle: {} test binaries in gpu-bundle/bin and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run",
+        names.len()
+    );
     Ok(())
 }
 

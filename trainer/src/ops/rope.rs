@@ -1,6 +1,8 @@
 //! Rotary position embedding, half-split (NeoX) layout, with YaRN frequencies and scaling as
 //! transformers' `_compute_yarn_parameters` computes them.
 
+use oxtune_kernels::ops::rope::rope_apply;
+
 use crate::config::{GptOssConfig, RopeScaling};
 
 #[derive(Clone, Debug)]
@@ -71,25 +73,9 @@ impl Rope {
 
     /// Rotates every head of `x [n, heads * head_dim]` in place; `positions [n]`.
     /// With `inverse`, applies the transposed rotation (the backward pass).
+    /// The math is `oxtune_kernels::ops::rope::rope_apply`, next to its CUDA kernel.
     pub fn apply(&self, x: &mut [f32], positions: &[u32], inverse: bool) {
-        let d = self.head_dim;
-        let half = d / 2;
-        let width = x.len() / positions.len();
-        for (row, &p) in x.chunks_exact_mut(width).zip(positions) {
-            let (c, s) = self.cos_sin(p);
-            for head in row.chunks_exact_mut(d) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    if inverse {
-                        head[i] = a * c[i] + b * s[i];
-                        head[i + half] = b * c[i] - a * s[i];
-                    } else {
-                        head[i] = a * c[i] - b * s[i];
-                        head[i + half] = b * c[i] + a * s[i];
-                    }
-                }
-            }
-        }
+        rope_apply(x, positions, &self.inv_freq, self.attention_scaling, self.head_dim, inverse);
     }
 }
 

@@ -1,7 +1,7 @@
 //! RMSNorm as gpt-oss uses it: `y = w · x / sqrt(mean(x²) + eps)`, weight applied in f32, and its
 //! backward `dx = r·(w⊙dy) − x·r³·mean(x⊙w⊙dy)`: the CPU reference and the CUDA kernels.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use crate::{Error, Gpu, Result};
 
@@ -49,75 +49,61 @@ fn check(what: &str, got: usize, want: usize) -> Result<()> {
     }
 }
 
-/// GPU forward: `x [rows, h]`, `w [h]` → `(y [rows, h], rstd [rows])`.
+/// GPU forward: `x [rows, h]`, `w [h]` → `y [rows, h]`, `rstd [rows]` (rows = `rstd.len()`).
 pub fn rmsnorm_gpu(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
-    rows: usize,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
     eps: f32,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-    let h = w.len();
+    y: &mut CudaViewMut<'_, f32>,
+    rstd: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (h, rows) = (w.len(), rstd.len());
     check("x", x.len(), rows * h)?;
+    check("y", y.len(), rows * h)?;
+    if rows == 0 {
+        return Ok(());
+    }
     let f = gpu.function("rmsnorm", SRC, "rmsnorm_fwd_f32")?;
-    let mut y = gpu.stream.alloc_zeros::<f32>(rows * h)?;
-    let mut rstd = gpu.stream.alloc_zeros::<f32>(rows)?;
     let h32 = h as u32;
     // SAFETY: rmsnorm_fwd_f32(float* y, float* rstd, const float* x, const float* w, unsigned h,
-    // float eps): y and x hold rows·h floats, rstd rows, w h; one block per row.
+    // float eps): y and x hold rows·h floats, rstd rows, w h (checked above); one block per row.
     unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&mut y)
-            .arg(&mut rstd)
-            .arg(x)
-            .arg(w)
-            .arg(&h32)
-            .arg(&eps)
-            .launch(launch_config(rows, h))
+        gpu.stream.launch_builder(&f).arg(y).arg(rstd).arg(x).arg(w).arg(&h32).arg(&eps).launch(launch_config(rows, h))
     }?;
-    Ok((y, rstd))
+    Ok(())
 }
 
-/// GPU backward: `dx [rows, h]` from `x`, `w`, the forward's `rstd` and `dy`.
+/// GPU backward: `dx [rows, h]` from `x`, `w`, the forward's `rstd` and `dy` (assigned).
 pub fn rmsnorm_backward_gpu(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
-    rstd: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-) -> Result<CudaSlice<f32>> {
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rstd: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
     let (h, rows) = (w.len(), rstd.len());
     check("x", x.len(), rows * h)?;
     check("dy", dy.len(), rows * h)?;
+    check("dx", dx.len(), rows * h)?;
+    if rows == 0 {
+        return Ok(());
+    }
     let f = gpu.function("rmsnorm", SRC, "rmsnorm_bwd_f32")?;
-    let mut dx = gpu.stream.alloc_zeros::<f32>(rows * h)?;
     let h32 = h as u32;
     // SAFETY: rmsnorm_bwd_f32(float* dx, const float* x, const float* w, const float* rstd,
-    // const float* dy, unsigned h): x, dy, dx hold rows·h floats, rstd rows, w h.
+    // const float* dy, unsigned h): x, dy, dx hold rows·h floats, rstd rows, w h (checked above).
     unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&mut dx)
-            .arg(x)
-            .arg(w)
-            .arg(rstd)
-            .arg(dy)
-            .arg(&h32)
-            .launch(launch_config(rows, h))
+        gpu.stream.launch_builder(&f).arg(dx).arg(x).arg(w).arg(rstd).arg(dy).arg(&h32).launch(launch_config(rows, h))
     }?;
-    Ok(dx)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
-
-    fn randn(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
-    }
+    use crate::testing::{assert_close, randn};
 
     #[test]
     fn forward_matches_definition() {
@@ -163,22 +149,6 @@ mod tests {
         }
     }
 
-    /// `|got − want| <= atol + rtol·|want|` everywhere; reports the worst element and the norm error.
-    fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let mut worst = (0.0f32, 0usize);
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            let excess = (g - w).abs() - (atol + rtol * w.abs());
-            if excess > worst.0 || g.is_nan() {
-                worst = (excess.max(f32::MAX * g.is_nan() as u8 as f32), i);
-            }
-        }
-        let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-        println!("{what}: ||got - want|| / ||want|| = {:.2e}", (num / den).sqrt());
-        assert!(worst.0 <= 0.0, "{what}: element {} = {} vs {}", worst.1, got[worst.1], want[worst.1]);
-    }
-
     #[test]
     #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
     fn gpu_matches_cpu_reference() {
@@ -192,8 +162,22 @@ mod tests {
             let dx = rmsnorm_backward(&x, &w, &r, &dy);
             let s = &gpu.stream;
             let (xd, wd, dyd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&dy).unwrap());
-            let (yg, rg) = rmsnorm_gpu(&gpu, &xd, &wd, rows, 1e-5).unwrap();
-            let dxg = rmsnorm_backward_gpu(&gpu, &xd, &wd, &rg, &dyd).unwrap();
+            let (mut yg, mut rg, mut dxg) = (
+                s.alloc_zeros::<f32>(rows * h).unwrap(),
+                s.alloc_zeros::<f32>(rows).unwrap(),
+                s.alloc_zeros::<f32>(rows * h).unwrap(),
+            );
+            rmsnorm_gpu(&gpu, &xd.as_view(), &wd.as_view(), 1e-5, &mut yg.as_view_mut(), &mut rg.as_view_mut())
+                .unwrap();
+            rmsnorm_backward_gpu(
+                &gpu,
+                &xd.as_view(),
+                &wd.as_view(),
+                &rg.as_view(),
+                &dyd.as_view(),
+                &mut dxg.as_view_mut(),
+            )
+            .unwrap();
             // f32 on both sides, different summation order: rtol 1e-5 (STYLE's fp32 default).
             assert_close(&format!("y [{rows}, {h}]"), &s.clone_dtoh(&yg).unwrap(), &y, 1e-6, 1e-5);
             assert_close(&format!("rstd [{rows}]"), &s.clone_dtoh(&rg).unwrap(), &r, 1e-6, 1e-5);

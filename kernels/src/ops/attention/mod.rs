@@ -1,0 +1,987 @@
+//! Attention with per-head sinks, causal masking, an optional sliding window and packed-sequence
+//! segments, for one row of tokens:
+//!
+//! `s_ij = (q_i · k_j) · scale` for visible keys; `M_i = max(max_j s_ij, S_h)`;
+//! `Z_i = Σ_j exp(s_ij − M_i) + exp(S_h − M_i)`; `o_i = Σ_j exp(s_ij − M_i) / Z_i · v_j`;
+//! `lse_i = M_i + ln Z_i` is kept for the backward pass. Key `j` is visible to query `i` when both
+//! are in the same segment, `pos_j <= pos_i`, and, with a window `W`, `pos_i − pos_j < W`.
+//!
+//! Backward: `D_i = dO_i · O_i`, `p_ij = exp(s_ij − lse_i)`, `dv_j += p_ij dO_i`,
+//! `ds_ij = p_ij (dO_i · v_j − D_i)`, `dq_i += ds_ij k_j scale`, `dk_j += ds_ij q_i scale` (summed
+//! over the query heads that share the KV head), `dS_h −= Σ_i exp(S_h − lse_i) D_i`.
+//!
+//! The CPU reference ([`attention`], [`attention_backward`]) works on one row and tests
+//! visibility pair by pair through [`Coords`]. The CUDA kernels ([`attention_fwd_gpu`],
+//! [`attention_bwd_gpu`]) work on a whole batch of `T` tokens in flash style (O(T) memory,
+//! online softmax) and take visibility as per-token index ranges built on the host by
+//! [`visible_ranges`]. Their `lse` is token-major `[T, nq]`, the reference's is `[nq, T_row]` per
+//! row: [`lse_token_major`] converts.
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
+
+use crate::{Error, Gpu, Result};
+
+pub const SRC: &str = include_str!("attention.cu");
+
+/// Head layout: `nq` query heads share `nkv` key/value heads of width `d` (query head `h` uses
+/// KV head `h / (nq / nkv)`).
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub nq: usize,
+    pub nkv: usize,
+    pub d: usize,
+}
+
+/// Token coordinates: positions and segment ids of the queries and the keys.
+#[derive(Clone, Copy, Debug)]
+pub struct Coords<'a> {
+    pub q_pos: &'a [u32],
+    pub k_pos: &'a [u32],
+    pub q_seg: &'a [u32],
+    pub k_seg: &'a [u32],
+    pub window: Option<usize>,
+}
+
+impl Coords<'_> {
+    #[inline]
+    fn visible(&self, i: usize, j: usize) -> bool {
+        let (qp, kp) = (self.q_pos[i], self.k_pos[j]);
+        self.q_seg[i] == self.k_seg[j] && kp <= qp && self.window.is_none_or(|w| ((qp - kp) as usize) < w)
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `q [Tq, nq·d]`, `k`, `v [Tk, nkv·d]`, `sinks [nq]` → `(o [Tq, nq·d], lse [nq, Tq])`.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sinks: &[f32],
+    heads: Heads,
+    c: Coords,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let Heads { nq, nkv, d } = heads;
+    let (tq, tk) = (c.q_pos.len(), c.k_pos.len());
+    let group = nq / nkv;
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..nq)
+        .into_par_iter()
+        .map(|h| {
+            let g = h / group;
+            let mut o = vec![0.0f32; tq * d];
+            let mut lse = vec![0.0f32; tq];
+            let mut s = vec![0.0f32; tk];
+            for i in 0..tq {
+                let qi = &q[i * nq * d + h * d..][..d];
+                let mut m = sinks[h];
+                for j in 0..tk {
+                    if c.visible(i, j) {
+                        s[j] = dot(qi, &k[j * nkv * d + g * d..][..d]) * scale;
+                        m = m.max(s[j]);
+                    }
+                }
+                let mut z = (sinks[h] - m).exp();
+                let oi = &mut o[i * d..(i + 1) * d];
+                for j in 0..tk {
+                    if c.visible(i, j) {
+                        let p = (s[j] - m).exp();
+                        z += p;
+                        for (a, b) in oi.iter_mut().zip(&v[j * nkv * d + g * d..][..d]) {
+                            *a += p * b;
+                        }
+                    }
+                }
+                oi.iter_mut().for_each(|a| *a /= z);
+                lse[i] = m + z.ln();
+            }
+            (o, lse)
+        })
+        .collect();
+    let mut o = vec![0.0f32; tq * nq * d];
+    let mut lse = Vec::with_capacity(nq * tq);
+    for (h, (oh, lh)) in per_head.into_iter().enumerate() {
+        for i in 0..tq {
+            o[i * nq * d + h * d..][..d].copy_from_slice(&oh[i * d..(i + 1) * d]);
+        }
+        lse.extend(lh);
+    }
+    (o, lse)
+}
+
+/// Gradients of [`attention`]: `(dq, dk, dv, dsinks)` given `dout [Tq, nq·d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sinks: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    heads: Heads,
+    c: Coords,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Heads { nq, nkv, d } = heads;
+    let (tq, tk) = (c.q_pos.len(), c.k_pos.len());
+    let group = nq / nkv;
+    type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>, f32);
+    let per_head: Vec<HeadGrads> = (0..nq)
+        .into_par_iter()
+        .map(|h| {
+            let g = h / group;
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * d], vec![0.0f32; tk * d], vec![0.0f32; tk * d]);
+            let mut dsink = 0.0f32;
+            for i in 0..tq {
+                let qi = &q[i * nq * d + h * d..][..d];
+                let doi = &dout[i * nq * d + h * d..][..d];
+                let di = dot(doi, &o[i * nq * d + h * d..][..d]);
+                let l = lse[h * tq + i];
+                dsink -= (sinks[h] - l).exp() * di;
+                for j in 0..tk {
+                    if !c.visible(i, j) {
+                        continue;
+                    }
+                    let kj = &k[j * nkv * d + g * d..][..d];
+                    let vj = &v[j * nkv * d + g * d..][..d];
+                    let p = (dot(qi, kj) * scale - l).exp();
+                    let ds = p * (dot(doi, vj) - di) * scale;
+                    for t in 0..d {
+                        dq[i * d + t] += ds * kj[t];
+                        dk[j * d + t] += ds * qi[t];
+                        dv[j * d + t] += p * doi[t];
+                    }
+                }
+            }
+            (dq, dk, dv, dsink)
+        })
+        .collect();
+    let mut dq = vec![0.0f32; tq * nq * d];
+    let mut dk = vec![0.0f32; tk * nkv * d];
+    let mut dv = vec![0.0f32; tk * nkv * d];
+    let mut dsinks = vec![0.0f32; nq];
+    for (h, (dqh, dkh, dvh, ds)) in per_head.into_iter().enumerate() {
+        let g = h / group;
+        for i in 0..tq {
+            dq[i * nq * d + h * d..][..d].copy_from_slice(&dqh[i * d..(i + 1) * d]);
+        }
+        for j in 0..tk {
+            for t in 0..d {
+                dk[j * nkv * d + g * d + t] += dkh[j * d + t];
+                dv[j * nkv * d + g * d + t] += dvh[j * d + t];
+            }
+        }
+        dsinks[h] = ds;
+    }
+    (dq, dk, dv, dsinks)
+}
+
+/// `lse [nq, t]` (the reference's layout, one row) as `[t, nq]` (the GPU kernels' layout).
+pub fn lse_token_major(lse: &[f32], nq: usize) -> Vec<f32> {
+    let t = lse.len() / nq.max(1);
+    (0..t * nq).map(|x| lse[(x % nq) * t + x / nq]).collect()
+}
+
+/// Visibility as index ranges over the `T` tokens of a batch whose keys are its queries: keys
+/// visible to query `i` are exactly `klo[i]..khi[i]`, queries that see key `j` exactly
+/// `qlo[j]..qhi[j]` (all `[T]`). A token in no row sees nothing and is seen by nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ranges {
+    pub klo: Vec<u32>,
+    pub khi: Vec<u32>,
+    pub qlo: Vec<u32>,
+    pub qhi: Vec<u32>,
+}
+
+/// The [`Ranges`] of a training batch: `pos`, `seg [T]` are the tokens' positions and segment ids,
+/// `rows` the attention rows (disjoint, in order, inside `0..T`), `window` the sliding window.
+/// Within a row every segment must be one contiguous run whose positions increase by 1; then
+/// the visible keys of a query form one range, and this agrees with [`Coords`] on every row.
+pub fn visible_ranges(pos: &[u32], seg: &[u32], rows: &[Range<usize>], window: Option<usize>) -> Result<Ranges> {
+    let t = pos.len();
+    let shape = |m: String| Err(Error::Shape(format!("visible_ranges: {m}")));
+    if seg.len() != t {
+        return shape(format!("seg has {} elements, expected {t} (one per position)", seg.len()));
+    }
+    if u32::try_from(t).is_err() {
+        return shape(format!("{t} tokens do not fit the kernels' u32 indices"));
+    }
+    let own: Vec<u32> = (0..t as u32).collect();
+    let mut r = Ranges { klo: own.clone(), khi: own.clone(), qlo: own.clone(), qhi: own };
+    let mut prev_end = 0;
+    let mut seen = HashSet::new();
+    for row in rows {
+        if row.start < prev_end || row.end < row.start || row.end > t {
+            return shape(format!(
+                "row {row:?} overlaps the previous row (which ends at {prev_end}) or lies outside the {t} tokens"
+            ));
+        }
+        prev_end = row.end;
+        seen.clear();
+        let mut start = row.start;
+        while start < row.end {
+            let s = seg[start];
+            if !seen.insert(s) {
+                return shape(format!(
+                    "token {start} starts a second run of segment {s} in row {row:?}; a segment must be contiguous"
+                ));
+            }
+            let mut end = start + 1;
+            while end < row.end && seg[end] == s {
+                if pos[end - 1].checked_add(1) != Some(pos[end]) {
+                    return shape(format!(
+                        "token {end} has position {} after position {} in segment {s}; positions must increase by 1 within a segment",
+                        pos[end], pos[end - 1]
+                    ));
+                }
+                end += 1;
+            }
+            for i in start..end {
+                let back = window.map_or(i + 1 - start, |w| w.min(i + 1 - start));
+                let ahead = window.map_or(end - i, |w| w.min(end - i));
+                r.klo[i] = (i + 1 - back) as u32;
+                r.khi[i] = (i + 1) as u32;
+                r.qhi[i] = (i + ahead) as u32;
+            }
+            start = end;
+        }
+    }
+    Ok(r)
+}
+
+/// Warps per block of the one-warp-per-item kernels: `ATT_WARPS` in attention.cu.
+const WARPS: usize = 8;
+/// Largest head width the kernels hold per lane: `ATT_MAX_D` in attention.cu.
+const MAX_D: usize = 128;
+
+fn expect(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!("{op}: {what} has {got} elements, expected {want}")))
+    }
+}
+
+/// The batch's sizes, checked: `(T, Tk)` from `klo` and `k`, with heads the kernels support.
+fn sizes(op: &str, heads: Heads, t: usize, k_len: usize) -> Result<(u32, u32)> {
+    let Heads { nq, nkv, d } = heads;
+    if nkv == 0 || nq == 0 || nq % nkv != 0 {
+        return Err(Error::Shape(format!("{op}: {nq} query heads cannot share {nkv} KV heads evenly")));
+    }
+    if d == 0 || d % 2 != 0 || d > MAX_D {
+        return Err(Error::Shape(format!("{op}: head width {d} is not supported (even, at most {MAX_D})")));
+    }
+    let tk = k_len / (nkv * d);
+    expect(op, "k", k_len, tk * nkv * d)?;
+    let blocks = (t.max(tk) * nq).div_ceil(WARPS);
+    match (u32::try_from(t), u32::try_from(tk), i32::try_from(blocks), u32::try_from(nq * d)) {
+        (Ok(t), Ok(tk), Ok(_), Ok(_)) => Ok((t, tk)),
+        _ => Err(Error::Shape(format!("{op}: {t} queries and {tk} keys of {nq} heads exceed the kernels' grid"))),
+    }
+}
+
+/// One warp per item, `WARPS` warps per block.
+fn warp_grid(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// GPU forward over a batch of `T` queries: `q [T, nq·d]`, `k`, `v [Tk, nkv·d]`, `sinks [nq]`,
+/// visible keys `klo..khi [T]` (u32, see [`Ranges`]) → `o [T, nq·d]`, `lse [T, nq]` (assigned).
+/// A query with no visible key gets `o = 0`, `lse = S_h`. `d` must be even and at most 128.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_gpu(
+    gpu: &Gpu,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, f32>,
+    v: &CudaView<'_, f32>,
+    sinks: &CudaView<'_, f32>,
+    klo: &CudaView<'_, u32>,
+    khi: &CudaView<'_, u32>,
+    heads: Heads,
+    scale: f32,
+    o: &mut CudaViewMut<'_, f32>,
+    lse: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    let Heads { nq, nkv, d } = heads;
+    let t = klo.len();
+    let (t32, tk32) = sizes(OP, heads, t, k.len())?;
+    expect(OP, "q", q.len(), t * nq * d)?;
+    expect(OP, "v", v.len(), k.len())?;
+    expect(OP, "sinks", sinks.len(), nq)?;
+    expect(OP, "khi", khi.len(), t)?;
+    expect(OP, "o", o.len(), t * nq * d)?;
+    expect(OP, "lse", lse.len(), t * nq)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let f = gpu.function("attention", SRC, "attention_fwd_f32")?;
+    let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
+    // SAFETY: attention_fwd_f32(float* o, float* lse, const float* q, const float* k,
+    // const float* v, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
+    // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o and q hold T·nq·d floats,
+    // k and v Tk·nkv·d, lse T·nq, sinks nq, klo and khi T (checked above); nkv divides nq and
+    // d <= ATT_MAX_D. The kernel clamps the ranges to Tk, so no range reads out of bounds.
+    // blockDim is 32·ATT_WARPS, one warp per (query, head).
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(o)
+            .arg(lse)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(sinks)
+            .arg(klo)
+            .arg(khi)
+            .arg(&t32)
+            .arg(&tk32)
+            .arg(&nq32)
+            .arg(&nkv32)
+            .arg(&d32)
+            .arg(&scale)
+            .launch(warp_grid(t * nq))
+    }?;
+    Ok(())
+}
+
+/// GPU backward of [`attention_fwd_gpu`] given its `o`, `lse` and `dout [T, nq·d]`: `dq [T, nq·d]`,
+/// `dk`, `dv [Tk, nkv·d]` are assigned, `dsinks [nq]` is accumulated (`+=`, a parameter
+/// gradient). `qlo..qhi [Tk]` are the queries that see each key (the transpose of `klo..khi`,
+/// see [`Ranges`]); `delta_scratch [T·nq]` receives `D_i = dO_i · O_i`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_gpu(
+    gpu: &Gpu,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, f32>,
+    v: &CudaView<'_, f32>,
+    sinks: &CudaView<'_, f32>,
+    o: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    klo: &CudaView<'_, u32>,
+    khi: &CudaView<'_, u32>,
+    qlo: &CudaView<'_, u32>,
+    qhi: &CudaView<'_, u32>,
+    heads: Heads,
+    scale: f32,
+    delta_scratch: &mut CudaViewMut<'_, f32>,
+    dq: &mut CudaViewMut<'_, f32>,
+    dk: &mut CudaViewMut<'_, f32>,
+    dv: &mut CudaViewMut<'_, f32>,
+    dsinks: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    let Heads { nq, nkv, d } = heads;
+    let t = klo.len();
+    let (t32, tk32) = sizes(OP, heads, t, k.len())?;
+    let tk = tk32 as usize;
+    for (what, got, want) in [
+        ("q", q.len(), t * nq * d),
+        ("v", v.len(), k.len()),
+        ("sinks", sinks.len(), nq),
+        ("o", o.len(), t * nq * d),
+        ("lse", lse.len(), t * nq),
+        ("dout", dout.len(), t * nq * d),
+        ("khi", khi.len(), t),
+        ("qlo", qlo.len(), tk),
+        ("qhi", qhi.len(), tk),
+        ("delta_scratch", delta_scratch.len(), t * nq),
+        ("dq", dq.len(), t * nq * d),
+        ("dk", dk.len(), tk * nkv * d),
+        ("dv", dv.len(), tk * nkv * d),
+        ("dsinks", dsinks.len(), nq),
+    ] {
+        expect(OP, what, got, want)?;
+    }
+    let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
+    if tk > 0 && t == 0 {
+        gpu.stream.memset_zeros(dk)?;
+        gpu.stream.memset_zeros(dv)?;
+    }
+    if t > 0 {
+        let f = gpu.function("attention", SRC, "attention_delta_f32")?;
+        // SAFETY: attention_delta_f32(float* delta, const float* o, const float* dout, unsigned T,
+        // unsigned nq, unsigned d): o and dout hold T·nq·d floats, delta T·nq (checked above).
+        unsafe {
+            gpu.stream
+                .launch_builder(&f)
+                .arg(&mut *delta_scratch)
+                .arg(o)
+                .arg(dout)
+                .arg(&t32)
+                .arg(&nq32)
+                .arg(&d32)
+                .launch(warp_grid(t * nq))
+        }?;
+    }
+    let delta = delta_scratch.as_view();
+    if t > 0 {
+        let f = gpu.function("attention", SRC, "attention_dsinks_f32")?;
+        let cfg = LaunchConfig { grid_dim: (nq32, 1, 1), block_dim: (32 * WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: attention_dsinks_f32(float* dsinks, const float* sinks, const float* lse,
+        // const float* delta, unsigned T, unsigned nq): dsinks and sinks hold nq floats, lse and
+        // delta T·nq (checked above); one block of 32·ATT_WARPS threads per head.
+        unsafe {
+            gpu.stream.launch_builder(&f).arg(dsinks).arg(sinks).arg(lse).arg(&delta).arg(&t32).arg(&nq32).launch(cfg)
+        }?;
+        let f = gpu.function("attention", SRC, "attention_bwd_dq_f32")?;
+        // SAFETY: attention_bwd_dq_f32(float* dq, const float* q, const float* k, const float* v,
+        // const float* lse, const float* delta, const float* dout, const unsigned* klo,
+        // const unsigned* khi, unsigned T, unsigned Tk, unsigned nq, unsigned nkv, unsigned d,
+        // float scale): dq, q and dout hold T·nq·d floats, k and v Tk·nkv·d, lse and delta T·nq,
+        // klo and khi T (checked above); ranges are clamped to Tk in the kernel; one warp per
+        // (query, head).
+        unsafe {
+            gpu.stream
+                .launch_builder(&f)
+                .arg(dq)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(lse)
+                .arg(&delta)
+                .arg(dout)
+                .arg(klo)
+                .arg(khi)
+                .arg(&t32)
+                .arg(&tk32)
+                .arg(&nq32)
+                .arg(&nkv32)
+                .arg(&d32)
+                .arg(&scale)
+                .launch(warp_grid(t * nq))
+        }?;
+    }
+    if tk > 0 && t > 0 {
+        let f = gpu.function("attention", SRC, "attention_bwd_dkdv_f32")?;
+        // SAFETY: attention_bwd_dkdv_f32(float* dk, float* dv, const float* q, const float* k,
+        // const float* v, const float* lse, const float* delta, const float* dout,
+        // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
+        // unsigned nkv, unsigned d, float scale): dk, dv, k and v hold Tk·nkv·d floats, q and dout
+        // T·nq·d, lse and delta T·nq, qlo and qhi Tk (checked above); ranges are clamped to T in
+        // the kernel; one warp per (key, KV head).
+        unsafe {
+            gpu.stream
+                .launch_builder(&f)
+                .arg(dk)
+                .arg(dv)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(lse)
+                .arg(&delta)
+                .arg(dout)
+                .arg(qlo)
+                .arg(qhi)
+                .arg(&t32)
+                .arg(&tk32)
+                .arg(&nq32)
+                .arg(&nkv32)
+                .arg(&d32)
+                .arg(&scale)
+                .launch(warp_grid(tk * nkv))
+        }?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{fd_check_f64, randn};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const H: Heads = Heads { nq: 4, nkv: 2, d: 8 };
+
+    /// Straight from the definition with an explicit mask matrix, in f64.
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        sinks: &[f32],
+        mask: &dyn Fn(usize, usize) -> bool,
+        t: usize,
+    ) -> Vec<f64> {
+        let w = |x: &[f32]| -> Vec<f64> { x.iter().map(|&v| v as f64).collect() };
+        naive64(&w(q), &w(k), &w(v), &w(sinks), mask, t)
+    }
+
+    fn naive64(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        sinks: &[f64],
+        mask: &dyn Fn(usize, usize) -> bool,
+        t: usize,
+    ) -> Vec<f64> {
+        let Heads { nq, nkv, d } = H;
+        let mut out = vec![0.0f64; t * nq * d];
+        for h in 0..nq {
+            let g = h / (nq / nkv);
+            for i in 0..t {
+                let s: Vec<Option<f64>> = (0..t)
+                    .map(|j| {
+                        mask(i, j).then(|| {
+                            (0..d).map(|x| q[i * nq * d + h * d + x] * k[j * nkv * d + g * d + x]).sum::<f64>() * 0.25
+                        })
+                    })
+                    .collect();
+                let z: f64 = s.iter().flatten().map(|x| x.exp()).sum::<f64>() + sinks[h].exp();
+                for (j, sj) in s.iter().enumerate() {
+                    if let Some(sj) = sj {
+                        for x in 0..d {
+                            out[i * nq * d + h * d + x] += sj.exp() / z * v[j * nkv * d + g * d + x];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn inputs(t: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        (randn(seed, t * 32, 1.5), randn(seed + 1, t * 16, 1.5), randn(seed + 2, t * 16, 1.0), randn(seed + 3, 4, 1.0))
+    }
+
+    fn check(t: usize, window: Option<usize>, seg: &[u32], pos: &[u32]) {
+        let (q, k, v, s) = inputs(t, 10 + t as u64);
+        let c = Coords { q_pos: pos, k_pos: pos, q_seg: seg, k_seg: seg, window };
+        let (o, _) = attention(&q, &k, &v, &s, H, c, 0.25);
+        let want = naive(
+            &q,
+            &k,
+            &v,
+            &s,
+            &|i, j| seg[i] == seg[j] && pos[j] <= pos[i] && window.is_none_or(|w| ((pos[i] - pos[j]) as usize) < w),
+            t,
+        );
+        for (a, b) in o.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() <= 1e-5 + 1e-5 * b.abs(), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn window_shorter_than_sequence() {
+        let pos: Vec<u32> = (0..9).collect();
+        check(9, Some(3), &[0; 9], &pos);
+    }
+
+    #[test]
+    fn window_longer_than_sequence_equals_full() {
+        let pos: Vec<u32> = (0..5).collect();
+        check(5, Some(64), &[0; 5], &pos);
+        check(5, None, &[0; 5], &pos);
+    }
+
+    #[test]
+    fn single_token() {
+        check(1, Some(4), &[0], &[0]);
+    }
+
+    #[test]
+    fn packed_segments_do_not_see_each_other() {
+        check(7, Some(2), &[0, 0, 0, 1, 1, 1, 1], &[0, 1, 2, 0, 1, 2, 3]);
+        check(7, None, &[0, 0, 0, 1, 1, 1, 1], &[0, 1, 2, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let t = 6;
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let seg = vec![0u32; t];
+        let c = Coords { q_pos: &pos, k_pos: &pos, q_seg: &seg, k_seg: &seg, window: Some(3) };
+        let (q, k, v, s) = inputs(t, 77);
+        let dout = randn(90, q.len(), 1.0);
+        let (o, lse) = attention(&q, &k, &v, &s, H, c, 0.25);
+        let (dq, dk, dv, ds) = attention_backward(&q, &k, &v, &s, &o, &lse, &dout, H, c, 0.25);
+        // f64 reference: the definition with the window-3 causal mask, Σ dout · o.
+        let mask = |i: usize, j: usize| j <= i && i - j < 3;
+        let loss = |q: &[f64], k: &[f64], v: &[f64], s: &[f64]| -> f64 {
+            naive64(q, k, v, s, &mask, t).iter().zip(&dout).map(|(a, b)| a * *b as f64).sum()
+        };
+        let w = |x: &[f32]| -> Vec<f64> { x.iter().map(|&v| v as f64).collect() };
+        let (q6, k6, v6, s6) = (w(&q), w(&k), w(&v), w(&s));
+        fd_check_f64(&q, &dq, |x| loss(x, &k6, &v6, &s6), 1e-4);
+        fd_check_f64(&k, &dk, |x| loss(&q6, x, &v6, &s6), 1e-4);
+        fd_check_f64(&v, &dv, |x| loss(&q6, &k6, x, &s6), 1e-4);
+        fd_check_f64(&s, &ds, |x| loss(&q6, &k6, &v6, x), 1e-4);
+    }
+
+    /// Random training batches: rows of packed segments, each starting at some position.
+    fn random_batch(rng: &mut ChaCha8Rng) -> (Vec<u32>, Vec<u32>, Vec<Range<usize>>) {
+        let (mut pos, mut seg, mut rows) = (vec![], vec![], vec![]);
+        for _ in 0..rng.gen_range(1..4) {
+            let start = pos.len();
+            for s in 0..rng.gen_range(1..4u32) {
+                let first = rng.gen_range(0..5u32);
+                for p in 0..rng.gen_range(1..9u32) {
+                    pos.push(first + p);
+                    seg.push(3 * s + 1);
+                }
+            }
+            rows.push(start..pos.len());
+        }
+        (pos, seg, rows)
+    }
+
+    fn check_ranges_agree_with_coords(pos: &[u32], seg: &[u32], rows: &[Range<usize>], window: Option<usize>) {
+        let r = visible_ranges(pos, seg, rows, window).unwrap();
+        let t = pos.len();
+        let row_of = |i: usize| rows.iter().find(|r| r.contains(&i));
+        for i in 0..t {
+            for j in 0..t {
+                let want = match (row_of(i), row_of(j)) {
+                    (Some(a), Some(b)) if a == b => {
+                        let x = a.clone();
+                        let c = Coords {
+                            q_pos: &pos[x.clone()],
+                            k_pos: &pos[x.clone()],
+                            q_seg: &seg[x.clone()],
+                            k_seg: &seg[x],
+                            window,
+                        };
+                        c.visible(i - a.start, j - a.start)
+                    }
+                    _ => false,
+                };
+                let by_query = (r.klo[i] as usize..r.khi[i] as usize).contains(&j);
+                let by_key = (r.qlo[j] as usize..r.qhi[j] as usize).contains(&i);
+                assert_eq!(
+                    by_query, want,
+                    "key {j} for query {i}, window {window:?}, pos {pos:?}, seg {seg:?}, rows {rows:?}"
+                );
+                assert_eq!(
+                    by_key, want,
+                    "query {i} for key {j}, window {window:?}, pos {pos:?}, seg {seg:?}, rows {rows:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn visible_ranges_agree_with_coords_on_random_packed_rows() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..200 {
+            let (pos, seg, rows) = random_batch(&mut rng);
+            let t = pos.len();
+            for window in [None, Some(0), Some(1), Some(2), Some(5), Some(t + 3)] {
+                check_ranges_agree_with_coords(&pos, &seg, &rows, window);
+            }
+        }
+        for window in [None, Some(1), Some(4)] {
+            check_ranges_agree_with_coords(&[7], &[0], &[0..1], window);
+        }
+    }
+
+    #[test]
+    fn tokens_outside_rows_see_nothing() {
+        let pos = [0, 1, 2, 0, 1];
+        let r = visible_ranges(&pos, &[0; 5], &[0..2, 3..5], None).unwrap();
+        assert_eq!((r.klo[2], r.khi[2], r.qlo[2], r.qhi[2]), (2, 2, 2, 2));
+        check_ranges_agree_with_coords(&pos, &[0; 5], &[0..2, 3..5], None);
+    }
+
+    #[test]
+    fn visible_ranges_reject_what_ranges_cannot_express() {
+        let err = |pos: &[u32], seg: &[u32], rows: &[Range<usize>]| {
+            visible_ranges(pos, seg, rows, None).unwrap_err().to_string()
+        };
+        let e = err(&[0, 1, 3], &[0, 0, 0], &[0..3]);
+        assert!(e.contains("token 2") && e.contains("increase by 1"), "{e}");
+        let e = err(&[0, 1, 0, 2], &[0, 0, 1, 0], &[0..4]);
+        assert!(e.contains("token 3") && e.contains("contiguous"), "{e}");
+        let e = err(&[0, 1, 2], &[0, 0, 0], &[0..2, 1..3]);
+        assert!(e.contains("overlaps"), "{e}");
+        let e = err(&[0, 1, 2], &[0, 0, 0], &[0..4]);
+        assert!(e.contains("outside"), "{e}");
+        let e = err(&[0, 1, 2], &[0, 0], &[0..2]);
+        assert!(e.contains("seg has 2 elements, expected 3"), "{e}");
+        // The same segment id in two rows is two sequences: allowed.
+        assert!(visible_ranges(&[0, 1, 0, 1], &[0, 0, 0, 0], &[0..2, 2..4], None).is_ok());
+    }
+
+    #[test]
+    fn unsupported_heads_are_shape_errors() {
+        let e = |h: Heads, k_len: usize| sizes("attention_fwd", h, 4, k_len).unwrap_err().to_string();
+        assert!(e(Heads { nq: 4, nkv: 2, d: 15 }, 4 * 2 * 15).contains("head width 15"));
+        assert!(e(Heads { nq: 4, nkv: 2, d: 130 }, 4 * 2 * 130).contains("head width 130"));
+        assert!(e(Heads { nq: 6, nkv: 4, d: 16 }, 4 * 4 * 16).contains("6 query heads"));
+        assert!(e(Heads { nq: 4, nkv: 2, d: 16 }, 33).contains("k has 33 elements, expected 32"));
+        assert_eq!(sizes("attention_fwd", Heads { nq: 64, nkv: 8, d: 64 }, 3, 5 * 8 * 64).unwrap(), (3, 5));
+    }
+
+    #[test]
+    fn lse_token_major_transposes_heads_and_tokens() {
+        // [nq = 2, t = 3] → [t = 3, nq = 2]
+        assert_eq!(lse_token_major(&[1.0, 2.0, 3.0, 10.0, 20.0, 30.0], 2), vec![1.0, 10.0, 2.0, 20.0, 3.0, 30.0]);
+    }
+
+    /// The GPU kernels against the CPU reference on whole batches.
+    mod gpu {
+        use super::super::*;
+        use crate::testing::{assert_close, randn};
+        use cudarc::driver::CudaSlice;
+
+        struct Case {
+            heads: Heads,
+            /// Segment lengths of each row.
+            rows: Vec<Vec<usize>>,
+            window: Option<usize>,
+            /// Sinks are `offset + uniform(−spread, spread)`.
+            sink_offset: f32,
+            sink_spread: f32,
+            /// Every buffer sits this many elements into its allocation (odd: not 16-byte aligned).
+            view_offset: usize,
+            seed: u64,
+        }
+
+        impl Case {
+            fn new(heads: (usize, usize, usize), rows: &[&[usize]], window: Option<usize>) -> Self {
+                let (nq, nkv, d) = heads;
+                Case {
+                    heads: Heads { nq, nkv, d },
+                    rows: rows.iter().map(|r| r.to_vec()).collect(),
+                    window,
+                    sink_offset: 0.0,
+                    sink_spread: 1.0,
+                    view_offset: 0,
+                    seed: 1 + rows.iter().flat_map(|r| r.iter()).sum::<usize>() as u64 * 31 + d as u64,
+                }
+            }
+        }
+
+        fn max_abs(x: &[f32]) -> f32 {
+            x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+        }
+
+        fn run(c: Case) {
+            let Heads { nq, nkv, d } = c.heads;
+            let (qw, kw) = (nq * d, nkv * d);
+            let (mut pos, mut seg, mut rows) = (vec![], vec![], vec![]);
+            for (r, lens) in c.rows.iter().enumerate() {
+                let start = pos.len();
+                for (s, &n) in lens.iter().enumerate() {
+                    let first = ((r * 7 + s * 3) % 5) as u32;
+                    pos.extend(first..first + n as u32);
+                    seg.extend(std::iter::repeat_n(s as u32, n));
+                }
+                rows.push(start..pos.len());
+            }
+            let t = pos.len();
+            let seed = c.seed;
+            let q = randn(seed, t * qw, 1.5);
+            let k = randn(seed + 1, t * kw, 1.5);
+            let v = randn(seed + 2, t * kw, 1.0);
+            let sinks: Vec<f32> = randn(seed + 3, nq, c.sink_spread).iter().map(|s| s + c.sink_offset).collect();
+            let dout = randn(seed + 4, t * qw, 1.0);
+            let dsinks_before = randn(seed + 5, nq, 1.0);
+            let scale = 1.0 / (d as f32).sqrt();
+
+            // CPU reference, row by row.
+            let (mut o, mut lse) = (vec![0.0f32; t * qw], vec![0.0f32; t * nq]);
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; t * qw], vec![0.0f32; t * kw], vec![0.0f32; t * kw]);
+            let mut dsinks = dsinks_before.clone();
+            for r in &rows {
+                let x = r.clone();
+                let cs = Coords {
+                    q_pos: &pos[x.clone()],
+                    k_pos: &pos[x.clone()],
+                    q_seg: &seg[x.clone()],
+                    k_seg: &seg[x],
+                    window: c.window,
+                };
+                let (qs, ks, vs) =
+                    (&q[r.start * qw..r.end * qw], &k[r.start * kw..r.end * kw], &v[r.start * kw..r.end * kw]);
+                let (or, lr) = attention(qs, ks, vs, &sinks, c.heads, cs, scale);
+                let dor = &dout[r.start * qw..r.end * qw];
+                let (gq, gk, gv, gs) = attention_backward(qs, ks, vs, &sinks, &or, &lr, dor, c.heads, cs, scale);
+                o[r.start * qw..r.end * qw].copy_from_slice(&or);
+                lse[r.start * nq..r.end * nq].copy_from_slice(&lse_token_major(&lr, nq));
+                dq[r.start * qw..r.end * qw].copy_from_slice(&gq);
+                dk[r.start * kw..r.end * kw].copy_from_slice(&gk);
+                dv[r.start * kw..r.end * kw].copy_from_slice(&gv);
+                dsinks.iter_mut().zip(&gs).for_each(|(a, b)| *a += b);
+            }
+
+            let gpu = Gpu::new(0).expect("a GPU");
+            let s = &gpu.stream;
+            let off = c.view_offset;
+            let up =
+                |x: &[f32]| -> CudaSlice<f32> { s.clone_htod(&[&randn(seed + 12, off, 9.0), x].concat()).unwrap() };
+            let up32 = |x: &[u32]| -> CudaSlice<u32> { s.clone_htod(&[&vec![7; off], x].concat()).unwrap() };
+            let ranges = visible_ranges(&pos, &seg, &rows, c.window).unwrap();
+            let (qd, kd, vd, sd, dod) = (up(&q), up(&k), up(&v), up(&sinks), up(&dout));
+            let (klo, khi, qlo, qhi) = (up32(&ranges.klo), up32(&ranges.khi), up32(&ranges.qlo), up32(&ranges.qhi));
+            // Outputs start as garbage, not zeros: the kernels must assign every element.
+            let (mut od, mut lsed) = (up(&randn(seed + 6, t * qw, 9.0)), up(&randn(seed + 7, t * nq, 9.0)));
+            let mut delta = up(&randn(seed + 8, t * nq, 9.0));
+            let mut dqd = up(&randn(seed + 9, t * qw, 9.0));
+            let (mut dkd, mut dvd) = (up(&randn(seed + 10, t * kw, 9.0)), up(&randn(seed + 11, t * kw, 9.0)));
+            let mut dsd = up(&dsinks_before);
+            attention_fwd_gpu(
+                &gpu,
+                &qd.slice(off..),
+                &kd.slice(off..),
+                &vd.slice(off..),
+                &sd.slice(off..),
+                &klo.slice(off..),
+                &khi.slice(off..),
+                c.heads,
+                scale,
+                &mut od.slice_mut(off..),
+                &mut lsed.slice_mut(off..),
+            )
+            .unwrap();
+            attention_bwd_gpu(
+                &gpu,
+                &qd.slice(off..),
+                &kd.slice(off..),
+                &vd.slice(off..),
+                &sd.slice(off..),
+                &od.slice(off..),
+                &lsed.slice(off..),
+                &dod.slice(off..),
+                &klo.slice(off..),
+                &khi.slice(off..),
+                &qlo.slice(off..),
+                &qhi.slice(off..),
+                c.heads,
+                scale,
+                &mut delta.slice_mut(off..),
+                &mut dqd.slice_mut(off..),
+                &mut dkd.slice_mut(off..),
+                &mut dvd.slice_mut(off..),
+                &mut dsd.slice_mut(off..),
+            )
+            .unwrap();
+            let down = |x: &CudaSlice<f32>| s.clone_dtoh(&x.slice(off..)).unwrap();
+            let what =
+                |name: &str| format!("{name} (nq {nq}, nkv {nkv}, d {d}, rows {:?}, window {:?})", c.rows, c.window);
+            // Forward: every output is a softmax-weighted mean of at most T values (or a log-sum-exp),
+            // f32 on both sides in a different order (online vs two-pass): errors ~ sqrt(T)·6e-8
+            // of the largest value, so 1e-5 of the tensor's largest |value| plus rtol 1e-4.
+            assert_close(&what("o"), &down(&od), &o, 1e-5 * max_abs(&o) + 1e-7, 1e-4);
+            assert_close(&what("lse"), &down(&lsed), &lse, 1e-5 * max_abs(&lse), 1e-5);
+            // Backward: each element sums up to (window or T) · (nq / nkv) signed terms that
+            // cancel, so an element's error is bounded by the terms' size (≈ the tensor's largest
+            // |value|) times n·6e-8 ≈ 6e-5 for n ≈ 1000, not by its own size: atol 1e-4 of the
+            // tensor's largest |value|, rtol 1e-4. dsinks sums T terms the same way.
+            for (name, got, want) in
+                [("dq", &dqd, &dq), ("dk", &dkd, &dk), ("dv", &dvd, &dv), ("dsinks", &dsd, &dsinks)]
+            {
+                assert_close(&what(name), &down(got), want, 1e-4 * max_abs(want) + 1e-7, 1e-4);
+            }
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn packed_rows_with_several_segments() {
+            for window in [None, Some(3)] {
+                run(Case::new((4, 2, 64), &[&[5, 9, 3], &[1, 12], &[20]], window));
+            }
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn window_shorter_than_sequence() {
+            run(Case::new((4, 2, 64), &[&[70]], Some(5)));
+            // Chunks of 32 keys straddle the window's edge.
+            run(Case::new((4, 2, 64), &[&[100, 45]], Some(40)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn window_longer_than_sequence() {
+            run(Case::new((4, 2, 64), &[&[40], &[9, 3]], Some(1000)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn single_token() {
+            run(Case::new((4, 2, 64), &[&[1]], Some(4)));
+            run(Case::new((4, 2, 64), &[&[1]], None));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn odd_lengths() {
+            run(Case::new((6, 3, 16), &[&[13, 1, 23], &[33], &[31, 1]], Some(7)));
+            run(Case::new((6, 3, 16), &[&[65, 1], &[2, 97]], None));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn gqa_four_query_heads_two_kv_heads() {
+            run(Case::new((4, 2, 64), &[&[37, 20]], Some(16)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn gqa_eight_query_heads_one_kv_head() {
+            run(Case::new((8, 1, 64), &[&[37, 20]], Some(16)));
+            run(Case::new((8, 1, 64), &[&[50]], None));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn head_dim_16() {
+            run(Case::new((4, 2, 16), &[&[30, 11]], Some(8)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn head_dim_128_and_2() {
+            run(Case::new((4, 2, 128), &[&[45]], None));
+            run(Case::new((2, 1, 2), &[&[45]], Some(9)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn unaligned_views() {
+            // Views that start one element into their allocations take the scalar-load path.
+            run(Case { view_offset: 1, ..Case::new((4, 2, 64), &[&[37, 20]], Some(16)) });
+            run(Case { view_offset: 3, ..Case::new((8, 1, 16), &[&[50]], None) });
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn large_sinks() {
+            // The sink outweighs most keys: M_i is often the sink and o shrinks.
+            run(Case { sink_offset: 6.0, ..Case::new((4, 2, 64), &[&[40, 7]], Some(12)) });
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn small_sinks() {
+            // exp(S − M) underflows: attention without a sink.
+            run(Case { sink_offset: -100.0, ..Case::new((4, 2, 64), &[&[40, 7]], Some(12)) });
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn query_with_no_visible_key() {
+            // Window 0 hides every key: o = 0, lse = S_h, and only dsinks gets a gradient (0 here).
+            run(Case::new((4, 2, 64), &[&[5, 3]], Some(0)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn gpt_oss_20b_heads() {
+            run(Case::new((64, 8, 64), &[&[300]], Some(128)));
+            run(Case::new((64, 8, 64), &[&[180, 120]], None));
+        }
+    }
+}

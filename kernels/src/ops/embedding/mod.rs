@@ -1,0 +1,171 @@
+//! Token embedding: `out [T, H] = table [V, H]` rows picked by `ids [T]`, as f32 from an f32 or a
+//! bf16 table. The CPU reference and the CUDA kernels.
+//!
+//! Ids are validated by the host (the tokenizer's vocabulary is the model's); an id `>= V` still
+//! never reads out of bounds: its row comes out NaN, on the GPU and in the reference alike, so that
+//! the loss shows it.
+
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::{Error, Gpu, Result};
+
+pub const SRC: &str = include_str!("embedding.cu");
+
+/// CPU reference: `table [V, hidden]`, `ids [T]` → `[T, hidden]`; NaN rows for ids `>= V`.
+pub fn embedding(table: &[f32], ids: &[u32], hidden: usize) -> Vec<f32> {
+    assert!(hidden > 0 && table.len() % hidden == 0, "embedding: table is not [V, {hidden}]");
+    let mut out = Vec::with_capacity(ids.len() * hidden);
+    for &id in ids {
+        match table.get(id as usize * hidden..(id as usize + 1) * hidden) {
+            Some(row) => out.extend_from_slice(row),
+            None => out.extend(std::iter::repeat_n(f32::NAN, hidden)),
+        }
+    }
+    out
+}
+
+fn launch<T: DeviceRepr>(
+    gpu: &Gpu,
+    symbol: &str,
+    table: &CudaView<'_, T>,
+    ids: &CudaView<'_, u32>,
+    hidden: usize,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    if hidden == 0 || table.len() % hidden != 0 || table.len() / hidden > u32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "embedding: table has {} elements, expected a multiple of hidden {hidden}",
+            table.len()
+        )));
+    }
+    let tokens = ids.len();
+    if out.len() != tokens * hidden {
+        return Err(Error::Shape(format!("embedding: out has {} elements, expected {}", out.len(), tokens * hidden)));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let f = gpu.function("embedding", SRC, symbol)?;
+    let threads = hidden.next_power_of_two().clamp(32, 256) as u32;
+    let cfg =
+        LaunchConfig { grid_dim: (tokens.min(65535) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let (tokens64, vocab32, hidden32) = (tokens as u64, (table.len() / hidden) as u32, hidden as u32);
+    // SAFETY: embedding_f32_<T>w(float* out, const T* table, const unsigned* ids, unsigned long long
+    // tokens, unsigned vocab, unsigned hidden): out holds tokens·hidden floats, table vocab·hidden
+    // elements of T, ids tokens (checked above); the kernel reads table rows only for ids < vocab
+    // and strides over the tokens, so any grid is in bounds.
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(out)
+            .arg(table)
+            .arg(ids)
+            .arg(&tokens64)
+            .arg(&vocab32)
+            .arg(&hidden32)
+            .launch(cfg)
+    }?;
+    Ok(())
+}
+
+/// GPU [`embedding`] from a bf16 table: `table [V, hidden]`, `ids [T]`, `out [T, hidden]` (f32).
+pub fn embedding_gpu_bf16w(
+    gpu: &Gpu,
+    table: &CudaView<'_, bf16>,
+    ids: &CudaView<'_, u32>,
+    hidden: usize,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    launch(gpu, "embedding_f32_bf16w", table, ids, hidden, out)
+}
+
+/// GPU [`embedding`] from an f32 table: `table [V, hidden]`, `ids [T]`, `out [T, hidden]`.
+pub fn embedding_gpu_f32w(
+    gpu: &Gpu,
+    table: &CudaView<'_, f32>,
+    ids: &CudaView<'_, u32>,
+    hidden: usize,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    launch(gpu, "embedding_f32_f32w", table, ids, hidden, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, randn};
+
+    #[test]
+    fn rows_are_copied_in_id_order() {
+        let table = randn(1, 5 * 3, 1.0);
+        let out = embedding(&table, &[4, 0, 4, 2], 3);
+        for (t, id) in [4usize, 0, 4, 2].into_iter().enumerate() {
+            assert_eq!(&out[t * 3..t * 3 + 3], &table[id * 3..id * 3 + 3]);
+        }
+    }
+
+    #[test]
+    fn out_of_range_id_gives_a_nan_row() {
+        let table = randn(2, 4 * 2, 1.0);
+        let out = embedding(&table, &[1, 4, u32::MAX], 2);
+        assert_eq!(&out[..2], &table[2..4]);
+        assert!(out[2..].iter().all(|v| v.is_nan()));
+    }
+
+    /// Runs both GPU variants on `table`, rounded to bf16 for the bf16 one, against the reference.
+    fn check_gpu(gpu: &Gpu, table: &[f32], ids: &[u32], hidden: usize) {
+        let s = &gpu.stream;
+        let ids_d = s.clone_htod(ids).unwrap();
+        let mut out = s.alloc_zeros::<f32>(ids.len() * hidden).unwrap();
+        let t32 = s.clone_htod(table).unwrap();
+        embedding_gpu_f32w(gpu, &t32.as_view(), &ids_d.as_view(), hidden, &mut out.as_view_mut()).unwrap();
+        // A copy: exact.
+        assert_close("embedding f32w", &s.clone_dtoh(&out).unwrap(), &embedding(table, ids, hidden), 0.0, 0.0);
+        let tb: Vec<bf16> = table.iter().map(|&v| bf16::from_f32(v)).collect();
+        let tb_as_f32: Vec<f32> = tb.iter().map(|v| v.to_f32()).collect();
+        let tbd = s.clone_htod(&tb).unwrap();
+        embedding_gpu_bf16w(gpu, &tbd.as_view(), &ids_d.as_view(), hidden, &mut out.as_view_mut()).unwrap();
+        // bf16 → f32 is exact.
+        assert_close("embedding bf16w", &s.clone_dtoh(&out).unwrap(), &embedding(&tb_as_f32, ids, hidden), 0.0, 0.0);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn gpt_oss_hidden_with_repeated_ids() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        let (v, h) = (1000, 2880);
+        let ids: Vec<u32> = (0..257u32).map(|t| (t * 7919) % v as u32).chain([0, 999, 999]).collect();
+        check_gpu(&gpu, &randn(1, v * h, 1.0), &ids, h);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn single_token() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        check_gpu(&gpu, &randn(2, 11 * 64, 1.0), &[10], 64);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn odd_lengths() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        check_gpu(&gpu, &randn(3, 13 * 17, 1.0), &[12, 0, 5, 5, 1, 3, 11], 17);
+        check_gpu(&gpu, &randn(4, 3, 1.0), &[2, 1, 0], 1);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn more_tokens_than_blocks_in_the_grid() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        let ids: Vec<u32> = (0..70_000u32).map(|t| (t * 31) % 97).collect();
+        check_gpu(&gpu, &randn(5, 97 * 64, 1.0), &ids, 64);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn out_of_range_id_gives_a_nan_row_on_the_gpu() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        check_gpu(&gpu, &randn(6, 4 * 64, 1.0), &[3, 4, u32::MAX, 0], 64);
+    }
+}

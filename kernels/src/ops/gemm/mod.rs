@@ -1,0 +1,453 @@
+//! Grouped, arbitrarily strided f32 GEMM for the MoE experts (tokens sorted by expert, ragged
+//! groups) and every LoRA product, with B either an f32 operand or an MXFP4 expert weight that the
+//! kernel decodes into shared memory tile by tile: the CPU references and the CUDA kernels.
+//!
+//! For group `g < groups`, with `o = offsets[g]` and `len = offsets[g + 1] − offsets[g]`, and the
+//! operands addressed as
+//! `A(i, k) = a[g·a.group + i·a.row + k·a.col]`, `B(k, n) = b[g·b.group + k·b.row + n·b.col]`,
+//! `C(i, n) = c[g·c.group + i·c.row + n·c.col]`:
+//!
+//! - [`Grouped::M`] (rows ragged): `C(o+m, n) = α Σ_{k<K} A(o+m, k) B(k, n) + β C(o+m, n)`, `m < len`;
+//! - [`Grouped::K`] (inner dimension ragged): `C(m, n) = α Σ_{t<len} A(m, o+t) B(o+t, n) + β C(m, n)`,
+//!   `m < cfg.m`; a group with `len = 0` still writes `β C`.
+//!
+//! `β = 0` overwrites C without reading it (old NaNs do not survive). Groups must not write the
+//! same C element (the kernels run them in parallel).
+
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
+
+use crate::{Error, Gpu, Result};
+
+pub const SRC: &str = include_str!("gemm.cu");
+
+/// Element strides of one operand: along its rows, its columns, and from one group to the next.
+#[derive(Clone, Copy, Debug)]
+pub struct Strides {
+    pub row: usize,
+    pub col: usize,
+    pub group: usize,
+}
+
+impl Strides {
+    /// A row-major `[rows, cols]` matrix shared by every group.
+    pub fn row_major(cols: usize) -> Self {
+        Self { row: cols, col: 1, group: 0 }
+    }
+}
+
+/// Which dimension the offsets split into groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grouped {
+    /// Rows of A and C (forward and input-gradient products of tokens sorted by expert).
+    M,
+    /// The inner dimension: A's columns and B's rows (weight gradients summed over tokens).
+    K,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct GroupedGemm {
+    pub groups: usize,
+    pub grouped: Grouped,
+    /// Grouped::M: the largest group's row count (grid sizing only: every block walks the rows of
+    /// its own group, so a smaller value costs speed, never correctness). Grouped::K: the row count
+    /// of every group.
+    pub m: usize,
+    pub n: usize,
+    /// Grouped::M: the inner dimension of every group. Grouped::K: ignored (inner dim of group g is
+    /// offsets[g+1]-offsets[g]).
+    pub k: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: Strides,
+    pub b: Strides,
+    pub c: Strides,
+}
+
+/// An MXFP4 expert weight on the device: `E` matrices `W_e [rows, cols]` quantized along `cols`
+/// (`cols % 32 == 0`): `blocks [E, rows, cols/32, 16]` (low nibble = even element),
+/// `scales [E, rows, cols/32]` (E8M0).
+pub struct Mxfp4Weight<'a> {
+    pub blocks: CudaView<'a, u8>,
+    pub scales: CudaView<'a, u8>,
+    pub experts: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The same weight as host bytes, for the CPU reference.
+#[derive(Clone, Copy, Debug)]
+pub struct Mxfp4HostWeight<'a> {
+    pub blocks: &'a [u8],
+    pub scales: &'a [u8],
+    pub experts: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Kernel parameters; must match `struct Params` in gemm.cu field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    a_row: u64,
+    a_col: u64,
+    a_group: u64,
+    b_row: u64,
+    b_col: u64,
+    b_group: u64,
+    c_row: u64,
+    c_col: u64,
+    c_group: u64,
+    groups: u32,
+    grouped_k: u32,
+    m: u32,
+    n: u32,
+    k: u32,
+    total_rows: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+// SAFETY: #[repr(C)] plain data whose layout matches the CUDA struct (9 u64, 6 u32, 2 f32: no
+// padding on either side).
+unsafe impl DeviceRepr for Params {}
+
+const TILE_M: usize = 64;
+const TILE_N: usize = 64;
+const THREADS: u32 = 256;
+const GRID_YZ_MAX: usize = 65535;
+/// Dimensions stay below 2^31 so the kernels' u32 tile arithmetic cannot wrap.
+const DIM_MAX: usize = i32::MAX as usize;
+
+fn shape_err(msg: String) -> Error {
+    Error::Shape(msg)
+}
+
+/// One past the largest element index of a `[rows, cols]` operand over `groups` groups; 0 when
+/// nothing is touched.
+fn extent(op: &str, what: &str, groups: usize, s: Strides, rows: usize, cols: usize) -> Result<usize> {
+    if groups == 0 || rows == 0 || cols == 0 {
+        return Ok(0);
+    }
+    let last = (groups - 1)
+        .checked_mul(s.group)
+        .and_then(|x| x.checked_add((rows - 1).checked_mul(s.row)?))
+        .and_then(|x| x.checked_add((cols - 1).checked_mul(s.col)?))
+        .and_then(|x| x.checked_add(1));
+    last.ok_or_else(|| shape_err(format!("{op}: {what}'s strides {s:?} overflow usize")))
+}
+
+fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got >= want {
+        Ok(())
+    } else {
+        Err(shape_err(format!("{op}: {what} has {got} elements, expected at least {want}")))
+    }
+}
+
+fn check_dim(op: &str, what: &str, v: usize) -> Result<()> {
+    if v <= DIM_MAX {
+        Ok(())
+    } else {
+        Err(shape_err(format!("{op}: {what} = {v} exceeds {DIM_MAX}")))
+    }
+}
+
+/// The `[rows, cols]` extents of A, B and C (conservative: every group at its largest offset).
+fn operand_dims(cfg: &GroupedGemm, total_rows: usize) -> [(usize, usize); 3] {
+    match cfg.grouped {
+        Grouped::M => [(total_rows, cfg.k), (cfg.k, cfg.n), (total_rows, cfg.n)],
+        Grouped::K => [(cfg.m, total_rows), (total_rows, cfg.n), (cfg.m, cfg.n)],
+    }
+}
+
+/// Checks the configuration against the buffer lengths (`b_len` is `None` for MXFP4 weights,
+/// checked by the caller). Shared by the launchers and tested on the CPU.
+fn check_shapes(
+    op: &str,
+    cfg: &GroupedGemm,
+    offsets_len: usize,
+    total_rows: usize,
+    a_len: usize,
+    b_len: Option<usize>,
+    c_len: usize,
+) -> Result<()> {
+    if offsets_len != cfg.groups + 1 {
+        return Err(shape_err(format!("{op}: offsets has {offsets_len} elements, expected {}", cfg.groups + 1)));
+    }
+    for (what, v) in [("groups", cfg.groups), ("m", cfg.m), ("n", cfg.n), ("k", cfg.k), ("total_rows", total_rows)] {
+        check_dim(op, what, v)?;
+    }
+    let [(ar, ac), (br, bc), (cr, cc)] = operand_dims(cfg, total_rows);
+    check_len(op, "a", a_len, extent(op, "a", cfg.groups, cfg.a, ar, ac)?)?;
+    if let Some(b_len) = b_len {
+        check_len(op, "b", b_len, extent(op, "b", cfg.groups, cfg.b, br, bc)?)?;
+    }
+    check_len(op, "c", c_len, extent(op, "c", cfg.groups, cfg.c, cr, cc)?)
+}
+
+fn params(cfg: &GroupedGemm, total_rows: usize) -> Params {
+    // Every value was checked against DIM_MAX (dims) or usize extents (strides) by check_shapes.
+    Params {
+        a_row: cfg.a.row as u64,
+        a_col: cfg.a.col as u64,
+        a_group: cfg.a.group as u64,
+        b_row: cfg.b.row as u64,
+        b_col: cfg.b.col as u64,
+        b_group: cfg.b.group as u64,
+        c_row: cfg.c.row as u64,
+        c_col: cfg.c.col as u64,
+        c_group: cfg.c.group as u64,
+        groups: cfg.groups as u32,
+        grouped_k: (cfg.grouped == Grouped::K) as u32,
+        m: cfg.m as u32,
+        n: cfg.n as u32,
+        k: cfg.k as u32,
+        total_rows: total_rows as u32,
+        alpha: cfg.alpha,
+        beta: cfg.beta,
+    }
+}
+
+/// Grid `(n tiles, m tiles ≤ 65535, groups ≤ 65535)`; the kernel loops over whatever is left.
+fn launch_config(cfg: &GroupedGemm) -> LaunchConfig {
+    let x = cfg.n.div_ceil(TILE_N).max(1);
+    let y = cfg.m.div_ceil(TILE_M).clamp(1, GRID_YZ_MAX);
+    let z = cfg.groups.clamp(1, GRID_YZ_MAX);
+    LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Nothing to compute or write.
+fn is_empty(cfg: &GroupedGemm) -> bool {
+    cfg.groups == 0 || cfg.n == 0 || (cfg.grouped == Grouped::K && cfg.m == 0)
+}
+
+/// CPU reference (f64 accumulation): applies `cfg` to host buffers; `offsets` has `groups + 1`
+/// nondecreasing entries. Panics if a buffer is too short for `cfg`.
+pub fn grouped_gemm_ref(cfg: &GroupedGemm, offsets: &[u32], a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert_eq!(offsets.len(), cfg.groups + 1, "grouped_gemm_ref: offsets");
+    let total_rows = offsets[cfg.groups] as usize;
+    if let Err(e) = check_shapes("grouped_gemm_ref", cfg, offsets.len(), total_rows, a.len(), Some(b.len()), c.len()) {
+        panic!("{e}");
+    }
+    // One task per output row of one group: (group, row index into A and C, first k, depth).
+    let mut tasks = vec![];
+    for g in 0..cfg.groups {
+        let (o, end) = (offsets[g] as usize, offsets[g + 1] as usize);
+        assert!(o <= end, "grouped_gemm_ref: offsets decrease at group {g}");
+        match cfg.grouped {
+            Grouped::M => tasks.extend((o..end).map(|i| (g, i, 0, cfg.k))),
+            Grouped::K => tasks.extend((0..cfg.m).map(|i| (g, i, o, end - o))),
+        }
+    }
+    let (s, old_c) = (cfg, &*c);
+    let rows: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(g, i, k0, depth)| {
+            (0..s.n)
+                .map(|n| {
+                    let dot: f64 = (k0..k0 + depth)
+                        .map(|k| {
+                            let av = a[g * s.a.group + i * s.a.row + k * s.a.col] as f64;
+                            av * b[g * s.b.group + k * s.b.row + n * s.b.col] as f64
+                        })
+                        .sum();
+                    let v = s.alpha as f64 * dot;
+                    let ci = g * s.c.group + i * s.c.row + n * s.c.col;
+                    (if s.beta == 0.0 { v } else { v + s.beta as f64 * old_c[ci] as f64 }) as f32
+                })
+                .collect()
+        })
+        .collect();
+    for (&(g, i, _, _), row) in tasks.iter().zip(rows) {
+        for (n, v) in row.into_iter().enumerate() {
+            c[g * cfg.c.group + i * cfg.c.row + n * cfg.c.col] = v;
+        }
+    }
+}
+
+/// FP4 E2M1 code → value from its bits (sign, 2-bit exponent with bias 1, 1-bit mantissa), as the
+/// kernel decodes it; tests check it against `oxtune_mxfp4::FP4_VALUES`.
+fn e2m1(code: u8) -> f32 {
+    let (e, m) = (((code >> 1) & 3) as u32, (code & 1) as u32);
+    let bits = if e > 0 {
+        ((e + 126) << 23) | (m << 22)
+    } else if m == 1 {
+        0x3F00_0000
+    } else {
+        0
+    };
+    f32::from_bits(bits | (((code & 8) as u32) << 28))
+}
+
+/// E8M0 → `2^(s − 127)` exactly (`s = 0` is the subnormal 2^-127).
+fn e8m0(s: u8) -> f32 {
+    f32::from_bits(if s == 0 { 0x0040_0000 } else { (s as u32) << 23 })
+}
+
+/// `[experts, rows, cols]` f32 from MXFP4 bytes (CPU only: the kernel never materialises this).
+fn dequantize(w: &Mxfp4HostWeight) -> Vec<f32> {
+    let nblk = w.cols / 32;
+    assert_eq!(w.cols % 32, 0, "mxfp4: cols {} is not a multiple of 32", w.cols);
+    assert_eq!(w.scales.len(), w.experts * w.rows * nblk, "mxfp4: scales");
+    assert_eq!(w.blocks.len(), w.scales.len() * 16, "mxfp4: blocks");
+    let mut out = vec![0.0f32; w.experts * w.rows * w.cols];
+    for (blk, (vals, &s)) in out.chunks_exact_mut(32).zip(w.scales).enumerate() {
+        let scale = e8m0(s);
+        for (pair, &byte) in vals.chunks_exact_mut(2).zip(&w.blocks[blk * 16..blk * 16 + 16]) {
+            pair[0] = e2m1(byte & 15) * scale;
+            pair[1] = e2m1(byte >> 4) * scale;
+        }
+    }
+    out
+}
+
+/// The B strides that read expert `g`'s dequantized `W_g [rows, cols]` as `W_g[n, k]` (forward,
+/// `!transposed`) or `W_g[k, n]` (`transposed`).
+fn mxfp4_b_strides(rows: usize, cols: usize, transposed: bool) -> Strides {
+    if transposed {
+        Strides { row: cols, col: 1, group: rows * cols }
+    } else {
+        Strides { row: 1, col: cols, group: rows * cols }
+    }
+}
+
+/// CPU reference of [`grouped_gemm_f32_mxfp4w`]: dequantizes `w` on the host, then
+/// [`grouped_gemm_ref`] with `B(k, n) = W_g[n, k]` (`!transposed`) or `W_g[k, n]` (`transposed`).
+pub fn grouped_gemm_mxfp4w_ref(
+    cfg: &GroupedGemm,
+    offsets: &[u32],
+    a: &[f32],
+    w: &Mxfp4HostWeight,
+    transposed: bool,
+    c: &mut [f32],
+) {
+    assert_eq!(cfg.grouped, Grouped::M, "grouped_gemm_mxfp4w_ref: Grouped::M only");
+    assert!(cfg.groups <= w.experts, "grouped_gemm_mxfp4w_ref: {} groups, {} experts", cfg.groups, w.experts);
+    let (k, n) = if transposed { (w.rows, w.cols) } else { (w.cols, w.rows) };
+    assert_eq!((cfg.k, cfg.n), (k, n), "grouped_gemm_mxfp4w_ref: (k, n) vs the weight");
+    let dense = dequantize(w);
+    let cfg = GroupedGemm { b: mxfp4_b_strides(w.rows, w.cols, transposed), ..*cfg };
+    grouped_gemm_ref(&cfg, offsets, a, &dense, c);
+}
+
+/// GPU grouped GEMM, f32 operands. `offsets` (device, `groups + 1` nondecreasing u32) must end
+/// with `total_rows`, the host copy of `offsets[groups]`: the buffer lengths are checked against
+/// it, and the kernel clamps every offset to it so that a wrong device value cannot reach memory
+/// outside the checked bounds. Never allocates.
+pub fn grouped_gemm_f32(
+    gpu: &Gpu,
+    cfg: &GroupedGemm,
+    offsets: &CudaView<'_, u32>,
+    total_rows: usize,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    c: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let op = "grouped_gemm_f32";
+    check_shapes(op, cfg, offsets.len(), total_rows, a.len(), Some(b.len()), c.len())?;
+    if is_empty(cfg) {
+        return Ok(());
+    }
+    let f = gpu.function("gemm", SRC, "grouped_gemm_f32")?;
+    let p = params(cfg, total_rows);
+    // SAFETY: grouped_gemm_f32(float* c, const float* a, const float* b, const unsigned* offsets,
+    // Params p): offsets holds groups + 1 u32 (checked); the kernel clamps offsets to
+    // p.total_rows, so A, B and C are read/written only at indices below the extents that
+    // check_shapes verified against each buffer's length; Params matches the CUDA struct.
+    unsafe { gpu.stream.launch_builder(&f).arg(c).arg(a).arg(b).arg(offsets).arg(&p).launch(launch_config(cfg)) }?;
+    Ok(())
+}
+
+/// GPU grouped GEMM whose B is expert `g`'s MXFP4 weight, decoded in shared memory tile by tile:
+/// `B(k, n) = W_g[n, k]` when `!transposed` (forward `y = x W_gᵀ`: `K = cols`, `N = rows`) and
+/// `W_g[k, n]` when `transposed` (input gradient `dx = dy W_g`: `K = rows`, `N = cols`).
+/// Grouped::M only; `cfg.b` is ignored; group `g` uses expert `g` (`groups ≤ experts`).
+/// `offsets` and `total_rows` as in [`grouped_gemm_f32`].
+pub fn grouped_gemm_f32_mxfp4w(
+    gpu: &Gpu,
+    cfg: &GroupedGemm,
+    offsets: &CudaView<'_, u32>,
+    total_rows: usize,
+    a: &CudaView<'_, f32>,
+    w: &Mxfp4Weight<'_>,
+    transposed: bool,
+    c: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let op = "grouped_gemm_f32_mxfp4w";
+    check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
+    check_shapes(op, cfg, offsets.len(), total_rows, a.len(), None, c.len())?;
+    if is_empty(cfg) {
+        return Ok(());
+    }
+    let f = gpu.function("gemm", SRC, "grouped_gemm_f32_mxfp4w")?;
+    let p = params(cfg, total_rows);
+    let (rows, cols, tr) = (w.rows as u32, w.cols as u32, transposed as u32);
+    // SAFETY: grouped_gemm_f32_mxfp4w(float* c, const float* a, const unsigned char* blocks,
+    // const unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows,
+    // unsigned w_cols, unsigned transposed): blocks/scales hold experts·rows·cols/2 and
+    // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
+    // (check_mxfp4), so every decoded block lies inside them; A and C as in grouped_gemm_f32.
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(c)
+            .arg(a)
+            .arg(&w.blocks)
+            .arg(&w.scales)
+            .arg(offsets)
+            .arg(&p)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&tr)
+            .launch(launch_config(cfg))
+    }?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_mxfp4(
+    op: &str,
+    cfg: &GroupedGemm,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    blocks_len: usize,
+    scales_len: usize,
+    transposed: bool,
+) -> Result<()> {
+    if cfg.grouped != Grouped::M {
+        return Err(shape_err(format!("{op}: only Grouped::M is supported (weight gradients of MXFP4 are not taken)")));
+    }
+    if cols % 32 != 0 {
+        return Err(shape_err(format!("{op}: the weight's cols {cols} is not a multiple of 32")));
+    }
+    check_dim(op, "rows", rows)?;
+    check_dim(op, "cols", cols)?;
+    if cfg.groups > experts {
+        return Err(shape_err(format!("{op}: {} groups but only {experts} experts", cfg.groups)));
+    }
+    let nblk = experts
+        .checked_mul(rows)
+        .and_then(|x| x.checked_mul(cols / 32))
+        .ok_or_else(|| shape_err(format!("{op}: weight size overflows")))?;
+    if scales_len != nblk {
+        return Err(shape_err(format!("{op}: scales has {scales_len} elements, expected {nblk}")));
+    }
+    if blocks_len != nblk * 16 {
+        return Err(shape_err(format!("{op}: blocks has {blocks_len} elements, expected {}", nblk * 16)));
+    }
+    let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
+    if (cfg.k, cfg.n) != (k, n) {
+        return Err(shape_err(format!(
+            "{op}: (k, n) = ({}, {}) but the weight [{rows}, {cols}] {} gives ({k}, {n})",
+            cfg.k,
+            cfg.n,
+            if transposed { "transposed" } else { "not transposed" }
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,686 @@
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::testing::{assert_close, randn};
+
+fn offsets_of(sizes: &[usize]) -> Vec<u32> {
+    let mut o = vec![0u32];
+    for &s in sizes {
+        o.push(o[o.len() - 1] + s as u32);
+    }
+    o
+}
+
+fn max_len(offsets: &[u32]) -> usize {
+    offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+}
+
+/// LoRA on MoE experts: E experts, rank r, x [S, in], A [r·E, in] (expert e: rows e·r..e·r+r),
+/// B [out, r·E] (expert e: columns j·E + e), tokens sorted by expert (`offsets`), LoRA scale s.
+#[derive(Clone, Copy)]
+struct Lora {
+    e: usize,
+    r: usize,
+    inp: usize,
+    out: usize,
+    s: f32,
+}
+
+const USES: [&str; 6] = [
+    "(1) u = x A_eᵀ",
+    "(2) y += s u B_eᵀ",
+    "(3) du = s dy B_e",
+    "(4) dx += du A_e",
+    "(5) dA_e += du_eᵀ x_e",
+    "(6) dB_e += s dy_eᵀ u_e",
+];
+
+impl Lora {
+    /// The GroupedGemm of use `u` (0..6, as numbered in USES) and the lengths of its a, b, c.
+    fn use_cfg(&self, u: usize, offsets: &[u32]) -> (GroupedGemm, [usize; 3]) {
+        let Lora { e, r, inp, out, s } = *self;
+        let (tokens, re) = (offsets[e] as usize, r * e);
+        let rm = Strides::row_major;
+        let base = GroupedGemm {
+            groups: e,
+            grouped: Grouped::M,
+            m: max_len(offsets),
+            n: 0,
+            k: 0,
+            alpha: 1.0,
+            beta: 0.0,
+            a: rm(0),
+            b: rm(0),
+            c: rm(0),
+        };
+        let a_e = Strides { row: 1, col: inp, group: r * inp }; // A_eᵀ as B (k = in, n = r)
+        match u {
+            0 => (
+                GroupedGemm { n: r, k: inp, a: rm(inp), b: a_e, c: rm(r), ..base },
+                [tokens * inp, re * inp, tokens * r],
+            ),
+            1 => (
+                GroupedGemm {
+                    n: out,
+                    k: r,
+                    alpha: s,
+                    beta: 1.0,
+                    a: rm(r),
+                    b: Strides { row: e, col: re, group: 1 },
+                    c: rm(out),
+                    ..base
+                },
+                [tokens * r, out * re, tokens * out],
+            ),
+            2 => (
+                GroupedGemm {
+                    n: r,
+                    k: out,
+                    alpha: s,
+                    a: rm(out),
+                    b: Strides { row: re, col: e, group: 1 },
+                    c: rm(r),
+                    ..base
+                },
+                [tokens * out, out * re, tokens * r],
+            ),
+            3 => (
+                GroupedGemm {
+                    n: inp,
+                    k: r,
+                    beta: 1.0,
+                    a: rm(r),
+                    b: Strides { row: inp, col: 1, group: r * inp },
+                    c: rm(inp),
+                    ..base
+                },
+                [tokens * r, re * inp, tokens * inp],
+            ),
+            4 => (
+                GroupedGemm {
+                    grouped: Grouped::K,
+                    m: r,
+                    n: inp,
+                    beta: 1.0,
+                    a: Strides { row: 1, col: r, group: 0 },
+                    b: rm(inp),
+                    c: Strides { row: inp, col: 1, group: r * inp },
+                    ..base
+                },
+                [tokens * r, tokens * inp, re * inp],
+            ),
+            _ => (
+                GroupedGemm {
+                    grouped: Grouped::K,
+                    m: out,
+                    n: r,
+                    alpha: s,
+                    beta: 1.0,
+                    a: Strides { row: 1, col: out, group: 0 },
+                    b: rm(r),
+                    c: Strides { row: re, col: e, group: 1 },
+                    ..base
+                },
+                [tokens * out, tokens * r, out * re],
+            ),
+        }
+    }
+
+    /// Use `u` written straight from the LoRA formulas, token by token, in f64.
+    fn direct(&self, u: usize, offsets: &[u32], a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
+        let Lora { e, r, inp, out, s } = *self;
+        let (tokens, re, s) = (offsets[e] as usize, r * e, s as f64);
+        let overwrite = matches!(u, 0 | 2);
+        let mut acc: Vec<f64> = c0.iter().map(|&v| if overwrite { 0.0 } else { v as f64 }).collect();
+        let (a, b): (Vec<f64>, Vec<f64>) =
+            (a.iter().map(|&v| v as f64).collect(), b.iter().map(|&v| v as f64).collect());
+        for t in 0..tokens {
+            let g = offsets.partition_point(|&o| o as usize <= t) - 1;
+            match u {
+                0 => (0..r)
+                    .for_each(|j| acc[t * r + j] = (0..inp).map(|i| a[t * inp + i] * b[(g * r + j) * inp + i]).sum()),
+                1 => (0..out).for_each(|o| {
+                    acc[t * out + o] += s * (0..r).map(|j| a[t * r + j] * b[o * re + j * e + g]).sum::<f64>()
+                }),
+                2 => (0..r).for_each(|j| {
+                    acc[t * r + j] = s * (0..out).map(|o| a[t * out + o] * b[o * re + j * e + g]).sum::<f64>()
+                }),
+                3 => (0..inp).for_each(|i| {
+                    acc[t * inp + i] += (0..r).map(|j| a[t * r + j] * b[(g * r + j) * inp + i]).sum::<f64>()
+                }),
+                4 => {
+                    for j in 0..r {
+                        for i in 0..inp {
+                            acc[(g * r + j) * inp + i] += a[t * r + j] * b[t * inp + i];
+                        }
+                    }
+                }
+                _ => {
+                    for o in 0..out {
+                        for j in 0..r {
+                            acc[o * re + j * e + g] += s * a[t * out + o] * b[t * r + j];
+                        }
+                    }
+                }
+            }
+        }
+        acc.into_iter().map(|v| v as f32).collect()
+    }
+}
+
+fn random_mxfp4(
+    seed: u64,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    scales: std::ops::RangeInclusive<u8>,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let nblk = experts * rows * cols / 32;
+    let blocks = (0..nblk * 16).map(|_| rng.gen::<u8>()).collect();
+    let sc = (0..nblk).map(|_| rng.gen_range(scales.clone())).collect();
+    (blocks, sc)
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// Absolute tolerance of an f32 GEMM against the f64 reference: the kernel accumulates K
+/// products (|A| ≤ amax, |B| ≤ bmax) one FMA at a time; the rounding errors (≤ 2^-24 of a partial
+/// sum of size ~√K·amax·bmax/3) add up like a random walk to ~K·2^-24·amax·bmax/4 ≈ 1.5e-8·K·amax·bmax,
+/// below 1e-5·√K·amax·bmax for every K up to ~4e5 (the rtol term covers the β·C part).
+fn atol(k: usize, amax: f32, bmax: f32) -> f32 {
+    1e-5 * (k.max(1) as f32).sqrt() * amax * bmax + 1e-6
+}
+
+#[test]
+fn reference_matches_the_lora_definitions() {
+    for (seed, lora, sizes) in [
+        (1u64, Lora { e: 4, r: 3, inp: 7, out: 5, s: 0.5 }, vec![3usize, 0, 6, 1]),
+        (2, Lora { e: 3, r: 1, inp: 4, out: 6, s: 2.0 }, vec![0, 2, 5]),
+        (3, Lora { e: 1, r: 2, inp: 5, out: 3, s: 1.5 }, vec![4]),
+    ] {
+        let offsets = offsets_of(&sizes);
+        for u in 0..6 {
+            let (cfg, [la, lb, lc]) = lora.use_cfg(u, &offsets);
+            let s = seed * 100 + u as u64 * 10;
+            let (a, b, c0) = (randn(s + 1, la, 1.0), randn(s + 2, lb, 1.0), randn(s + 3, lc, 1.0));
+            let mut c = c0.clone();
+            grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut c);
+            let want = lora.direct(u, &offsets, &a, &b, &c0);
+            assert_close(&format!("{} sizes {sizes:?}", USES[u]), &c, &want, 1e-6, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn reference_grouped_k_expert_with_zero_tokens_scales_c_by_beta() {
+    let offsets = offsets_of(&[2, 0, 3]);
+    let cfg = GroupedGemm {
+        groups: 3,
+        grouped: Grouped::K,
+        m: 2,
+        n: 3,
+        k: 0,
+        alpha: 1.0,
+        beta: 0.5,
+        a: Strides { row: 1, col: 2, group: 0 },
+        b: Strides::row_major(3),
+        c: Strides { row: 3, col: 1, group: 6 },
+    };
+    let (a, b, c0) = (randn(1, 10, 1.0), randn(2, 15, 1.0), randn(3, 18, 1.0));
+    let mut c = c0.clone();
+    grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut c);
+    for i in 6..12 {
+        assert_eq!(c[i], 0.5 * c0[i], "the empty group's C is scaled by beta");
+    }
+    for i in (0..6).chain(12..18) {
+        assert_ne!(c[i], 0.5 * c0[i], "the other groups add their product");
+    }
+}
+
+#[test]
+fn reference_beta_zero_overwrites_nan() {
+    let offsets = offsets_of(&[2, 3]);
+    let cfg = GroupedGemm {
+        groups: 2,
+        grouped: Grouped::M,
+        m: 3,
+        n: 4,
+        k: 5,
+        alpha: 1.0,
+        beta: 0.0,
+        a: Strides::row_major(5),
+        b: Strides { row: 4, col: 1, group: 20 },
+        c: Strides::row_major(4),
+    };
+    let (a, b) = (randn(1, 25, 1.0), randn(2, 40, 1.0));
+    let mut c = vec![f32::NAN; 20];
+    grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut c);
+    assert!(c.iter().all(|v| v.is_finite()), "{c:?}");
+}
+
+#[test]
+fn fp4_and_e8m0_decoding_match_oxtune_mxfp4() {
+    for code in 0..16u8 {
+        let (got, want) = (e2m1(code), oxtune_mxfp4::FP4_VALUES[code as usize]);
+        assert_eq!(got.to_bits(), want.to_bits(), "code {code}: {got} vs {want}");
+    }
+    for s in 0..=255u8 {
+        assert_eq!(e8m0(s).to_bits(), oxtune_mxfp4::e8m0_to_f32(s).to_bits(), "scale {s}");
+    }
+}
+
+#[test]
+fn mxfp4_dequantization_matches_oxtune_mxfp4() {
+    let (e, rows, cols) = (3, 5, 64);
+    let (blocks, scales) = random_mxfp4(7, e, rows, cols, 0..=255);
+    let got = dequantize(&Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts: e, rows, cols });
+    let want =
+        oxtune_mxfp4::Mxfp4Tensor::new(blocks.clone(), scales.clone(), &[e, rows, cols]).unwrap().dequantize_f32();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "element {i}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn mxfp4_reference_matches_a_direct_product_with_oxtune_mxfp4_weights() {
+    let (e, rows, cols) = (3, 6, 64);
+    let (blocks, scales) = random_mxfp4(8, e, rows, cols, 120..=130);
+    let w = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts: e, rows, cols };
+    let dense =
+        oxtune_mxfp4::Mxfp4Tensor::new(blocks.clone(), scales.clone(), &[e, rows, cols]).unwrap().dequantize_f32();
+    let offsets = offsets_of(&[2, 0, 3]);
+    let tokens = 5;
+    for transposed in [false, true] {
+        let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
+        let cfg = GroupedGemm {
+            groups: e,
+            grouped: Grouped::M,
+            m: 3,
+            n,
+            k,
+            alpha: 0.5,
+            beta: 1.0,
+            a: Strides::row_major(k),
+            b: Strides::row_major(0),
+            c: Strides::row_major(n),
+        };
+        let (x, c0) = (randn(9, tokens * k, 1.0), randn(10, tokens * n, 1.0));
+        let mut c = c0.clone();
+        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &x, &w, transposed, &mut c);
+        let mut want = c0.clone();
+        for t in 0..tokens {
+            let g = offsets.partition_point(|&o| o as usize <= t) - 1;
+            for j in 0..n {
+                let wv = |kk: usize| {
+                    let (r, col) = if transposed { (kk, j) } else { (j, kk) };
+                    dense[(g * rows + r) * cols + col] as f64
+                };
+                let dot: f64 = (0..k).map(|kk| x[t * k + kk] as f64 * wv(kk)).sum();
+                want[t * n + j] = (0.5 * dot + c0[t * n + j] as f64) as f32;
+            }
+        }
+        assert_close(&format!("transposed {transposed}"), &c, &want, 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn short_buffers_and_bad_configs_are_shape_errors() {
+    let cfg = GroupedGemm {
+        groups: 2,
+        grouped: Grouped::M,
+        m: 4,
+        n: 3,
+        k: 5,
+        alpha: 1.0,
+        beta: 0.0,
+        a: Strides::row_major(5),
+        b: Strides { row: 3, col: 1, group: 15 },
+        c: Strides::row_major(3),
+    };
+    let op = "t";
+    assert!(check_shapes(op, &cfg, 3, 6, 30, Some(30), 18).is_ok());
+    let err = |r: Result<()>| r.expect_err("an error").to_string();
+    assert_eq!(err(check_shapes(op, &cfg, 3, 6, 29, Some(30), 18)), "t: a has 29 elements, expected at least 30");
+    assert_eq!(err(check_shapes(op, &cfg, 3, 6, 30, Some(29), 18)), "t: b has 29 elements, expected at least 30");
+    assert_eq!(err(check_shapes(op, &cfg, 3, 6, 30, Some(30), 17)), "t: c has 17 elements, expected at least 18");
+    assert_eq!(err(check_shapes(op, &cfg, 2, 6, 30, Some(30), 18)), "t: offsets has 2 elements, expected 3");
+    // Grouped::K: C is written even with no rows (beta · C), A and B then are not read.
+    let k =
+        GroupedGemm { grouped: Grouped::K, a: Strides { row: 1, col: 4, group: 0 }, c: Strides::row_major(3), ..cfg };
+    assert!(check_shapes(op, &k, 3, 0, 0, Some(0), 12).is_ok());
+    assert!(check_shapes(op, &k, 3, 0, 0, Some(0), 11).is_err());
+
+    let mx = GroupedGemm { n: 6, k: 64, ..cfg };
+    assert!(check_mxfp4(op, &mx, 2, 6, 64, 2 * 6 * 2 * 16, 2 * 6 * 2, false).is_ok());
+    assert!(
+        check_mxfp4(op, &mx, 2, 6, 64, 2 * 6 * 2 * 16, 2 * 6 * 2, true).is_err(),
+        "(k, n) must follow the orientation"
+    );
+    assert!(check_mxfp4(op, &mx, 1, 6, 64, 6 * 2 * 16, 6 * 2, false).is_err(), "more groups than experts");
+    assert!(check_mxfp4(op, &mx, 2, 6, 64, 2 * 6 * 2 * 16 - 1, 2 * 6 * 2, false).is_err());
+    assert!(check_mxfp4(op, &GroupedGemm { k: 48, ..mx }, 2, 6, 48, 2 * 6 * 16 + 16, 2 * 6 + 1, false).is_err());
+    assert!(check_mxfp4(op, &GroupedGemm { grouped: Grouped::K, ..mx }, 2, 6, 64, 384, 24, false).is_err());
+}
+
+// ---- GPU ----
+
+fn gpu() -> Gpu {
+    Gpu::new(0).expect("a GPU")
+}
+
+/// Runs the f32 kernel on fresh copies of the host buffers and returns C.
+fn run_f32(gpu: &Gpu, cfg: &GroupedGemm, offsets: &[u32], a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
+    let s = &gpu.stream;
+    let (od, ad, bd) = (s.clone_htod(offsets).unwrap(), s.clone_htod(a).unwrap(), s.clone_htod(b).unwrap());
+    let mut cd = s.clone_htod(c0).unwrap();
+    let total = offsets[cfg.groups] as usize;
+    grouped_gemm_f32(gpu, cfg, &od.as_view(), total, &ad.as_view(), &bd.as_view(), &mut cd.as_view_mut()).unwrap();
+    s.clone_dtoh(&cd).unwrap()
+}
+
+/// Every LoRA use on fresh random operands, GPU vs CPU reference; returns nothing, panics on a
+/// mismatch. `time` also prints the kernel's wall time (median of 5 after a warm-up).
+fn check_lora(gpu: &Gpu, seed: u64, lora: Lora, sizes: &[usize], time: bool) {
+    let offsets = offsets_of(sizes);
+    for u in 0..6 {
+        let (cfg, [la, lb, lc]) = lora.use_cfg(u, &offsets);
+        let s = seed * 100 + u as u64 * 10;
+        let (a, b, c0) = (randn(s + 1, la, 1.0), randn(s + 2, lb, 1.0), randn(s + 3, lc, 1.0));
+        let got = run_f32(gpu, &cfg, &offsets, &a, &b, &c0);
+        let mut want = c0.clone();
+        grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+        let depth = if cfg.grouped == Grouped::K { max_len(&offsets) } else { cfg.k };
+        let what = format!("{} E {} r {} in {} out {} sizes {sizes:?}", USES[u], lora.e, lora.r, lora.inp, lora.out);
+        assert_close(&what, &got, &want, atol(depth, 1.0, 1.0) * cfg.alpha.abs(), 1e-4);
+        if time {
+            let st = &gpu.stream;
+            let (od, ad, bd) =
+                (st.clone_htod(&offsets).unwrap(), st.clone_htod(&a).unwrap(), st.clone_htod(&b).unwrap());
+            let mut cd = st.clone_htod(&c0).unwrap();
+            let total = offsets[cfg.groups] as usize;
+            let ms = median_ms(gpu, || {
+                grouped_gemm_f32(gpu, &cfg, &od.as_view(), total, &ad.as_view(), &bd.as_view(), &mut cd.as_view_mut())
+                    .unwrap()
+            });
+            let flops =
+                2.0 * (if cfg.grouped == Grouped::K { cfg.m * total } else { total * cfg.k }) as f64 * cfg.n as f64;
+            println!("{what}: {ms:.3} ms, {:.1} TFLOP/s", flops / ms / 1e9);
+        }
+    }
+}
+
+fn median_ms(gpu: &Gpu, mut f: impl FnMut()) -> f64 {
+    f();
+    gpu.stream.synchronize().unwrap();
+    let mut t: Vec<f64> = (0..5)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            gpu.stream.synchronize().unwrap();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[2]
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn lora_uses_ragged_groups_with_an_empty_expert() {
+    let gpu = gpu();
+    check_lora(&gpu, 1, Lora { e: 4, r: 3, inp: 67, out: 93, s: 0.5 }, &[37, 0, 90, 23], false);
+    // Groups longer than one 64-row tile and an expert with zero tokens at each end.
+    check_lora(&gpu, 2, Lora { e: 5, r: 8, inp: 129, out: 65, s: 2.0 }, &[0, 200, 1, 64, 0], false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn rank_one() {
+    check_lora(&gpu(), 3, Lora { e: 3, r: 1, inp: 33, out: 17, s: 1.5 }, &[5, 11, 0], false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn gpt_oss_20b_lora_shapes() {
+    // S = 8192 tokens over 32 experts (ragged, two empty), hidden 2880, gate_up out 5760, r = 8.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut sizes: Vec<usize> = (0..32).map(|_| rng.gen_range(1..512)).collect();
+    sizes[5] = 0;
+    sizes[31] = 0;
+    let total: usize = sizes.iter().sum();
+    sizes[0] += 8192 - total.min(8192);
+    check_lora(&gpu(), 4, Lora { e: 32, r: 8, inp: 2880, out: 5760, s: 2.0 }, &sizes, true);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn dense_single_group() {
+    let gpu = gpu();
+    let (m, n, k) = (131, 67, 259);
+    for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0), (-2.0, 0.25)] {
+        // Row-major C = A B with B stored transposed ([n, k]) to exercise a column-strided operand.
+        let cfg = GroupedGemm {
+            groups: 1,
+            grouped: Grouped::M,
+            m,
+            n,
+            k,
+            alpha,
+            beta,
+            a: Strides::row_major(k),
+            b: Strides { row: 1, col: k, group: 0 },
+            c: Strides::row_major(n),
+        };
+        let offsets = [0, m as u32];
+        let (a, b, c0) = (randn(5, m * k, 1.0), randn(6, n * k, 1.0), randn(7, m * n, 1.0));
+        let got = run_f32(&gpu, &cfg, &offsets, &a, &b, &c0);
+        let mut want = c0.clone();
+        grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+        assert_close(&format!("dense [{m}, {n}, {k}] alpha {alpha} beta {beta}"), &got, &want, atol(k, 2.0, 1.0), 1e-4);
+
+        // The same product as one Grouped::K group: C [m, n] = Σ_t A(m, t) B(t, n) over k = 259 rows.
+        let kcfg = GroupedGemm { grouped: Grouped::K, ..cfg };
+        let offsets = [0, k as u32];
+        let got = run_f32(&gpu, &kcfg, &offsets, &a, &b, &c0);
+        let mut want = c0.clone();
+        grouped_gemm_ref(&kcfg, &offsets, &a, &b, &mut want);
+        assert_close(
+            &format!("dense K [{m}, {n}, {k}] alpha {alpha} beta {beta}"),
+            &got,
+            &want,
+            atol(k, 2.0, 1.0),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn beta_zero_overwrites_nan() {
+    let gpu = gpu();
+    let offsets = offsets_of(&[70, 0, 9]);
+    for grouped in [Grouped::M, Grouped::K] {
+        let (m, n, k) = (if grouped == Grouped::M { 70 } else { 13 }, 45, 19);
+        let cfg = GroupedGemm {
+            groups: 3,
+            grouped,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            a: if grouped == Grouped::M { Strides::row_major(k) } else { Strides { row: 1, col: m, group: 0 } },
+            b: if grouped == Grouped::M { Strides { row: n, col: 1, group: k * n } } else { Strides::row_major(n) },
+            c: if grouped == Grouped::M { Strides::row_major(n) } else { Strides { row: n, col: 1, group: m * n } },
+        };
+        let total = 79;
+        let (la, lb, lc) =
+            if grouped == Grouped::M { (total * k, 3 * k * n, total * n) } else { (m * total, total * n, 3 * m * n) };
+        let (a, b) = (randn(8, la, 1.0), randn(9, lb, 1.0));
+        let got = run_f32(&gpu, &cfg, &offsets, &a, &b, &vec![f32::NAN; lc]);
+        let mut want = vec![f32::NAN; lc];
+        grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+        // Grouped::K's empty group writes beta · C = 0, never 0 · NaN.
+        assert!(want.iter().all(|v| v.is_finite()) && got.iter().all(|v| v.is_finite()), "{grouped:?}: NaN survived");
+        assert_close(&format!("{grouped:?} beta 0 over NaN"), &got, &want, atol(79, 1.0, 1.0), 1e-4);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn grouped_k_expert_with_zero_tokens_scales_c_by_beta() {
+    let gpu = gpu();
+    let offsets = offsets_of(&[0, 7, 0, 40]);
+    let (m, n) = (5, 70);
+    let cfg = GroupedGemm {
+        groups: 4,
+        grouped: Grouped::K,
+        m,
+        n,
+        k: 0,
+        alpha: 1.0,
+        beta: 0.5,
+        a: Strides { row: 1, col: m, group: 0 },
+        b: Strides::row_major(n),
+        c: Strides { row: n, col: 1, group: m * n },
+    };
+    let (a, b, c0) = (randn(10, m * 47, 1.0), randn(11, 47 * n, 1.0), randn(12, 4 * m * n, 1.0));
+    let got = run_f32(&gpu, &cfg, &offsets, &a, &b, &c0);
+    let mut want = c0.clone();
+    grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+    assert_close("grouped K with empty groups", &got, &want, atol(40, 1.0, 1.0), 1e-4);
+    assert_eq!(&got[..m * n], &want[..m * n], "an empty group's C is exactly beta · C");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn more_groups_than_grid_z() {
+    // 70,000 groups of 0, 1 or 2 rows: grid z is capped at 65,535 and the kernel loops.
+    let sizes: Vec<usize> = (0..70_000).map(|g| g % 3).collect();
+    let offsets = offsets_of(&sizes);
+    let total = offsets[sizes.len()] as usize;
+    let (n, k) = (5, 3);
+    let cfg = GroupedGemm {
+        groups: sizes.len(),
+        grouped: Grouped::M,
+        m: 2,
+        n,
+        k,
+        alpha: 1.0,
+        beta: 1.0,
+        a: Strides::row_major(k),
+        b: Strides { row: n, col: 1, group: k * n },
+        c: Strides::row_major(n),
+    };
+    let (a, b, c0) = (randn(13, total * k, 1.0), randn(14, sizes.len() * k * n, 1.0), randn(15, total * n, 1.0));
+    let got = run_f32(&gpu(), &cfg, &offsets, &a, &b, &c0);
+    let mut want = c0.clone();
+    grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+    assert_close("70,000 groups", &got, &want, atol(k, 1.0, 1.0), 1e-4);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn more_row_tiles_than_grid_y() {
+    // 65,535 · 64 + 77 rows in one group: grid y is capped at 65,535 and the kernel loops.
+    let (m, n, k) = (65_535 * 64 + 77, 2, 3);
+    let cfg = GroupedGemm {
+        groups: 1,
+        grouped: Grouped::M,
+        m,
+        n,
+        k,
+        alpha: 1.0,
+        beta: 0.0,
+        a: Strides::row_major(k),
+        b: Strides::row_major(n),
+        c: Strides::row_major(n),
+    };
+    let offsets = [0, m as u32];
+    let (a, b) = (randn(16, m * k, 1.0), randn(17, k * n, 1.0));
+    let got = run_f32(&gpu(), &cfg, &offsets, &a, &b, &vec![0.0; m * n]);
+    let mut want = vec![0.0; m * n];
+    grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+    assert_close("4.2M rows", &got, &want, atol(k, 1.0, 1.0), 1e-4);
+}
+
+/// MXFP4 expert weights `[experts, rows, cols]`, forward (`y = x W_gᵀ`, beta 0) and transposed
+/// (`dx += dy W_g`, beta 1), GPU vs CPU reference; `time` prints the kernel's wall time.
+fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usize, sizes: &[usize], time: bool) {
+    let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
+    let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
+    let bmax = max_abs(&dequantize(&hw));
+    let offsets = offsets_of(sizes);
+    let total = offsets[sizes.len()] as usize;
+    let st = &gpu.stream;
+    let (bd, sd, od) =
+        (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
+    let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
+    for transposed in [false, true] {
+        let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
+        let cfg = GroupedGemm {
+            groups: sizes.len(),
+            grouped: Grouped::M,
+            m: max_len(&offsets),
+            n,
+            k,
+            alpha: 1.0,
+            beta: if transposed { 1.0 } else { 0.0 },
+            a: Strides::row_major(k),
+            b: Strides::row_major(0),
+            c: Strides::row_major(n),
+        };
+        let s = seed * 10 + transposed as u64;
+        let (a, c0) = (randn(s + 1, total * k, 1.0), randn(s + 2, total * n, 1.0));
+        let (ad, mut cd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&c0).unwrap());
+        grouped_gemm_f32_mxfp4w(gpu, &cfg, &od.as_view(), total, &ad.as_view(), &w, transposed, &mut cd.as_view_mut())
+            .unwrap();
+        let got = st.clone_dtoh(&cd).unwrap();
+        let mut want = c0.clone();
+        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a, &hw, transposed, &mut want);
+        let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} sizes {sizes:?}");
+        assert_close(&what, &got, &want, atol(k, 1.0, bmax), 1e-4);
+        if time {
+            let ms = median_ms(gpu, || {
+                grouped_gemm_f32_mxfp4w(
+                    gpu,
+                    &cfg,
+                    &od.as_view(),
+                    total,
+                    &ad.as_view(),
+                    &w,
+                    transposed,
+                    &mut cd.as_view_mut(),
+                )
+                .unwrap()
+            });
+            println!("{what}: {ms:.3} ms, {:.1} TFLOP/s", 2.0 * (total * k * n) as f64 / ms / 1e9);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_tiny_with_an_expert_with_zero_tokens() {
+    check_mxfp4_gpu(&gpu(), 20, 4, 128, 64, &[9, 0, 70, 3], false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_partial_tiles() {
+    // rows 100: a partial 64-row n tile (forward) and a partial 32-deep k slice (transposed);
+    // cols 96: the transposed product's second n tile holds one block and one missing one.
+    check_mxfp4_gpu(&gpu(), 21, 3, 100, 96, &[0, 65, 1], false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_gpt_oss_20b_shapes() {
+    // gate_up [5760, 2880] and down [2880, 2880] experts, a few hundred tokens, one expert empty.
+    let gpu = gpu();
+    check_mxfp4_gpu(&gpu, 22, 4, 5760, 2880, &[100, 0, 173, 41], true);
+    check_mxfp4_gpu(&gpu, 23, 4, 2880, 2880, &[100, 0, 173, 41], true);
+}

@@ -1,0 +1,19 @@
+//! Every kernel source of this crate compiles with NVRTC for Hopper (sm_90a), with no GPU needed. CI installs
+//! libnvrtc and the CUDA headers from PyPI and runs this with `--ignored` (see kernels/tests/nvrtc_compile.rs).
+#![cfg(feature = "cuda")]
+
+#[test]
+#[ignore = "needs libnvrtc and the CUDA headers (.ci/run installs them from PyPI wheels and runs this)"]
+fn every_kernel_compiles_for_sm_90a() {
+    let (major, minor) = oxtune_kernels::nvrtc::version().expect("libnvrtc");
+    assert!(
+        !oxtune_kernels::nvrtc::include_dirs().is_empty(),
+        "no CUDA include directory found (set OXTUNE_CUDA_INCLUDE)"
+    );
+    for (name, src) in oxtune_optim::SOURCES {
+        assert!(name.starts_with("optim_"), "{name}: module names of this crate start with optim_");
+        let cubin = oxtune_kernels::nvrtc::compile_cubin(name, src, "sm_90a").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{name}: NVRTC {major}.{minor} did not produce an ELF CUBIN");
+        println!("{name}: {} bytes of sm_90a CUBIN (NVRTC {major}.{minor})", cubin.len());
+    }
+}

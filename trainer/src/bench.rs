@@ -1,0 +1,177 @@
+//! The training benchmark on the GPU (`oxtune bench-train`): a model of any gpt-oss shape with
+//! random weights in the real layout (MXFP4 experts), one batch of random tokens that all carry a
+//! loss, LoRA on attention and experts, and timed optimizer steps exactly as `oxtune train` runs
+//! them (forward, backward, clipping, 8-bit AdamW).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use oxtune_kernels::Gpu;
+use oxtune_optim::{AdamW8bit, AdamW8bitConfig, Optimizer, Param};
+
+use crate::config::GptOssConfig;
+use crate::error::{Error, Result};
+use crate::gpu::GpuEngine;
+use crate::grad::TrainBatch;
+use crate::lora_adapter::{LoraAdapter, LoraSpec};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub model: GptOssConfig,
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub lora_experts: bool,
+    /// Timed steps (after two warm-up steps).
+    pub steps: usize,
+    pub seed: u64,
+}
+
+/// What was measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub seq: usize,
+    pub batch: usize,
+    pub layers: usize,
+    pub experts: usize,
+    pub rank: usize,
+    pub lora_experts: bool,
+    pub trainable: usize,
+    /// Median over the timed steps.
+    pub step_s: f64,
+    pub tok_s: f64,
+    /// Device memory in use after the steps (the driver's count: every allocation plus the
+    /// context). The engine allocates everything before the first step, so this is the peak.
+    pub peak_gib: f64,
+    /// Of that, what the engine allocated (weights, LoRA, activations, scratch).
+    pub engine_gib: f64,
+    /// Model FLOPs per step (6 · active parameters · tokens + attention) over step time, as a
+    /// fraction of the H100 SXM's 989 dense bf16 TFLOP/s.
+    pub mfu: f64,
+    /// Seconds per phase of the median step: forward + backward on the device, the optimizer
+    /// (gradients to the host, clipping, 8-bit AdamW, parameters back).
+    pub fwd_bwd_s: f64,
+    pub optimizer_s: f64,
+    pub losses: Vec<f64>,
+}
+
+/// Dense bf16 tensor-core peak of an H100 SXM, the MFU denominator.
+pub const H100_BF16_FLOPS: f64 = 989e12;
+
+/// FLOPs of one training step: `6 · active · tokens` for the weights plus attention's
+/// `QKᵀ` and `PV` (forward `4 · d · heads` per visible key, backward twice that).
+pub fn step_flops(c: &GptOssConfig, seq: usize, batch: usize) -> f64 {
+    let active = crate::sizes::params(c).active as f64;
+    let tokens = (seq * batch) as f64;
+    let mut attn = 0.0;
+    for l in 0..c.num_hidden_layers {
+        let keys: f64 = match c.layer_types.get(l) {
+            Some(crate::config::LayerType::Sliding) => {
+                (0..seq).map(|i| (i + 1).min(c.sliding_window) as f64).sum::<f64>() / seq as f64
+            }
+            _ => (seq + 1) as f64 / 2.0,
+        };
+        attn += 3.0 * 4.0 * (c.head_dim * c.num_attention_heads) as f64 * keys * tokens;
+    }
+    6.0 * active * tokens + attn
+}
+
+pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let t0 = Instant::now();
+    let model = crate::random_ckpt::random_model(&b.model, b.seed)?;
+    log(&format!("random weights: {:.1}s", t0.elapsed().as_secs_f64()));
+    let spec = LoraSpec { r: b.rank, alpha: 2.0 * b.rank as f32, experts: b.lora_experts, ..LoraSpec::default() };
+    let mut adapter = LoraAdapter::new(&model.cfg, spec, b.seed)?;
+    let tokens = b.seq * b.batch;
+    let t1 = Instant::now();
+    let mut eng = GpuEngine::new(gpu.clone(), &model, &adapter, tokens)?;
+    log(&format!(
+        "engine on the device: {:.1}s, {:.2} GiB",
+        t1.elapsed().as_secs_f64(),
+        eng.bytes as f64 / crate::gpu::GIB
+    ));
+    drop(model);
+    let v = b.model.vocab_size as u64;
+    let mut x = b.seed | 1;
+    let mut next = || {
+        // xorshift64*: random token ids without a dependency.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) % v
+    };
+    let ids: Vec<u32> = (0..tokens).map(|_| next() as u32).collect();
+    let batch = TrainBatch {
+        pos: (0..b.batch).flat_map(|_| 0..b.seq as u32).collect(),
+        seg: vec![0; tokens],
+        rows: (0..b.batch).map(|r| r * b.seq..(r + 1) * b.seq).collect(),
+        targets: (0..tokens).map(|i| if (i + 1) % b.seq == 0 { -100 } else { ids[i + 1] as i64 }).collect(),
+        ids,
+    };
+    let counted = batch.counted().max(1);
+    let mut opt = AdamW8bit::new(AdamW8bitConfig::default()).map_err(|e| Error::Input(e.to_string()))?;
+    let (mut times, mut losses) = (vec![], vec![]);
+    for step in 0..b.steps + 2 {
+        let s0 = Instant::now();
+        eng.zero_grads()?;
+        let (sum, n) = eng.forward_backward(&batch, 1.0 / counted as f32)?;
+        let fb = s0.elapsed().as_secs_f64();
+        eng.download_grads(&mut adapter, None)?;
+        let mut grads: Vec<&mut [f32]> = adapter.grads().into_iter().map(|(_, _, g)| g).collect();
+        oxtune_optim::clip_grad_norm(&mut grads, 1.0).map_err(|e| Error::Input(e.to_string()))?;
+        let mut ps = adapter.params();
+        let mut params: Vec<Param> = ps.iter_mut().map(|(n, v, g)| Param::new(n, v, g)).collect();
+        opt.step(&mut params, 1e-4).map_err(|e| Error::Input(e.to_string()))?;
+        drop(params);
+        drop(ps);
+        eng.upload_params(&adapter, None)?;
+        let total_s = s0.elapsed().as_secs_f64();
+        let loss = sum / n.max(1) as f64;
+        log(&format!(
+            "step {}/{}{}: loss {loss:.4}, {total_s:.3}s ({fb:.3}s forward+backward), {:.0} tok/s",
+            step + 1,
+            b.steps + 2,
+            if step < 2 { " (warm-up)" } else { "" },
+            tokens as f64 / total_s
+        ));
+        losses.push(loss);
+        if step >= 2 {
+            times.push((total_s, fb));
+        }
+    }
+    let (free1, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("{e:?}")))?;
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (step_s, fwd_bwd_s) = times[times.len() / 2];
+    Ok(BenchReport {
+        device: crate::gpu::describe(&gpu),
+        seq: b.seq,
+        batch: b.batch,
+        layers: b.model.num_hidden_layers,
+        experts: b.model.num_local_experts,
+        rank: b.rank,
+        lora_experts: b.lora_experts,
+        trainable: adapter.num_params(),
+        step_s,
+        tok_s: tokens as f64 / step_s,
+        peak_gib: (total - free1) as f64 / crate::gpu::GIB,
+        engine_gib: eng.bytes as f64 / crate::gpu::GIB,
+        mfu: step_flops(&b.model, b.seq, b.batch) / step_s / H100_BF16_FLOPS,
+        fwd_bwd_s,
+        optimizer_s: step_s - fwd_bwd_s,
+        losses,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_flops_of_gpt_oss_20b_at_2048() {
+        // 6 × 3.6e9 × 2048 ≈ 44 TFLOP plus attention (a few TFLOP): the arithmetic.
+        let f = step_flops(&GptOssConfig::gpt_oss_20b(), 2048, 1);
+        assert!(f > 44e12 && f < 52e12, "{f:e}");
+    }
+}

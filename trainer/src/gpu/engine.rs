@@ -1,0 +1,1307 @@
+//! [`GpuEngine`]: forward, loss and backward of the whole model on the device, in the order and
+//! with the rule of `grad.rs` (parameter gradients `+=`, activation gradients `=`, the residual
+//! stream's gradient carried and added to).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
+use half::bf16;
+use oxtune_kernels::blas::Blas;
+use oxtune_kernels::ops::attention::{attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
+use oxtune_kernels::ops::cross_entropy::cross_entropy_gpu;
+use oxtune_kernels::ops::elementwise::{add_gpu, gather_rows_gpu, scatter_rows_gpu, split_f32_to_bf16x2_gpu};
+use oxtune_kernels::ops::embedding::embedding_gpu_bf16w;
+use oxtune_kernels::ops::gemm::{
+    grouped_gemm_f32, grouped_gemm_f32_mxfp4w, Grouped, GroupedGemm, Mxfp4Weight, Strides,
+};
+use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_gpu, rmsnorm_gpu};
+use oxtune_kernels::ops::rope::rope_gpu;
+use oxtune_kernels::Gpu;
+use oxtune_moe::permute::{add_expert_bias_gpu, combine_backward_gpu, combine_gpu, unpermute_sum_gpu};
+use oxtune_moe::router::{route_backward_gpu, topk_softmax_gpu};
+use oxtune_moe::swiglu::{swiglu_backward_gpu, swiglu_gpu};
+use oxtune_moe::{Proj, Routing, RoutingPlan, SwigluParams};
+
+use super::weights::{Alloc, ExpertW, GpuLinear, GpuWeights};
+use crate::adapter::Dense;
+use crate::config::GptOssConfig;
+use crate::error::{Error, Result};
+use crate::grad::TrainBatch;
+use crate::lora_adapter::{LoraAdapter, SiteLayout, Target};
+use crate::model::Model;
+use crate::ops::loss::IGNORE_INDEX;
+
+/// LM-head rows per chunk: bounds the logits buffer to `HEAD_CHUNK · V` floats (206 MB for gpt-oss).
+const HEAD_CHUNK: usize = 256;
+
+fn v<T>(s: &CudaSlice<T>, n: usize) -> CudaView<'_, T> {
+    s.slice(0..n)
+}
+
+fn vm<T>(s: &mut CudaSlice<T>, n: usize) -> CudaViewMut<'_, T> {
+    s.slice_mut(0..n)
+}
+
+/// Copies `host` to the start of `dev`.
+fn htod<T: DeviceRepr>(gpu: &Gpu, host: &[T], dev: &mut CudaSlice<T>) -> Result<()> {
+    if host.is_empty() {
+        return Ok(());
+    }
+    gpu.stream.memcpy_htod(host, &mut dev.slice_mut(0..host.len())).map_err(|e| Error::Gpu(format!("{e:?}")))
+}
+
+/// One LoRA pair on the device, mirroring [`LoraAdapter`]'s entry of the same index.
+struct GpuLoraPair {
+    site: SiteLayout,
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    ga: CudaSlice<f32>,
+    gb: CudaSlice<f32>,
+}
+
+/// What the backward pass needs from one layer's forward pass, sized for the token budget.
+struct LayerActs {
+    x_in: CudaSlice<f32>,
+    a: CudaSlice<f32>,
+    rstd1: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    o: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<f32>,
+    bn: CudaSlice<f32>,
+    rstd2: CudaSlice<f32>,
+    experts: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    token: CudaSlice<u32>,
+    choice: CudaSlice<u32>,
+    pweight: CudaSlice<f32>,
+    slot_of: CudaSlice<u32>,
+    slot_expert: CudaSlice<u32>,
+    offsets: CudaSlice<u32>,
+    /// Host copy of the expert offsets of the current batch.
+    host_offsets: Vec<usize>,
+    xs: CudaSlice<f32>,
+    hh: CudaSlice<f32>,
+    z: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+}
+
+/// The expert groups of a layer's routing plan: offsets on the device and on the host.
+struct Groups<'a> {
+    offsets: CudaView<'a, u32>,
+    host: &'a [usize],
+}
+
+impl Groups<'_> {
+    fn of(a: &LayerActs) -> Groups<'_> {
+        Groups { offsets: a.offsets.as_view(), host: &a.host_offsets }
+    }
+
+    fn total(&self) -> usize {
+        *self.host.last().unwrap_or(&0)
+    }
+
+    fn max_rows(&self) -> usize {
+        self.host.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+}
+
+/// Working buffers shared by all layers.
+struct Scratch {
+    ids: CudaSlice<u32>,
+    pos: CudaSlice<u32>,
+    ones: CudaSlice<f32>,
+    /// Visible key / query ranges per token for full and sliding layers: klo, khi, qlo, qhi.
+    ranges: [[CudaSlice<u32>; 4]; 2],
+    x: CudaSlice<f32>,
+    bf: CudaSlice<bf16>,
+    mix: CudaSlice<f32>,
+    router_logits: CudaSlice<f32>,
+    hf: CudaSlice<f32>,
+    rstd_f: CudaSlice<f32>,
+    dhf: CudaSlice<f32>,
+    idx: CudaSlice<u32>,
+    targets: CudaSlice<i32>,
+    losses: CudaSlice<f32>,
+    hc: CudaSlice<f32>,
+    dhc: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    dx: CudaSlice<f32>,
+    db: CudaSlice<f32>,
+    dn: CudaSlice<f32>,
+    da: CudaSlice<f32>,
+    dout: CudaSlice<f32>,
+    dq: CudaSlice<f32>,
+    dk: CudaSlice<f32>,
+    dv: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    dys: CudaSlice<f32>,
+    dweights: CudaSlice<f32>,
+    dz: CudaSlice<f32>,
+    dh: CudaSlice<f32>,
+    dxs: CudaSlice<f32>,
+    dlogits: CudaSlice<f32>,
+    u: CudaSlice<f32>,
+    du: CudaSlice<f32>,
+}
+
+/// The model, its LoRA adapter and its buffers on one GPU.
+pub struct GpuEngine {
+    pub gpu: Arc<Gpu>,
+    blas: Blas,
+    cfg: GptOssConfig,
+    w: GpuWeights,
+    lora: Vec<GpuLoraPair>,
+    lora_at: HashMap<(usize, Target), usize>,
+    /// Per-layer sink gradients `[L][nq]` (accumulated).
+    dsinks: Vec<CudaSlice<f32>>,
+    acts: Vec<LayerActs>,
+    s: Scratch,
+    /// Tokens of the largest micro-batch the buffers hold.
+    pub max_tokens: usize,
+    /// Bytes allocated on the device.
+    pub bytes: usize,
+    rope_scaling: f32,
+    swiglu: SwigluParams,
+    /// Testing hook (`OXTUNE_FAULT_AT_STEP=N`): the N-th forward-backward (1-based) provokes a
+    /// sticky CUDA error, to test that a run survives a GPU fault.
+    fault_at: Option<u64>,
+    passes: u64,
+}
+
+/// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
+/// weights and LoRA), to check against free memory first.
+pub fn activation_bytes(cfg: &GptOssConfig, t: usize, max_rank: usize) -> usize {
+    let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
+    let (e, k, i) = (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size);
+    let s = t * k;
+    let per_layer = t * (4 * h + 2 * qw + 2 * kw + nq + 2) + t * k * 3 + s * (4 + h + 2 * i + i + h) + e + 1;
+    let chunk = HEAD_CHUNK.min(t.max(1));
+    let scratch = t * (10 + 2 + 8) // ids, pos, ones, ranges, idx, targets, losses
+        + t * h * 9
+        + t * (2 * qw + 2 * kw + nq + k + 2 * e)
+        + chunk * (2 * h + cfg.vocab_size)
+        + s * (2 * h + 3 * i)
+        + 2 * s * max_rank;
+    let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
+    4 * (per_layer * cfg.num_hidden_layers + scratch + bf)
+}
+
+impl GpuEngine {
+    /// Uploads `model` and `adapter` to `gpu` and allocates buffers for micro-batches of up to
+    /// `max_tokens` tokens.
+    pub fn new(gpu: Arc<Gpu>, model: &Model, adapter: &LoraAdapter, max_tokens: usize) -> Result<Self> {
+        let cfg = model.cfg.clone();
+        let t = max_tokens.max(1);
+        let layout = adapter.layout();
+        let max_rank = layout.iter().map(|s| s.rank).max().unwrap_or(1);
+        let weight_bytes = GpuWeights::bytes_for(model);
+        let lora_bytes = 4 * 3 * adapter.num_params();
+        let need = weight_bytes + lora_bytes + activation_bytes(&cfg, t, max_rank);
+        let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
+        if need > free {
+            return Err(super::oom_advice(
+                &format!(
+                    "training with micro-batches of {t} tokens ({:.2} GiB weights, {:.2} GiB LoRA and gradients, {:.2} GiB activations)",
+                    weight_bytes as f64 / super::GIB,
+                    lora_bytes as f64 / super::GIB,
+                    (need - weight_bytes - lora_bytes) as f64 / super::GIB
+                ),
+                need,
+                free,
+                total,
+            ));
+        }
+        let blas = Blas::new(&gpu)?;
+        let mut al = Alloc { gpu: &gpu, bytes: 0 };
+        let w = GpuWeights::upload(&mut al, model)?;
+        let mut lora = Vec::with_capacity(layout.len());
+        let mut lora_at = HashMap::new();
+        let tensors = adapter.tensors();
+        for (i, site) in layout.iter().enumerate() {
+            let (a, b) = (tensors[2 * i].2, tensors[2 * i + 1].2);
+            lora_at.insert((site.layer, site.target), i);
+            lora.push(GpuLoraPair {
+                site: *site,
+                a: al.upload("LoRA A", a)?,
+                b: al.upload("LoRA B", b)?,
+                ga: al.zeros("LoRA A gradient", a.len())?,
+                gb: al.zeros("LoRA B gradient", b.len())?,
+            });
+        }
+        let nq = cfg.num_attention_heads;
+        let dsinks = (0..cfg.num_hidden_layers).map(|_| al.zeros("sink gradients", nq)).collect::<Result<_>>()?;
+        let (h, qw, kw) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width());
+        let (e, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
+        let s = t * k;
+        let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            let mut z = |n: usize| al.zeros::<f32>("saved activations", n);
+            let (x_in, a, rstd1, q, kk, vv, o, lse) =
+                (z(t * h)?, z(t * h)?, z(t)?, z(t * qw)?, z(t * kw)?, z(t * kw)?, z(t * qw)?, z(t * nq)?);
+            let (x_mid, bn, rstd2, weights, pweight) = (z(t * h)?, z(t * h)?, z(t)?, z(t * k)?, z(s)?);
+            let (xs, hh, zz, y) = (z(s * h)?, z(s * i2)?, z(s * i2 / 2)?, z(s * h)?);
+            let mut zu = |n: usize| al.zeros::<u32>("routing plan", n);
+            acts.push(LayerActs {
+                x_in,
+                a,
+                rstd1,
+                q,
+                k: kk,
+                v: vv,
+                o,
+                lse,
+                x_mid,
+                bn,
+                rstd2,
+                experts: zu(t * k)?,
+                weights,
+                token: zu(s)?,
+                choice: zu(s)?,
+                pweight,
+                slot_of: zu(t * k)?,
+                slot_expert: zu(s)?,
+                offsets: zu(e + 1)?,
+                host_offsets: vec![0; e + 1],
+                xs,
+                hh,
+                z: zz,
+                y,
+            });
+        }
+        let chunk = HEAD_CHUNK.min(t);
+        let mut zr = || -> Result<[CudaSlice<u32>; 4]> {
+            Ok([al.zeros("ranges", t)?, al.zeros("ranges", t)?, al.zeros("ranges", t)?, al.zeros("ranges", t)?])
+        };
+        let ranges = [zr()?, zr()?];
+        let bf_len = 2 * (t * h.max(qw)).max(chunk * cfg.vocab_size);
+        let s_ = Scratch {
+            ids: al.zeros("token ids", t)?,
+            pos: al.zeros("positions", t)?,
+            ones: al.upload("ones", &vec![1.0f32; t])?,
+            ranges,
+            x: al.zeros("residual", t * h)?,
+            bf: al.zeros("bf16 scratch", bf_len)?,
+            mix: al.zeros("scratch", t * h)?,
+            router_logits: al.zeros("router logits", t * e)?,
+            hf: al.zeros("final hidden", t * h)?,
+            rstd_f: al.zeros("final norm", t)?,
+            dhf: al.zeros("scratch", t * h)?,
+            idx: al.zeros("loss positions", t)?,
+            targets: al.zeros("targets", t)?,
+            losses: al.zeros("losses", t)?,
+            hc: al.zeros("head chunk", chunk * h)?,
+            dhc: al.zeros("head chunk gradient", chunk * h)?,
+            logits: al.zeros("logits chunk", chunk * cfg.vocab_size)?,
+            dx: al.zeros("scratch", t * h)?,
+            db: al.zeros("scratch", t * h)?,
+            dn: al.zeros("scratch", t * h)?,
+            da: al.zeros("scratch", t * h)?,
+            dout: al.zeros("scratch", t * qw)?,
+            dq: al.zeros("scratch", t * qw)?,
+            dk: al.zeros("scratch", t * kw)?,
+            dv: al.zeros("scratch", t * kw)?,
+            delta: al.zeros("scratch", t * nq)?,
+            dys: al.zeros("scratch", s * h)?,
+            dweights: al.zeros("scratch", t * k)?,
+            dz: al.zeros("scratch", s * i2 / 2)?,
+            dh: al.zeros("scratch", s * i2)?,
+            dxs: al.zeros("scratch", s * h)?,
+            dlogits: al.zeros("scratch", t * e)?,
+            u: al.zeros("LoRA scratch", s * max_rank)?,
+            du: al.zeros("LoRA scratch", s * max_rank)?,
+        };
+        let bytes = al.bytes;
+        Ok(Self {
+            blas,
+            rope_scaling: model.rope.attention_scaling,
+            swiglu: model.swiglu(),
+            cfg,
+            w,
+            lora,
+            lora_at,
+            dsinks,
+            acts,
+            s: s_,
+            max_tokens: t,
+            bytes,
+            gpu,
+            fault_at: std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok()),
+            passes: 0,
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.gpu.stream.synchronize().map_err(|e| Error::Gpu(format!("{e:?}")))
+    }
+
+    fn dtoh<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        if n > 0 {
+            self.gpu.stream.memcpy_dtoh(&dev.slice(0..n), &mut out).map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        }
+        Ok(out)
+    }
+
+    // ---- parameters ------------------------------------------------------------------------
+
+    /// Copies the adapter's values (and, with `sinks`, every layer's sinks) to the device.
+    pub fn upload_params(&mut self, adapter: &LoraAdapter, sinks: Option<&[Vec<f32>]>) -> Result<()> {
+        let tensors = adapter.tensors();
+        let stream = self.gpu.stream.clone();
+        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
+        for (i, p) in self.lora.iter_mut().enumerate() {
+            stream.memcpy_htod(tensors[2 * i].2, &mut p.a).map_err(err)?;
+            stream.memcpy_htod(tensors[2 * i + 1].2, &mut p.b).map_err(err)?;
+        }
+        if let Some(s) = sinks {
+            for (layer, v) in self.w.layers.iter_mut().zip(s) {
+                stream.memcpy_htod(v, &mut layer.sinks).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes the LoRA and sink gradients.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let stream = self.gpu.stream.clone();
+        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
+        for p in &mut self.lora {
+            stream.memset_zeros(&mut p.ga).map_err(err)?;
+            stream.memset_zeros(&mut p.gb).map_err(err)?;
+        }
+        for d in &mut self.dsinks {
+            stream.memset_zeros(d).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the accumulated gradients into the adapter's gradient buffers (and `sinks`).
+    pub fn download_grads(&self, adapter: &mut LoraAdapter, sinks: Option<&mut [Vec<f32>]>) -> Result<()> {
+        let stream = &self.gpu.stream;
+        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
+        let mut grads = adapter.grads();
+        for (i, p) in self.lora.iter().enumerate() {
+            stream.memcpy_dtoh(&p.ga, &mut *grads[2 * i].2).map_err(err)?;
+            stream.memcpy_dtoh(&p.gb, &mut *grads[2 * i + 1].2).map_err(err)?;
+        }
+        if let Some(s) = sinks {
+            for (d, h) in self.dsinks.iter().zip(s.iter_mut()) {
+                stream.memcpy_dtoh(d, h.as_mut_slice()).map_err(err)?;
+            }
+        }
+        self.sync()
+    }
+
+    // ---- building blocks ---------------------------------------------------------------------
+
+    /// `c [m, n] = x [m, k] · op(W) + beta · c` for f32 activations and bf16 weights. `x` is split
+    /// into two bf16 halves (`x = hi + lo` to about 2^-17) and each goes through a bf16 tensor-core
+    /// GEMM with f32 accumulation: with bf16 weights (what checkpoints hold) this is about as exact
+    /// as an f32 GEMM, for twice the bf16 work.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_xw(
+        blas: &Blas,
+        gpu: &Gpu,
+        bf: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: &CudaView<f32>,
+        w: &CudaView<bf16>,
+        trans_w: bool,
+        c: &mut CudaViewMut<f32>,
+        beta: f32,
+    ) -> Result<()> {
+        let mut buf = bf.slice_mut(0..2 * m * k);
+        let (mut hi, mut lo) = buf.split_at_mut(m * k);
+        split_f32_to_bf16x2_gpu(gpu, x, &mut hi, &mut lo)?;
+        blas.matmul_bf16(m, n, k, &hi.as_view(), false, w, trans_w, c, 1.0, beta)?;
+        blas.matmul_bf16(m, n, k, &lo.as_view(), false, w, trans_w, c, 1.0, 1.0)?;
+        Ok(())
+    }
+
+    /// `y [t, out] (= or +=) x [t, in] · Wᵀ + b`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd(
+        blas: &Blas,
+        gpu: &Gpu,
+        bf: &mut CudaSlice<bf16>,
+        ones: &CudaSlice<f32>,
+        lin: &GpuLinear,
+        x: &CudaView<f32>,
+        t: usize,
+        y: &mut CudaViewMut<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        // Bias as a rank-1 product: ones [t, 1] · b [1, out].
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        blas.matmul_f32(t, lin.n_out, 1, &v(ones, t), false, &lin.b.as_view(), false, y, 1.0, beta)?;
+        Self::gemm_xw(blas, gpu, bf, t, lin.n_out, lin.n_in, x, &lin.w.as_view(), true, y, 1.0)
+    }
+
+    /// `dx [t, in] (= or +=) dy [t, out] · W`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        blas: &Blas,
+        gpu: &Gpu,
+        bf: &mut CudaSlice<bf16>,
+        lin: &GpuLinear,
+        dy: &CudaView<f32>,
+        t: usize,
+        dx: &mut CudaViewMut<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        Self::gemm_xw(blas, gpu, bf, t, lin.n_in, lin.n_out, dy, &lin.w.as_view(), false, dx, beta)
+    }
+
+    /// `y [t, out] += s · (x Aᵀ) Bᵀ` for a dense LoRA pair.
+    fn lora_dense_fwd(
+        blas: &Blas,
+        p: &GpuLoraPair,
+        u: &mut CudaSlice<f32>,
+        x: &CudaView<f32>,
+        t: usize,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let SiteLayout { n_in, n_out, rank: r, scaling, .. } = p.site;
+        blas.matmul_f32(t, r, n_in, x, false, &p.a.as_view(), true, &mut vm(u, t * r), 1.0, 0.0)?;
+        blas.matmul_f32(t, n_out, r, &v(u, t * r), false, &p.b.as_view(), true, y, scaling, 1.0)?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::lora_dense_fwd`]: gradients `+=`, `dx += ∂/∂x`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_dense_bwd(
+        blas: &Blas,
+        p: &mut GpuLoraPair,
+        u: &mut CudaSlice<f32>,
+        du: &mut CudaSlice<f32>,
+        x: &CudaView<f32>,
+        dy: &CudaView<f32>,
+        t: usize,
+        dx: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let SiteLayout { n_in, n_out, rank: r, scaling, .. } = p.site;
+        blas.matmul_f32(t, r, n_in, x, false, &p.a.as_view(), true, &mut vm(u, t * r), 1.0, 0.0)?;
+        blas.matmul_f32(n_out, r, t, dy, true, &v(u, t * r), false, &mut p.gb.as_view_mut(), scaling, 1.0)?;
+        blas.matmul_f32(t, r, n_out, dy, false, &p.b.as_view(), false, &mut vm(du, t * r), scaling, 0.0)?;
+        blas.matmul_f32(r, n_in, t, &v(du, t * r), true, x, false, &mut p.ga.as_view_mut(), 1.0, 1.0)?;
+        blas.matmul_f32(t, n_in, r, &v(du, t * r), false, &p.a.as_view(), false, dx, 1.0, 1.0)?;
+        Ok(())
+    }
+
+    /// Grouped GEMM over expert-sorted slots: `cfg` with the groups' offsets.
+    fn grouped(
+        gpu: &Gpu,
+        cfg: GroupedGemm,
+        g: &Groups,
+        a: &CudaView<f32>,
+        b: &CudaView<f32>,
+        c: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        grouped_gemm_f32(gpu, &cfg, &g.offsets, g.total(), a, b, c)?;
+        Ok(())
+    }
+
+    /// `y [S, out] += s · (x_e A_eᵀ) B_eᵀ` per expert (PEFT's expert LoRA layout).
+    fn lora_experts_fwd(
+        gpu: &Gpu,
+        p: &GpuLoraPair,
+        acts: &Groups,
+        u: &mut CudaSlice<f32>,
+        x: &CudaView<f32>,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let SiteLayout { n_in, n_out, rank: r, experts: e, scaling, .. } = p.site;
+        let (groups, m) = (e, acts.max_rows());
+        let slots = acts.total();
+        let st = |row, col, group| Strides { row, col, group };
+        let g = |n, k, alpha, beta, a, b, c| GroupedGemm { groups, grouped: Grouped::M, m, n, k, alpha, beta, a, b, c };
+        Self::grouped(
+            gpu,
+            g(r, n_in, 1.0, 0.0, st(n_in, 1, 0), st(1, n_in, r * n_in), st(r, 1, 0)),
+            acts,
+            x,
+            &p.a.as_view(),
+            &mut vm(u, slots * r),
+        )?;
+        Self::grouped(
+            gpu,
+            g(n_out, r, scaling, 1.0, st(r, 1, 0), st(e, r * e, 1), st(n_out, 1, 0)),
+            acts,
+            &v(u, slots * r),
+            &p.b.as_view(),
+            y,
+        )?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::lora_experts_fwd`]: gradients `+=`, `dx += ∂/∂x`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_experts_bwd(
+        gpu: &Gpu,
+        p: &mut GpuLoraPair,
+        acts: &Groups,
+        u: &mut CudaSlice<f32>,
+        du: &mut CudaSlice<f32>,
+        x: &CudaView<f32>,
+        dy: &CudaView<f32>,
+        dx: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let SiteLayout { n_in, n_out, rank: r, experts: e, scaling, .. } = p.site;
+        let (groups, m) = (e, acts.max_rows());
+        let slots = acts.total();
+        let st = |row, col, group| Strides { row, col, group };
+        let gm =
+            |n, k, alpha, beta, a, b, c| GroupedGemm { groups, grouped: Grouped::M, m, n, k, alpha, beta, a, b, c };
+        let gk =
+            |m, n, alpha, a, b, c| GroupedGemm { groups, grouped: Grouped::K, m, n, k: 0, alpha, beta: 1.0, a, b, c };
+        // u = x_e A_eᵀ (recomputed), du = s · dy B_e
+        Self::grouped(
+            gpu,
+            gm(r, n_in, 1.0, 0.0, st(n_in, 1, 0), st(1, n_in, r * n_in), st(r, 1, 0)),
+            acts,
+            x,
+            &p.a.as_view(),
+            &mut vm(u, slots * r),
+        )?;
+        Self::grouped(
+            gpu,
+            gm(r, n_out, scaling, 0.0, st(n_out, 1, 0), st(r * e, e, 1), st(r, 1, 0)),
+            acts,
+            dy,
+            &p.b.as_view(),
+            &mut vm(du, slots * r),
+        )?;
+        // dB_e += s · dy_eᵀ u_e ; dA_e += du_eᵀ x_e ; dx += du A_e
+        Self::grouped(
+            gpu,
+            gk(n_out, r, scaling, st(1, n_out, 0), st(r, 1, 0), st(r * e, e, 1)),
+            acts,
+            dy,
+            &v(u, slots * r),
+            &mut p.gb.as_view_mut(),
+        )?;
+        Self::grouped(
+            gpu,
+            gk(r, n_in, 1.0, st(1, r, 0), st(n_in, 1, 0), st(n_in, 1, r * n_in)),
+            acts,
+            &v(du, slots * r),
+            x,
+            &mut p.ga.as_view_mut(),
+        )?;
+        Self::grouped(
+            gpu,
+            gm(n_in, r, 1.0, 1.0, st(r, 1, 0), st(n_in, 1, r * n_in), st(n_in, 1, 0)),
+            acts,
+            &v(du, slots * r),
+            &p.a.as_view(),
+            dx,
+        )?;
+        Ok(())
+    }
+
+    /// Frozen expert weight: `y [S, out] = x [S, in] · W_eᵀ` (forward) or `dx [S, in] = dy [S, out] · W_e`.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_gemm(
+        gpu: &Gpu,
+        w: &ExpertW,
+        experts: usize,
+        n_in: usize,
+        n_out: usize,
+        acts: &Groups,
+        x: &CudaView<f32>,
+        backward: bool,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let m = acts.max_rows();
+        let total = acts.total();
+        let (n, k) = if backward { (n_in, n_out) } else { (n_out, n_in) };
+        let st = |row, col, group| Strides { row, col, group };
+        let cfg = |b| GroupedGemm {
+            groups: experts,
+            grouped: Grouped::M,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            a: st(k, 1, 0),
+            b,
+            c: st(n, 1, 0),
+        };
+        match w {
+            ExpertW::Mxfp4 { blocks, scales } => {
+                let wt = Mxfp4Weight {
+                    blocks: blocks.as_view(),
+                    scales: scales.as_view(),
+                    experts,
+                    rows: n_out,
+                    cols: n_in,
+                };
+                grouped_gemm_f32_mxfp4w(gpu, &cfg(st(0, 0, 0)), &acts.offsets, total, x, &wt, backward, y)?;
+            }
+            ExpertW::Dense(wd) => {
+                // `[E, in, out]`: forward B(k = in, n = out), backward B(k = out, n = in).
+                let b = if backward { st(1, n_out, n_in * n_out) } else { st(n_out, 1, n_in * n_out) };
+                grouped_gemm_f32(gpu, &cfg(b), &acts.offsets, total, x, &wd.as_view(), y)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- forward ---------------------------------------------------------------------------
+
+    /// Uploads a batch's ids, positions and attention ranges.
+    fn load_batch(&mut self, ids: &[u32], pos: &[u32], seg: &[u32], rows: &[std::ops::Range<usize>]) -> Result<()> {
+        let t = ids.len();
+        if t > self.max_tokens {
+            return Err(Error::Input(format!(
+                "a micro-batch of {t} tokens exceeds the {} the GPU buffers were sized for",
+                self.max_tokens
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is out of range: the model's vocabulary has {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        let gpu = &*self.gpu;
+        htod(gpu, ids, &mut self.s.ids)?;
+        htod(gpu, pos, &mut self.s.pos)?;
+        for (wi, window) in [None, Some(self.cfg.sliding_window)].into_iter().enumerate() {
+            let r = visible_ranges(pos, seg, rows, window)?;
+            let [klo, khi, qlo, qhi] = &mut self.s.ranges[wi];
+            htod(gpu, &r.klo, klo)?;
+            htod(gpu, &r.khi, khi)?;
+            htod(gpu, &r.qlo, qlo)?;
+            htod(gpu, &r.qhi, qhi)?;
+        }
+        Ok(())
+    }
+
+    /// Embeds the loaded ids into the residual stream and runs every layer.
+    fn forward_layers(&mut self, t: usize, save: bool) -> Result<()> {
+        embedding_gpu_bf16w(
+            &self.gpu,
+            &self.w.embed.as_view(),
+            &v(&self.s.ids, t),
+            self.cfg.hidden_size,
+            &mut vm(&mut self.s.x, t * self.cfg.hidden_size),
+        )?;
+        for l in 0..self.cfg.num_hidden_layers {
+            self.layer_forward(l, t, save)?;
+        }
+        Ok(())
+    }
+
+    fn layer_forward(&mut self, l: usize, t: usize, save: bool) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
+        let (ne, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
+        let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
+        let eps = cfg.rms_norm_eps as f32;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let gpu = &*self.gpu;
+        let layer = &self.w.layers[l];
+        // Without `save`, every layer uses the first layer's buffers.
+        let a = &mut self.acts[if save { l } else { 0 }];
+        let s = &mut self.s;
+        let blas = &self.blas;
+        let lora = &self.lora;
+        let at = |tg: Target| self.lora_at.get(&(l, tg)).map(|&i| &lora[i]);
+
+        // Attention block: x += o_proj(attn(rope(q), rope(k), v)) of norm1(x).
+        gpu.stream
+            .memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_in, t * h))
+            .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        rmsnorm_gpu(
+            gpu,
+            &v(&s.x, t * h),
+            &layer.input_norm.as_view(),
+            eps,
+            &mut vm(&mut a.a, t * h),
+            &mut vm(&mut a.rstd1, t),
+        )?;
+        for (m, lin, out) in
+            [(Dense::Q, &layer.q, &mut a.q), (Dense::K, &layer.k, &mut a.k), (Dense::V, &layer.v, &mut a.v)]
+        {
+            let n_out = lin.n_out;
+            Self::linear_fwd(blas, gpu, &mut s.bf, &s.ones, lin, &v(&a.a, t * h), t, &mut vm(out, t * n_out), false)?;
+            if let Some(p) = at(Target::Dense(m)) {
+                Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.a, t * h), t, &mut vm(out, t * n_out))?;
+            }
+        }
+        let inv = self.w.inv_freq.as_view();
+        rope_gpu(gpu, &mut vm(&mut a.q, t * qw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, false)?;
+        rope_gpu(gpu, &mut vm(&mut a.k, t * kw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, false)?;
+        let r = &s.ranges[layer.window.is_some() as usize];
+        attention_fwd_gpu(
+            gpu,
+            &v(&a.q, t * qw),
+            &v(&a.k, t * kw),
+            &v(&a.v, t * kw),
+            &layer.sinks.as_view(),
+            &v(&r[0], t),
+            &v(&r[1], t),
+            heads,
+            scale,
+            &mut vm(&mut a.o, t * qw),
+            &mut vm(&mut a.lse, t * nq),
+        )?;
+        Self::linear_fwd(blas, gpu, &mut s.bf, &s.ones, &layer.o, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h), true)?;
+        if let Some(p) = at(Target::Dense(Dense::O)) {
+            Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h))?;
+        }
+
+        // MoE block: x += Σ_j w_j · expert_j(norm2(x)).
+        gpu.stream
+            .memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_mid, t * h))
+            .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        rmsnorm_gpu(
+            gpu,
+            &v(&s.x, t * h),
+            &layer.post_norm.as_view(),
+            eps,
+            &mut vm(&mut a.bn, t * h),
+            &mut vm(&mut a.rstd2, t),
+        )?;
+        blas.matmul_f32(
+            t,
+            ne,
+            1,
+            &v(&s.ones, t),
+            false,
+            &layer.router_b.as_view(),
+            false,
+            &mut vm(&mut s.router_logits, t * ne),
+            1.0,
+            0.0,
+        )?;
+        blas.matmul_f32(
+            t,
+            ne,
+            h,
+            &v(&a.bn, t * h),
+            false,
+            &layer.router_w.as_view(),
+            true,
+            &mut vm(&mut s.router_logits, t * ne),
+            1.0,
+            1.0,
+        )?;
+        topk_softmax_gpu(
+            gpu,
+            &v(&s.router_logits, t * ne),
+            ne,
+            k,
+            &mut vm(&mut a.experts, t * k),
+            &mut vm(&mut a.weights, t * k),
+        )?;
+        // The expert-sorted plan is built on the host (one small copy per layer).
+        let mut experts = vec![0u32; t * k];
+        let mut weights = vec![0f32; t * k];
+        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
+        gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), &mut experts).map_err(err)?;
+        gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), &mut weights).map_err(err)?;
+        gpu.stream.synchronize().map_err(err)?;
+        let plan = RoutingPlan::new(&Routing { k, num_experts: ne, experts, weights });
+        let slots = plan.token.len();
+        let slot_expert: Vec<u32> = (0..ne).flat_map(|e| std::iter::repeat_n(e as u32, plan.range(e).len())).collect();
+        let slot_of: Vec<u32> = plan.slot_of(k).into_iter().map(|x| x as u32).collect();
+        let offsets: Vec<u32> = plan.offsets.iter().map(|&x| x as u32).collect();
+        gpu.stream.memcpy_htod(&plan.token, &mut vm(&mut a.token, slots)).map_err(err)?;
+        gpu.stream.memcpy_htod(&plan.choice, &mut vm(&mut a.choice, slots)).map_err(err)?;
+        gpu.stream.memcpy_htod(&plan.weight, &mut vm(&mut a.pweight, slots)).map_err(err)?;
+        gpu.stream.memcpy_htod(&slot_of, &mut vm(&mut a.slot_of, t * k)).map_err(err)?;
+        gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut a.slot_expert, slots)).map_err(err)?;
+        gpu.stream.memcpy_htod(&offsets, &mut a.offsets).map_err(err)?;
+        a.host_offsets = plan.offsets.clone();
+
+        gather_rows_gpu(gpu, &v(&a.bn, t * h), &v(&a.token, slots), h, &mut vm(&mut a.xs, slots * h))?;
+        let grp = Groups { offsets: a.offsets.as_view(), host: &a.host_offsets };
+        Self::expert_gemm(
+            gpu,
+            &layer.gate_up,
+            ne,
+            h,
+            i2,
+            &grp,
+            &v(&a.xs, slots * h),
+            false,
+            &mut vm(&mut a.hh, slots * i2),
+        )?;
+        add_expert_bias_gpu(
+            gpu,
+            &mut vm(&mut a.hh, slots * i2),
+            &layer.gate_up_bias.as_view(),
+            &v(&a.slot_expert, slots),
+            i2,
+        )?;
+        if let Some(p) = at(Target::Experts(Proj::GateUp)) {
+            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&a.xs, slots * h), &mut vm(&mut a.hh, slots * i2))?;
+        }
+        swiglu_gpu(gpu, &v(&a.hh, slots * i2), self.swiglu, &mut vm(&mut a.z, slots * i2 / 2))?;
+        Self::expert_gemm(
+            gpu,
+            &layer.down,
+            ne,
+            i2 / 2,
+            h,
+            &grp,
+            &v(&a.z, slots * i2 / 2),
+            false,
+            &mut vm(&mut a.y, slots * h),
+        )?;
+        add_expert_bias_gpu(
+            gpu,
+            &mut vm(&mut a.y, slots * h),
+            &layer.down_bias.as_view(),
+            &v(&a.slot_expert, slots),
+            h,
+        )?;
+        if let Some(p) = at(Target::Experts(Proj::Down)) {
+            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&a.z, slots * i2 / 2), &mut vm(&mut a.y, slots * h))?;
+        }
+        combine_gpu(
+            gpu,
+            &v(&a.y, slots * h),
+            &v(&a.pweight, slots),
+            &v(&a.slot_of, t * k),
+            k,
+            h,
+            &mut vm(&mut s.mix, t * h),
+        )?;
+        add_gpu(gpu, &mut vm(&mut s.x, t * h), &v(&s.mix, t * h))?;
+        Ok(())
+    }
+
+    /// Final norm, then the LM head and cross-entropy over the positions with a target, in chunks
+    /// of [`HEAD_CHUNK`] rows (full-vocabulary logits exist for one chunk at a time). With
+    /// `grad_scale`, leaves `∂(grad_scale · Σ loss)/∂x` in `s.dx`. Returns `(sum, count)`.
+    fn head(&mut self, t: usize, targets: &[i64], grad_scale: Option<f32>) -> Result<(f64, usize)> {
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let gpu = &*self.gpu;
+        let s = &mut self.s;
+        rmsnorm_gpu(
+            gpu,
+            &v(&s.x, t * h),
+            &self.w.norm.as_view(),
+            eps,
+            &mut vm(&mut s.hf, t * h),
+            &mut vm(&mut s.rstd_f, t),
+        )?;
+        let idx: Vec<u32> = (0..t as u32).filter(|&i| targets[i as usize] != IGNORE_INDEX).collect();
+        let tg: Vec<i32> = idx.iter().map(|&i| targets[i as usize] as i32).collect();
+        let n = idx.len();
+        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
+        if n > 0 {
+            gpu.stream.memcpy_htod(&idx, &mut vm(&mut s.idx, n)).map_err(err)?;
+            gpu.stream.memcpy_htod(&tg, &mut vm(&mut s.targets, n)).map_err(err)?;
+        }
+        if grad_scale.is_some() {
+            gpu.stream.memset_zeros(&mut vm(&mut s.dhf, t * h)).map_err(err)?;
+        }
+        let mut c0 = 0;
+        while c0 < n {
+            let c = HEAD_CHUNK.min(n - c0);
+            gather_rows_gpu(gpu, &v(&s.hf, t * h), &s.idx.slice(c0..c0 + c), h, &mut vm(&mut s.hc, c * h))?;
+            let lm = self.w.lm_head.as_view();
+            Self::gemm_xw(
+                &self.blas,
+                gpu,
+                &mut s.bf,
+                c,
+                vocab,
+                h,
+                &v(&s.hc, c * h),
+                &lm,
+                true,
+                &mut vm(&mut s.logits, c * vocab),
+                0.0,
+            )?;
+            cross_entropy_gpu(
+                gpu,
+                &mut vm(&mut s.logits, c * vocab),
+                &s.targets.slice(c0..c0 + c),
+                vocab,
+                grad_scale.unwrap_or(1.0),
+                grad_scale.is_some(),
+                &mut s.losses.slice_mut(c0..c0 + c),
+            )?;
+            if grad_scale.is_some() {
+                Self::gemm_xw(
+                    &self.blas,
+                    gpu,
+                    &mut s.bf,
+                    c,
+                    h,
+                    vocab,
+                    &v(&s.logits, c * vocab),
+                    &lm,
+                    false,
+                    &mut vm(&mut s.dhc, c * h),
+                    0.0,
+                )?;
+                scatter_rows_gpu(gpu, &v(&s.dhc, c * h), &s.idx.slice(c0..c0 + c), h, &mut vm(&mut s.dhf, t * h))?;
+            }
+            c0 += c;
+        }
+        let losses = self.dtoh(&self.s.losses, n)?;
+        let sum: f64 = losses.iter().map(|&x| x as f64).sum();
+        if grad_scale.is_some() {
+            let s = &mut self.s;
+            rmsnorm_backward_gpu(
+                gpu,
+                &v(&s.x, t * h),
+                &self.w.norm.as_view(),
+                &v(&s.rstd_f, t),
+                &v(&s.dhf, t * h),
+                &mut vm(&mut s.dx, t * h),
+            )?;
+        }
+        Ok((sum, n))
+    }
+
+    // ---- backward --------------------------------------------------------------------------
+
+    fn layer_backward(&mut self, l: usize, t: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
+        let (ne, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
+        let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let gpu = &*self.gpu;
+        let layer = &self.w.layers[l];
+        let a = &self.acts[l];
+        let s = &mut self.s;
+        let blas = &self.blas;
+        let slots = *a.host_offsets.last().unwrap_or(&0);
+        let grp = Groups::of(a);
+        let idx = |tg: Target| self.lora_at.get(&(l, tg)).copied();
+        let lora = &mut self.lora;
+
+        // MoE block.
+        combine_backward_gpu(
+            gpu,
+            &v(&s.dx, t * h),
+            &v(&a.y, slots * h),
+            &v(&a.pweight, slots),
+            &v(&a.token, slots),
+            &v(&a.choice, slots),
+            k,
+            h,
+            &mut vm(&mut s.dys, slots * h),
+            &mut vm(&mut s.dweights, t * k),
+        )?;
+        Self::expert_gemm(
+            gpu,
+            &layer.down,
+            ne,
+            i2 / 2,
+            h,
+            &grp,
+            &v(&s.dys, slots * h),
+            true,
+            &mut vm(&mut s.dz, slots * i2 / 2),
+        )?;
+        if let Some(i) = idx(Target::Experts(Proj::Down)) {
+            Self::lora_experts_bwd(
+                gpu,
+                &mut lora[i],
+                &grp,
+                &mut s.u,
+                &mut s.du,
+                &v(&a.z, slots * i2 / 2),
+                &v(&s.dys, slots * h),
+                &mut vm(&mut s.dz, slots * i2 / 2),
+            )?;
+        }
+        swiglu_backward_gpu(
+            gpu,
+            &v(&a.hh, slots * i2),
+            &v(&s.dz, slots * i2 / 2),
+            self.swiglu,
+            &mut vm(&mut s.dh, slots * i2),
+        )?;
+        Self::expert_gemm(
+            gpu,
+            &layer.gate_up,
+            ne,
+            h,
+            i2,
+            &grp,
+            &v(&s.dh, slots * i2),
+            true,
+            &mut vm(&mut s.dxs, slots * h),
+        )?;
+        if let Some(i) = idx(Target::Experts(Proj::GateUp)) {
+            Self::lora_experts_bwd(
+                gpu,
+                &mut lora[i],
+                &grp,
+                &mut s.u,
+                &mut s.du,
+                &v(&a.xs, slots * h),
+                &v(&s.dh, slots * i2),
+                &mut vm(&mut s.dxs, slots * h),
+            )?;
+        }
+        unpermute_sum_gpu(gpu, &v(&s.dxs, slots * h), &v(&a.slot_of, t * k), k, h, &mut vm(&mut s.db, t * h))?;
+        route_backward_gpu(
+            gpu,
+            &v(&a.experts, t * k),
+            &v(&a.weights, t * k),
+            &v(&s.dweights, t * k),
+            ne,
+            k,
+            &mut vm(&mut s.dlogits, t * ne),
+        )?;
+        blas.matmul_f32(
+            t,
+            h,
+            ne,
+            &v(&s.dlogits, t * ne),
+            false,
+            &layer.router_w.as_view(),
+            false,
+            &mut vm(&mut s.db, t * h),
+            1.0,
+            1.0,
+        )?;
+        rmsnorm_backward_gpu(
+            gpu,
+            &v(&a.x_mid, t * h),
+            &layer.post_norm.as_view(),
+            &v(&a.rstd2, t),
+            &v(&s.db, t * h),
+            &mut vm(&mut s.dn, t * h),
+        )?;
+        add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
+
+        // Attention block.
+        Self::linear_bwd(blas, gpu, &mut s.bf, &layer.o, &v(&s.dx, t * h), t, &mut vm(&mut s.dout, t * qw), false)?;
+        if let Some(i) = idx(Target::Dense(Dense::O)) {
+            Self::lora_dense_bwd(
+                blas,
+                &mut lora[i],
+                &mut s.u,
+                &mut s.du,
+                &v(&a.o, t * qw),
+                &v(&s.dx, t * h),
+                t,
+                &mut vm(&mut s.dout, t * qw),
+            )?;
+        }
+        let r = &s.ranges[layer.window.is_some() as usize];
+        attention_bwd_gpu(
+            gpu,
+            &v(&a.q, t * qw),
+            &v(&a.k, t * kw),
+            &v(&a.v, t * kw),
+            &layer.sinks.as_view(),
+            &v(&a.o, t * qw),
+            &v(&a.lse, t * nq),
+            &v(&s.dout, t * qw),
+            &v(&r[0], t),
+            &v(&r[1], t),
+            &v(&r[2], t),
+            &v(&r[3], t),
+            heads,
+            scale,
+            &mut vm(&mut s.delta, t * nq),
+            &mut vm(&mut s.dq, t * qw),
+            &mut vm(&mut s.dk, t * kw),
+            &mut vm(&mut s.dv, t * kw),
+            &mut self.dsinks[l].as_view_mut(),
+        )?;
+        let inv = self.w.inv_freq.as_view();
+        rope_gpu(gpu, &mut vm(&mut s.dq, t * qw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
+        rope_gpu(gpu, &mut vm(&mut s.dk, t * kw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
+        for (j, (m, lin)) in [(Dense::Q, &layer.q), (Dense::K, &layer.k), (Dense::V, &layer.v)].into_iter().enumerate()
+        {
+            let g = match m {
+                Dense::Q => &s.dq,
+                Dense::K => &s.dk,
+                _ => &s.dv,
+            };
+            let n_out = lin.n_out;
+            Self::linear_bwd(blas, gpu, &mut s.bf, lin, &v(g, t * n_out), t, &mut vm(&mut s.da, t * h), j > 0)?;
+            if let Some(i) = idx(Target::Dense(m)) {
+                Self::lora_dense_bwd(
+                    blas,
+                    &mut lora[i],
+                    &mut s.u,
+                    &mut s.du,
+                    &v(&a.a, t * h),
+                    &v(g, t * n_out),
+                    t,
+                    &mut vm(&mut s.da, t * h),
+                )?;
+            }
+        }
+        rmsnorm_backward_gpu(
+            gpu,
+            &v(&a.x_in, t * h),
+            &layer.input_norm.as_view(),
+            &v(&a.rstd1, t),
+            &v(&s.da, t * h),
+            &mut vm(&mut s.dn, t * h),
+        )?;
+        add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
+        Ok(())
+    }
+
+    // ---- public passes -----------------------------------------------------------------------
+
+    /// Loss of a batch without gradients: `(sum of losses, counted positions)`.
+    pub fn eval_loss(&mut self, b: &TrainBatch) -> Result<(f64, usize)> {
+        self.check_targets(b)?;
+        self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;
+        let t = b.ids.len();
+        self.forward_layers(t, false)?;
+        self.head(t, &b.targets, None)
+    }
+
+    /// Forward and backward over one micro-batch; LoRA (and sink) gradients of
+    /// `grad_scale · Σ loss` accumulate on the device. Returns `(sum of losses, counted positions)`.
+    pub fn forward_backward(&mut self, b: &TrainBatch, grad_scale: f32) -> Result<(f64, usize)> {
+        self.check_targets(b)?;
+        self.passes += 1;
+        if self.fault_at == Some(self.passes) {
+            self.gpu.inject_fault()?;
+        }
+        self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;
+        let t = b.ids.len();
+        self.forward_layers(t, true)?;
+        let out = self.head(t, &b.targets, Some(grad_scale))?;
+        for l in (0..self.cfg.num_hidden_layers).rev() {
+            self.layer_backward(l, t)?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Logits `[t, V]` of every position of one sequence (positions `0..t`), for tests and tools.
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = ids.len();
+        let pos: Vec<u32> = (0..t as u32).collect();
+        self.load_batch(ids, &pos, &vec![0; t], &[0..t])?;
+        self.forward_layers(t, false)?;
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut out = Vec::with_capacity(t * vocab);
+        let gpu = &*self.gpu;
+        let s = &mut self.s;
+        rmsnorm_gpu(
+            gpu,
+            &v(&s.x, t * h),
+            &self.w.norm.as_view(),
+            eps,
+            &mut vm(&mut s.hf, t * h),
+            &mut vm(&mut s.rstd_f, t),
+        )?;
+        for c0 in (0..t).step_by(HEAD_CHUNK) {
+            let c = HEAD_CHUNK.min(t - c0);
+            let lm = self.w.lm_head.as_view();
+            Self::gemm_xw(
+                &self.blas,
+                gpu,
+                &mut s.bf,
+                c,
+                vocab,
+                h,
+                &s.hf.slice(c0 * h..(c0 + c) * h),
+                &lm,
+                true,
+                &mut vm(&mut s.logits, c * vocab),
+                0.0,
+            )?;
+            let mut chunk = vec![0f32; c * vocab];
+            gpu.stream.memcpy_dtoh(&v(&s.logits, c * vocab), &mut chunk).map_err(|e| Error::Gpu(format!("{e:?}")))?;
+            out.extend(chunk);
+        }
+        Ok(out)
+    }
+
+    /// The logits of the last token of `ids` (decoding without a KV cache: the whole sequence is
+    /// recomputed for each new token).
+    pub fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.cfg.vocab_size;
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::Input("no tokens to run".into()));
+        }
+        let pos: Vec<u32> = (0..t as u32).collect();
+        self.load_batch(ids, &pos, &vec![0; t], &[0..t])?;
+        self.forward_layers(t, false)?;
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps as f32);
+        let gpu = &*self.gpu;
+        let s = &mut self.s;
+        let last = s.x.slice((t - 1) * h..t * h);
+        rmsnorm_gpu(gpu, &last, &self.w.norm.as_view(), eps, &mut vm(&mut s.hf, h), &mut vm(&mut s.rstd_f, 1))?;
+        let lm = self.w.lm_head.as_view();
+        Self::gemm_xw(
+            &self.blas,
+            gpu,
+            &mut s.bf,
+            1,
+            vocab,
+            h,
+            &v(&s.hf, h),
+            &lm,
+            true,
+            &mut vm(&mut s.logits, vocab),
+            0.0,
+        )?;
+        self.dtoh(&self.s.logits, vocab)
+    }
+
+    fn check_targets(&self, b: &TrainBatch) -> Result<()> {
+        let n = b.ids.len();
+        if b.pos.len() != n || b.seg.len() != n || b.targets.len() != n {
+            return Err(Error::Input(format!(
+                "batch arrays disagree: {n} ids, {} positions, {} segments, {} targets",
+                b.pos.len(),
+                b.seg.len(),
+                b.targets.len()
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(t) = b.targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
+            return Err(Error::Input(format!("target {t} is outside the vocabulary of {vocab} tokens")));
+        }
+        Ok(())
+    }
+}
+
+impl crate::chat::Generate for GpuEngine {
+    /// Decoding without a KV cache: each new token reruns the whole sequence (prompt and the
+    /// tokens so far), capped at the token budget the engine was built for.
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        choose: &mut dyn FnMut(&[f32]) -> u32,
+    ) -> Result<Vec<u32>> {
+        let mut seq = prompt.to_vec();
+        let mut out = Vec::with_capacity(max_new);
+        while out.len() < max_new && seq.len() < self.max_tokens {
+            let next = choose(&self.last_logits(&seq)?);
+            out.push(next);
+            seq.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

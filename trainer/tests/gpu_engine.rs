@@ -1,0 +1,297 @@
+//! The whole model on the GPU (bf16 dense GEMMs, MXFP4 experts, f32 activations) against the CPU
+//! reference (f32) and the transformers / PEFT fixtures: logits, loss, LoRA and sink gradients,
+//! and 50 training steps. These need an NVIDIA GPU: on the GPU machine run `cargo xtask
+//! gpu-bundle`, then `gpu-bundle/run`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use oxtune_kernels::Gpu;
+use oxtune_trainer::gpu::{Device, GpuEngine};
+use oxtune_trainer::grad::TrainBatch;
+use oxtune_trainer::lora_adapter::{LoraAdapter, LoraSpec};
+use oxtune_trainer::ops::loss::shift_labels;
+use oxtune_trainer::train::{Event, TrainConfig, Trainer};
+use oxtune_trainer::Model;
+use safetensors::SafeTensors;
+
+const NEEDS_GPU: &str = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)";
+
+/// The repository's fixtures: next to the sources this was built from, or under the working
+/// directory (the GPU machine runs the bundled binary from a copy of the repository).
+fn fixtures() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("fixtures")
+    }
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
+    st.tensor(name).unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite values");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn gpu() -> Arc<Gpu> {
+    Arc::new(Gpu::new(0).unwrap_or_else(|e| panic!("{NEEDS_GPU}: {e}")))
+}
+
+fn no_lora(m: &Model) -> LoraAdapter {
+    LoraAdapter::new(&m.cfg, LoraSpec { attention: false, experts: false, ..LoraSpec::default() }, 0).unwrap()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn gpu_logits_match_cpu_and_transformers() {
+    let gpu = gpu();
+    for (model_dir, reference) in
+        [("tiny-top2", "tiny-top2"), ("tiny-top4", "tiny-top4"), ("tiny-top2-bf16", "tiny-top2")]
+    {
+        let m = Model::load(&fixtures().join("model").join(model_dir)).unwrap();
+        let bytes = std::fs::read(fixtures().join("model").join(reference).join("reference.safetensors")).unwrap();
+        let r = SafeTensors::deserialize(&bytes).unwrap();
+        let ids: Vec<u32> = i64s(&r, "input_ids").iter().map(|&x| x as u32).collect();
+        let want = f32s(&r, "logits");
+        let seq = r.tensor("input_ids").unwrap().shape()[1];
+        let mut eng = GpuEngine::new(gpu.clone(), &m, &no_lora(&m), 64).unwrap();
+        let mut got = vec![];
+        for row in ids.chunks(seq) {
+            got.extend(eng.logits(row).unwrap());
+        }
+        let cpu = m.forward(&ids, ids.len() / seq, seq).unwrap();
+        let (e_cpu, e_hf) = (rel(&got, &cpu), rel(&got, &want));
+        println!("{model_dir}: GPU vs CPU logits {e_cpu:.2e}, GPU vs transformers {e_hf:.2e}");
+        // The issue asks for 2e-2 (bf16); the split-bf16 GEMMs measure ~6e-6 on an H100, so a
+        // regression to plain bf16 rounding (~3e-3) fails here.
+        assert!(e_cpu <= 1e-4 && e_hf <= 1e-4, "{model_dir}: logits relative error {e_cpu:.2e} / {e_hf:.2e} > 1e-4");
+        // Fresh random ids at a longer length than the sliding window, packed with a second sequence.
+        let t = 37;
+        let ids: Vec<u32> = (0..t).map(|i| ((i * 7919 + 13) % m.cfg.vocab_size) as u32).collect();
+        let got = eng.logits(&ids).unwrap();
+        let cpu = m.forward(&ids, 1, t).unwrap();
+        let e = rel(&got, &cpu);
+        println!("{model_dir}: 37 tokens, GPU vs CPU logits {e:.2e}");
+        assert!(e <= 1e-4, "{model_dir}: {e:.2e}");
+    }
+}
+
+/// A batch of two rows: three packed sequences, one longer than the sliding window.
+fn packed_batch(vocab: usize) -> TrainBatch {
+    let lens = [[5usize, 9].as_slice(), [23].as_slice()];
+    let (mut b, mut start) = (TrainBatch::default(), 0);
+    for row in lens {
+        for (s, &len) in row.iter().enumerate() {
+            for p in 0..len {
+                let i = b.ids.len();
+                b.ids.push(((i * 104729 + 7) % vocab) as u32);
+                b.pos.push(p as u32);
+                b.seg.push(s as u32);
+                b.targets.push(if p % 4 == 3 { -100 } else { ((i * 31 + 5) % vocab) as i64 });
+            }
+        }
+        b.rows.push(start..b.ids.len());
+        start = b.ids.len();
+    }
+    b
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn gpu_lora_gradients_match_cpu_and_peft() {
+    let gpu = gpu();
+    let dir = fixtures().join("lora/peft-tiny-top4");
+    let m = Model::load(&fixtures().join("model/tiny-top4")).unwrap();
+    let mut cpu_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
+    let mut gpu_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
+
+    // PEFT's batch: [2, 12] with labels.
+    let ref_bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let r = SafeTensors::deserialize(&ref_bytes).unwrap();
+    let ids: Vec<u32> = i64s(&r, "input_ids").iter().map(|&x| x as u32).collect();
+    let (bsz, seq) = (2, 12);
+    let peft = TrainBatch {
+        pos: (0..bsz).flat_map(|_| 0..seq as u32).collect(),
+        seg: vec![0; ids.len()],
+        rows: (0..bsz).map(|b| b * seq..(b + 1) * seq).collect(),
+        targets: shift_labels(&i64s(&r, "labels"), seq),
+        ids,
+    };
+    let mut eng = GpuEngine::new(gpu, &m, &gpu_adapter, 64).unwrap();
+    for (name, batch) in [("PEFT batch", peft.clone()), ("packed batch", packed_batch(m.cfg.vocab_size))] {
+        let n = batch.counted();
+        cpu_adapter.zero_grad();
+        let mut cpu_sinks = vec![vec![0.0f32; m.cfg.num_attention_heads]; m.cfg.num_hidden_layers];
+        let (cl, cn) = m.forward_backward(&batch, &cpu_adapter, 1.0 / n as f32, Some(&mut cpu_sinks)).unwrap();
+        eng.zero_grads().unwrap();
+        let (gl, gn) = eng.forward_backward(&batch, 1.0 / n as f32).unwrap();
+        let mut gpu_sinks = vec![vec![0.0f32; m.cfg.num_attention_heads]; m.cfg.num_hidden_layers];
+        eng.download_grads(&mut gpu_adapter, Some(&mut gpu_sinks)).unwrap();
+        assert_eq!(cn, gn);
+        println!("{name}: loss CPU {:.6} GPU {:.6}", cl / cn as f64, gl / gn as f64);
+        assert!(((gl - cl) / cl).abs() <= 1e-5, "{name}: loss {gl} vs {cl}");
+        let want: Vec<Vec<f32>> = cpu_adapter.grads().into_iter().map(|(_, _, g)| g.to_vec()).collect();
+        let mut worst = (0.0f64, String::new());
+        for ((key, _, g), w) in gpu_adapter.grads().into_iter().zip(&want) {
+            let e = rel(g, w);
+            if e > worst.0 {
+                worst = (e, key);
+            }
+        }
+        println!("{name}: worst LoRA gradient relative error GPU vs CPU {:.2e} ({})", worst.0, worst.1);
+        // The issue asks for 5e-2; measured ~8e-5 (one bf16 rounding of the activations gave 3-6e-2).
+        assert!(worst.0 <= 1e-3, "{name}: gradient of {} off by {:.2e}", worst.1, worst.0);
+        let e = rel(&gpu_sinks.concat(), &cpu_sinks.concat());
+        println!("{name}: sink gradients relative error {e:.2e}");
+        assert!(e <= 1e-3, "{name}: sink gradients {e:.2e}");
+        if name == "PEFT batch" {
+            let mut worst = 0.0f64;
+            for (key, _, g) in gpu_adapter.grads() {
+                worst = worst.max(rel(g, &f32s(&r, &format!("grad.{key}"))));
+            }
+            println!("PEFT batch: worst LoRA gradient relative error GPU vs PEFT {worst:.2e}");
+            assert!(worst <= 1e-3, "GPU vs PEFT gradients {worst:.2e}");
+        }
+    }
+}
+
+fn run(device: Device, out: &Path) -> Vec<f64> {
+    let cfg = TrainConfig {
+        out: out.to_path_buf(),
+        max_steps: Some(50),
+        max_len: 256,
+        grad_accum: 1,
+        eval_every: 0,
+        save_every: 0,
+        lr: 1e-3,
+        device,
+        ..TrainConfig::default()
+    };
+    let _ = std::fs::remove_dir_all(out);
+    let model = oxtune_trainer::train::load_model(&cfg).unwrap();
+    let tok = oxtune_trainer::train::load_tokenizer(None).unwrap();
+    let mut losses = vec![];
+    let mut t = Trainer::new(cfg, model, &tok, false, &mut |_| {}).unwrap();
+    t.run(&mut |e| {
+        if let Event::Step { loss, .. } = e {
+            losses.push(loss)
+        }
+        if let Event::Start { device, .. } = &e {
+            println!("device: {device}");
+        }
+    })
+    .unwrap();
+    losses
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn fifty_gpu_steps_follow_the_cpu_loss_curve() {
+    let _ = gpu();
+    let base = std::env::temp_dir().join(format!("oxtune-gpu-curve-{}", std::process::id()));
+    let cpu = run(Device::Cpu, &base.join("cpu"));
+    let gpu = run(Device::Cuda, &base.join("gpu"));
+    assert_eq!((cpu.len(), gpu.len()), (50, 50));
+    let mut worst = 0.0f64;
+    for (s, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+        if s % 10 == 0 || s == 49 {
+            println!("step {:>2}: CPU {c:.4}  GPU {g:.4}", s + 1);
+        }
+        worst = worst.max((g - c).abs() / c.abs());
+    }
+    println!("largest relative loss difference over 50 steps: {worst:.2e}");
+    let (c0, c1) = (cpu[..5].iter().sum::<f64>(), cpu[45..].iter().sum::<f64>());
+    assert!(c1 < c0, "the CPU run itself must learn ({c0} -> {c1})");
+    // Measured 5.6e-4 on an H100 (steps diverge slowly as rounding differences compound).
+    assert!(worst <= 5e-3, "GPU losses leave the CPU curve by {worst:.2e}");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn running_out_of_gpu_memory_says_what_to_change() {
+    let gpu = gpu();
+    let m = Model::load(&fixtures().join("model/tiny-top4")).unwrap();
+    // 200M tokens of activations cannot fit any card.
+    let e = GpuEngine::new(gpu, &m, &no_lora(&m), 200_000_000).err().expect("too big").to_string();
+    println!("{e}");
+    for want in ["out of GPU memory", "GiB", "max_len", "micro_batch", "--device cpu"] {
+        assert!(e.contains(want), "expected {want:?} in: {e}");
+    }
+}
+
+fn fault_config(out: &Path) -> TrainConfig {
+    TrainConfig {
+        out: out.to_path_buf(),
+        max_steps: Some(6),
+        max_len: 256,
+        grad_accum: 1,
+        eval_every: 0,
+        save_every: 0,
+        device: Device::Cuda,
+        ..TrainConfig::default()
+    }
+}
+
+fn train(cfg: TrainConfig, resume: bool) -> Result<(), String> {
+    let model = oxtune_trainer::train::load_model(&cfg).unwrap();
+    let tok = oxtune_trainer::train::load_tokenizer(None).unwrap();
+    let mut t = Trainer::new(cfg, model, &tok, resume, &mut |_| {}).map_err(|e| e.to_string())?;
+    t.run(&mut |_| {}).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Runs as a child process of `a_sticky_gpu_error_saves_the_last_step_and_the_run_resumes`
+/// (a sticky error poisons the process's CUDA context, so it must not happen in the parent).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn child_process_of_the_sticky_error_test() {
+    let Ok(out) = std::env::var("OXTUNE_FAULT_TEST_OUT") else {
+        println!("does nothing unless started by a_sticky_gpu_error_saves_the_last_step_and_the_run_resumes");
+        return;
+    };
+    let e = train(fault_config(Path::new(&out)), false).expect_err("the injected fault must stop the run");
+    println!("CHILD ERROR: {e}");
+    assert!(e.contains("GPU failed after step 2") && e.contains("checkpoint-2") && e.contains("--resume"), "{e}");
+    assert!(e.contains("ILLEGAL_ADDRESS") || e.contains("illegal"), "the CUDA error is named: {e}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn a_sticky_gpu_error_saves_the_last_step_and_the_run_resumes() {
+    let _ = gpu();
+    let base = std::env::temp_dir().join(format!("oxtune-gpu-fault-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // The child's third forward-backward hits an illegal address (a sticky error).
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process_of_the_sticky_error_test", "--include-ignored", "--nocapture"])
+        .env("OXTUNE_FAULT_AT_STEP", "3")
+        .env("OXTUNE_FAULT_TEST_OUT", base.join("faulted"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    println!("{}", stdout.lines().filter(|l| l.starts_with("CHILD")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        o.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(base.join("faulted/checkpoint-2/adapter_model.safetensors").exists());
+    // Resume here (a fresh CUDA context) and compare with a run that never failed.
+    train(fault_config(&base.join("faulted")), true).unwrap();
+    train(fault_config(&base.join("clean")), false).unwrap();
+    let read = |run: &str| std::fs::read(base.join(run).join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(read("faulted") == read("clean"), "the resumed run's adapter differs from the uninterrupted one");
+    println!("resumed after the fault: final adapter bit-identical to an uninterrupted GPU run");
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -3,7 +3,8 @@
 //! - `train [ARGS..]`: the main job; runs `oxtune train` (release build) with ARGS, or with no
 //!   arguments on the embedded default (tiny GPT-OSS + the persona dataset).
 //! - `gpu-bundle`: builds the GPU crates' test binaries and the trainer's GPU engine tests (release)
-//!   into `gpu-bundle/bin/`, the `oxtune` binary into `gpu-bundle/oxtune`, and a `gpu-bundle/run`
+//!   into `gpu-bundle/bin/`, the GPU benchmarks into `gpu-bundle/bench/`, the `oxtune` binary into
+//!   `gpu-bundle/oxtune`, and a `gpu-bundle/run`
 //!   script that runs the tests, GPU tests included, on the GPU machine (from the repository root).
 //! - `check-deps`: enforces the dependency rule: the domain crates (mxfp4, moe, lora, optim, data)
 //!   depend on no other workspace crate except `oxtune-kernels`, and that one only as an optional
@@ -121,6 +122,25 @@ fn gpu_bundle() -> Result<()> {
             names.push(name);
         }
     }
+    // GPU benchmarks (they check against the CPU reference, then time with CUDA events).
+    let bench = std::path::Path::new("gpu-bundle/bench");
+    let _ = std::fs::remove_dir_all(bench);
+    std::fs::create_dir_all(bench)?;
+    let out = cargo()
+        .args(["bench", "--no-run", "--message-format=json", "-p", "oxtune-kernels", "--bench", "gpu"])
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("building the GPU benchmarks failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+        if let (Some(exe), Some("bench")) = (msg["executable"].as_str(), msg["target"]["kind"][0].as_str()) {
+            let name = format!("kernels-{}", msg["target"]["name"].as_str().unwrap_or("bench"));
+            std::fs::copy(exe, bench.join(&name)).with_context(|| format!("copying {exe}"))?;
+            let _ = Command::new("strip").arg(bench.join(&name)).status();
+        }
+    }
     // The CLI too, for GPU runs of `oxtune train`, `oxtune init-random` and `oxtune chat`.
     let st = cargo()
         .args(["build", "--release", "-p", "oxtune-cli", "--bin", "oxtune"])
@@ -139,7 +159,7 @@ fn gpu_bundle() -> Result<()> {
         std::fs::set_permissions("gpu-bundle/run", std::fs::Permissions::from_mode(0o755))?;
     }
     println!(
-        "gpu-bundle: {} test binaries in gpu-bundle/bin and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run",
+        "gpu-bundle: {} test binaries in gpu-bundle/bin, benchmarks in gpu-bundle/bench, and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run",
         names.len()
     );
     Ok(())

@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Layers (default: the config's).
     #[arg(long)]
     layers: Option<usize>,
+    /// Keep every layer's activations (no recomputation in the backward pass).
+    #[arg(long)]
+    no_checkpointing: bool,
     /// Timed steps after two warm-up steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -64,6 +67,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rank: a.rank,
         lora_experts: !a.attention_only,
         steps: a.steps.max(1),
+        checkpointing: !a.no_checkpointing,
         seed: 0,
     };
     let r = bench_train(gpu, &cfg, &mut |line| eprintln!("{line}"))?;
@@ -92,7 +96,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if !a.attention_only {
             cmd.arg("--lora-experts");
         }
-        if a.peer_no_grad_ckpt {
+        if a.peer_no_grad_ckpt || a.no_checkpointing {
             cmd.arg("--no-grad-ckpt");
         }
         eprintln!("peer: {cmd:?}");

@@ -117,6 +117,10 @@ pub struct TrainArgs {
     /// Where to train: auto (the GPU when one is usable, else the CPU), cuda, or cpu [default: auto].
     #[arg(long)]
     device: Option<String>,
+    /// On the GPU, keep every layer's activations instead of recomputing them in the backward
+    /// pass (faster, much more memory).
+    #[arg(long)]
+    no_activation_checkpointing: bool,
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -174,6 +178,7 @@ impl TrainArgs {
         if let Some(d) = &self.device {
             c.device = d.parse()?;
         }
+        c.activation_checkpointing &= !self.no_activation_checkpointing;
         Ok(c)
     }
 }

@@ -94,6 +94,12 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     let dy = s.clone_htod(&randn(3, slots * i2, 1.0)).unwrap();
     let mut dx: CudaSlice<f32> = s.alloc_zeros(slots * h).unwrap();
     let bwd = GroupedGemm { n: h, k: i2, a: st(i2, 1), c: st(h, 1), ..fwd };
+    grouped_gemm_f32_mxfp4w(gpu, &bwd, &off.as_view(), slots, &dy.as_view(), &w, true, &mut dx.as_view_mut()).unwrap();
+    let got = s.clone_dtoh(&dx.slice(0..check_slots * h)).unwrap();
+    let mut want = vec![0f32; check_slots * h];
+    let dy_host = s.clone_dtoh(&dy.slice(0..check_slots * i2)).unwrap();
+    grouped_gemm_mxfp4w_ref(&GroupedGemm { groups: 2, ..bwd }, &offsets[..3], &dy_host, &hw, true, &mut want);
+    assert_close("expert gate_up dX (2 experts)", &got, &want, 1e-3, 1e-4);
     let ms = time_ms(gpu, || {
         grouped_gemm_f32_mxfp4w(gpu, &bwd, &off.as_view(), slots, &dy.as_view(), &w, true, &mut dx.as_view_mut())
             .unwrap()

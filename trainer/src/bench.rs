@@ -25,6 +25,7 @@ pub struct BenchConfig {
     pub lora_experts: bool,
     /// Timed steps (after two warm-up steps).
     pub steps: usize,
+    pub checkpointing: bool,
     pub seed: u64,
 }
 
@@ -38,6 +39,7 @@ pub struct BenchReport {
     pub experts: usize,
     pub rank: usize,
     pub lora_experts: bool,
+    pub checkpointing: bool,
     pub trainable: usize,
     /// Median over the timed steps.
     pub step_s: f64,
@@ -86,7 +88,7 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
     let mut adapter = LoraAdapter::new(&model.cfg, spec, b.seed)?;
     let tokens = b.seq * b.batch;
     let t1 = Instant::now();
-    let mut eng = GpuEngine::new(gpu.clone(), &model, &adapter, tokens)?;
+    let mut eng = GpuEngine::with_checkpointing(gpu.clone(), &model, &adapter, tokens, b.checkpointing)?;
     log(&format!(
         "engine on the device: {:.1}s, {:.2} GiB",
         t1.elapsed().as_secs_f64(),
@@ -152,6 +154,7 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         experts: b.model.num_local_experts,
         rank: b.rank,
         lora_experts: b.lora_experts,
+        checkpointing: b.checkpointing,
         trainable: adapter.num_params(),
         step_s,
         tok_s: tokens as f64 / step_s,

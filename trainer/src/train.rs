@@ -94,6 +94,9 @@ pub struct TrainConfig {
     pub max_bad_steps: u32,
     /// Where the model runs: `auto` (the GPU when one is usable), `cuda` or `cpu`.
     pub device: Device,
+    /// On the GPU, keep only each layer's input in the forward pass and recompute the layer in
+    /// the backward pass (less memory, one more forward pass of compute).
+    pub activation_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -131,6 +134,7 @@ impl Default for TrainConfig {
             skip_invalid: false,
             max_bad_steps: 5,
             device: Device::Auto,
+            activation_checkpointing: true,
         }
     }
 }
@@ -497,7 +501,8 @@ impl Trainer {
             Some(gpu) => {
                 let d = crate::gpu::describe(&gpu);
                 let budget = t.cfg.micro_batch * t.cfg.max_len;
-                t.engine = Some(GpuEngine::new(gpu, &t.model, &t.adapter, budget)?);
+                let ckpt = t.cfg.activation_checkpointing;
+                t.engine = Some(GpuEngine::with_checkpointing(gpu, &t.model, &t.adapter, budget, ckpt)?);
                 d
             }
             None => match why_not {

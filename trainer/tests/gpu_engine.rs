@@ -128,7 +128,11 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
         targets: shift_labels(&i64s(&r, "labels"), seq),
         ids,
     };
-    let mut eng = GpuEngine::new(gpu, &m, &gpu_adapter, 64).unwrap();
+    let mut eng = GpuEngine::new(gpu.clone(), &m, &gpu_adapter, 64).unwrap();
+    // Without checkpointing every layer's activations are kept instead of recomputed: the same
+    // kernels in the same order, so the gradients must be bit-identical.
+    let mut keep_all = GpuEngine::with_checkpointing(gpu, &m, &gpu_adapter, 64, false).unwrap();
+    let mut keep_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
     for (name, batch) in [("PEFT batch", peft.clone()), ("packed batch", packed_batch(m.cfg.vocab_size))] {
         let n = batch.counted();
         cpu_adapter.zero_grad();
@@ -139,6 +143,13 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
         let mut gpu_sinks = vec![vec![0.0f32; m.cfg.num_attention_heads]; m.cfg.num_hidden_layers];
         eng.download_grads(&mut gpu_adapter, Some(&mut gpu_sinks)).unwrap();
         assert_eq!(cn, gn);
+        keep_all.zero_grads().unwrap();
+        let (kl, _) = keep_all.forward_backward(&batch, 1.0 / n as f32).unwrap();
+        keep_all.download_grads(&mut keep_adapter, None).unwrap();
+        assert_eq!(kl, gl, "{name}: loss with and without checkpointing");
+        for ((key, _, a), (_, _, b)) in gpu_adapter.grads().into_iter().zip(keep_adapter.grads()) {
+            assert!(a == b, "{name}: {key} differs with and without activation checkpointing");
+        }
         println!("{name}: loss CPU {:.6} GPU {:.6}", cl / cn as f64, gl / gn as f64);
         assert!(((gl - cl) / cl).abs() <= 1e-5, "{name}: loss {gl} vs {cl}");
         let want: Vec<Vec<f32>> = cpu_adapter.grads().into_iter().map(|(_, _, g)| g.to_vec()).collect();

@@ -158,7 +158,12 @@ pub struct GpuEngine {
     lora_at: HashMap<(usize, Target), usize>,
     /// Per-layer sink gradients `[L][nq]` (accumulated).
     dsinks: Vec<CudaSlice<f32>>,
+    /// Saved activations: one set per layer, or with checkpointing one set that each layer's
+    /// recomputation fills just before its backward pass.
     acts: Vec<LayerActs>,
+    /// With checkpointing: each layer's input `[t, H]`, the only activation kept per layer.
+    layer_inputs: Vec<CudaSlice<f32>>,
+    checkpointing: bool,
     s: Scratch,
     /// Tokens of the largest micro-batch the buffers hold.
     pub max_tokens: usize,
@@ -174,7 +179,7 @@ pub struct GpuEngine {
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
 /// weights and LoRA), to check against free memory first.
-pub fn activation_bytes(cfg: &GptOssConfig, t: usize, max_rank: usize) -> usize {
+pub fn activation_bytes(cfg: &GptOssConfig, t: usize, max_rank: usize, checkpointing: bool) -> usize {
     let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
     let (e, k, i) = (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size);
     let s = t * k;
@@ -187,20 +192,35 @@ pub fn activation_bytes(cfg: &GptOssConfig, t: usize, max_rank: usize) -> usize 
         + s * (2 * h + 3 * i)
         + 2 * s * max_rank;
     let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
-    4 * (per_layer * cfg.num_hidden_layers + scratch + bf)
+    let layers = cfg.num_hidden_layers;
+    let saved = if checkpointing { per_layer + layers * t * cfg.hidden_size } else { per_layer * layers };
+    4 * (saved + scratch + bf)
 }
 
 impl GpuEngine {
     /// Uploads `model` and `adapter` to `gpu` and allocates buffers for micro-batches of up to
-    /// `max_tokens` tokens.
+    /// `max_tokens` tokens, with activation checkpointing.
     pub fn new(gpu: Arc<Gpu>, model: &Model, adapter: &LoraAdapter, max_tokens: usize) -> Result<Self> {
+        Self::with_checkpointing(gpu, model, adapter, max_tokens, true)
+    }
+
+    /// As [`GpuEngine::new`]; with `checkpointing` the forward pass keeps only each layer's input
+    /// and the backward pass recomputes the layer first (one more forward pass of compute for the
+    /// activations of one layer instead of all), without it every layer's activations are kept.
+    pub fn with_checkpointing(
+        gpu: Arc<Gpu>,
+        model: &Model,
+        adapter: &LoraAdapter,
+        max_tokens: usize,
+        checkpointing: bool,
+    ) -> Result<Self> {
         let cfg = model.cfg.clone();
         let t = max_tokens.max(1);
         let layout = adapter.layout();
         let max_rank = layout.iter().map(|s| s.rank).max().unwrap_or(1);
         let weight_bytes = GpuWeights::bytes_for(model);
-        let lora_bytes = 4 * 3 * adapter.num_params();
-        let need = weight_bytes + lora_bytes + activation_bytes(&cfg, t, max_rank);
+        let lora_bytes = 4 * 2 * adapter.num_params(); // values and gradients
+        let need = weight_bytes + lora_bytes + activation_bytes(&cfg, t, max_rank, checkpointing);
         let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
         if need > free {
             return Err(super::oom_advice(
@@ -238,7 +258,11 @@ impl GpuEngine {
         let (e, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
         let s = t * k;
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
+        let sets = if checkpointing { 1 } else { cfg.num_hidden_layers };
+        let layer_inputs = (0..if checkpointing { cfg.num_hidden_layers } else { 0 })
+            .map(|_| al.zeros("layer inputs (checkpoints)", t * cfg.hidden_size))
+            .collect::<Result<Vec<_>>>()?;
+        for _ in 0..sets {
             let mut z = |n: usize| al.zeros::<f32>("saved activations", n);
             let (x_in, a, rstd1, q, kk, vv, o, lse) =
                 (z(t * h)?, z(t * h)?, z(t)?, z(t * qw)?, z(t * kw)?, z(t * kw)?, z(t * qw)?, z(t * nq)?);
@@ -325,6 +349,8 @@ impl GpuEngine {
             lora_at,
             dsinks,
             acts,
+            layer_inputs,
+            checkpointing,
             s: s_,
             max_tokens: t,
             bytes,
@@ -695,8 +721,18 @@ impl GpuEngine {
             self.cfg.hidden_size,
             &mut vm(&mut self.s.x, t * self.cfg.hidden_size),
         )?;
+        let h = self.cfg.hidden_size;
         for l in 0..self.cfg.num_hidden_layers {
-            self.layer_forward(l, t, save)?;
+            if save && self.checkpointing {
+                let (x, inputs) = (&self.s.x, &mut self.layer_inputs[l]);
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&v(x, t * h), &mut vm(inputs, t * h))
+                    .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                self.layer_forward(l, t, false)?;
+            } else {
+                self.layer_forward(l, t, save)?;
+            }
         }
         Ok(())
     }
@@ -710,7 +746,8 @@ impl GpuEngine {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let gpu = &*self.gpu;
         let layer = &self.w.layers[l];
-        // Without `save`, every layer uses the first layer's buffers.
+        // Without `save` (evaluation, decoding, checkpointed training), every layer uses the first
+        // set of buffers.
         let a = &mut self.acts[if save { l } else { 0 }];
         let s = &mut self.s;
         let blas = &self.blas;
@@ -980,7 +1017,7 @@ impl GpuEngine {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let gpu = &*self.gpu;
         let layer = &self.w.layers[l];
-        let a = &self.acts[l];
+        let a = &self.acts[if self.checkpointing { 0 } else { l }];
         let s = &mut self.s;
         let blas = &self.blas;
         let slots = *a.host_offsets.last().unwrap_or(&0);
@@ -1182,7 +1219,17 @@ impl GpuEngine {
         let t = b.ids.len();
         self.forward_layers(t, true)?;
         let out = self.head(t, &b.targets, Some(grad_scale))?;
+        let h = self.cfg.hidden_size;
         for l in (0..self.cfg.num_hidden_layers).rev() {
+            if self.checkpointing {
+                // Recompute layer l from its input (the residual stream is free after the head).
+                let (inputs, x) = (&self.layer_inputs[l], &mut self.s.x);
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))
+                    .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                self.layer_forward(l, t, false)?;
+            }
             self.layer_backward(l, t)?;
         }
         self.sync()?;

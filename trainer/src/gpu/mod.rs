@@ -9,6 +9,10 @@
 //! GEMM; the router, norms, RoPE, attention, SwiGLU, the loss and every activation are f32; LoRA
 //! parameters and their gradients are f32.
 //!
+//! Activation checkpointing (the default): the forward pass keeps only each layer's input; the
+//! backward pass recomputes a layer just before differentiating it, so one layer's activations
+//! exist at a time.
+//!
 //! Memory: every buffer is allocated once, when the engine is built for a token budget (the
 //! largest micro-batch), in named groups: weights, LoRA (values and gradients), per-layer saved
 //! activations, and scratch. A step allocates nothing. Before allocating, the engine compares what

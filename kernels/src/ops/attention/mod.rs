@@ -20,7 +20,8 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use crate::{Error, Gpu, Result};
@@ -258,8 +259,39 @@ pub fn visible_ranges(pos: &[u32], seg: &[u32], rows: &[Range<usize>], window: O
 
 /// Warps per block of the one-warp-per-item kernels: `ATT_WARPS` in attention.cu.
 const WARPS: usize = 8;
-/// Largest head width the kernels hold per lane: `ATT_MAX_D` in attention.cu.
+/// Largest head width: the widest padded width the tiled kernels are stamped for.
 const MAX_D: usize = 128;
+/// Warps per block of the tiled kernels (`FA_WARPS` in attention.cu) and rows per block, which is
+/// also the length of each streamed tile (`FA_TILE`).
+const TILE_WARPS: usize = 4;
+const TILE: usize = 16 * TILE_WARPS;
+
+/// The head width a tiled kernel is compiled for (`d` padded with zeros): its `_d<DP>` suffix.
+fn padded_width(d: usize) -> usize {
+    [16, 32, 64].into_iter().find(|&p| d <= p).unwrap_or(MAX_D)
+}
+
+/// Dynamic shared memory of a tiled kernel for padded width `dp`, mirroring the carve-up at the top
+/// of `fwd`, `bwd_dq` and `bwd_dkdv` in attention.cu: `rows` bf16 hi/lo tile pairs `[TILE][dp + 8]`,
+/// `cols` transposed pairs `[dp][TILE + 8]`, the rows' ranges (`2·TILE + 2` u32) and `extra` floats.
+fn tile_smem_bytes(dp: usize, rows: usize, cols: usize, extra: usize) -> usize {
+    rows * 2 * TILE * (dp + 8) * 2 + cols * 2 * dp * (TILE + 8) * 2 + (2 * TILE + 2) * 4 + extra * 4
+}
+
+/// Kernel `name` + `_d<dp>` with its launch configuration: one block of `TILE_WARPS` warps per tile
+/// of `TILE` rows, `blocks` blocks, and the shared memory of [`tile_smem_bytes`] for `smem`
+/// (`[rows, cols, extra]`), allowed above the default 48 KiB.
+fn tiled(gpu: &Gpu, name: &str, dp: usize, blocks: usize, smem: [usize; 3]) -> Result<(CudaFunction, LaunchConfig)> {
+    let f = gpu.function("attention", SRC, &format!("{name}_d{dp}"))?;
+    let bytes = tile_smem_bytes(dp, smem[0], smem[1], smem[2]);
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * TILE_WARPS as u32, 1, 1),
+        shared_mem_bytes: bytes as u32,
+    };
+    Ok((f, cfg))
+}
 
 fn expect(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
     if got == want {
@@ -326,14 +358,15 @@ pub fn attention_fwd_gpu(
     if t == 0 {
         return Ok(());
     }
-    let f = gpu.function("attention", SRC, "attention_fwd_f32")?;
+    let (f, cfg) = tiled(gpu, "attention_fwd_f32", padded_width(d), t.div_ceil(TILE) * nq, [1, 1, 0])?;
     let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
-    // SAFETY: attention_fwd_f32(float* o, float* lse, const float* q, const float* k,
+    // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const float* q, const float* k,
     // const float* v, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
     // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o and q hold T·nq·d floats,
     // k and v Tk·nkv·d, lse T·nq, sinks nq, klo and khi T (checked above); nkv divides nq and
-    // d <= ATT_MAX_D. The kernel clamps the ranges to Tk, so no range reads out of bounds.
-    // blockDim is 32·ATT_WARPS, one warp per (query, head).
+    // d <= DP. The kernel clamps the ranges to Tk, so no range reads out of bounds. One block of
+    // 32·FA_WARPS threads per (query tile, head), ceil(T / FA_TILE)·nq blocks, with the dynamic
+    // shared memory the kernel carves up (tile_smem_bytes).
     unsafe {
         gpu.stream
             .launch_builder(&f)
@@ -351,7 +384,7 @@ pub fn attention_fwd_gpu(
             .arg(&nkv32)
             .arg(&d32)
             .arg(&scale)
-            .launch(warp_grid(t * nq))
+            .launch(cfg)
     }?;
     Ok(())
 }
@@ -436,13 +469,13 @@ pub fn attention_bwd_gpu(
         unsafe {
             gpu.stream.launch_builder(&f).arg(dsinks).arg(sinks).arg(lse).arg(&delta).arg(&t32).arg(&nq32).launch(cfg)
         }?;
-        let f = gpu.function("attention", SRC, "attention_bwd_dq_f32")?;
-        // SAFETY: attention_bwd_dq_f32(float* dq, const float* q, const float* k, const float* v,
+        let (f, cfg) = tiled(gpu, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [2, 1, 0])?;
+        // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const float* q, const float* k, const float* v,
         // const float* lse, const float* delta, const float* dout, const unsigned* klo,
         // const unsigned* khi, unsigned T, unsigned Tk, unsigned nq, unsigned nkv, unsigned d,
         // float scale): dq, q and dout hold T·nq·d floats, k and v Tk·nkv·d, lse and delta T·nq,
-        // klo and khi T (checked above); ranges are clamped to Tk in the kernel; one warp per
-        // (query, head).
+        // klo and khi T (checked above), d <= DP; ranges are clamped to Tk in the kernel; one block
+        // of 32·FA_WARPS threads per (query tile, head) with its dynamic shared memory.
         unsafe {
             gpu.stream
                 .launch_builder(&f)
@@ -461,17 +494,19 @@ pub fn attention_bwd_gpu(
                 .arg(&nkv32)
                 .arg(&d32)
                 .arg(&scale)
-                .launch(warp_grid(t * nq))
+                .launch(cfg)
         }?;
     }
     if tk > 0 && t > 0 {
-        let f = gpu.function("attention", SRC, "attention_bwd_dkdv_f32")?;
-        // SAFETY: attention_bwd_dkdv_f32(float* dk, float* dv, const float* q, const float* k,
+        let (f, cfg) =
+            tiled(gpu, "attention_bwd_dkdv_f32", padded_width(d), tk.div_ceil(TILE) * nkv, [2, 2, 2 * TILE])?;
+        // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const float* q, const float* k,
         // const float* v, const float* lse, const float* delta, const float* dout,
         // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
         // unsigned nkv, unsigned d, float scale): dk, dv, k and v hold Tk·nkv·d floats, q and dout
         // T·nq·d, lse and delta T·nq, qlo and qhi Tk (checked above); ranges are clamped to T in
-        // the kernel; one warp per (key, KV head).
+        // the kernel, d <= DP; one block of 32·FA_WARPS threads per (key tile, KV head) with its
+        // dynamic shared memory.
         unsafe {
             gpu.stream
                 .launch_builder(&f)
@@ -491,7 +526,7 @@ pub fn attention_bwd_gpu(
                 .arg(&nkv32)
                 .arg(&d32)
                 .arg(&scale)
-                .launch(warp_grid(tk * nkv))
+                .launch(cfg)
         }?;
     }
     Ok(())
@@ -975,6 +1010,31 @@ mod tests {
         fn query_with_no_visible_key() {
             // Window 0 hides every key: o = 0, lse = S_h, and only dsinks gets a gradient (0 here).
             run(Case::new((4, 2, 64), &[&[5, 3]], Some(0)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn partial_tiles_and_padded_head_widths() {
+            // Head widths between the stamped ones (16, 32, 64, 128) are zero-padded; rows of 64
+            // queries and tiles of 64 keys end inside segments and past T.
+            run(Case::new((4, 2, 48), &[&[130, 70]], None));
+            run(Case::new((4, 1, 96), &[&[100]], Some(70)));
+            run(Case::new((2, 2, 10), &[&[63, 2, 64, 65, 1]], None));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn key_tiles_outside_the_window_are_skipped() {
+            // A 20-token window touches one or two of the seven key tiles of each query tile.
+            run(Case::new((4, 2, 64), &[&[400]], Some(20)));
+            run(Case::new((4, 2, 64), &[&[129], &[1], &[190]], Some(65)));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn many_query_tiles_per_key_tile() {
+            // dk/dv sum over 8 query heads x up to 8 query tiles of 64 per key tile.
+            run(Case::new((16, 2, 64), &[&[520]], None));
         }
 
         #[test]

@@ -1,16 +1,21 @@
-// Grouped, arbitrarily strided f32 GEMM (see mod.rs for the definition), with B either an f32
-// strided operand or an MXFP4 expert weight decoded tile by tile into shared memory.
+// Grouped, arbitrarily strided f32 GEMMs (see mod.rs for the definition): one with an f32 strided
+// B operand on CUDA cores, one whose B is an MXFP4 expert weight, on bf16 tensor cores.
 //
-// SIMT f32 FMA: a block of 256 threads owns a 64x64 tile of C_g and walks K in slices of 32; each
-// thread accumulates 4x4 outputs at rows ty + 16 i and columns tx + 16 j, so its shared-memory
-// reads are broadcasts (A) or 16 consecutive words (B), both free of bank conflicts. Tiles are
-// stored k-major with one word of padding, so the loaders may walk either dimension fastest
-// (whichever has the smaller global stride, to coalesce) without bank conflicts.
+// f32 B (grouped_gemm_f32), SIMT f32 FMA: a block of 256 threads owns a 64x64 tile of C_g and
+// walks K in slices of 32; each thread accumulates 4x4 outputs at rows ty + 16 i and columns
+// tx + 16 j, so its shared-memory reads are broadcasts (A) or 16 consecutive words (B), both free
+// of bank conflicts. Tiles are stored k-major with one word of padding, so the loaders may walk
+// either dimension fastest (whichever has the smaller global stride, to coalesce) without bank
+// conflicts.
 //
-// Grid: x = n tiles, y = m tiles (at most 65535), z = groups (at most 65535); every level loops
-// grid-stride, and a Grouped::M block loops over the row tiles of its own group's length, so the
-// result never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets
+// MXFP4 B (grouped_gemm_f32_mxfp4w): see the section above that kernel.
+//
+// Grid (both): x = n tiles, y = m tiles (at most 65535), z = groups (at most 65535); every level
+// loops grid-stride, and a Grouped::M block loops over the row tiles of its own group's length, so
+// the result never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets
 // array cannot make the kernel read or write outside the bounds the launcher checked.
+
+#include <cuda_bf16.h>
 
 #define BM 64
 #define BN 64
@@ -20,7 +25,7 @@
 
 static_assert(BM == BN, "one padded row length serves both tiles");
 static_assert(THREADS == 256 && BM == 64 && BN == 64 && BK == 32,
-              "the 16x16 thread grid, the 4x4 micro-tiles and the MXFP4 loaders assume these sizes");
+              "the 16x16 thread grid and the 4x4 micro-tiles assume these sizes");
 
 // Must match `Params` in mod.rs field for field (#[repr(C)]).
 struct Params {
@@ -49,75 +54,6 @@ struct StridedB {
             const int nn = n_fast ? i % BN : i / BK;
             const unsigned int gk = k0 + kk, gn = n0 + nn;
             Bs[kk][nn] = (gk < depth && gn < n) ? bg[(size_t)(kbase + gk) * row + (size_t)gn * col] : 0.0f;
-        }
-    }
-};
-
-// FP4 E2M1 code -> float, built from its bits: 0 0.5 1 1.5 2 3 4 6 and their negatives.
-__device__ __forceinline__ float e2m1(unsigned int code) {
-    const unsigned int e = (code >> 1) & 3u, m = code & 1u;
-    const unsigned int bits = e ? (((e + 126u) << 23) | (m << 22)) : (m ? 0x3F000000u : 0u);
-    return __uint_as_float(bits | ((code & 8u) << 28));
-}
-
-// E8M0 scale byte -> 2^(s - 127) exactly (s = 0 is the subnormal 2^-127).
-__device__ __forceinline__ float e8m0(unsigned int s) {
-    return __uint_as_float(s ? (s << 23) : 0x00400000u);
-}
-
-// Decodes the 4 bytes at p (8 consecutive elements) times the scale into v.
-__device__ __forceinline__ void decode8(const unsigned char* p, float scale, float* v) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const unsigned int byte = p[e];
-        v[2 * e] = e2m1(byte & 15u) * scale;
-        v[2 * e + 1] = e2m1(byte >> 4) * scale;
-    }
-}
-
-// B from expert weights W_e [rows, cols] in MXFP4 (blocks [E, rows, cols/32, 16], scales
-// [E, rows, cols/32]); group g uses expert g. !transposed: B(k, n) = W_g[n, k] (K = cols, N = rows);
-// transposed: B(k, n) = W_g[k, n] (K = rows, N = cols). Each thread decodes 4 bytes = 8 elements.
-struct Mxfp4B {
-    const unsigned char* blocks;
-    const unsigned char* scales;
-    unsigned int rows, cols;
-    unsigned int transposed;
-
-    __device__ void operator()(float (*Bs)[LDS], unsigned int g, unsigned int k0, unsigned int n0,
-                               unsigned int depth, unsigned int kbase) const {
-        (void)depth;
-        (void)kbase;  // Grouped::M only: kbase is 0 and depth is K
-        const unsigned int nblk = cols / 32;
-        const size_t expert_row0 = (size_t)g * rows;
-        const int t = threadIdx.x;
-        float v[8];
-        if (!transposed) {
-            // 64 W rows (n) x one 32-element block (k0 is a multiple of 32 and K = cols, so whole).
-            const int nn = t / 4, q = t % 4;
-            const unsigned int gn = n0 + nn;
-            if (gn < rows) {
-                const size_t blk = (expert_row0 + gn) * nblk + k0 / 32;
-                decode8(blocks + blk * 16 + q * 4, e8m0(scales[blk]), v);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) v[e] = 0.0f;
-            }
-#pragma unroll
-            for (int e = 0; e < 8; ++e) Bs[q * 8 + e][nn] = v[e];
-        } else {
-            // 32 W rows (k) x two 32-element blocks (n0 is a multiple of 64; cols of 32).
-            const int kk = t / 8, nb = (t % 8) / 4, q = t % 4;
-            const unsigned int gk = k0 + kk, gn = n0 + nb * 32;
-            if (gk < rows && gn < cols) {
-                const size_t blk = (expert_row0 + gk) * nblk + gn / 32;
-                decode8(blocks + blk * 16 + q * 4, e8m0(scales[blk]), v);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) v[e] = 0.0f;
-            }
-#pragma unroll
-            for (int e = 0; e < 8; ++e) Bs[kk][nb * 32 + q * 8 + e] = v[e];
         }
     }
 };
@@ -197,10 +133,269 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     grouped_gemm(a, c, offsets, p, load_b);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-    grouped_gemm_f32_mxfp4w(float* c, const float* a, const unsigned char* blocks, const unsigned char* scales,
-                            const unsigned int* offsets, Params p, unsigned int w_rows, unsigned int w_cols,
-                            unsigned int transposed) {
-    const Mxfp4B load_b{blocks, scales, w_rows, w_cols, transposed};
-    grouped_gemm(a, c, offsets, p, load_b);
+
+// ---- MXFP4 B on tensor cores ----
+//
+// C_g tile 128x128 per block of 256 threads (8 warps as 2 x 4, each 64x32 of C: 4 x 2 WMMA
+// m16n16k16 accumulators in f32), K walked in slices of 32. The loaders read the next slice into
+// registers while the warps multiply the current one from shared memory, then store it:
+// - A (f32, any strides): each value x is split into bf16 hi = bf16(x) and lo = bf16(x - hi), two
+//   tiles in shared memory, and every fragment pair runs twice (lo·B, then hi·B) into the same f32
+//   accumulator, so x is carried to ~2^-17 of itself: f32-level accuracy from bf16 MMAs.
+// - B (MXFP4): each thread decodes 8 bytes (16 values) of one block straight to bf16, exactly
+//   (an E2M1 value times a power of two has 2 significant bits; bf16 keeps f32's exponent range),
+//   by two byte-permute table look-ups and one bf16x2 multiply by the block scale per pair.
+//   Forward (B(k, n) = W[n, k]): the tile is 128 W rows x one 32-value block, stored [n][k] and read
+//   as a column-major B. Transposed (B(k, n) = W[k, n]): 32 W rows x 4 blocks, stored [k][n], read
+//   row-major. A dequantized copy of W never exists in device memory.
+// Rows are padded by 8 bf16 (16 bytes), so the 8 rows an ldmatrix phase reads fall in distinct
+// banks. Partial tiles: rows of A and C past the group, n past N and k past K load as zeros and are
+// never stored. The epilogue goes through a per-warp 16x16 f32 scratch in shared memory so that C
+// is written with any strides, alpha and beta, coalesced when C is row-major.
+
+namespace tc {
+constexpr int TM = 128, TN = 128, TK = 32, TTHREADS = 256;
+constexpr int LDA = TK + 8;     // A tiles [m][k]
+constexpr int LDB_NK = TK + 8;  // forward B tile [n][k]
+constexpr int LDB_KN = TN + 8;  // transposed B tile [k][n]
+constexpr int A_ELEMS = TM * LDA;
+constexpr int B_ELEMS = TN * LDB_NK > TK * LDB_KN ? TN * LDB_NK : TK * LDB_KN;
+static_assert(TTHREADS == 256 && TM == 128 && TN == 128 && TK == 32,
+              "the 2x4 warp grid and the loaders' thread maps assume these sizes");
+constexpr int SC_LD = 40;  // epilogue scratch row (f32): float2 stores of a half-warp hit distinct banks
+static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= 2 * A_ELEMS * 2, "the epilogue scratch fits in the A tiles");
+}  // namespace tc
+
+__device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int y) {
+    unsigned int d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
+    return d;
 }
+
+// 8 E2M1 codes (nibble i = element i, low nibble first) times the bf16x2 scale s2 -> 4 bf16x2.
+// The high and low bytes of the bf16 magnitudes 0 0.5 1 1.5 2 3 4 6 are two 8-entry byte tables
+// that prmt indexes by the code's low 3 bits; the sign (bit 3) selects 0x80 from a third table.
+__device__ __forceinline__ uint4 decode8_bf16(unsigned int q, unsigned int s2) {
+    const unsigned int mag = q & 0x77777777u, neg = (q >> 1) & 0x44444444u;
+    unsigned int out[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const unsigned int sel = mag >> (16 * h), ssel = neg >> (16 * h);
+        const unsigned int hi = __byte_perm(0x3F3F3F00u, 0x40404040u, sel) | __byte_perm(0u, 0x80808080u, ssel);
+        const unsigned int lo = __byte_perm(0xC0800000u, 0xC0804000u, sel);
+        out[2 * h] = mul_bf16x2(__byte_perm(lo, hi, 0x5140), s2);
+        out[2 * h + 1] = mul_bf16x2(__byte_perm(lo, hi, 0x7362), s2);
+    }
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the row address of matrix l / 8.
+__device__ __forceinline__ void ldsm_x4(unsigned int* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned int* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// d += a · b: one m16n8k16 bf16 tensor-core product with f32 accumulation.
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ unsigned int bf16x2_bits(__nv_bfloat162 v) {
+    return *reinterpret_cast<unsigned int*>(&v);
+}
+
+template <bool TRANSPOSED>
+__device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const unsigned char* blocks, const unsigned char* scales,
+                              const unsigned int* offsets, const Params& p, unsigned int w_rows,
+                              unsigned int w_cols) {
+    using namespace tc;
+    __nv_bfloat16* const a_hi = sm;
+    __nv_bfloat16* const a_lo = sm + A_ELEMS;
+    __nv_bfloat16* const bs = sm + 2 * A_ELEMS;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wm = warp / 4, wn = warp % 4;
+    const bool a_vec = p.a_col == 1 && (p.a_row & 3) == 0 && (p.a_group & 3) == 0 && ((size_t)a & 15) == 0;
+    const bool b_vec = ((size_t)blocks & 7) == 0;
+    const unsigned int nblk = w_cols / 32;
+    // A loader: k 4·a_kq..+3 of tile rows a_r + 32 j. B loader: 8 bytes (half b_half) of one
+    // block: forward, W row n0 + b_x; transposed, W row k0 + b_x, block b_blk of the tile's 4.
+    const int a_kq = tid % 8, a_r = tid / 8;
+    const int b_half = tid % 2, b_x = TRANSPOSED ? tid / 8 : tid / 2, b_blk = TRANSPOSED ? (tid / 2) % 4 : 0;
+    __nv_bfloat16* const b_dst =
+        bs + (TRANSPOSED ? b_x * LDB_KN + 32 * b_blk + 16 * b_half : b_x * LDB_NK + 16 * b_half);
+
+    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
+        const unsigned int end = min(offsets[g + 1], p.total_rows);
+        const unsigned int start = min(offsets[g], end);
+        const unsigned int rows = end - start, depth = p.k;
+        const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
+        float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
+        const size_t w_row0 = (size_t)g * w_rows;
+        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
+            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+                const unsigned int m0 = mt * TM, n0 = nt * TN;
+                float av[4][4];
+                uint2 bq;
+                unsigned int bsc;
+                auto load = [&](unsigned int k0) {
+                    const unsigned int gk = k0 + 4 * a_kq;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const unsigned int gm = m0 + a_r + 32 * j;
+                        const float* src = ag + (size_t)gm * p.a_row;
+                        if (gm < rows && a_vec && gk + 3 < depth) {
+                            const float4 v = *reinterpret_cast<const float4*>(src + gk);
+                            av[j][0] = v.x, av[j][1] = v.y, av[j][2] = v.z, av[j][3] = v.w;
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e)
+                                av[j][e] = (gm < rows && gk + e < depth) ? src[(size_t)(gk + e) * p.a_col] : 0.0f;
+                        }
+                    }
+                    bool ok;
+                    size_t blk;
+                    if (TRANSPOSED) {
+                        const unsigned int wr = k0 + b_x, wc = n0 + 32 * b_blk;
+                        ok = wr < w_rows && wc < w_cols;
+                        blk = (w_row0 + wr) * nblk + wc / 32;
+                    } else {
+                        const unsigned int wr = n0 + b_x;
+                        ok = wr < w_rows && k0 < w_cols;
+                        blk = (w_row0 + wr) * nblk + k0 / 32;
+                    }
+                    bq = make_uint2(0u, 0u);
+                    bsc = 127u;
+                    if (ok) {
+                        bsc = scales[blk];
+                        const unsigned char* q = blocks + blk * 16 + 8 * b_half;
+                        if (b_vec) {
+                            bq = *reinterpret_cast<const uint2*>(q);
+                        } else {
+                            bq.x = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned int)q[3] << 24);
+                            bq.y = q[4] | (q[5] << 8) | (q[6] << 16) | ((unsigned int)q[7] << 24);
+                        }
+                    }
+                };
+                auto store = [&]() {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const __nv_bfloat162 h01 = __floats2bfloat162_rn(av[j][0], av[j][1]);
+                        const __nv_bfloat162 h23 = __floats2bfloat162_rn(av[j][2], av[j][3]);
+                        const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+                        const __nv_bfloat162 l01 = __floats2bfloat162_rn(av[j][0] - f01.x, av[j][1] - f01.y);
+                        const __nv_bfloat162 l23 = __floats2bfloat162_rn(av[j][2] - f23.x, av[j][3] - f23.y);
+                        const int o = (a_r + 32 * j) * LDA + 4 * a_kq;
+                        *reinterpret_cast<uint2*>(a_hi + o) = make_uint2(bf16x2_bits(h01), bf16x2_bits(h23));
+                        *reinterpret_cast<uint2*>(a_lo + o) = make_uint2(bf16x2_bits(l01), bf16x2_bits(l23));
+                    }
+                    // E8M0 -> bf16 2^(s-127): the exponent field is s (s = 0: the subnormal 2^-127).
+                    const unsigned int s = bsc ? bsc << 7 : 0x40u, s2 = s | (s << 16);
+                    *reinterpret_cast<uint4*>(b_dst) = decode8_bf16(bq.x, s2);
+                    *reinterpret_cast<uint4*>(b_dst + 8) = decode8_bf16(bq.y, s2);
+                };
+
+                float acc[4][4][4];  // [m16 fragment][n8 fragment][mma C register]
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+                load(0);
+                store();
+                __syncthreads();
+                for (unsigned int k0 = 0; k0 < depth; k0 += TK) {
+                    const bool more = k0 + TK < depth;
+                    if (more) load(k0 + TK);
+                    // Not unrolled: hoisting the second step's fragment loads would need more than the
+                    // 128 registers that two blocks per SM allow.
+#pragma unroll 1
+                    for (int kk = 0; kk < TK; kk += 16) {
+                        unsigned int bf[2][4];  // [n16 pair]: b0, b1 of n8 fragment 2p, then of 2p + 1
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) {
+                            const int mi = lane / 8, r = lane % 8, n = wn * 32 + 16 * q;
+                            if (TRANSPOSED)
+                                ldsm_x4_trans(bf[q], bs + (kk + (mi % 2) * 8 + r) * LDB_KN + n + (mi / 2) * 8);
+                            else
+                                ldsm_x4(bf[q], bs + (n + (mi / 2) * 8 + r) * LDB_NK + kk + (mi % 2) * 8);
+                        }
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            unsigned int ah[4], al[4];
+                            const int o = (wm * 64 + 16 * i + lane % 16) * LDA + kk + (lane / 16) * 8;
+                            ldsm_x4(al, a_lo + o);
+                            ldsm_x4(ah, a_hi + o);
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) {
+                                mma_bf16_16816(acc[i][j], al, &bf[j / 2][2 * (j % 2)]);
+                                mma_bf16_16816(acc[i][j], ah, &bf[j / 2][2 * (j % 2)]);
+                            }
+                        }
+                    }
+                    __syncthreads();
+                    if (more) {
+                        store();
+                        __syncthreads();
+                    }
+                }
+                // Every warp is past its last read of the tiles: the A tiles become each warp's
+                // [16][SC_LD] f32 scratch, so that C is written one 32-column row per instruction.
+                float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
+                const int gr = lane / 4, tq = lane % 4;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        *reinterpret_cast<float2*>(scratch + gr * SC_LD + 8 * j + 2 * tq) =
+                            make_float2(acc[i][j][0], acc[i][j][1]);
+                        *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) =
+                            make_float2(acc[i][j][2], acc[i][j][3]);
+                    }
+                    __syncwarp();
+                    const unsigned int gn = n0 + wn * 32 + lane;
+#pragma unroll 1  // unrolled, the 16 rows' addresses would take ~70 registers
+                    for (int r = 0; r < 16; ++r) {
+                        const unsigned int gm = m0 + wm * 64 + 16 * i + r;
+                        if (gm < rows && gn < p.n) {
+                            float* cp = cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col;
+                            // beta = 0 overwrites: old C may hold NaN and is never read.
+                            const float v = p.alpha * scratch[r * SC_LD + lane];
+                            *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
+                        }
+                    }
+                    __syncwarp();
+                }
+                __syncthreads();  // the next tile's first store overwrites the scratch
+            }
+        }
+    }
+}
+
+// Two entry points, one per orientation: inlined into one kernel, both would share its register
+// allocation and spill.
+#define MXFP4W_KERNEL(name, transposed)                                                                   \
+    extern "C" __global__ void __launch_bounds__(tc::TTHREADS, 2)                                        \
+        name(float* c, const float* a, const unsigned char* blocks, const unsigned char* scales,        \
+             const unsigned int* offsets, Params p, unsigned int w_rows, unsigned int w_cols) {          \
+        __shared__ __align__(128) __nv_bfloat16 sm[2 * tc::A_ELEMS + tc::B_ELEMS];                     \
+        mxfp4_tc_gemm<transposed>(sm, c, a, blocks, scales, offsets, p, w_rows, w_cols);                \
+    }
+
+MXFP4W_KERNEL(grouped_gemm_f32_mxfp4w, false)
+MXFP4W_KERNEL(grouped_gemm_f32_mxfp4w_transposed, true)

@@ -114,6 +114,8 @@ unsafe impl DeviceRepr for Params {}
 
 const TILE_M: usize = 64;
 const TILE_N: usize = 64;
+/// C tile of the MXFP4 (tensor-core) kernels.
+const TC_TILE: usize = 128;
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
 /// Dimensions stay below 2^31 so the kernels' u32 tile arithmetic cannot wrap.
@@ -209,10 +211,11 @@ fn params(cfg: &GroupedGemm, total_rows: usize) -> Params {
     }
 }
 
-/// Grid `(n tiles, m tiles ≤ 65535, groups ≤ 65535)`; the kernel loops over whatever is left.
-fn launch_config(cfg: &GroupedGemm) -> LaunchConfig {
-    let x = cfg.n.div_ceil(TILE_N).max(1);
-    let y = cfg.m.div_ceil(TILE_M).clamp(1, GRID_YZ_MAX);
+/// Grid `(n tiles, m tiles ≤ 65535, groups ≤ 65535)` of `tile_m x tile_n` C tiles; the kernel
+/// loops over whatever is left.
+fn launch_config(cfg: &GroupedGemm, tile_m: usize, tile_n: usize) -> LaunchConfig {
+    let x = cfg.n.div_ceil(tile_n).max(1);
+    let y = cfg.m.div_ceil(tile_m).clamp(1, GRID_YZ_MAX);
     let z = cfg.groups.clamp(1, GRID_YZ_MAX);
     LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
@@ -355,11 +358,21 @@ pub fn grouped_gemm_f32(
     // Params p): offsets holds groups + 1 u32 (checked); the kernel clamps offsets to
     // p.total_rows, so A, B and C are read/written only at indices below the extents that
     // check_shapes verified against each buffer's length; Params matches the CUDA struct.
-    unsafe { gpu.stream.launch_builder(&f).arg(c).arg(a).arg(b).arg(offsets).arg(&p).launch(launch_config(cfg)) }?;
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(c)
+            .arg(a)
+            .arg(b)
+            .arg(offsets)
+            .arg(&p)
+            .launch(launch_config(cfg, TILE_M, TILE_N))
+    }?;
     Ok(())
 }
 
-/// GPU grouped GEMM whose B is expert `g`'s MXFP4 weight, decoded in shared memory tile by tile:
+/// GPU grouped GEMM whose B is expert `g`'s MXFP4 weight, decoded to bf16 in shared memory tile by
+/// tile and multiplied on tensor cores (A split into bf16 hi + lo: f32-level accuracy):
 /// `B(k, n) = W_g[n, k]` when `!transposed` (forward `y = x W_gᵀ`: `K = cols`, `N = rows`) and
 /// `W_g[k, n]` when `transposed` (input gradient `dx = dy W_g`: `K = rows`, `N = cols`).
 /// Grouped::M only; `cfg.b` is ignored; group `g` uses expert `g` (`groups ≤ experts`).
@@ -380,12 +393,13 @@ pub fn grouped_gemm_f32_mxfp4w(
     if is_empty(cfg) {
         return Ok(());
     }
-    let f = gpu.function("gemm", SRC, "grouped_gemm_f32_mxfp4w")?;
+    let name = if transposed { "grouped_gemm_f32_mxfp4w_transposed" } else { "grouped_gemm_f32_mxfp4w" };
+    let f = gpu.function("gemm", SRC, name)?;
     let p = params(cfg, total_rows);
-    let (rows, cols, tr) = (w.rows as u32, w.cols as u32, transposed as u32);
-    // SAFETY: grouped_gemm_f32_mxfp4w(float* c, const float* a, const unsigned char* blocks,
-    // const unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows,
-    // unsigned w_cols, unsigned transposed): blocks/scales hold experts·rows·cols/2 and
+    let (rows, cols) = (w.rows as u32, w.cols as u32);
+    // SAFETY: grouped_gemm_f32_mxfp4w{,_transposed}(float* c, const float* a, const unsigned char*
+    // blocks, const unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows,
+    // unsigned w_cols): blocks/scales hold experts·rows·cols/2 and
     // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
     // (check_mxfp4), so every decoded block lies inside them; A and C as in grouped_gemm_f32.
     unsafe {
@@ -399,8 +413,7 @@ pub fn grouped_gemm_f32_mxfp4w(
             .arg(&p)
             .arg(&rows)
             .arg(&cols)
-            .arg(&tr)
-            .launch(launch_config(cfg))
+            .launch(launch_config(cfg, TC_TILE, TC_TILE))
     }?;
     Ok(())
 }

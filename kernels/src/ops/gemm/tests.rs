@@ -684,3 +684,104 @@ fn mxfp4_gpt_oss_20b_shapes() {
     check_mxfp4_gpu(&gpu, 22, 4, 5760, 2880, &[100, 0, 173, 41], true);
     check_mxfp4_gpu(&gpu, 23, 4, 2880, 2880, &[100, 0, 173, 41], true);
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_groups_longer_than_one_tile_and_partial_n_tiles() {
+    // Groups of 300 and 129 rows (three and two 128-row tiles, the last nearly empty); rows 200
+    // (forward: a partial 128-wide n tile) and cols 160 (transposed: a last n tile with one block).
+    check_mxfp4_gpu(&gpu(), 24, 4, 200, 160, &[300, 0, 129, 1], false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_odd_rows_give_a_partial_k_slice() {
+    // Transposed K = rows = 99: the last 32-deep slice holds 3 rows, the last 4-wide A chunk 3 values.
+    check_mxfp4_gpu(&gpu(), 25, 2, 99, 64, &[17, 40], false);
+    check_mxfp4_gpu(&gpu(), 26, 3, 1, 32, &[5, 0, 2], false);
+}
+
+/// How the operands of [`check_mxfp4_views`] sit in memory.
+#[derive(Clone, Copy, Debug)]
+struct Mxfp4Layout {
+    /// Elements before A, C and the weight's blocks (1: views that are not 16-byte aligned).
+    shift: usize,
+    /// A and C column-major (`[i, k]` at `i + k·total`): no vector loads, strided stores.
+    col_major: bool,
+    alpha: f32,
+    beta: f32,
+}
+
+/// One MXFP4 product on views of larger buffers laid out as `lay` says, GPU vs CPU reference;
+/// C starts as NaN when beta is 0 (it must be overwritten, never read).
+fn check_mxfp4_views(
+    gpu: &Gpu,
+    seed: u64,
+    rows: usize,
+    cols: usize,
+    sizes: &[usize],
+    transposed: bool,
+    lay: Mxfp4Layout,
+) {
+    let experts = sizes.len();
+    let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
+    let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
+    let bmax = max_abs(&dequantize(&hw));
+    let offsets = offsets_of(sizes);
+    let total = offsets[experts] as usize;
+    let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
+    let (a_st, c_st) = if lay.col_major {
+        (Strides { row: 1, col: total, group: 0 }, Strides { row: 1, col: total, group: 0 })
+    } else {
+        (Strides::row_major(k), Strides::row_major(n))
+    };
+    let cfg = GroupedGemm {
+        groups: experts,
+        grouped: Grouped::M,
+        m: max_len(&offsets),
+        n,
+        k,
+        alpha: lay.alpha,
+        beta: lay.beta,
+        a: a_st,
+        b: Strides::row_major(0),
+        c: c_st,
+    };
+    let sh = lay.shift;
+    let a = randn(seed + 1, total * k, 1.0);
+    let c0 = if lay.beta == 0.0 { vec![f32::NAN; total * n] } else { randn(seed + 2, total * n, 1.0) };
+    let pad = |v: &[f32]| [vec![0.5f32; sh], v.to_vec()].concat();
+    let st = &gpu.stream;
+    let bd = st.clone_htod(&[vec![7u8; sh], blocks.clone()].concat()).unwrap();
+    let (sd, od) = (st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
+    let (ad, mut cd) = (st.clone_htod(&pad(&a)).unwrap(), st.clone_htod(&pad(&c0)).unwrap());
+    let w = Mxfp4Weight { blocks: bd.slice(sh..sh + blocks.len()), scales: sd.as_view(), experts, rows, cols };
+    let mut c_view = cd.slice_mut(sh..sh + total * n);
+    grouped_gemm_f32_mxfp4w(gpu, &cfg, &od.as_view(), total, &ad.slice(sh..), &w, transposed, &mut c_view).unwrap();
+    let got_all = st.clone_dtoh(&cd).unwrap();
+    assert!(got_all[..sh].iter().all(|&v| v == 0.5), "{lay:?}: wrote before C");
+    let mut want = c0.clone();
+    grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a, &hw, transposed, &mut want);
+    let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} sizes {sizes:?} {lay:?}");
+    assert!(got_all[sh..].iter().all(|v| v.is_finite()), "{what}: NaN or inf in C");
+    assert_close(&what, &got_all[sh..], &want, atol(k, 1.0, bmax) * lay.alpha.abs(), 1e-4);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_unaligned_and_strided_views_alpha_beta() {
+    let gpu = gpu();
+    for (i, lay) in [
+        Mxfp4Layout { shift: 1, col_major: false, alpha: 1.0, beta: 0.0 },
+        Mxfp4Layout { shift: 0, col_major: true, alpha: -0.5, beta: 1.0 },
+        Mxfp4Layout { shift: 3, col_major: true, alpha: 2.0, beta: 0.0 },
+        Mxfp4Layout { shift: 2, col_major: false, alpha: 1.5, beta: -0.25 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for transposed in [false, true] {
+            check_mxfp4_views(&gpu, 30 + i as u64, 70, 96, &[45, 0, 140], transposed, lay);
+        }
+    }
+}

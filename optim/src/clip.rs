@@ -51,7 +51,7 @@ pub(crate) fn check_max_norm(max_norm: f32) -> Result<()> {
 }
 
 /// torch's clip coefficient `min(1, max_norm / (total + 1e-6))` in f32.
-pub(crate) fn clip_coef(total: f32, max_norm: f32) -> f32 {
+pub fn clip_coef(total: f32, max_norm: f32) -> f32 {
     // torch clamps with `max=1.0`, which keeps a NaN coefficient NaN; f32::min would drop it.
     let coef = max_norm / (total + 1e-6);
     if coef > 1.0 {

@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use adamw8bit::{AdamW8bit, AdamW8bitConfig, BlockwiseView};
-pub use clip::{clip_grad_norm, global_grad_norm};
+pub use clip::{clip_coef, clip_grad_norm, global_grad_norm};
 pub use schedule::{LrSchedule, ScheduleKind};
 
 #[derive(Debug, thiserror::Error)]

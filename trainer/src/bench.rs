@@ -1,13 +1,14 @@
 //! The training benchmark on the GPU (`oxtune bench-train`): a model of any gpt-oss shape with
 //! random weights in the real layout (MXFP4 experts), one batch of random tokens that all carry a
 //! loss, LoRA on attention and experts, and timed optimizer steps exactly as `oxtune train` runs
-//! them (forward, backward, clipping, 8-bit AdamW).
+//! them (forward, backward, clipping and 8-bit AdamW on the device, the host copy of the result).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use oxtune_kernels::Gpu;
-use oxtune_optim::{AdamW8bit, AdamW8bitConfig, Optimizer, Param};
+use oxtune_optim::cuda::{AdamW8bitGpu, GpuParam};
+use oxtune_optim::AdamW8bitConfig;
 
 use crate::config::GptOssConfig;
 use crate::error::{Error, Result};
@@ -53,7 +54,7 @@ pub struct BenchReport {
     /// fraction of the H100 SXM's 989 dense bf16 TFLOP/s.
     pub mfu: f64,
     /// Seconds per phase of the median step: forward + backward on the device, the optimizer
-    /// (gradients to the host, clipping, 8-bit AdamW, parameters back).
+    /// (clipping and 8-bit AdamW on the device, then the host's copy of values and state).
     pub fwd_bwd_s: f64,
     pub optimizer_s: f64,
     pub losses: Vec<f64>,
@@ -113,22 +114,27 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         ids,
     };
     let counted = batch.counted().max(1);
-    let mut opt = AdamW8bit::new(AdamW8bitConfig::default()).map_err(|e| Error::Input(e.to_string()))?;
+    let gpu_err = |e: oxtune_optim::Error| Error::Gpu(e.to_string());
+    let mut opt = AdamW8bitGpu::new(AdamW8bitConfig::default()).map_err(gpu_err)?;
+    let names: Vec<String> = adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
     let (mut times, mut losses) = (vec![], vec![]);
     for step in 0..b.steps + 2 {
         let s0 = Instant::now();
         eng.zero_grads()?;
         let (sum, n) = eng.forward_backward(&batch, 1.0 / counted as f32)?;
         let fb = s0.elapsed().as_secs_f64();
-        eng.download_grads(&mut adapter, None)?;
-        let mut grads: Vec<&mut [f32]> = adapter.grads().into_iter().map(|(_, _, g)| g).collect();
-        oxtune_optim::clip_grad_norm(&mut grads, 1.0).map_err(|e| Error::Input(e.to_string()))?;
-        let mut ps = adapter.params();
-        let mut params: Vec<Param> = ps.iter_mut().map(|(n, v, g)| Param::new(n, v, g)).collect();
-        opt.step(&mut params, 1e-4).map_err(|e| Error::Input(e.to_string()))?;
+        // As `oxtune train` on a GPU: clip and step on the device, then the host's copy of the
+        // adapter and optimizer state (what a checkpoint after a GPU fault saves).
+        eng.clip_grads(false, 1.0)?;
+        let mut params: Vec<GpuParam> =
+            eng.trainables(false).into_iter().zip(&names).map(|((v, g), n)| GpuParam::new(n, v, g)).collect();
+        opt.step(&gpu, &mut params, 1e-4).map_err(gpu_err)?;
         drop(params);
-        drop(ps);
-        eng.upload_params(&adapter, None)?;
+        let host = eng.read_params(false)?;
+        let _state = opt.to_cpu(&gpu).map_err(gpu_err)?;
+        for ((_, dst, _), src) in adapter.params().into_iter().zip(&host.lora) {
+            dst.copy_from_slice(src);
+        }
         let total_s = s0.elapsed().as_secs_f64();
         let loss = sum / n.max(1) as f64;
         log(&format!(

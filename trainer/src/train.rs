@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use oxtune_data::{BatchConfig, BatchMode, Batcher, BatcherState, Example, LoadOptions, MaskPolicy, Tokenizer};
+use oxtune_optim::cuda::{AdamW8bitGpu, AdamWGpu, GpuParam};
 use oxtune_optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, LrSchedule, Optimizer, Param, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
@@ -402,7 +403,9 @@ pub struct Trainer {
     pub model: Model,
     pub adapter: LoraAdapter,
     sinks: Option<SinkGrads>,
-    opt: Box<dyn Optimizer>,
+    opt: Opt,
+    /// The optimizer on the device when the run uses a GPU (`opt` then mirrors its state).
+    gpu_opt: Option<GpuOpt>,
     schedule: LrSchedule,
     batcher: Batcher,
     eval: Vec<TrainBatch>,
@@ -423,13 +426,69 @@ pub struct Trainer {
     gpu_failed: bool,
 }
 
-fn optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
+/// The optimizer with its state on the host: what CPU steps update and checkpoints hold.
+enum Opt {
+    AdamW(AdamW),
+    AdamW8bit(AdamW8bit),
+}
+
+impl Opt {
+    fn cpu(&mut self) -> &mut dyn Optimizer {
+        match self {
+            Opt::AdamW(o) => o,
+            Opt::AdamW8bit(o) => o,
+        }
+    }
+
+    fn cpu_ref(&self) -> &dyn Optimizer {
+        match self {
+            Opt::AdamW(o) => o,
+            Opt::AdamW8bit(o) => o,
+        }
+    }
+}
+
+/// The same optimizer with its state on the device (bit-equal updates, see `oxtune_optim::cuda`).
+enum GpuOpt {
+    AdamW(AdamWGpu),
+    AdamW8bit(AdamW8bitGpu),
+}
+
+fn gpu_err(e: oxtune_optim::Error) -> Error {
+    Error::Gpu(format!("optimizer: {e}"))
+}
+
+impl GpuOpt {
+    fn from_cpu(gpu: &oxtune_kernels::Gpu, o: &Opt) -> Result<Self> {
+        Ok(match o {
+            Opt::AdamW(c) => GpuOpt::AdamW(AdamWGpu::from_cpu(gpu, c).map_err(gpu_err)?),
+            Opt::AdamW8bit(c) => GpuOpt::AdamW8bit(AdamW8bitGpu::from_cpu(gpu, c).map_err(gpu_err)?),
+        })
+    }
+
+    fn step(&mut self, gpu: &oxtune_kernels::Gpu, params: &mut [GpuParam<'_>], lr: f64) -> Result<()> {
+        match self {
+            GpuOpt::AdamW(o) => o.step(gpu, params, lr),
+            GpuOpt::AdamW8bit(o) => o.step(gpu, params, lr),
+        }
+        .map_err(gpu_err)
+    }
+
+    fn to_cpu(&self, gpu: &oxtune_kernels::Gpu) -> Result<Opt> {
+        Ok(match self {
+            GpuOpt::AdamW(o) => Opt::AdamW(o.to_cpu(gpu).map_err(gpu_err)?),
+            GpuOpt::AdamW8bit(o) => Opt::AdamW8bit(o.to_cpu(gpu).map_err(gpu_err)?),
+        })
+    }
+}
+
+fn optimizer(cfg: &TrainConfig) -> Result<Opt> {
     let e = |e: oxtune_optim::Error| Error::Input(e.to_string());
     let adam = AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() };
     Ok(match cfg.optimizer {
-        OptimizerKind::Adamw => Box::new(AdamW::new(adam).map_err(e)?),
+        OptimizerKind::Adamw => Opt::AdamW(AdamW::new(adam).map_err(e)?),
         OptimizerKind::Adamw8bit => {
-            Box::new(AdamW8bit::new(AdamW8bitConfig { adam, ..AdamW8bitConfig::default() }).map_err(e)?)
+            Opt::AdamW8bit(AdamW8bit::new(AdamW8bitConfig { adam, ..AdamW8bitConfig::default() }).map_err(e)?)
         }
     })
 }
@@ -490,6 +549,7 @@ impl Trainer {
             fingerprint: crate::lora_adapter::model_fingerprint(cfg_model.as_deref())?,
             stop: Arc::new(AtomicBool::new(false)),
             engine: None,
+            gpu_opt: None,
             device: String::new(),
             gpu_failed: false,
         };
@@ -502,6 +562,7 @@ impl Trainer {
                 let d = crate::gpu::describe(&gpu);
                 let budget = t.cfg.micro_batch * t.cfg.max_len;
                 let ckpt = t.cfg.activation_checkpointing;
+                t.gpu_opt = Some(GpuOpt::from_cpu(&gpu, &t.opt)?);
                 t.engine = Some(GpuEngine::with_checkpointing(gpu, &t.model, &t.adapter, budget, ckpt)?);
                 d
             }
@@ -564,7 +625,7 @@ impl Trainer {
             return Err(Error::Input("the checkpoint's adapter has other LoRA settings".into()));
         }
         self.adapter = adapter;
-        self.opt.load_state(&dir.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
+        self.opt.cpu().load_state(&dir.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
         if let Some(s) = &mut self.sinks {
             let p = dir.join("sinks.json");
             let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
@@ -622,7 +683,7 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(tmp);
         std::fs::create_dir_all(tmp).map_err(io_err(tmp))?;
         self.save_adapter(tmp)?;
-        self.opt.save_state(&tmp.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
+        self.opt.cpu_ref().save_state(&tmp.join("optimizer.safetensors")).map_err(|e| Error::Input(e.to_string()))?;
         let mut files = vec!["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"];
         if self.sinks.is_some() {
             let sinks: Vec<&Vec<f32>> = self.model.w.layers.iter().map(|l| &l.sinks).collect();
@@ -663,6 +724,52 @@ impl Trainer {
         }
     }
 
+    /// The optimizer step on the device, then the host's copy of the result (adapter values,
+    /// sinks, optimizer state), committed only once every copy succeeded: the host always holds
+    /// the last completed step, which is what a checkpoint after a GPU fault saves.
+    fn gpu_update(&mut self, lr: f64, sink_names: &[String]) -> Result<()> {
+        let eng = self.engine.as_mut().expect("called with an engine");
+        let gpu = eng.gpu.clone();
+        let names: Vec<String> = self.adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
+        let trains_sinks = self.sinks.is_some();
+        {
+            let mut params: Vec<GpuParam> = vec![];
+            let mut names_it = names.iter().chain(sink_names.iter());
+            for (i, (value, grad)) in eng.trainables(trains_sinks).into_iter().enumerate() {
+                let name = names_it.next().expect("one name per trainable tensor");
+                params.push(if i < names.len() {
+                    GpuParam::new(name, value, grad)
+                } else {
+                    GpuParam::without_decay(name, value, grad)
+                });
+            }
+            let opt = self.gpu_opt.as_mut().expect("a device optimizer with the engine");
+            opt.step(&gpu, &mut params, lr)?;
+        }
+        let host = eng.read_params(trains_sinks)?;
+        let cpu = self.gpu_opt.as_ref().expect("a device optimizer with the engine").to_cpu(&gpu)?;
+        for ((_, dst, _), src) in self.adapter.params().into_iter().zip(&host.lora) {
+            dst.copy_from_slice(src);
+        }
+        for (layer, v) in self.model.w.layers.iter_mut().zip(host.sinks) {
+            layer.sinks = v;
+        }
+        self.opt = cpu;
+        Ok(())
+    }
+
+    /// A GPU call failed during a step: puts the data order back to the step's start and marks the
+    /// run so that [`Trainer::run`] saves the last completed step before stopping.
+    fn gpu_step_failed(&mut self, e: Error, batcher_before: Option<BatcherState>) -> Error {
+        if let Some(st) = batcher_before {
+            if let Err(re) = self.batcher.restore(st) {
+                return Error::Input(format!("{e}; restoring the data order also failed: {re}"));
+            }
+        }
+        self.gpu_failed = true;
+        e
+    }
+
     /// Writes the adapter in PEFT's format into `dir`.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         let base = self.cfg.model.as_ref().map(|p| p.display().to_string());
@@ -687,11 +794,14 @@ impl Trainer {
             s.iter_mut().for_each(|g| g.fill(0.0));
         }
         let (mut loss_sum, mut n) = (0.0, 0usize);
+        // On the GPU: gradients stay on the device; their norm (and whether they are finite) is
+        // computed there, with the clipping.
+        let max_norm = self.cfg.max_grad_norm as f32;
+        let mut gpu_norm = None;
         if let Some(eng) = &mut self.engine {
-            eng.zero_grads()?;
-        }
-        if let Some(eng) = &mut self.engine {
+            let trains_sinks = self.sinks.is_some();
             let passes = (|| {
+                eng.zero_grads()?;
                 let (mut sum, mut n) = (0.0, 0usize);
                 if counted > 0 {
                     for b in &micro {
@@ -700,18 +810,11 @@ impl Trainer {
                         n += c;
                     }
                 }
-                eng.download_grads(&mut self.adapter, self.sinks.as_deref_mut())?;
-                Ok::<_, Error>((sum, n))
+                Ok::<_, Error>((sum, n, eng.clip_grads(trains_sinks, max_norm)?))
             })();
             match passes {
-                Ok((s, c)) => (loss_sum, n) = (s, c),
-                Err(e) => {
-                    if let Some(st) = batcher_before {
-                        self.batcher.restore(st).map_err(|e| Error::Input(e.to_string()))?;
-                    }
-                    self.gpu_failed = true;
-                    return Err(e);
-                }
+                Ok((s, c, norm)) => (loss_sum, n, gpu_norm) = (s, c, Some(norm)),
+                Err(e) => return Err(self.gpu_step_failed(e, batcher_before)),
             }
         } else if counted > 0 {
             let scale = 1.0 / counted as f32;
@@ -723,12 +826,14 @@ impl Trainer {
         }
         let loss = if n == 0 { f64::NAN } else { loss_sum / n as f64 };
         let lr = self.schedule.lr(self.step);
-        // Gradients of all trainable tensors, then clip and step.
-        let mut grads: Vec<&mut [f32]> = self.adapter.grads().into_iter().map(|(_, _, g)| g).collect();
-        if let Some(s) = self.sinks.as_mut() {
-            grads.extend(s.iter_mut().map(|g| g.as_mut_slice()));
-        }
-        let finite = loss.is_finite() && grads.iter().all(|g| g.iter().all(|x| x.is_finite()));
+        let finite = loss.is_finite()
+            && match gpu_norm {
+                Some(norm) => norm.is_finite(),
+                None => {
+                    self.adapter.grads().iter().all(|(_, _, g)| g.iter().all(|x| x.is_finite()))
+                        && self.sinks.iter().flatten().flatten().all(|x| x.is_finite())
+                }
+            };
         self.step += 1;
         if !finite {
             self.skipped_steps += 1;
@@ -749,26 +854,34 @@ impl Trainer {
             return Ok(true);
         }
         self.bad_in_row = 0;
-        let grad_norm = oxtune_optim::clip_grad_norm(&mut grads, self.cfg.max_grad_norm as f32)
-            .map_err(|e| Error::Input(e.to_string()))?;
-        let mut adapter_params = self.adapter.params();
-        let mut params: Vec<Param> = adapter_params.iter_mut().map(|(n, v, g)| Param::new(n, v, g)).collect();
         let sink_names: Vec<String> =
             (0..self.model.w.layers.len()).map(|l| format!("model.layers.{l}.self_attn.sinks")).collect();
-        if let Some(s) = &self.sinks {
-            for ((layer, g), name) in self.model.w.layers.iter_mut().zip(s).zip(&sink_names) {
-                params.push(Param::without_decay(name, &mut layer.sinks, g));
+        let grad_norm = match gpu_norm {
+            Some(norm) => {
+                if let Err(e) = self.gpu_update(lr, &sink_names) {
+                    self.step -= 1;
+                    return Err(self.gpu_step_failed(e, batcher_before));
+                }
+                norm
             }
-        }
-        self.opt.step(&mut params, lr).map_err(|e| Error::Input(e.to_string()))?;
-        drop(params);
-        drop(adapter_params);
-        if let Some(eng) = &mut self.engine {
-            let sinks: Option<Vec<Vec<f32>>> =
-                self.sinks.as_ref().map(|_| self.model.w.layers.iter().map(|l| l.sinks.clone()).collect());
-            // The host holds this step's result; a fault here loses nothing.
-            eng.upload_params(&self.adapter, sinks.as_deref()).inspect_err(|_| self.gpu_failed = true)?;
-        }
+            None => {
+                let mut grads: Vec<&mut [f32]> = self.adapter.grads().into_iter().map(|(_, _, g)| g).collect();
+                if let Some(s) = self.sinks.as_mut() {
+                    grads.extend(s.iter_mut().map(|g| g.as_mut_slice()));
+                }
+                let norm =
+                    oxtune_optim::clip_grad_norm(&mut grads, max_norm).map_err(|e| Error::Input(e.to_string()))?;
+                let mut adapter_params = self.adapter.params();
+                let mut params: Vec<Param> = adapter_params.iter_mut().map(|(n, v, g)| Param::new(n, v, g)).collect();
+                if let Some(s) = &self.sinks {
+                    for ((layer, g), name) in self.model.w.layers.iter_mut().zip(s).zip(&sink_names) {
+                        params.push(Param::without_decay(name, &mut layer.sinks, g));
+                    }
+                }
+                self.opt.cpu().step(&mut params, lr).map_err(|e| Error::Input(e.to_string()))?;
+                norm
+            }
+        };
         let secs = t0.elapsed().as_secs_f64();
         let done = (self.step - start_step) as f64;
         let per_step = started.elapsed().as_secs_f64() / done.max(1.0);

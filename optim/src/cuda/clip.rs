@@ -10,33 +10,46 @@ use crate::clip::{check_max_norm, clip_coef};
 /// f32 atomic additions (one per block) few.
 const MAX_SUM_BLOCKS: usize = 1024;
 
-/// The global L2 norm over all `grads`: squares summed on the device into `scratch` (`[1]` f32, overwritten),
-/// one host read. Each block sums in f64; the block sums meet in one f32 atomic accumulator, so the last bits
-/// depend on their order (the CPU [`crate::global_grad_norm`] sums per tensor in f64).
+/// Length of the f64 scratch [`global_grad_norm_gpu`] and [`clip_grad_norm_gpu`] take: one
+/// partial sum per block and the accumulator.
+pub const NORM_SCRATCH: usize = MAX_SUM_BLOCKS + 1;
+
+/// The global L2 norm over all `grads`: squares summed on the device in f64 into `scratch`
+/// (`[NORM_SCRATCH]` f64, overwritten), one host read. Blocks write partial sums that one more
+/// kernel adds in a fixed order, so the result is the same bits on every run (no atomics).
 pub fn global_grad_norm_gpu(
     gpu: &Gpu,
     grads: &[CudaView<'_, f32>],
-    scratch: &mut CudaViewMut<'_, f32>,
+    scratch: &mut CudaViewMut<'_, f64>,
 ) -> oxtune_kernels::Result<f32> {
-    if scratch.len() != 1 {
-        return Err(Error::Shape(format!("global_grad_norm: scratch has {} elements, expected 1", scratch.len())));
+    if scratch.len() != NORM_SCRATCH {
+        return Err(Error::Shape(format!(
+            "global_grad_norm: scratch has {} elements, expected {NORM_SCRATCH}",
+            scratch.len()
+        )));
     }
     gpu.stream.memset_zeros(scratch)?;
-    let f = gpu.function("optim_clip", CLIP_SRC, "sum_squares_f32")?;
+    let squares = gpu.function("optim_clip", CLIP_SRC, "sum_squares_f32")?;
+    let gather = gpu.function("optim_clip", CLIP_SRC, "sum_partials_f64")?;
+    let (mut partials, mut acc) = scratch.split_at_mut(MAX_SUM_BLOCKS);
     for g in grads.iter().filter(|g| !g.is_empty()) {
         let n = g.len();
         let blocks = n.div_ceil(THREADS as usize).min(MAX_SUM_BLOCKS) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let n64 = n as u64;
-        // SAFETY: sum_squares_f32(float* acc, const float* x, unsigned long long n): acc holds 1 float (checked
-        // above), x n floats; blockDim.x = 256 is a multiple of 32 as the kernel's reduction needs.
-        unsafe { gpu.stream.launch_builder(&f).arg(&mut *scratch).arg(g).arg(&n64).launch(cfg) }?;
+        // SAFETY: sum_squares_f32(double* partials, const float* x, unsigned long long n): partials
+        // holds MAX_SUM_BLOCKS >= blocks doubles, x n floats; blockDim.x = 256 is a multiple of 32.
+        unsafe { gpu.stream.launch_builder(&squares).arg(&mut partials).arg(g).arg(&n64).launch(cfg) }?;
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: sum_partials_f64(double* acc, const double* partials, unsigned count): acc holds 1
+        // double, partials at least `blocks` written just before on the same stream.
+        unsafe { gpu.stream.launch_builder(&gather).arg(&mut acc).arg(&partials.as_view()).arg(&blocks).launch(one) }?;
     }
-    let mut total = [0.0f32];
-    gpu.stream.memcpy_dtoh(scratch, &mut total)?;
+    let mut total = [0.0f64];
+    gpu.stream.memcpy_dtoh(&acc, &mut total)?;
     // A copy into pageable memory has completed when it returns; the sync makes that explicit.
     gpu.stream.synchronize()?;
-    Ok(total[0].sqrt())
+    Ok(total[0].sqrt() as f32)
 }
 
 /// `g *= s` for every gradient.
@@ -52,12 +65,12 @@ pub fn scale_grads_gpu(gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>], s: f32) ->
 }
 
 /// [`crate::clip_grad_norm`] on the device: scales every gradient by `min(1, max_norm / (total + 1e-6))` and
-/// returns the pre-clip global norm. `scratch` is `[1]` f32 (see [`global_grad_norm_gpu`]); gradients are
+/// returns the pre-clip global norm. `scratch` is `[NORM_SCRATCH]` f64 (see [`global_grad_norm_gpu`]); gradients are
 /// left untouched when the coefficient is 1.
 pub fn clip_grad_norm_gpu(
     gpu: &Gpu,
     grads: &mut [CudaViewMut<'_, f32>],
-    scratch: &mut CudaViewMut<'_, f32>,
+    scratch: &mut CudaViewMut<'_, f64>,
     max_norm: f32,
 ) -> crate::Result<f32> {
     check_max_norm(max_norm)?;
@@ -93,25 +106,25 @@ mod tests {
         let gpu = Gpu::new(0).expect("a GPU");
         let host = grads(1, 0.3);
         let dev: Vec<CudaSlice<f32>> = host.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
-        let mut scratch = gpu.stream.alloc_zeros::<f32>(1).unwrap();
+        let mut scratch = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH).unwrap();
         let views: Vec<CudaView<'_, f32>> = dev.iter().map(|g| g.as_view()).collect();
         let got = global_grad_norm_gpu(&gpu, &views, &mut scratch.as_view_mut()).unwrap();
         let want = crate::global_grad_norm(&host.iter().map(|g| g.as_slice()).collect::<Vec<_>>());
-        // Blocks sum in f64 like the CPU; their ~1200 totals meet in one f32 accumulator, whose rounding errors
-        // (2^-24 each, partly cancelling) stay far below 1e-5 relative.
-        assert_close("global norm", &[got], &[want], 0.0, 1e-5);
-        // The scratch is overwritten, not accumulated into: a second call gives the same norm.
+        // f64 sums on both sides in different orders; the f32 result rounds once.
+        assert_close("global norm", &[got], &[want], 0.0, 1e-6);
+        // The scratch is overwritten, not accumulated into, and the sum is deterministic: a second
+        // call gives the same bits.
         let again = global_grad_norm_gpu(&gpu, &views, &mut scratch.as_view_mut()).unwrap();
-        assert_close("global norm, second call", &[again], &[want], 0.0, 1e-5);
+        assert_eq!(again.to_bits(), got.to_bits(), "global norm, second call");
     }
 
     #[test]
     #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
     fn no_gradients_have_norm_zero() {
         let gpu = Gpu::new(0).expect("a GPU");
-        let mut scratch = gpu.stream.clone_htod(&[5.0f32]).unwrap();
+        let mut scratch = gpu.stream.clone_htod(&vec![5.0f64; NORM_SCRATCH]).unwrap();
         assert_eq!(global_grad_norm_gpu(&gpu, &[], &mut scratch.as_view_mut()).unwrap(), 0.0);
-        let mut long = gpu.stream.alloc_zeros::<f32>(2).unwrap();
+        let mut long = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH + 1).unwrap();
         assert!(matches!(global_grad_norm_gpu(&gpu, &[], &mut long.as_view_mut()), Err(Error::Shape(_))));
     }
 
@@ -123,7 +136,7 @@ mod tests {
         for (seed, max_norm) in [(2u64, 1.0f32), (3, 1e6)] {
             let mut host = grads(seed, 0.3);
             let mut dev: Vec<CudaSlice<f32>> = host.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
-            let mut scratch = gpu.stream.alloc_zeros::<f32>(1).unwrap();
+            let mut scratch = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH).unwrap();
             let mut views: Vec<CudaViewMut<'_, f32>> = dev.iter_mut().map(|g| g.as_view_mut()).collect();
             let got = clip_grad_norm_gpu(&gpu, &mut views, &mut scratch.as_view_mut(), max_norm).unwrap();
             drop(views);
@@ -137,7 +150,7 @@ mod tests {
                 assert_close(&what, &gpu.stream.clone_dtoh(d).unwrap(), h, 1e-12, 1e-5);
             }
         }
-        let mut scratch = gpu.stream.alloc_zeros::<f32>(1).unwrap();
+        let mut scratch = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH).unwrap();
         let e = clip_grad_norm_gpu(&gpu, &mut [], &mut scratch.as_view_mut(), 0.0);
         assert!(matches!(e, Err(crate::Error::Config(_))), "{e:?}");
     }

@@ -148,6 +148,13 @@ struct Scratch {
     du: CudaSlice<f32>,
 }
 
+/// Trainable values copied from the device: LoRA tensors in [`LoraAdapter::tensors`] order, and
+/// each layer's sinks (empty when sinks are not trained).
+pub struct HostParams {
+    pub lora: Vec<Vec<f32>>,
+    pub sinks: Vec<Vec<f32>>,
+}
+
 /// The model, its LoRA adapter and its buffers on one GPU.
 pub struct GpuEngine {
     pub gpu: Arc<Gpu>,
@@ -175,6 +182,8 @@ pub struct GpuEngine {
     /// sticky CUDA error, to test that a run survives a GPU fault.
     fault_at: Option<u64>,
     passes: u64,
+    /// Partial sums of the global gradient norm.
+    norm_scratch: CudaSlice<f64>,
 }
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
@@ -338,6 +347,7 @@ impl GpuEngine {
             u: al.zeros("LoRA scratch", s * max_rank)?,
             du: al.zeros("LoRA scratch", s * max_rank)?,
         };
+        let norm_scratch = al.zeros("gradient norm scratch", oxtune_optim::cuda::NORM_SCRATCH)?;
         let bytes = al.bytes;
         Ok(Self {
             blas,
@@ -357,6 +367,7 @@ impl GpuEngine {
             gpu,
             fault_at: std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok()),
             passes: 0,
+            norm_scratch,
         })
     }
 
@@ -420,6 +431,63 @@ impl GpuEngine {
             }
         }
         self.sync()
+    }
+
+    /// The trainable tensors on the device with their gradients, in the order of
+    /// [`LoraAdapter::tensors`] (A then B of each pair), then every layer's sinks when `sinks`.
+    pub fn trainables(&mut self, sinks: bool) -> Vec<(&mut CudaSlice<f32>, &CudaSlice<f32>)> {
+        let mut v: Vec<(&mut CudaSlice<f32>, &CudaSlice<f32>)> = vec![];
+        for p in &mut self.lora {
+            v.push((&mut p.a, &p.ga));
+            v.push((&mut p.b, &p.gb));
+        }
+        if sinks {
+            v.extend(self.w.layers.iter_mut().map(|l| &mut l.sinks).zip(&self.dsinks));
+        }
+        v
+    }
+
+    /// Clips the gradients of [`GpuEngine::trainables`] to `max_norm` (as `clip_grad_norm_`) and
+    /// returns their global norm before clipping (non-finite when any gradient is). The norm is
+    /// summed in a fixed order: the same bits on every run.
+    pub fn clip_grads(&mut self, sinks: bool, max_norm: f32) -> Result<f32> {
+        let gpu = self.gpu.clone();
+        let mut grads: Vec<CudaViewMut<f32>> = vec![];
+        for p in &mut self.lora {
+            grads.push(p.ga.as_view_mut());
+            grads.push(p.gb.as_view_mut());
+        }
+        if sinks {
+            grads.extend(self.dsinks.iter_mut().map(|d| d.as_view_mut()));
+        }
+        let views: Vec<CudaView<f32>> = grads.iter().map(|g| g.as_view()).collect();
+        let norm = oxtune_optim::cuda::global_grad_norm_gpu(&gpu, &views, &mut self.norm_scratch.as_view_mut())?;
+        drop(views);
+        if norm.is_finite() {
+            let coef = oxtune_optim::clip_coef(norm, max_norm);
+            if coef != 1.0 {
+                oxtune_optim::cuda::scale_grads_gpu(&gpu, &mut grads, coef)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// The adapter's values (and every layer's sinks) as the device holds them, read into new
+    /// host buffers (the caller commits them only once every copy succeeded).
+    pub fn read_params(&self, sinks: bool) -> Result<HostParams> {
+        let mut lora = Vec::with_capacity(2 * self.lora.len());
+        for p in &self.lora {
+            lora.push(self.dtoh(&p.a, p.a.len())?);
+            lora.push(self.dtoh(&p.b, p.b.len())?);
+        }
+        let mut s = vec![];
+        if sinks {
+            for l in &self.w.layers {
+                s.push(self.dtoh(&l.sinks, l.sinks.len())?);
+            }
+        }
+        self.sync()?;
+        Ok(HostParams { lora, sinks: s })
     }
 
     // ---- building blocks ---------------------------------------------------------------------

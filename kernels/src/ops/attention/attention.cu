@@ -101,19 +101,29 @@ __device__ __forceinline__ void acc_to_a(const float (*s)[4], int kk, unsigned i
 // Rows r0 .. r0 + FA_TILE of a row-major f32 matrix (row stride `stride`, first d columns from
 // base) as bf16 hi and lo tiles: row-major [FA_TILE][DP + 8] into nh/nl and transposed
 // [DP][FA_LDT] into th/tl (either pair may be null). Rows >= rend and columns >= d are zeros.
+// Each thread issues all its loads before the first store, so the tile costs about one memory
+// latency rather than one per element (blockDim.x must be 32 * FA_WARPS).
 template <int DP>
 __device__ __forceinline__ void load_tile(bf16* nh, bf16* nl, bf16* th, bf16* tl, const float* __restrict__ base,
                                           size_t stride, unsigned int r0, unsigned int rend, unsigned int d) {
-    constexpr int LD = DP + 8;
-    for (int e = threadIdx.x; e < FA_TILE / 2 * DP; e += blockDim.x) {
+    constexpr int LD = DP + 8, PER = FA_TILE / 2 * DP / (32 * FA_WARPS);
+    float x[PER], y[PER];
+#pragma unroll
+    for (int it = 0; it < PER; ++it) {
+        const int e = threadIdx.x + it * 32 * FA_WARPS;
         const int r = 2 * (e / DP), c = e % DP;  // rows r and r + 1 of column c
-        float x = 0.0f, y = 0.0f;
+        x[it] = y[it] = 0.0f;
         if ((unsigned int)c < d) {
-            if (r0 + r < rend) x = base[(size_t)(r0 + r) * stride + c];
-            if (r0 + r + 1 < rend) y = base[(size_t)(r0 + r + 1) * stride + c];
+            if (r0 + r < rend) x[it] = base[(size_t)(r0 + r) * stride + c];
+            if (r0 + r + 1 < rend) y[it] = base[(size_t)(r0 + r + 1) * stride + c];
         }
+    }
+#pragma unroll
+    for (int it = 0; it < PER; ++it) {
+        const int e = threadIdx.x + it * 32 * FA_WARPS;
+        const int r = 2 * (e / DP), c = e % DP;
         unsigned int hi, lo;
-        split2(x, y, hi, lo);
+        split2(x[it], y[it], hi, lo);
         if (nh) {
             const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
             const __nv_bfloat162 l = *reinterpret_cast<const __nv_bfloat162*>(&lo);

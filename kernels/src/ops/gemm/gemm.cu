@@ -136,34 +136,44 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // ---- MXFP4 B on tensor cores ----
 //
-// C_g tile 128x128 per block of 256 threads (8 warps as 2 x 4, each 64x32 of C: 4 x 2 WMMA
-// m16n16k16 accumulators in f32), K walked in slices of 32. The loaders read the next slice into
-// registers while the warps multiply the current one from shared memory, then store it:
+// C_g tile 128x256 per block of 512 threads (16 warps as 2 x 8, each 64x32 of C: 4 x 4 tensor-core
+// mma.m16n8k16 accumulators in f32; 256 wide so that each f32 A value, the larger operand by far,
+// is fetched from L2 and split half as often), K walked in slices of 32 through two stages:
+// the loaders read slice s + 1 into registers, the warps multiply slice s (ldmatrix + mma.sync),
+// then the loaders convert and store slice s + 1 into the other stage; one barrier per slice.
 // - A (f32, any strides): each value x is split into bf16 hi = bf16(x) and lo = bf16(x - hi), two
 //   tiles in shared memory, and every fragment pair runs twice (lo·B, then hi·B) into the same f32
 //   accumulator, so x is carried to ~2^-17 of itself: f32-level accuracy from bf16 MMAs.
 // - B (MXFP4): each thread decodes 8 bytes (16 values) of one block straight to bf16, exactly
 //   (an E2M1 value times a power of two has 2 significant bits; bf16 keeps f32's exponent range),
 //   by two byte-permute table look-ups and one bf16x2 multiply by the block scale per pair.
-//   Forward (B(k, n) = W[n, k]): the tile is 128 W rows x one 32-value block, stored [n][k] and read
-//   as a column-major B. Transposed (B(k, n) = W[k, n]): 32 W rows x 4 blocks, stored [k][n], read
+//   Forward (B(k, n) = W[n, k]): the tile is 256 W rows x one 32-value block, stored [n][k] and read
+//   as a column-major B. Transposed (B(k, n) = W[k, n]): 32 W rows x 8 blocks, stored [k][n], read
 //   row-major. A dequantized copy of W never exists in device memory.
 // Rows are padded by 8 bf16 (16 bytes), so the 8 rows an ldmatrix phase reads fall in distinct
 // banks. Partial tiles: rows of A and C past the group, n past N and k past K load as zeros and are
-// never stored. The epilogue goes through a per-warp 16x16 f32 scratch in shared memory so that C
-// is written with any strides, alpha and beta, coalesced when C is row-major.
+// never stored. The epilogue goes through a per-warp [16][32] f32 scratch in shared memory so that C
+// is written with any strides, alpha and beta, one 128-byte row per store when C is row-major.
 
 namespace tc {
-constexpr int TM = 128, TN = 128, TK = 32, TTHREADS = 256;
+constexpr int TM = 128, TN = 256, TK = 32, TTHREADS = 512;
+constexpr int WARPS_N = TN / 32;           // warps as (TM / 64) x (TN / 32), each 64 x 32 of C
+constexpr int A_ROWS = TTHREADS / 8;       // A loader: rows per pass of 8 threads x 4 k
+constexpr int A_PASSES = TM / A_ROWS;
+constexpr int BLKS = TN / 32;              // transposed B tile: MXFP4 blocks per W row
 constexpr int LDA = TK + 8;     // A tiles [m][k]
 constexpr int LDB_NK = TK + 8;  // forward B tile [n][k]
 constexpr int LDB_KN = TN + 8;  // transposed B tile [k][n]
 constexpr int A_ELEMS = TM * LDA;
 constexpr int B_ELEMS = TN * LDB_NK > TK * LDB_KN ? TN * LDB_NK : TK * LDB_KN;
-static_assert(TTHREADS == 256 && TM == 128 && TN == 128 && TK == 32,
-              "the 2x4 warp grid and the loaders' thread maps assume these sizes");
+static_assert(TM / 64 * WARPS_N * 32 == TTHREADS && TK == 32 && TM % A_ROWS == 0,
+              "one 64x32 C tile per warp, one MXFP4 block per k slice");
+static_assert(TTHREADS == 2 * TN && TTHREADS == 2 * TK * BLKS,
+              "B loaders: two threads per block (forward: per W row; transposed: per W row and block)");
+constexpr int STAGE = 2 * A_ELEMS + B_ELEMS;  // bf16 per pipeline stage; two stages
+static_assert(2 * STAGE * 2 == 81920, "TC_SMEM_BYTES in mod.rs: the dynamic shared memory of a block");
 constexpr int SC_LD = 40;  // epilogue scratch row (f32): float2 stores of a half-warp hit distinct banks
-static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= 2 * A_ELEMS * 2, "the epilogue scratch fits in the A tiles");
+static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= STAGE * 2, "the epilogue scratch fits in the first stage");
 }  // namespace tc
 
 __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int y) {
@@ -224,20 +234,18 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                               const unsigned int* offsets, const Params& p, unsigned int w_rows,
                               unsigned int w_cols) {
     using namespace tc;
-    __nv_bfloat16* const a_hi = sm;
-    __nv_bfloat16* const a_lo = sm + A_ELEMS;
-    __nv_bfloat16* const bs = sm + 2 * A_ELEMS;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int wm = warp / 4, wn = warp % 4;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const bool a_vec = p.a_col == 1 && (p.a_row & 3) == 0 && (p.a_group & 3) == 0 && ((size_t)a & 15) == 0;
     const bool b_vec = ((size_t)blocks & 7) == 0;
     const unsigned int nblk = w_cols / 32;
-    // A loader: k 4·a_kq..+3 of tile rows a_r + 32 j. B loader: 8 bytes (half b_half) of one
-    // block: forward, W row n0 + b_x; transposed, W row k0 + b_x, block b_blk of the tile's 4.
+    // A loader: k 4·a_kq..+3 of tile rows a_r + A_ROWS j. B loader: 8 bytes (half b_half) of one
+    // block: forward, W row n0 + b_x; transposed, W row k0 + b_x, block b_blk of the tile's BLKS.
     const int a_kq = tid % 8, a_r = tid / 8;
-    const int b_half = tid % 2, b_x = TRANSPOSED ? tid / 8 : tid / 2, b_blk = TRANSPOSED ? (tid / 2) % 4 : 0;
-    __nv_bfloat16* const b_dst =
-        bs + (TRANSPOSED ? b_x * LDB_KN + 32 * b_blk + 16 * b_half : b_x * LDB_NK + 16 * b_half);
+    const int b_half = tid % 2, b_x = TRANSPOSED ? tid / (2 * BLKS) : tid / 2;
+    const int b_blk = TRANSPOSED ? (tid / 2) % BLKS : 0;
+    // Offsets inside a stage: A hi at 0, A lo at A_ELEMS, B at 2 A_ELEMS.
+    const int b_dst = 2 * A_ELEMS + (TRANSPOSED ? b_x * LDB_KN + 32 * b_blk + 16 * b_half : b_x * LDB_NK + 16 * b_half);
 
     for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
         const unsigned int end = min(offsets[g + 1], p.total_rows);
@@ -249,14 +257,14 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
         for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
             for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
                 const unsigned int m0 = mt * TM, n0 = nt * TN;
-                float av[4][4];
+                float av[A_PASSES][4];
                 uint2 bq;
                 unsigned int bsc;
                 auto load = [&](unsigned int k0) {
                     const unsigned int gk = k0 + 4 * a_kq;
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const unsigned int gm = m0 + a_r + 32 * j;
+                    for (int j = 0; j < A_PASSES; ++j) {
+                        const unsigned int gm = m0 + a_r + A_ROWS * j;
                         const float* src = ag + (size_t)gm * p.a_row;
                         if (gm < rows && a_vec && gk + 3 < depth) {
                             const float4 v = *reinterpret_cast<const float4*>(src + gk);
@@ -291,22 +299,22 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                         }
                     }
                 };
-                auto store = [&]() {
+                auto store = [&](__nv_bfloat16* st) {
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
+                    for (int j = 0; j < A_PASSES; ++j) {
                         const __nv_bfloat162 h01 = __floats2bfloat162_rn(av[j][0], av[j][1]);
                         const __nv_bfloat162 h23 = __floats2bfloat162_rn(av[j][2], av[j][3]);
                         const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
                         const __nv_bfloat162 l01 = __floats2bfloat162_rn(av[j][0] - f01.x, av[j][1] - f01.y);
                         const __nv_bfloat162 l23 = __floats2bfloat162_rn(av[j][2] - f23.x, av[j][3] - f23.y);
-                        const int o = (a_r + 32 * j) * LDA + 4 * a_kq;
-                        *reinterpret_cast<uint2*>(a_hi + o) = make_uint2(bf16x2_bits(h01), bf16x2_bits(h23));
-                        *reinterpret_cast<uint2*>(a_lo + o) = make_uint2(bf16x2_bits(l01), bf16x2_bits(l23));
+                        const int o = (a_r + A_ROWS * j) * LDA + 4 * a_kq;
+                        *reinterpret_cast<uint2*>(st + o) = make_uint2(bf16x2_bits(h01), bf16x2_bits(h23));
+                        *reinterpret_cast<uint2*>(st + A_ELEMS + o) = make_uint2(bf16x2_bits(l01), bf16x2_bits(l23));
                     }
                     // E8M0 -> bf16 2^(s-127): the exponent field is s (s = 0: the subnormal 2^-127).
                     const unsigned int s = bsc ? bsc << 7 : 0x40u, s2 = s | (s << 16);
-                    *reinterpret_cast<uint4*>(b_dst) = decode8_bf16(bq.x, s2);
-                    *reinterpret_cast<uint4*>(b_dst + 8) = decode8_bf16(bq.y, s2);
+                    *reinterpret_cast<uint4*>(st + b_dst) = decode8_bf16(bq.x, s2);
+                    *reinterpret_cast<uint4*>(st + b_dst + 8) = decode8_bf16(bq.y, s2);
                 };
 
                 float acc[4][4][4];  // [m16 fragment][n8 fragment][mma C register]
@@ -317,14 +325,16 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
 #pragma unroll
                         for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
                 load(0);
-                store();
+                store(sm);
                 __syncthreads();
-                for (unsigned int k0 = 0; k0 < depth; k0 += TK) {
+                int stage = 0;
+                for (unsigned int k0 = 0; k0 < depth; k0 += TK, stage ^= 1) {
                     const bool more = k0 + TK < depth;
                     if (more) load(k0 + TK);
-                    // Not unrolled: hoisting the second step's fragment loads would need more than the
-                    // 128 registers that two blocks per SM allow.
-#pragma unroll 1
+                    const __nv_bfloat16* const a_hi = sm + stage * STAGE;
+                    const __nv_bfloat16* const a_lo = a_hi + A_ELEMS;
+                    const __nv_bfloat16* const bs = a_hi + 2 * A_ELEMS;
+#pragma unroll
                     for (int kk = 0; kk < TK; kk += 16) {
                         unsigned int bf[2][4];  // [n16 pair]: b0, b1 of n8 fragment 2p, then of 2p + 1
 #pragma unroll
@@ -348,13 +358,12 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                             }
                         }
                     }
+                    // The other stage was last read before the previous barrier: fill it now, and
+                    // one barrier per slice both publishes it and frees this one.
+                    if (more) store(sm + (stage ^ 1) * STAGE);
                     __syncthreads();
-                    if (more) {
-                        store();
-                        __syncthreads();
-                    }
                 }
-                // Every warp is past its last read of the tiles: the A tiles become each warp's
+                // Every warp is past its last read of the tiles: the first stage becomes each warp's
                 // [16][SC_LD] f32 scratch, so that C is written one 32-column row per instruction.
                 float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
                 const int gr = lane / 4, tq = lane % 4;
@@ -390,11 +399,11 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
 // Two entry points, one per orientation: inlined into one kernel, both would share its register
 // allocation and spill.
 #define MXFP4W_KERNEL(name, transposed)                                                                   \
-    extern "C" __global__ void __launch_bounds__(tc::TTHREADS, 2)                                        \
+    extern "C" __global__ void __launch_bounds__(tc::TTHREADS, 1)                                        \
         name(float* c, const float* a, const unsigned char* blocks, const unsigned char* scales,        \
              const unsigned int* offsets, Params p, unsigned int w_rows, unsigned int w_cols) {          \
-        __shared__ __align__(128) __nv_bfloat16 sm[2 * tc::A_ELEMS + tc::B_ELEMS];                     \
-        mxfp4_tc_gemm<transposed>(sm, c, a, blocks, scales, offsets, p, w_rows, w_cols);                \
+        extern __shared__ __align__(128) unsigned char tc_smem[];                                        \
+        mxfp4_tc_gemm<transposed>(reinterpret_cast<__nv_bfloat16*>(tc_smem), c, a, blocks, scales, offsets, p, w_rows, w_cols);                \
     }
 
 MXFP4W_KERNEL(grouped_gemm_f32_mxfp4w, false)

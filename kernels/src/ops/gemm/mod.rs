@@ -14,7 +14,7 @@
 //! `β = 0` overwrites C without reading it (old NaNs do not survive). Groups must not write the
 //! same C element (the kernels run them in parallel).
 
-use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys::CUfunction_attribute, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use crate::{Error, Gpu, Result};
@@ -114,8 +114,12 @@ unsafe impl DeviceRepr for Params {}
 
 const TILE_M: usize = 64;
 const TILE_N: usize = 64;
-/// C tile of the MXFP4 (tensor-core) kernels.
-const TC_TILE: usize = 128;
+/// C tile `[m, n]` and block size of the MXFP4 (tensor-core) kernels.
+const TC_TILE: (usize, usize) = (128, 256);
+const TC_THREADS: u32 = 512;
+/// Their dynamic shared memory: two stages of A hi and A lo (128 x 40 bf16 each) and B (256 x 40
+/// bf16); gemm.cu asserts the same number.
+const TC_SMEM_BYTES: u32 = 81_920;
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
 /// Dimensions stay below 2^31 so the kernels' u32 tile arithmetic cannot wrap.
@@ -395,13 +399,15 @@ pub fn grouped_gemm_f32_mxfp4w(
     }
     let name = if transposed { "grouped_gemm_f32_mxfp4w_transposed" } else { "grouped_gemm_f32_mxfp4w" };
     let f = gpu.function("gemm", SRC, name)?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, TC_SMEM_BYTES as i32)?;
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
     // SAFETY: grouped_gemm_f32_mxfp4w{,_transposed}(float* c, const float* a, const unsigned char*
     // blocks, const unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows,
     // unsigned w_cols): blocks/scales hold experts·rows·cols/2 and
     // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
-    // (check_mxfp4), so every decoded block lies inside them; A and C as in grouped_gemm_f32.
+    // (check_mxfp4), so every decoded block lies inside them; A and C as in grouped_gemm_f32;
+    // the block gets the TC_SMEM_BYTES of dynamic shared memory its two stages use.
     unsafe {
         gpu.stream
             .launch_builder(&f)
@@ -413,7 +419,11 @@ pub fn grouped_gemm_f32_mxfp4w(
             .arg(&p)
             .arg(&rows)
             .arg(&cols)
-            .launch(launch_config(cfg, TC_TILE, TC_TILE))
+            .launch(LaunchConfig {
+                block_dim: (TC_THREADS, 1, 1),
+                shared_mem_bytes: TC_SMEM_BYTES,
+                ..launch_config(cfg, TC_TILE.0, TC_TILE.1)
+            })
     }?;
     Ok(())
 }

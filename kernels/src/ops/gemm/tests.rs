@@ -689,7 +689,7 @@ fn mxfp4_gpt_oss_20b_shapes() {
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
 fn mxfp4_groups_longer_than_one_tile_and_partial_n_tiles() {
     // Groups of 300 and 129 rows (three and two 128-row tiles, the last nearly empty); rows 200
-    // (forward: a partial 128-wide n tile) and cols 160 (transposed: a last n tile with one block).
+    // (forward: one partial 256-wide n tile) and cols 160 (transposed: 5 of a tile's 8 blocks).
     check_mxfp4_gpu(&gpu(), 24, 4, 200, 160, &[300, 0, 129, 1], false);
 }
 

@@ -119,6 +119,9 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
     let names: Vec<String> = adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
     let (mut times, mut losses) = (vec![], vec![]);
     for step in 0..b.steps + 2 {
+        if step == 2 {
+            eng.reset_profile();
+        }
         let s0 = Instant::now();
         eng.zero_grads()?;
         let (sum, n) = eng.forward_backward(&batch, 1.0 / counted as f32)?;
@@ -148,6 +151,9 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         if step >= 2 {
             times.push((total_s, fb));
         }
+    }
+    for (phase, secs) in eng.profile() {
+        log(&format!("profile (OXTUNE_PROFILE, per timed step): {phase}: {:.4}s", secs / b.steps as f64));
     }
     let (free1, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("{e:?}")))?;
     times.sort_by(|a, b| a.0.total_cmp(&b.0));

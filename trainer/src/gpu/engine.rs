@@ -148,6 +148,31 @@ struct Scratch {
     du: CudaSlice<f32>,
 }
 
+/// Device time per phase of the passes, when the `OXTUNE_PROFILE` environment variable is set:
+/// the stream is synchronised at each phase boundary (which costs some speed) and the wall time
+/// since the previous boundary is charged to the phase that just ended.
+struct Profile {
+    on: bool,
+    last: std::time::Instant,
+    totals: Vec<(&'static str, f64)>,
+}
+
+impl Profile {
+    fn mark(&mut self, gpu: &Gpu, phase: &'static str) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        gpu.stream.synchronize().map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        let dt = self.last.elapsed().as_secs_f64();
+        self.last = std::time::Instant::now();
+        match self.totals.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, t)) => *t += dt,
+            None => self.totals.push((phase, dt)),
+        }
+        Ok(())
+    }
+}
+
 /// Trainable values copied from the device: LoRA tensors in [`LoraAdapter::tensors`] order, and
 /// each layer's sinks (empty when sinks are not trained).
 pub struct HostParams {
@@ -184,6 +209,7 @@ pub struct GpuEngine {
     passes: u64,
     /// Partial sums of the global gradient norm.
     norm_scratch: CudaSlice<f64>,
+    prof: Profile,
 }
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
@@ -368,6 +394,11 @@ impl GpuEngine {
             fault_at: std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok()),
             passes: 0,
             norm_scratch,
+            prof: Profile {
+                on: std::env::var_os("OXTUNE_PROFILE").is_some(),
+                last: std::time::Instant::now(),
+                totals: vec![],
+            },
         })
     }
 
@@ -821,6 +852,8 @@ impl GpuEngine {
         let blas = &self.blas;
         let lora = &self.lora;
         let at = |tg: Target| self.lora_at.get(&(l, tg)).map(|&i| &lora[i]);
+        let prof = &mut self.prof;
+        prof.mark(gpu, "other")?;
 
         // Attention block: x += o_proj(attn(rope(q), rope(k), v)) of norm1(x).
         gpu.stream
@@ -865,6 +898,7 @@ impl GpuEngine {
             Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h))?;
         }
 
+        prof.mark(gpu, "attention block, forward (with recomputation)")?;
         // MoE block: x += Σ_j w_j · expert_j(norm2(x)).
         gpu.stream
             .memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_mid, t * h))
@@ -928,6 +962,7 @@ impl GpuEngine {
         gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut a.slot_expert, slots)).map_err(err)?;
         gpu.stream.memcpy_htod(&offsets, &mut a.offsets).map_err(err)?;
         a.host_offsets = plan.offsets.clone();
+        prof.mark(gpu, "router and routing plan (host sync), forward")?;
 
         gather_rows_gpu(gpu, &v(&a.bn, t * h), &v(&a.token, slots), h, &mut vm(&mut a.xs, slots * h))?;
         let grp = Groups { offsets: a.offsets.as_view(), host: &a.host_offsets };
@@ -984,6 +1019,7 @@ impl GpuEngine {
             &mut vm(&mut s.mix, t * h),
         )?;
         add_gpu(gpu, &mut vm(&mut s.x, t * h), &v(&s.mix, t * h))?;
+        prof.mark(gpu, "experts and LoRA on experts, forward")?;
         Ok(())
     }
 
@@ -994,6 +1030,7 @@ impl GpuEngine {
         let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let eps = self.cfg.rms_norm_eps as f32;
         let gpu = &*self.gpu;
+        self.prof.mark(gpu, "other")?;
         let s = &mut self.s;
         rmsnorm_gpu(
             gpu,
@@ -1060,6 +1097,7 @@ impl GpuEngine {
             c0 += c;
         }
         let losses = self.dtoh(&self.s.losses, n)?;
+        self.prof.mark(gpu, "LM head and loss")?;
         let sum: f64 = losses.iter().map(|&x| x as f64).sum();
         if grad_scale.is_some() {
             let s = &mut self.s;
@@ -1092,6 +1130,8 @@ impl GpuEngine {
         let grp = Groups::of(a);
         let idx = |tg: Target| self.lora_at.get(&(l, tg)).copied();
         let lora = &mut self.lora;
+        let prof = &mut self.prof;
+        prof.mark(gpu, "other")?;
 
         // MoE block.
         combine_backward_gpu(
@@ -1190,6 +1230,7 @@ impl GpuEngine {
             &mut vm(&mut s.dn, t * h),
         )?;
         add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
+        prof.mark(gpu, "MoE block, backward")?;
 
         // Attention block.
         Self::linear_bwd(blas, gpu, &mut s.bf, &layer.o, &v(&s.dx, t * h), t, &mut vm(&mut s.dout, t * qw), false)?;
@@ -1261,7 +1302,20 @@ impl GpuEngine {
             &mut vm(&mut s.dn, t * h),
         )?;
         add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
+        prof.mark(gpu, "attention block, backward")?;
         Ok(())
+    }
+
+    /// Seconds per phase since the engine was built or [`GpuEngine::reset_profile`], when
+    /// `OXTUNE_PROFILE` is set (else empty).
+    pub fn profile(&self) -> &[(&'static str, f64)] {
+        &self.prof.totals
+    }
+
+    /// Starts the phase times afresh (after warm-up steps, which include compiling kernels).
+    pub fn reset_profile(&mut self) {
+        self.prof.totals.clear();
+        self.prof.last = std::time::Instant::now();
     }
 
     // ---- public passes -----------------------------------------------------------------------

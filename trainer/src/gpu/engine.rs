@@ -965,6 +965,7 @@ impl GpuEngine {
         prof.mark(gpu, "router and routing plan (host sync), forward")?;
 
         gather_rows_gpu(gpu, &v(&a.bn, t * h), &v(&a.token, slots), h, &mut vm(&mut a.xs, slots * h))?;
+        prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         let grp = Groups { offsets: a.offsets.as_view(), host: &a.host_offsets };
         Self::expert_gemm(
             gpu,
@@ -984,10 +985,13 @@ impl GpuEngine {
             &v(&a.slot_expert, slots),
             i2,
         )?;
+        prof.mark(gpu, "expert GEMMs (MXFP4) and bias, forward")?;
         if let Some(p) = at(Target::Experts(Proj::GateUp)) {
             Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&a.xs, slots * h), &mut vm(&mut a.hh, slots * i2))?;
         }
+        prof.mark(gpu, "LoRA on experts, forward")?;
         swiglu_gpu(gpu, &v(&a.hh, slots * i2), self.swiglu, &mut vm(&mut a.z, slots * i2 / 2))?;
+        prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         Self::expert_gemm(
             gpu,
             &layer.down,
@@ -1006,9 +1010,11 @@ impl GpuEngine {
             &v(&a.slot_expert, slots),
             h,
         )?;
+        prof.mark(gpu, "expert GEMMs (MXFP4) and bias, forward")?;
         if let Some(p) = at(Target::Experts(Proj::Down)) {
             Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&a.z, slots * i2 / 2), &mut vm(&mut a.y, slots * h))?;
         }
+        prof.mark(gpu, "LoRA on experts, forward")?;
         combine_gpu(
             gpu,
             &v(&a.y, slots * h),
@@ -1019,7 +1025,7 @@ impl GpuEngine {
             &mut vm(&mut s.mix, t * h),
         )?;
         add_gpu(gpu, &mut vm(&mut s.x, t * h), &v(&s.mix, t * h))?;
-        prof.mark(gpu, "experts and LoRA on experts, forward")?;
+        prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         Ok(())
     }
 

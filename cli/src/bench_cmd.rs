@@ -7,7 +7,6 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use oxtune_trainer::bench::{bench_train, BenchConfig};
 use oxtune_trainer::gpu::Device;
-use oxtune_trainer::GptOssConfig;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -45,11 +44,8 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let mut model = match a.config.as_str() {
-        "gpt-oss-20b" | "20b" => GptOssConfig::gpt_oss_20b(),
-        "gpt-oss-120b" | "120b" => GptOssConfig::gpt_oss_120b(),
-        "tiny" => GptOssConfig::tiny(),
-        other => bail!("--config {other}: expected gpt-oss-20b, gpt-oss-120b or tiny"),
+    let Some(mut model) = crate::model_cmd::named_config(&a.config) else {
+        bail!("--config {}: expected gpt-oss-20b, gpt-oss-120b or tiny", a.config)
     };
     if let Some(l) = a.layers {
         model.num_hidden_layers = l;

@@ -324,13 +324,21 @@ pub fn chat(model: Option<&Path>, adapter: Option<&Path>, d: &Decode) -> Result<
     }
 }
 
+/// The configs known by name: `gpt-oss-20b` (or `20b`), `gpt-oss-120b` (or `120b`), `tiny`.
+pub fn named_config(name: &str) -> Option<GptOssConfig> {
+    match name {
+        "gpt-oss-20b" | "20b" => Some(GptOssConfig::gpt_oss_20b()),
+        "gpt-oss-120b" | "120b" => Some(GptOssConfig::gpt_oss_120b()),
+        "tiny" => Some(GptOssConfig::tiny()),
+        _ => None,
+    }
+}
+
 /// `oxtune init-random`: a random-weight checkpoint in the real layout.
 pub fn init_random(config: &str, out: &Path, seed: u64) -> Result<()> {
-    let cfg = match config {
-        "gpt-oss-20b" | "20b" => GptOssConfig::gpt_oss_20b(),
-        "gpt-oss-120b" | "120b" => GptOssConfig::gpt_oss_120b(),
-        "tiny" => GptOssConfig::tiny(),
-        dir => GptOssConfig::from_dir(Path::new(dir))?,
+    let cfg = match named_config(config) {
+        Some(c) => c,
+        None => GptOssConfig::from_dir(Path::new(config))?,
     };
     let started = std::time::Instant::now();
     oxtune_trainer::random_ckpt::write_random_checkpoint(&cfg, out, seed, &mut |done, total| {

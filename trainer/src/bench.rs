@@ -155,7 +155,7 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
     for (phase, secs) in eng.profile() {
         log(&format!("profile (OXTUNE_PROFILE, per timed step): {phase}: {:.4}s", secs / b.steps as f64));
     }
-    let (free1, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("{e:?}")))?;
+    let (free1, total) = gpu.ctx.mem_get_info()?;
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (step_s, fwd_bwd_s) = times[times.len() / 2];
     Ok(BenchReport {

@@ -29,6 +29,12 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Gpu(format!("{e:?}"))
+    }
+}
+
 impl From<oxtune_kernels::Error> for Error {
     fn from(e: oxtune_kernels::Error) -> Self {
         Error::Gpu(e.to_string())

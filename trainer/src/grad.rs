@@ -33,7 +33,8 @@ impl TrainBatch {
         self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
     }
 
-    fn validate(&self, vocab: usize) -> Result<()> {
+    /// Array lengths agree, rows lie inside the batch, targets index the vocabulary.
+    pub(crate) fn validate(&self, vocab: usize) -> Result<()> {
         let n = self.ids.len();
         if self.pos.len() != n || self.seg.len() != n || self.targets.len() != n {
             return Err(Error::Input(format!(

@@ -71,13 +71,7 @@ impl Model {
     }
 
     pub(crate) fn check_token_ids(&self, ids: &[u32]) -> Result<()> {
-        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {t} at index {i} is out of range: the model's vocabulary has {} tokens",
-                self.cfg.vocab_size
-            )));
-        }
-        Ok(())
+        check_token_ids(ids, self.cfg.vocab_size)
     }
 
     pub(crate) fn embed_tokens(&self, ids: &[u32]) -> Vec<f32> {
@@ -310,6 +304,16 @@ impl Model {
             logits = self.step_with(&[next], &mut cache, adapter)?;
         }
     }
+}
+
+/// Every id in `ids` must index a vocabulary of `vocab` tokens (the CPU model and the GPU engine).
+pub(crate) fn check_token_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(Error::Input(format!(
+            "token id {t} at index {i} is out of range: the model's vocabulary has {vocab} tokens"
+        )));
+    }
+    Ok(())
 }
 
 /// Attention coordinates of one row of a batch (queries and keys are the same tokens).

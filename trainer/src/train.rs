@@ -344,9 +344,14 @@ fn eval_batches(examples: &[Example], cfg: &TrainConfig) -> Result<Vec<TrainBatc
 }
 
 pub fn eval_loss(model: &Model, adapter: &dyn Adapter, batches: &[TrainBatch]) -> Result<f64> {
+    mean_loss(batches, |b| model.eval_loss(b, adapter))
+}
+
+/// Mean loss over `batches` from `(sum of losses, counted positions)` per batch (NaN if none count).
+fn mean_loss(batches: &[TrainBatch], mut loss: impl FnMut(&TrainBatch) -> Result<(f64, usize)>) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for b in batches {
-        let (s, c) = model.eval_loss(b, adapter)?;
+        let (s, c) = loss(b)?;
         sum += s;
         n += c;
     }
@@ -911,19 +916,7 @@ impl Trainer {
             return Ok(None);
         }
         let loss = match &mut self.engine {
-            Some(eng) => {
-                let (mut sum, mut n) = (0.0, 0usize);
-                for b in &self.eval {
-                    let (s, c) = eng.eval_loss(b).inspect_err(|_| self.gpu_failed = true)?;
-                    sum += s;
-                    n += c;
-                }
-                if n == 0 {
-                    f64::NAN
-                } else {
-                    sum / n as f64
-                }
-            }
+            Some(eng) => mean_loss(&self.eval, |b| eng.eval_loss(b)).inspect_err(|_| self.gpu_failed = true)?,
             None => eval_loss(&self.model, &self.adapter, &self.eval)?,
         };
         self.metrics.push(Metric {

@@ -48,7 +48,7 @@ fn htod<T: DeviceRepr>(gpu: &Gpu, host: &[T], dev: &mut CudaSlice<T>) -> Result<
     if host.is_empty() {
         return Ok(());
     }
-    gpu.stream.memcpy_htod(host, &mut dev.slice_mut(0..host.len())).map_err(|e| Error::Gpu(format!("{e:?}")))
+    Ok(gpu.stream.memcpy_htod(host, &mut dev.slice_mut(0..host.len()))?)
 }
 
 /// One LoRA pair on the device, mirroring [`LoraAdapter`]'s entry of the same index.
@@ -162,7 +162,7 @@ impl Profile {
         if !self.on {
             return Ok(());
         }
-        gpu.stream.synchronize().map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        gpu.stream.synchronize()?;
         let dt = self.last.elapsed().as_secs_f64();
         self.last = std::time::Instant::now();
         match self.totals.iter_mut().find(|(p, _)| *p == phase) {
@@ -403,46 +403,28 @@ impl GpuEngine {
     }
 
     fn sync(&self) -> Result<()> {
-        self.gpu.stream.synchronize().map_err(|e| Error::Gpu(format!("{e:?}")))
+        Ok(self.gpu.stream.synchronize()?)
     }
 
     fn dtoh<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); n];
         if n > 0 {
-            self.gpu.stream.memcpy_dtoh(&dev.slice(0..n), &mut out).map_err(|e| Error::Gpu(format!("{e:?}")))?;
+            self.gpu.stream.memcpy_dtoh(&dev.slice(0..n), &mut out)?;
         }
         Ok(out)
     }
 
     // ---- parameters ------------------------------------------------------------------------
 
-    /// Copies the adapter's values (and, with `sinks`, every layer's sinks) to the device.
-    pub fn upload_params(&mut self, adapter: &LoraAdapter, sinks: Option<&[Vec<f32>]>) -> Result<()> {
-        let tensors = adapter.tensors();
-        let stream = self.gpu.stream.clone();
-        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
-        for (i, p) in self.lora.iter_mut().enumerate() {
-            stream.memcpy_htod(tensors[2 * i].2, &mut p.a).map_err(err)?;
-            stream.memcpy_htod(tensors[2 * i + 1].2, &mut p.b).map_err(err)?;
-        }
-        if let Some(s) = sinks {
-            for (layer, v) in self.w.layers.iter_mut().zip(s) {
-                stream.memcpy_htod(v, &mut layer.sinks).map_err(err)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Zeroes the LoRA and sink gradients.
     pub fn zero_grads(&mut self) -> Result<()> {
         let stream = self.gpu.stream.clone();
-        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
         for p in &mut self.lora {
-            stream.memset_zeros(&mut p.ga).map_err(err)?;
-            stream.memset_zeros(&mut p.gb).map_err(err)?;
+            stream.memset_zeros(&mut p.ga)?;
+            stream.memset_zeros(&mut p.gb)?;
         }
         for d in &mut self.dsinks {
-            stream.memset_zeros(d).map_err(err)?;
+            stream.memset_zeros(d)?;
         }
         Ok(())
     }
@@ -450,15 +432,14 @@ impl GpuEngine {
     /// Copies the accumulated gradients into the adapter's gradient buffers (and `sinks`).
     pub fn download_grads(&self, adapter: &mut LoraAdapter, sinks: Option<&mut [Vec<f32>]>) -> Result<()> {
         let stream = &self.gpu.stream;
-        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
         let mut grads = adapter.grads();
         for (i, p) in self.lora.iter().enumerate() {
-            stream.memcpy_dtoh(&p.ga, &mut *grads[2 * i].2).map_err(err)?;
-            stream.memcpy_dtoh(&p.gb, &mut *grads[2 * i + 1].2).map_err(err)?;
+            stream.memcpy_dtoh(&p.ga, &mut *grads[2 * i].2)?;
+            stream.memcpy_dtoh(&p.gb, &mut *grads[2 * i + 1].2)?;
         }
         if let Some(s) = sinks {
             for (d, h) in self.dsinks.iter().zip(s.iter_mut()) {
-                stream.memcpy_dtoh(d, h.as_mut_slice()).map_err(err)?;
+                stream.memcpy_dtoh(d, h.as_mut_slice())?;
             }
         }
         self.sync()
@@ -791,12 +772,7 @@ impl GpuEngine {
                 self.max_tokens
             )));
         }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {bad} is out of range: the model's vocabulary has {} tokens",
-                self.cfg.vocab_size
-            )));
-        }
+        crate::model::check_token_ids(ids, self.cfg.vocab_size)?;
         let gpu = &*self.gpu;
         htod(gpu, ids, &mut self.s.ids)?;
         htod(gpu, pos, &mut self.s.pos)?;
@@ -824,10 +800,7 @@ impl GpuEngine {
         for l in 0..self.cfg.num_hidden_layers {
             if save && self.checkpointing {
                 let (x, inputs) = (&self.s.x, &mut self.layer_inputs[l]);
-                self.gpu
-                    .stream
-                    .memcpy_dtod(&v(x, t * h), &mut vm(inputs, t * h))
-                    .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                self.gpu.stream.memcpy_dtod(&v(x, t * h), &mut vm(inputs, t * h))?;
                 self.layer_forward(l, t, false)?;
             } else {
                 self.layer_forward(l, t, save)?;
@@ -856,9 +829,7 @@ impl GpuEngine {
         prof.mark(gpu, "other")?;
 
         // Attention block: x += o_proj(attn(rope(q), rope(k), v)) of norm1(x).
-        gpu.stream
-            .memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_in, t * h))
-            .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_in, t * h))?;
         rmsnorm_gpu(
             gpu,
             &v(&s.x, t * h),
@@ -900,9 +871,7 @@ impl GpuEngine {
 
         prof.mark(gpu, "attention block, forward (with recomputation)")?;
         // MoE block: x += Σ_j w_j · expert_j(norm2(x)).
-        gpu.stream
-            .memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_mid, t * h))
-            .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+        gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_mid, t * h))?;
         rmsnorm_gpu(
             gpu,
             &v(&s.x, t * h),
@@ -946,21 +915,20 @@ impl GpuEngine {
         // The expert-sorted plan is built on the host (one small copy per layer).
         let mut experts = vec![0u32; t * k];
         let mut weights = vec![0f32; t * k];
-        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
-        gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), &mut experts).map_err(err)?;
-        gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), &mut weights).map_err(err)?;
-        gpu.stream.synchronize().map_err(err)?;
+        gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), &mut experts)?;
+        gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), &mut weights)?;
+        gpu.stream.synchronize()?;
         let plan = RoutingPlan::new(&Routing { k, num_experts: ne, experts, weights });
         let slots = plan.token.len();
         let slot_expert: Vec<u32> = (0..ne).flat_map(|e| std::iter::repeat_n(e as u32, plan.range(e).len())).collect();
         let slot_of: Vec<u32> = plan.slot_of(k).into_iter().map(|x| x as u32).collect();
         let offsets: Vec<u32> = plan.offsets.iter().map(|&x| x as u32).collect();
-        gpu.stream.memcpy_htod(&plan.token, &mut vm(&mut a.token, slots)).map_err(err)?;
-        gpu.stream.memcpy_htod(&plan.choice, &mut vm(&mut a.choice, slots)).map_err(err)?;
-        gpu.stream.memcpy_htod(&plan.weight, &mut vm(&mut a.pweight, slots)).map_err(err)?;
-        gpu.stream.memcpy_htod(&slot_of, &mut vm(&mut a.slot_of, t * k)).map_err(err)?;
-        gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut a.slot_expert, slots)).map_err(err)?;
-        gpu.stream.memcpy_htod(&offsets, &mut a.offsets).map_err(err)?;
+        gpu.stream.memcpy_htod(&plan.token, &mut vm(&mut a.token, slots))?;
+        gpu.stream.memcpy_htod(&plan.choice, &mut vm(&mut a.choice, slots))?;
+        gpu.stream.memcpy_htod(&plan.weight, &mut vm(&mut a.pweight, slots))?;
+        gpu.stream.memcpy_htod(&slot_of, &mut vm(&mut a.slot_of, t * k))?;
+        gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut a.slot_expert, slots))?;
+        gpu.stream.memcpy_htod(&offsets, &mut a.offsets)?;
         a.host_offsets = plan.offsets.clone();
         prof.mark(gpu, "router and routing plan (host sync), forward")?;
 
@@ -1049,13 +1017,12 @@ impl GpuEngine {
         let idx: Vec<u32> = (0..t as u32).filter(|&i| targets[i as usize] != IGNORE_INDEX).collect();
         let tg: Vec<i32> = idx.iter().map(|&i| targets[i as usize] as i32).collect();
         let n = idx.len();
-        let err = |e: cudarc::driver::DriverError| Error::Gpu(format!("{e:?}"));
         if n > 0 {
-            gpu.stream.memcpy_htod(&idx, &mut vm(&mut s.idx, n)).map_err(err)?;
-            gpu.stream.memcpy_htod(&tg, &mut vm(&mut s.targets, n)).map_err(err)?;
+            gpu.stream.memcpy_htod(&idx, &mut vm(&mut s.idx, n))?;
+            gpu.stream.memcpy_htod(&tg, &mut vm(&mut s.targets, n))?;
         }
         if grad_scale.is_some() {
-            gpu.stream.memset_zeros(&mut vm(&mut s.dhf, t * h)).map_err(err)?;
+            gpu.stream.memset_zeros(&mut vm(&mut s.dhf, t * h))?;
         }
         let mut c0 = 0;
         while c0 < n {
@@ -1328,7 +1295,7 @@ impl GpuEngine {
 
     /// Loss of a batch without gradients: `(sum of losses, counted positions)`.
     pub fn eval_loss(&mut self, b: &TrainBatch) -> Result<(f64, usize)> {
-        self.check_targets(b)?;
+        b.validate(self.cfg.vocab_size)?;
         self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;
         let t = b.ids.len();
         self.forward_layers(t, false)?;
@@ -1338,7 +1305,7 @@ impl GpuEngine {
     /// Forward and backward over one micro-batch; LoRA (and sink) gradients of
     /// `grad_scale · Σ loss` accumulate on the device. Returns `(sum of losses, counted positions)`.
     pub fn forward_backward(&mut self, b: &TrainBatch, grad_scale: f32) -> Result<(f64, usize)> {
-        self.check_targets(b)?;
+        b.validate(self.cfg.vocab_size)?;
         self.passes += 1;
         if self.fault_at == Some(self.passes) {
             self.gpu.inject_fault()?;
@@ -1352,10 +1319,7 @@ impl GpuEngine {
             if self.checkpointing {
                 // Recompute layer l from its input (the residual stream is free after the head).
                 let (inputs, x) = (&self.layer_inputs[l], &mut self.s.x);
-                self.gpu
-                    .stream
-                    .memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))
-                    .map_err(|e| Error::Gpu(format!("{e:?}")))?;
+                self.gpu.stream.memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))?;
                 self.layer_forward(l, t, false)?;
             }
             self.layer_backward(l, t)?;
@@ -1400,7 +1364,7 @@ impl GpuEngine {
                 0.0,
             )?;
             let mut chunk = vec![0f32; c * vocab];
-            gpu.stream.memcpy_dtoh(&v(&s.logits, c * vocab), &mut chunk).map_err(|e| Error::Gpu(format!("{e:?}")))?;
+            gpu.stream.memcpy_dtoh(&v(&s.logits, c * vocab), &mut chunk)?;
             out.extend(chunk);
         }
         Ok(out)
@@ -1437,23 +1401,6 @@ impl GpuEngine {
             0.0,
         )?;
         self.dtoh(&self.s.logits, vocab)
-    }
-
-    fn check_targets(&self, b: &TrainBatch) -> Result<()> {
-        let n = b.ids.len();
-        if b.pos.len() != n || b.seg.len() != n || b.targets.len() != n {
-            return Err(Error::Input(format!(
-                "batch arrays disagree: {n} ids, {} positions, {} segments, {} targets",
-                b.pos.len(),
-                b.seg.len(),
-                b.targets.len()
-            )));
-        }
-        let vocab = self.cfg.vocab_size;
-        if let Some(t) = b.targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
-            return Err(Error::Input(format!("target {t} is outside the vocabulary of {vocab} tokens")));
-        }
-        Ok(())
     }
 }
 

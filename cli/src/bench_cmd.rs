@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use oxtune_trainer::bench::{bench_train, BenchConfig};
+use oxtune_trainer::bench::{bench_model, bench_train, BenchConfig};
 use oxtune_trainer::gpu::Device;
 
 #[derive(clap::Args)]
@@ -13,9 +13,10 @@ pub struct BenchArgs {
     /// `gpt-oss-20b`, `gpt-oss-120b` or `tiny` shapes (random weights, MXFP4 experts).
     #[arg(long, default_value = "gpt-oss-20b")]
     config: String,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 2048)]
-    seq: usize,
+    /// Tokens per sequence; a comma-separated list runs one benchmark per length (e.g.
+    /// `8192,16384,32768,65536`), each with the peer when `--peer` is given.
+    #[arg(long, default_value = "2048", value_delimiter = ',')]
+    seq: Vec<usize>,
     /// Sequences per step.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -31,9 +32,19 @@ pub struct BenchArgs {
     /// Keep every layer's activations (no recomputation in the backward pass).
     #[arg(long)]
     no_checkpointing: bool,
-    /// Timed steps after two warm-up steps.
+    /// Tensor-core products: exact (activations split into two bf16 halves, f32-level) or bf16
+    /// (activations rounded to bf16 once, as the transformers peer computes).
+    #[arg(long, default_value = "exact")]
+    precision: String,
+    /// Keep each layer's input (the checkpoints) in host memory.
+    #[arg(long)]
+    offload_checkpoints: bool,
+    /// Timed steps, after the warm-up steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Untimed steps first (the first compiles the kernels on a fresh machine).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
     /// Also run this peer script (benches/peer/hf_peft_baseline.py: transformers + PEFT) with the
     /// same shapes on the same card and print both with their ratio.
     #[arg(long)]
@@ -56,17 +67,42 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let (gpu, _) = oxtune_trainer::gpu::open(Device::Cuda)?;
     let gpu = gpu.context("no GPU")?;
-    let cfg = BenchConfig {
-        model: model.clone(),
-        seq: a.seq,
-        batch: a.batch,
-        rank: a.rank,
-        lora_experts: !a.attention_only,
-        steps: a.steps.max(1),
-        checkpointing: !a.no_checkpointing,
-        seed: 0,
-    };
-    let r = bench_train(gpu, &cfg, &mut |line| eprintln!("{line}"))?;
+    if a.seq.is_empty() || a.seq.contains(&0) {
+        bail!("--seq: expected one or more positive lengths, got {:?}", a.seq);
+    }
+    let mut model_w = None;
+    for &seq in &a.seq {
+        let cfg = BenchConfig {
+            model: model.clone(),
+            seq,
+            batch: a.batch,
+            rank: a.rank,
+            lora_experts: !a.attention_only,
+            steps: a.steps.max(1),
+            warmup: a.warmup,
+            checkpointing: !a.no_checkpointing,
+            precision: a.precision.parse()?,
+            offload_checkpoints: a.offload_checkpoints,
+            seed: 0,
+        };
+        if model_w.is_none() {
+            model_w = Some(bench_model(&cfg, &mut |line| eprintln!("{line}"))?);
+        }
+        bench_one(gpu.clone(), model_w.as_ref().expect("made above"), &a, &cfg)?;
+    }
+    Ok(())
+}
+
+/// One benchmark (and the peer's at the same shapes when asked), printed.
+fn bench_one(
+    gpu: std::sync::Arc<oxtune_trainer::gpu::Gpu>,
+    weights: &oxtune_trainer::Model,
+    a: &BenchArgs,
+    cfg: &BenchConfig,
+) -> Result<()> {
+    let (model, seq) = (&cfg.model, cfg.seq);
+    eprintln!("== {} layers, {} experts, {seq} tokens x {}", model.num_hidden_layers, model.num_local_experts, a.batch);
+    let r = bench_train(gpu, weights, cfg, &mut |line| eprintln!("{line}"))?;
     println!("RESULT {}", serde_json::to_string(&r)?);
     println!(
         "oxtune: {:.0} tokens/s, {:.3} s/step ({:.3} s forward+backward, {:.3} s optimizer), {:.2} GiB in use ({:.2} GiB allocated by the engine), MFU {:.1}% on {}",
@@ -82,7 +118,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(script) = &a.peer {
         let mut cmd = Command::new("python3");
         cmd.arg(script)
-            .args(["--seq", &a.seq.to_string(), "--batch", &a.batch.to_string(), "--rank", &a.rank.to_string()])
+            .args(["--seq", &seq.to_string(), "--batch", &a.batch.to_string(), "--rank", &a.rank.to_string()])
             .args([
                 "--layers",
                 &model.num_hidden_layers.to_string(),

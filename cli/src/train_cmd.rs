@@ -121,6 +121,14 @@ pub struct TrainArgs {
     /// pass (faster, much more memory).
     #[arg(long)]
     no_activation_checkpointing: bool,
+    /// On the GPU: exact (f32-level products, default) or bf16 (activations rounded to bf16 in
+    /// the tensor-core products, as a bf16 transformers model computes; faster).
+    #[arg(long)]
+    precision: Option<String>,
+    /// On the GPU: keep each layer's input (the activation checkpoints) in host memory instead of
+    /// GPU memory (longer sequences fit; one copy each way per layer and step).
+    #[arg(long)]
+    offload_checkpoints: bool,
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -179,6 +187,10 @@ impl TrainArgs {
             c.device = d.parse()?;
         }
         c.activation_checkpointing &= !self.no_activation_checkpointing;
+        if let Some(p) = &self.precision {
+            c.precision = p.parse()?;
+        }
+        c.offload_checkpoints |= self.offload_checkpoints;
         Ok(c)
     }
 }

@@ -1,7 +1,9 @@
 //! GPU benchmarks of the hot kernels at gpt-oss-20b shapes: the grouped expert GEMM with MXFP4
-//! weights (forward and input gradient) against cuBLAS bf16 on the same FLOPs, and attention forward
-//! and backward against the H100's dense bf16 ceiling. Each kernel is first checked against its CPU
-//! reference on a slice of the problem, then timed with CUDA events after warm-up (median of 20).
+//! weights (forward and input gradient) against cuBLAS bf16 on the same FLOPs, the six LoRA products
+//! on the experts against the H100's HBM bandwidth, and attention forward and backward against the
+//! H100's dense bf16 ceiling. Each kernel is first checked against its CPU reference (on a slice of
+//! the problem where the whole is slow on the CPU), then timed with CUDA events after warm-up
+//! (median of 20).
 //!
 //! Run on the GPU machine: `cargo xtask gpu-bundle`, then `gpu-bundle/bench/gpu-*`. Without a GPU
 //! it says so and exits with an error.
@@ -13,13 +15,17 @@ use half::bf16;
 use oxtune_kernels::blas::Blas;
 use oxtune_kernels::ops::attention::{attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
 use oxtune_kernels::ops::gemm::{
-    grouped_gemm_f32_mxfp4w, grouped_gemm_mxfp4w_ref, Grouped, GroupedGemm, Mxfp4HostWeight, Mxfp4Weight, Strides,
+    grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_mxfp4w_ref, grouped_gemm_ref,
+    Grouped, GroupedGemm, Mxfp4HostWeight, Mxfp4Weight, Strides,
 };
+use oxtune_kernels::ops::Mma;
 use oxtune_kernels::testing::{assert_close, randn};
 use oxtune_kernels::Gpu;
 
 /// Dense bf16 tensor-core peak of an H100 SXM.
 const PEAK: f64 = 989e12;
+/// HBM3 bandwidth of an H100 SXM.
+const HBM: f64 = 3.35e12;
 
 /// Median milliseconds of `f` over 20 runs after 3 warm-ups, timed with CUDA events.
 fn time_ms(gpu: &Gpu, mut f: impl FnMut()) -> f64 {
@@ -77,7 +83,18 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts: e, rows: i2, cols: h };
     // Correctness first, on the first two experts' rows.
     let check_slots = 2 * slots / e;
-    grouped_gemm_f32_mxfp4w(gpu, &fwd, &off.as_view(), slots, &xd.as_view(), &w, false, &mut y.as_view_mut()).unwrap();
+    grouped_gemm_f32_mxfp4w(
+        gpu,
+        &fwd,
+        &off.as_view(),
+        slots,
+        &xd.as_view(),
+        &w,
+        false,
+        Mma::Split,
+        &mut y.as_view_mut(),
+    )
+    .unwrap();
     let got = s.clone_dtoh(&y.slice(0..check_slots * i2)).unwrap();
     let mut want = vec![0f32; check_slots * i2];
     let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts: e, rows: i2, cols: h };
@@ -85,26 +102,51 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     grouped_gemm_mxfp4w_ref(&small, &offsets[..3], &x[..check_slots * h], &hw, false, &mut want);
     assert_close("expert gate_up forward (2 experts)", &got, &want, 1e-3, 1e-4);
     let flops = 2.0 * (slots * h * i2) as f64;
-    let ms = time_ms(gpu, || {
-        grouped_gemm_f32_mxfp4w(gpu, &fwd, &off.as_view(), slots, &xd.as_view(), &w, false, &mut y.as_view_mut())
-            .unwrap()
-    });
-    report("experts gate_up fwd, MXFP4 grouped (8192 x 2880 -> 5760)", ms, flops);
     // Input gradient: dy [slots, 2I] · W_e → [slots, H].
     let dy = s.clone_htod(&randn(3, slots * i2, 1.0)).unwrap();
     let mut dx: CudaSlice<f32> = s.alloc_zeros(slots * h).unwrap();
     let bwd = GroupedGemm { n: h, k: i2, a: st(i2, 1), c: st(h, 1), ..fwd };
-    grouped_gemm_f32_mxfp4w(gpu, &bwd, &off.as_view(), slots, &dy.as_view(), &w, true, &mut dx.as_view_mut()).unwrap();
+    grouped_gemm_f32_mxfp4w(
+        gpu,
+        &bwd,
+        &off.as_view(),
+        slots,
+        &dy.as_view(),
+        &w,
+        true,
+        Mma::Split,
+        &mut dx.as_view_mut(),
+    )
+    .unwrap();
     let got = s.clone_dtoh(&dx.slice(0..check_slots * h)).unwrap();
     let mut want = vec![0f32; check_slots * h];
     let dy_host = s.clone_dtoh(&dy.slice(0..check_slots * i2)).unwrap();
     grouped_gemm_mxfp4w_ref(&GroupedGemm { groups: 2, ..bwd }, &offsets[..3], &dy_host, &hw, true, &mut want);
     assert_close("expert gate_up dX (2 experts)", &got, &want, 1e-3, 1e-4);
-    let ms = time_ms(gpu, || {
-        grouped_gemm_f32_mxfp4w(gpu, &bwd, &off.as_view(), slots, &dy.as_view(), &w, true, &mut dx.as_view_mut())
-            .unwrap()
-    });
-    report("experts gate_up dX, MXFP4 grouped (8192 x 5760 -> 2880)", ms, flops);
+    // Both products, both ways of meeting the tensor cores (Mma::Bf16 rounds A to bf16 once; the
+    // kernel tests check it against the product of the rounded A).
+    for mma in [Mma::Split, Mma::Bf16] {
+        for (what, cfg, a, out, transposed) in [
+            ("fwd (8192 x 2880 -> 5760)", &fwd, &xd, &mut y, false),
+            ("dX (8192 x 5760 -> 2880)", &bwd, &dy, &mut dx, true),
+        ] {
+            let ms = time_ms(gpu, || {
+                grouped_gemm_f32_mxfp4w(
+                    gpu,
+                    cfg,
+                    &off.as_view(),
+                    slots,
+                    &a.as_view(),
+                    &w,
+                    transposed,
+                    mma,
+                    &mut out.as_view_mut(),
+                )
+                .unwrap()
+            });
+            report(&format!("experts gate_up {what}, MXFP4 grouped, {mma:?}"), ms, flops);
+        }
+    }
     // cuBLAS bf16 on the same FLOPs (one dense GEMM, bf16 weights: 4x the bytes of MXFP4).
     let xb: CudaSlice<bf16> = s.clone_htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).unwrap();
     let wb: CudaSlice<bf16> =
@@ -116,8 +158,104 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     report("cuBLAS bf16 dense, same shape (reference)", ms, flops);
 }
 
+/// LoRA use `u` on E experts (PEFT's layout: x [S, in], A [r·E, in] with expert e in rows e·r..,
+/// B [out, r·E] with expert e in columns j·E + e), as the gemm tests' `Lora::use_cfg` spells them:
+/// its name, configuration (`m`: the largest group) and the lengths of a, b and c.
+fn lora_use(
+    u: usize,
+    e: usize,
+    r: usize,
+    inp: usize,
+    out: usize,
+    s: f32,
+    m: usize,
+    slots: usize,
+) -> (&'static str, GroupedGemm, [usize; 3]) {
+    let re = r * e;
+    let rm = Strides::row_major;
+    let st = |row, col, group| Strides { row, col, group };
+    let g = |grouped, m, n, k, alpha, beta, a, b, c| GroupedGemm { groups: e, grouped, m, n, k, alpha, beta, a, b, c };
+    let (gm, gk) = (Grouped::M, Grouped::K);
+    match u {
+        0 => (
+            "(1) u = x A_eᵀ",
+            g(gm, m, r, inp, 1.0, 0.0, rm(inp), st(1, inp, r * inp), rm(r)),
+            [slots * inp, re * inp, slots * r],
+        ),
+        1 => (
+            "(2) y += s u B_eᵀ",
+            g(gm, m, out, r, s, 1.0, rm(r), st(e, re, 1), rm(out)),
+            [slots * r, out * re, slots * out],
+        ),
+        2 => (
+            "(3) du = s dy B_e",
+            g(gm, m, r, out, s, 0.0, rm(out), st(re, e, 1), rm(r)),
+            [slots * out, out * re, slots * r],
+        ),
+        3 => (
+            "(4) dx += du A_e",
+            g(gm, m, inp, r, 1.0, 1.0, rm(r), st(inp, 1, r * inp), rm(inp)),
+            [slots * r, re * inp, slots * inp],
+        ),
+        4 => (
+            "(5) dA_e += du_eᵀ x_e",
+            g(gk, r, inp, 0, 1.0, 1.0, st(1, r, 0), rm(inp), st(inp, 1, r * inp)),
+            [slots * r, slots * inp, re * inp],
+        ),
+        _ => (
+            "(6) dB_e += s dy_eᵀ u_e",
+            g(gk, out, r, 0, s, 1.0, st(1, out, 0), rm(r), st(re, e, 1)),
+            [slots * out, slots * r, out * re],
+        ),
+    }
+}
+
+/// The six LoRA products on the experts of one gpt-oss-20b layer at 2048 tokens (8192 routed slots
+/// over 32 experts, r 8, in 2880), for gate_up (out 5760) and down (out 2880): all bound by memory,
+/// so reported against HBM bandwidth (each operand read once, C read too when beta ≠ 0).
+fn lora_experts(gpu: &Arc<Gpu>) {
+    let s = &gpu.stream;
+    let (e, r, inp, slots, scale) = (32usize, 8usize, 2880usize, 8192usize, 2.0f32);
+    let offsets: Vec<u32> = (0..=e).map(|g| (g * slots / e) as u32).collect();
+    let off = s.clone_htod(&offsets).unwrap();
+    for out in [5760usize, 2880] {
+        let mut all_ms = 0.0;
+        for u in 0..6 {
+            let (name, cfg, [la, lb, lc]) = lora_use(u, e, r, inp, out, scale, slots / e, slots);
+            let seed = 20 + 3 * u as u64;
+            let (a, b, c0) = (randn(seed, la, 1.0), randn(seed + 1, lb, 1.0), randn(seed + 2, lc, 1.0));
+            let (ad, bd) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
+            let mut cd = s.clone_htod(&c0).unwrap();
+            let run = |cd: &mut CudaSlice<f32>| {
+                grouped_gemm_f32(gpu, &cfg, &off.as_view(), slots, &ad.as_view(), &bd.as_view(), &mut cd.as_view_mut())
+                    .unwrap()
+            };
+            run(&mut cd);
+            let got = s.clone_dtoh(&cd).unwrap();
+            let mut want = c0;
+            grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+            // The gemm tests' tolerance: f32 FMA sums of `depth` products of values in [-1, 1).
+            let depth = if cfg.grouped == Grouped::K { slots / e } else { cfg.k };
+            let atol = (1e-5 * (depth as f32).sqrt() + 1e-6) * cfg.alpha.abs();
+            assert_close(&format!("LoRA {name}, out {out}"), &got, &want, atol, 1e-4);
+            let ms = time_ms(gpu, || run(&mut cd));
+            all_ms += ms;
+            let bytes = 4.0 * (la + lb + lc * (1 + (cfg.beta != 0.0) as usize)) as f64;
+            let flops = 2.0 * (if cfg.grouped == Grouped::K { cfg.m * slots } else { slots * cfg.k } * cfg.n) as f64;
+            let gbs = bytes / (ms * 1e-3) / 1e9;
+            println!(
+                "LoRA experts out {out} {name:<24} {:<30} {ms:>7.3} ms {gbs:>6.0} GB/s {:>5.1}% of HBM {:>6.2} TFLOP/s",
+                grouped_gemm_f32_kernel(&cfg).to_string(),
+                100.0 * gbs * 1e9 / HBM,
+                flops / (ms * 1e-3) / 1e12
+            );
+        }
+        println!("LoRA experts out {out}: the six uses take {all_ms:.3} ms");
+    }
+}
+
 /// Attention of gpt-oss-20b (64 query heads, 8 KV heads, d 64) over one sequence.
-fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>) {
+fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>, mma: Mma) {
     let s = &gpu.stream;
     let heads = Heads { nq: 64, nkv: 8, d: 64 };
     let (qw, kw) = (heads.nq * heads.d, heads.nkv * heads.d);
@@ -146,6 +284,7 @@ fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>) {
             &khi.as_view(),
             heads,
             scale,
+            mma,
             &mut o.as_view_mut(),
             &mut lse.as_view_mut(),
         )
@@ -155,8 +294,9 @@ fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>) {
     assert!(s.clone_dtoh(&o).unwrap().iter().all(|x| x.is_finite()), "attention output is finite");
     let keys: f64 = r.khi.iter().zip(&r.klo).map(|(h, l)| (h - l) as f64).sum();
     let flops = 4.0 * (heads.nq * heads.d) as f64 * keys;
-    let name =
-        |what: &str| format!("attention {what}, T {t}, {}", window.map_or("full".into(), |w| format!("window {w}")));
+    let name = |what: &str| {
+        format!("attention {what}, T {t}, {}, {mma:?}", window.map_or("full".into(), |w| format!("window {w}")))
+    };
     let ms = time_ms(gpu, || fwd(&mut o, &mut lse));
     report(&name("fwd"), ms, flops);
     let ms = time_ms(gpu, || {
@@ -175,6 +315,7 @@ fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>) {
             &qhi.as_view(),
             heads,
             scale,
+            mma,
             &mut delta.as_view_mut(),
             &mut dq.as_view_mut(),
             &mut dk.as_view_mut(),
@@ -198,7 +339,10 @@ fn main() {
     println!("{} ({}); ceiling {:.0} TFLOP/s dense bf16", gpu.ctx.name().unwrap_or_default(), gpu.arch, PEAK / 1e12);
     let blas = Blas::new(&gpu).unwrap();
     experts(&gpu, &blas);
-    for (t, w) in [(2048, Some(128)), (2048, None), (8192, None)] {
-        attention(&gpu, t, w);
+    lora_experts(&gpu);
+    for mma in [Mma::Split, Mma::Bf16] {
+        for (t, w) in [(2048, Some(128)), (2048, None), (8192, None)] {
+            attention(&gpu, t, w, mma);
+        }
     }
 }

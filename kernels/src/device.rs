@@ -52,6 +52,22 @@ impl Gpu {
         Ok(Self { ctx, stream, arch, modules: Mutex::new(HashMap::new()) })
     }
 
+    /// Waits for the stream, then returns the memory that freed buffers left in the device's
+    /// stream-ordered pool to the driver (freed `CudaSlice`s stay reserved there otherwise), so
+    /// that free memory is what the next allocation can have, e.g. between two engines.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        self.stream.synchronize()?;
+        self.ctx.bind_to_thread()?;
+        let mut pool = std::mem::MaybeUninit::uninit();
+        // SAFETY: a pool handle out-parameter for this context's device; the handle is only used
+        // for the trim below.
+        unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), self.ctx.cu_device()) }.result()?;
+        // SAFETY: the device's default pool, every allocation from it already completed or freed.
+        unsafe { sys::cuMemPoolTrimTo(pool.assume_init(), 0) }.result()?;
+        Ok(())
+    }
+
     /// Kernel `function` of source `name` (compiled for this device, through the CUBIN cache).
     pub fn function(&self, name: &str, src: &str, function: &str) -> Result<CudaFunction> {
         let mut modules = self.modules.lock().expect("no thread panicked while loading a module");

@@ -11,6 +11,7 @@ pub mod blas;
 pub mod device;
 pub mod nvrtc;
 pub mod ops;
+pub mod pinned;
 pub mod testing;
 
 pub use device::Gpu;

@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use oxtune_kernels::Gpu;
-use oxtune_optim::cuda::{AdamW8bitGpu, GpuParam};
-use oxtune_optim::AdamW8bitConfig;
+use oxtune_optim::{AdamW8bit, AdamW8bitConfig};
 
 use crate::config::GptOssConfig;
 use crate::error::{Error, Result};
-use crate::gpu::GpuEngine;
+use crate::gpu::step::{DeviceStep, Opt};
+use crate::gpu::{EngineOptions, GpuEngine, Precision};
 use crate::grad::TrainBatch;
 use crate::lora_adapter::{LoraAdapter, LoraSpec};
+use crate::model::Model;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -24,9 +25,12 @@ pub struct BenchConfig {
     pub batch: usize,
     pub rank: usize,
     pub lora_experts: bool,
-    /// Timed steps (after two warm-up steps).
+    /// Timed steps, after `warmup` untimed ones (the first compiles the kernels).
     pub steps: usize,
+    pub warmup: usize,
     pub checkpointing: bool,
+    pub precision: Precision,
+    pub offload_checkpoints: bool,
     pub seed: u64,
 }
 
@@ -41,6 +45,7 @@ pub struct BenchReport {
     pub rank: usize,
     pub lora_experts: bool,
     pub checkpointing: bool,
+    pub precision: Precision,
     pub trainable: usize,
     /// Median over the timed steps.
     pub step_s: f64,
@@ -81,21 +86,33 @@ pub fn step_flops(c: &GptOssConfig, seq: usize, batch: usize) -> f64 {
     6.0 * active * tokens + attn
 }
 
-pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+/// A model of `b`'s shapes with random weights in the real layout (MXFP4 experts), for
+/// [`bench_train`] (several runs can share one).
+pub fn bench_model(b: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Model> {
     let t0 = Instant::now();
     let model = crate::random_ckpt::random_model(&b.model, b.seed)?;
     log(&format!("random weights: {:.1}s", t0.elapsed().as_secs_f64()));
+    Ok(model)
+}
+
+/// Times training steps of `model` (from [`bench_model`]) as `b` says.
+pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     let spec = LoraSpec { r: b.rank, alpha: 2.0 * b.rank as f32, experts: b.lora_experts, ..LoraSpec::default() };
-    let mut adapter = LoraAdapter::new(&model.cfg, spec, b.seed)?;
+    let adapter = LoraAdapter::new(&model.cfg, spec, b.seed)?;
     let tokens = b.seq * b.batch;
     let t1 = Instant::now();
-    let mut eng = GpuEngine::with_checkpointing(gpu.clone(), &model, &adapter, tokens, b.checkpointing)?;
+    let opts = EngineOptions {
+        checkpointing: b.checkpointing,
+        precision: b.precision,
+        offload_checkpoints: b.offload_checkpoints,
+        ..Default::default()
+    };
+    let mut eng = GpuEngine::with_options(gpu.clone(), model, &adapter, tokens, opts)?;
     log(&format!(
         "engine on the device: {:.1}s, {:.2} GiB",
         t1.elapsed().as_secs_f64(),
         eng.bytes as f64 / crate::gpu::GIB
     ));
-    drop(model);
     let v = b.model.vocab_size as u64;
     let mut x = b.seed | 1;
     let mut next = || {
@@ -114,12 +131,13 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         ids,
     };
     let counted = batch.counted().max(1);
-    let gpu_err = |e: oxtune_optim::Error| Error::Gpu(e.to_string());
-    let mut opt = AdamW8bitGpu::new(AdamW8bitConfig::default()).map_err(gpu_err)?;
+    let cpu_opt = AdamW8bit::new(AdamW8bitConfig::default()).map_err(|e| Error::Input(e.to_string()))?;
+    let mut dev = DeviceStep::new(&gpu, &Opt::AdamW8bit(cpu_opt))?;
     let names: Vec<String> = adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
     let (mut times, mut losses) = (vec![], vec![]);
-    for step in 0..b.steps + 2 {
-        if step == 2 {
+    let warm = b.warmup;
+    for step in 0..b.steps + warm {
+        if step == warm {
             eng.reset_profile();
         }
         let s0 = Instant::now();
@@ -129,26 +147,24 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         // As `oxtune train` on a GPU: clip and step on the device, then the host's copy of the
         // adapter and optimizer state (what a checkpoint after a GPU fault saves).
         eng.clip_grads(false, 1.0)?;
-        let mut params: Vec<GpuParam> =
-            eng.trainables(false).into_iter().zip(&names).map(|((v, g), n)| GpuParam::new(n, v, g)).collect();
-        opt.step(&gpu, &mut params, 1e-4).map_err(gpu_err)?;
-        drop(params);
-        let host = eng.read_params(false)?;
-        let _state = opt.to_cpu(&gpu).map_err(gpu_err)?;
-        for ((_, dst, _), src) in adapter.params().into_iter().zip(&host.lora) {
-            dst.copy_from_slice(src);
+        dev.step(&mut eng, &names, false, 1e-4)?;
+        if step == 0 {
+            log(&format!(
+                "host copy of each step: {:.2} GiB pinned (two sets)",
+                dev.host_bytes() as f64 / crate::gpu::GIB
+            ));
         }
         let total_s = s0.elapsed().as_secs_f64();
         let loss = sum / n.max(1) as f64;
         log(&format!(
             "step {}/{}{}: loss {loss:.4}, {total_s:.3}s ({fb:.3}s forward+backward), {:.0} tok/s",
             step + 1,
-            b.steps + 2,
-            if step < 2 { " (warm-up)" } else { "" },
+            b.steps + warm,
+            if step < warm { " (warm-up)" } else { "" },
             tokens as f64 / total_s
         ));
         losses.push(loss);
-        if step >= 2 {
+        if step >= warm {
             times.push((total_s, fb));
         }
     }
@@ -156,6 +172,9 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         log(&format!("profile (OXTUNE_PROFILE, per timed step): {phase}: {:.4}s", secs / b.steps as f64));
     }
     let (free1, total) = gpu.ctx.mem_get_info()?;
+    let engine_bytes = eng.bytes;
+    drop(eng);
+    gpu.release_cached_memory()?;
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (step_s, fwd_bwd_s) = times[times.len() / 2];
     Ok(BenchReport {
@@ -167,11 +186,12 @@ pub fn bench_train(gpu: Arc<Gpu>, b: &BenchConfig, log: &mut dyn FnMut(&str)) ->
         rank: b.rank,
         lora_experts: b.lora_experts,
         checkpointing: b.checkpointing,
+        precision: b.precision,
         trainable: adapter.num_params(),
         step_s,
         tok_s: tokens as f64 / step_s,
         peak_gib: (total - free1) as f64 / crate::gpu::GIB,
-        engine_gib: eng.bytes as f64 / crate::gpu::GIB,
+        engine_gib: engine_bytes as f64 / crate::gpu::GIB,
         mfu: step_flops(&b.model, b.seq, b.batch) / step_s / H100_BF16_FLOPS,
         fwd_bwd_s,
         optimizer_s: step_s - fwd_bwd_s,

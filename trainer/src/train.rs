@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use oxtune_data::{BatchConfig, BatchMode, Batcher, BatcherState, Example, LoadOptions, MaskPolicy, Tokenizer};
-use oxtune_optim::cuda::{AdamW8bitGpu, AdamWGpu, GpuParam};
-use oxtune_optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, LrSchedule, Optimizer, Param, ScheduleKind};
+use oxtune_optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, LrSchedule, Param, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;
 use crate::error::{io_err, Error, Result};
-use crate::gpu::{Device, GpuEngine};
+use crate::gpu::step::{DeviceStep, Opt};
+use crate::gpu::{Device, EngineOptions, GpuEngine, Precision};
 use crate::grad::{SinkGrads, TrainBatch};
 use crate::io::{sync_dir, write_atomic};
 use crate::lora_adapter::{LoraAdapter, LoraSpec};
@@ -98,6 +98,12 @@ pub struct TrainConfig {
     /// On the GPU, keep only each layer's input in the forward pass and recompute the layer in
     /// the backward pass (less memory, one more forward pass of compute).
     pub activation_checkpointing: bool,
+    /// On the GPU: `exact` (f32-level products, the default) or `bf16` (activations rounded to
+    /// bf16 in the tensor-core products, as a bf16 transformers model; faster).
+    pub precision: Precision,
+    /// On the GPU with checkpointing: keep each layer's input in host memory (long sequences on
+    /// less GPU memory, a copy each way per layer and step).
+    pub offload_checkpoints: bool,
 }
 
 impl Default for TrainConfig {
@@ -136,6 +142,8 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             device: Device::Auto,
             activation_checkpointing: true,
+            precision: Precision::Exact,
+            offload_checkpoints: false,
         }
     }
 }
@@ -409,8 +417,12 @@ pub struct Trainer {
     pub adapter: LoraAdapter,
     sinks: Option<SinkGrads>,
     opt: Opt,
-    /// The optimizer on the device when the run uses a GPU (`opt` then mirrors its state).
-    gpu_opt: Option<GpuOpt>,
+    /// The optimizer on the device when the run uses a GPU, with the host's copy of each
+    /// completed step (`adapter`, the sinks and `opt` are refreshed from it when a checkpoint is
+    /// written: see [`Trainer::sync_host`]).
+    dev: Option<DeviceStep>,
+    /// Whether `dev` holds a step that `adapter` / `opt` do not have yet.
+    host_stale: bool,
     schedule: LrSchedule,
     batcher: Batcher,
     eval: Vec<TrainBatch>,
@@ -429,62 +441,6 @@ pub struct Trainer {
     device: String,
     /// A GPU call failed: the device may be unusable (a sticky error); the host state is intact.
     gpu_failed: bool,
-}
-
-/// The optimizer with its state on the host: what CPU steps update and checkpoints hold.
-enum Opt {
-    AdamW(AdamW),
-    AdamW8bit(AdamW8bit),
-}
-
-impl Opt {
-    fn cpu(&mut self) -> &mut dyn Optimizer {
-        match self {
-            Opt::AdamW(o) => o,
-            Opt::AdamW8bit(o) => o,
-        }
-    }
-
-    fn cpu_ref(&self) -> &dyn Optimizer {
-        match self {
-            Opt::AdamW(o) => o,
-            Opt::AdamW8bit(o) => o,
-        }
-    }
-}
-
-/// The same optimizer with its state on the device (bit-equal updates, see `oxtune_optim::cuda`).
-enum GpuOpt {
-    AdamW(AdamWGpu),
-    AdamW8bit(AdamW8bitGpu),
-}
-
-fn gpu_err(e: oxtune_optim::Error) -> Error {
-    Error::Gpu(format!("optimizer: {e}"))
-}
-
-impl GpuOpt {
-    fn from_cpu(gpu: &oxtune_kernels::Gpu, o: &Opt) -> Result<Self> {
-        Ok(match o {
-            Opt::AdamW(c) => GpuOpt::AdamW(AdamWGpu::from_cpu(gpu, c).map_err(gpu_err)?),
-            Opt::AdamW8bit(c) => GpuOpt::AdamW8bit(AdamW8bitGpu::from_cpu(gpu, c).map_err(gpu_err)?),
-        })
-    }
-
-    fn step(&mut self, gpu: &oxtune_kernels::Gpu, params: &mut [GpuParam<'_>], lr: f64) -> Result<()> {
-        match self {
-            GpuOpt::AdamW(o) => o.step(gpu, params, lr),
-            GpuOpt::AdamW8bit(o) => o.step(gpu, params, lr),
-        }
-        .map_err(gpu_err)
-    }
-
-    fn to_cpu(&self, gpu: &oxtune_kernels::Gpu) -> Result<Opt> {
-        Ok(match self {
-            GpuOpt::AdamW(o) => Opt::AdamW(o.to_cpu(gpu).map_err(gpu_err)?),
-            GpuOpt::AdamW8bit(o) => Opt::AdamW8bit(o.to_cpu(gpu).map_err(gpu_err)?),
-        })
-    }
 }
 
 fn optimizer(cfg: &TrainConfig) -> Result<Opt> {
@@ -554,7 +510,8 @@ impl Trainer {
             fingerprint: crate::lora_adapter::model_fingerprint(cfg_model.as_deref())?,
             stop: Arc::new(AtomicBool::new(false)),
             engine: None,
-            gpu_opt: None,
+            dev: None,
+            host_stale: false,
             device: String::new(),
             gpu_failed: false,
         };
@@ -567,8 +524,14 @@ impl Trainer {
                 let d = crate::gpu::describe(&gpu);
                 let budget = t.cfg.micro_batch * t.cfg.max_len;
                 let ckpt = t.cfg.activation_checkpointing;
-                t.gpu_opt = Some(GpuOpt::from_cpu(&gpu, &t.opt)?);
-                t.engine = Some(GpuEngine::with_checkpointing(gpu, &t.model, &t.adapter, budget, ckpt)?);
+                t.dev = Some(DeviceStep::new(&gpu, &t.opt)?);
+                let opts = EngineOptions {
+                    checkpointing: ckpt,
+                    precision: t.cfg.precision,
+                    offload_checkpoints: t.cfg.offload_checkpoints,
+                    ..Default::default()
+                };
+                t.engine = Some(GpuEngine::with_options(gpu, &t.model, &t.adapter, budget, opts)?);
                 d
             }
             None => match why_not {
@@ -657,7 +620,8 @@ impl Trainer {
     /// Writes `out/checkpoint-STEP` atomically: files go to a temporary directory that is renamed
     /// once complete; older checkpoints beyond `keep_checkpoints` are then removed. On failure (a
     /// full disk, say) the temporary directory is removed and the older checkpoints are untouched.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.sync_host()?;
         let final_dir = self.cfg.out.join(format!("checkpoint-{}", self.step));
         let tmp = self.cfg.out.join(format!(".checkpoint-{}.tmp", self.step));
         if let Err(e) = self.write_checkpoint(&tmp) {
@@ -730,36 +694,41 @@ impl Trainer {
     }
 
     /// The optimizer step on the device, then the host's copy of the result (adapter values,
-    /// sinks, optimizer state), committed only once every copy succeeded: the host always holds
+    /// sinks, optimizer state), which becomes current only once complete: the host always holds
     /// the last completed step, which is what a checkpoint after a GPU fault saves.
     fn gpu_update(&mut self, lr: f64, sink_names: &[String]) -> Result<()> {
         let eng = self.engine.as_mut().expect("called with an engine");
-        let gpu = eng.gpu.clone();
-        let names: Vec<String> = self.adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
         let trains_sinks = self.sinks.is_some();
-        {
-            let mut params: Vec<GpuParam> = vec![];
-            let mut names_it = names.iter().chain(sink_names.iter());
-            for (i, (value, grad)) in eng.trainables(trains_sinks).into_iter().enumerate() {
-                let name = names_it.next().expect("one name per trainable tensor");
-                params.push(if i < names.len() {
-                    GpuParam::new(name, value, grad)
-                } else {
-                    GpuParam::without_decay(name, value, grad)
-                });
+        let mut names: Vec<String> = self.adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
+        if trains_sinks {
+            names.extend(sink_names.iter().cloned());
+        }
+        self.dev.as_mut().expect("a device optimizer with the engine").step(eng, &names, trains_sinks, lr)?;
+        self.host_stale = true;
+        Ok(())
+    }
+
+    /// Brings the adapter, the sinks and the optimizer state up to the last completed step from
+    /// the host's copy of it (a GPU run; a no-op on the CPU). Needs no GPU call, so it works after
+    /// a GPU fault.
+    pub fn sync_host(&mut self) -> Result<()> {
+        if !self.host_stale {
+            return Ok(());
+        }
+        let Some(dev) = &self.dev else { return Ok(()) };
+        if let Some(vals) = dev.host_params() {
+            let n_lora = self.adapter.tensors().len();
+            for ((_, dst, _), src) in self.adapter.params().into_iter().zip(&vals) {
+                dst.copy_from_slice(src);
             }
-            let opt = self.gpu_opt.as_mut().expect("a device optimizer with the engine");
-            opt.step(&gpu, &mut params, lr)?;
+            for (layer, v) in self.model.w.layers.iter_mut().zip(&vals[n_lora.min(vals.len())..]) {
+                layer.sinks = v.to_vec();
+            }
         }
-        let host = eng.read_params(trains_sinks)?;
-        let cpu = self.gpu_opt.as_ref().expect("a device optimizer with the engine").to_cpu(&gpu)?;
-        for ((_, dst, _), src) in self.adapter.params().into_iter().zip(&host.lora) {
-            dst.copy_from_slice(src);
+        if let Some(opt) = dev.host_opt() {
+            self.opt = opt?;
         }
-        for (layer, v) in self.model.w.layers.iter_mut().zip(host.sinks) {
-            layer.sinks = v;
-        }
-        self.opt = cpu;
+        self.host_stale = false;
         Ok(())
     }
 
@@ -996,6 +965,7 @@ impl Trainer {
         }
         let adapter_dir = self.cfg.out.join("adapter");
         std::fs::create_dir_all(&adapter_dir).map_err(io_err(&adapter_dir))?;
+        self.sync_host()?;
         self.save_adapter(&adapter_dir)?;
         let p = self.save_checkpoint()?;
         log(Event::Checkpoint { step: self.step, path: p });

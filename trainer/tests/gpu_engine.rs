@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oxtune_kernels::Gpu;
-use oxtune_trainer::gpu::{Device, GpuEngine};
+use oxtune_trainer::gpu::{Device, EngineOptions, GpuEngine, Precision};
 use oxtune_trainer::grad::TrainBatch;
 use oxtune_trainer::lora_adapter::{LoraAdapter, LoraSpec};
 use oxtune_trainer::ops::loss::shift_labels;
@@ -131,8 +131,29 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
     let mut eng = GpuEngine::new(gpu.clone(), &m, &gpu_adapter, 64).unwrap();
     // Without checkpointing every layer's activations are kept instead of recomputed: the same
     // kernels in the same order, so the gradients must be bit-identical.
-    let mut keep_all = GpuEngine::with_checkpointing(gpu, &m, &gpu_adapter, 64, false).unwrap();
+    let mut keep_all = GpuEngine::with_checkpointing(gpu.clone(), &m, &gpu_adapter, 64, false).unwrap();
     let mut keep_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
+    // MoE layers in chunks of 7 tokens (ragged: the batches have 24 and 37 tokens), each chunk's
+    // experts recomputed before its backward: the same values per token, LoRA gradients summed
+    // chunk by chunk (only the order of the sums differs).
+    let mut chunked = GpuEngine::with_options(
+        gpu.clone(),
+        &m,
+        &gpu_adapter,
+        64,
+        EngineOptions { moe_chunk: 7, ..Default::default() },
+    )
+    .unwrap();
+    let mut chunked_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
+    // Precision::Bf16: activations rounded to bf16 once in every tensor-core product, as a bf16
+    // transformers model computes.
+    let bf16 = EngineOptions { precision: Precision::Bf16, ..Default::default() };
+    let mut fast = GpuEngine::with_options(gpu.clone(), &m, &gpu_adapter, 64, bf16).unwrap();
+    let mut fast_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
+    // Layer inputs in host memory: the same values copied out and back, bit-identical gradients.
+    let host = EngineOptions { offload_checkpoints: true, ..Default::default() };
+    let mut offloaded = GpuEngine::with_options(gpu.clone(), &m, &gpu_adapter, 64, host).unwrap();
+    let mut offloaded_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
     for (name, batch) in [("PEFT batch", peft.clone()), ("packed batch", packed_batch(m.cfg.vocab_size))] {
         let n = batch.counted();
         cpu_adapter.zero_grad();
@@ -150,6 +171,23 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
         for ((key, _, a), (_, _, b)) in gpu_adapter.grads().into_iter().zip(keep_adapter.grads()) {
             assert!(a == b, "{name}: {key} differs with and without activation checkpointing");
         }
+        offloaded.zero_grads().unwrap();
+        let (ol, _) = offloaded.forward_backward(&batch, 1.0 / n as f32).unwrap();
+        offloaded.download_grads(&mut offloaded_adapter, None).unwrap();
+        assert_eq!(ol, gl, "{name}: loss with the checkpoints in host memory");
+        for ((key, _, a), (_, _, b)) in gpu_adapter.grads().into_iter().zip(offloaded_adapter.grads()) {
+            assert!(a == b, "{name}: {key} differs with the checkpoints in host memory");
+        }
+        chunked.zero_grads().unwrap();
+        let (ml, _) = chunked.forward_backward(&batch, 1.0 / n as f32).unwrap();
+        chunked.download_grads(&mut chunked_adapter, None).unwrap();
+        assert_eq!(ml, gl, "{name}: loss with MoE chunks of 7 tokens and without");
+        let mut worst = 0.0f64;
+        for ((_, _, a), (_, _, b)) in gpu_adapter.grads().into_iter().zip(chunked_adapter.grads()) {
+            worst = worst.max(rel(b, a));
+        }
+        println!("{name}: LoRA gradients with MoE chunks of 7 tokens vs one chunk: {worst:.2e}");
+        assert!(worst <= 1e-5, "{name}: MoE chunks change the gradients by {worst:.2e}");
         println!("{name}: loss CPU {:.6} GPU {:.6}", cl / cn as f64, gl / gn as f64);
         assert!(((gl - cl) / cl).abs() <= 1e-5, "{name}: loss {gl} vs {cl}");
         let want: Vec<Vec<f32>> = cpu_adapter.grads().into_iter().map(|(_, _, g)| g.to_vec()).collect();
@@ -161,6 +199,28 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
             }
         }
         println!("{name}: worst LoRA gradient relative error GPU vs CPU {:.2e} ({})", worst.0, worst.1);
+        fast.zero_grads().unwrap();
+        let (fl, _) = fast.forward_backward(&batch, 1.0 / n as f32).unwrap();
+        fast.download_grads(&mut fast_adapter, None).unwrap();
+        let fast_worst =
+            fast_adapter.grads().into_iter().zip(&want).map(|((_, _, g), w)| rel(g, w)).fold(0.0, f64::max);
+        let fast_all: Vec<f32> = fast_adapter.grads().into_iter().flat_map(|(_, _, g)| g.to_vec()).collect();
+        let fast_overall = rel(&fast_all, &want.concat());
+        println!(
+            "{name}: Precision::Bf16: loss {:.6}, LoRA gradients vs CPU: {fast_overall:.2e} overall, worst tensor {fast_worst:.2e}",
+            fl / gn as f64
+        );
+        // bf16 operands (2^-9 relative) in every product of the 2 layers, forward and backward.
+        // Each kernel's one-pass variant is checked on its own against a reference (the MXFP4
+        // GEMM against the product of the rounded inputs, to f32 accuracy; attention within 2e-2);
+        // here their sum over the model. Measured on an H100: PEFT batch loss 5.6e-4 relative,
+        // gradients 6.05e-2 overall (worst tensor 1.66e-1); packed batch (37 tokens, three
+        // sequences, one past the window) loss 3.0e-3, gradients 2.80e-1 (worst 3.53e-1): the
+        // attention backward's dP − D cancels, as in any bf16 attention. A wrong product errs
+        // by ~100% and moves the loss by far more.
+        assert!(((fl - cl) / cl).abs() <= 5e-3, "{name}: bf16 loss {fl} vs {cl}");
+        assert!(fast_overall <= 0.35, "{name}: bf16 gradients off by {fast_overall:.2e} overall");
+        assert!(fast_worst <= 0.5, "{name}: a bf16 gradient tensor off by {fast_worst:.2e}");
         // The issue asks for 5e-2; measured ~8e-5 (one bf16 rounding of the activations gave 3-6e-2).
         assert!(worst.0 <= 1e-3, "{name}: gradient of {} off by {:.2e}", worst.1, worst.0);
         let e = rel(&gpu_sinks.concat(), &cpu_sinks.concat());

@@ -9,14 +9,27 @@ pub mod gemm;
 pub mod rmsnorm;
 pub mod rope;
 
+/// How the tensor-core kernels multiply f32 operands on bf16 tensor cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mma {
+    /// Each f32 operand split into bf16 `hi + lo` (to ~2^-17 of itself) and the partial products
+    /// summed in f32: about as exact as f32, two to three times the tensor-core work.
+    #[default]
+    Split,
+    /// Operands rounded to bf16 once (as a bf16 model in PyTorch computes): one product.
+    Bf16,
+}
+
 /// Every kernel source of this crate, for the compile check that CI runs without a GPU.
 pub const SOURCES: &[(&str, &str)] = &[
     ("attention", attention::SRC),
+    ("attention_bf16", attention::SRC_ONE_PASS),
     ("cross_entropy", cross_entropy::SRC),
     ("elementwise", elementwise::SRC),
     ("embedding", embedding::SRC),
     ("fault", crate::device::FAULT_SRC),
     ("gemm", gemm::SRC),
+    ("gemm_bf16", gemm::SRC_ONE_PASS),
     ("rmsnorm", rmsnorm::SRC),
     ("rope", rope::SRC),
 ];

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use oxtune_kernels::Gpu;
 
+use super::mirror::{Cursor, Entry, StateMirror};
 use super::{check_params, download, elementwise_config, upload, zeros, GpuParam, ADAMW_SRC};
 use crate::adamw::{AdamState, StepScalars};
 use crate::{state, AdamW, AdamWConfig, Result};
@@ -110,6 +111,30 @@ impl AdamWGpu {
         AdamW::from_states(self.config, states)
     }
 
+    /// Copies the states into `m`'s pinned host buffers (after the work queued on the stream) and
+    /// waits: the host then holds them at the cost of one PCIe copy; [`AdamWGpu::cpu_from_mirror`]
+    /// turns them into a CPU [`AdamW`] when a checkpoint needs one.
+    pub fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> Result<()> {
+        let mut views = vec![];
+        let mut entries = vec![];
+        for (name, st) in &self.states {
+            views.push(st.exp_avg.as_view());
+            views.push(st.exp_avg_sq.as_view());
+            entries.push(Entry { name: name.clone(), step: st.step, n: st.len(), blockwise: false });
+        }
+        m.fill(gpu, &views, &[], entries)
+    }
+
+    /// The CPU [`AdamW`] of the states `m` holds (this optimizer's configuration).
+    pub fn cpu_from_mirror(&self, m: &StateMirror) -> Result<AdamW> {
+        let mut f = Cursor::new(m.f32s.as_ref().map_or(&[][..], |b| b.as_slice()));
+        let mut states = BTreeMap::new();
+        for e in &m.entries {
+            states.insert(e.name.clone(), AdamState { step: e.step, exp_avg: f.take(e.n), exp_avg_sq: f.take(e.n) });
+        }
+        AdamW::from_states(self.config, states)
+    }
+
     /// A GPU optimizer holding the configuration and states of `cpu` (e.g. after its `load_state`).
     pub fn from_cpu(gpu: &Gpu, cpu: &AdamW) -> Result<Self> {
         let mut states = BTreeMap::new();
@@ -165,6 +190,7 @@ fn adamw_step_gpu(
 
 #[cfg(test)]
 mod tests {
+    use crate::cuda::assert_same_state;
     use oxtune_kernels::testing::{assert_close, randn};
 
     use super::*;
@@ -203,6 +229,16 @@ mod tests {
             dev.step(gpu, &mut gparams, lr).unwrap();
             if step == 1 || step == 5 {
                 let back = dev.to_cpu(gpu).unwrap();
+                // The pinned host mirror (what a GPU run copies after each step) holds the same state.
+                assert_same_state(
+                    &back,
+                    &dev.cpu_from_mirror(&{
+                        let mut m = crate::cuda::StateMirror::default();
+                        dev.mirror(gpu, &mut m).unwrap();
+                        m
+                    })
+                    .unwrap(),
+                );
                 for (i, name) in names.iter().enumerate() {
                     let n = lengths[i];
                     // The kernel repeats the CPU's f32 operations with the same rounding (no contraction), so

@@ -6,7 +6,9 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig,
 use oxtune_kernels::Gpu;
 
 use super::adamw::DeviceAdamState;
+use super::mirror::{Cursor, Entry, StateMirror};
 use super::{check_params, download, elementwise_config, upload, zeros, GpuParam, ADAMW8BIT_SRC};
+use crate::adamw::AdamState;
 use crate::adamw8bit::{BlockwiseState, Scalars, State};
 use crate::quant8::{BLOCK, SIGNED_MAP, UNSIGNED_MAP};
 use crate::{state, AdamW8bit, AdamW8bitConfig, Result};
@@ -184,6 +186,54 @@ impl AdamW8bitGpu {
         AdamW8bit::from_states(self.config, states)
     }
 
+    /// Copies the states into `m`'s pinned host buffers (after the work queued on the stream) and
+    /// waits; [`AdamW8bitGpu::cpu_from_mirror`] turns them into a CPU [`AdamW8bit`] when needed.
+    pub fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> Result<()> {
+        let (mut f32s, mut u8s, mut entries) = (vec![], vec![], vec![]);
+        for (name, st) in &self.states {
+            let (step, blockwise) = match st {
+                DeviceState::Fp32(s) => {
+                    f32s.push(s.exp_avg.as_view());
+                    f32s.push(s.exp_avg_sq.as_view());
+                    (s.step, false)
+                }
+                DeviceState::Blockwise(s) => {
+                    f32s.push(s.absmax1.as_view());
+                    f32s.push(s.absmax2.as_view());
+                    u8s.push(s.state1.as_view());
+                    u8s.push(s.state2.as_view());
+                    (s.step, true)
+                }
+            };
+            entries.push(Entry { name: name.clone(), step, n: st.len(), blockwise });
+        }
+        m.fill(gpu, &f32s, &u8s, entries)
+    }
+
+    /// The CPU [`AdamW8bit`] of the states `m` holds (this optimizer's configuration).
+    pub fn cpu_from_mirror(&self, m: &StateMirror) -> Result<AdamW8bit> {
+        let mut f = Cursor::new(m.f32s.as_ref().map_or(&[][..], |b| b.as_slice()));
+        let mut b = Cursor::new(m.u8s.as_ref().map_or(&[][..], |b| b.as_slice()));
+        let mut states = BTreeMap::new();
+        for e in &m.entries {
+            let st = if e.blockwise {
+                let blocks = e.n.div_ceil(BLOCK);
+                let (absmax1, absmax2) = (f.take(blocks), f.take(blocks));
+                State::Blockwise(BlockwiseState {
+                    step: e.step,
+                    state1: b.take(e.n),
+                    state2: b.take(e.n),
+                    absmax1,
+                    absmax2,
+                })
+            } else {
+                State::Fp32(AdamState { step: e.step, exp_avg: f.take(e.n), exp_avg_sq: f.take(e.n) })
+            };
+            states.insert(e.name.clone(), st);
+        }
+        AdamW8bit::from_states(self.config, states)
+    }
+
     /// A GPU optimizer holding the configuration and states of `cpu` (e.g. after its `load_state`).
     pub fn from_cpu(gpu: &Gpu, cpu: &AdamW8bit) -> Result<Self> {
         let mut states = BTreeMap::new();
@@ -312,6 +362,7 @@ fn adamw8bit_fp32_step_gpu(
 
 #[cfg(test)]
 mod tests {
+    use crate::cuda::assert_same_state;
     use oxtune_kernels::testing::{assert_close, randn};
 
     use super::*;
@@ -377,6 +428,16 @@ mod tests {
                 continue;
             }
             let back = dev.to_cpu(gpu).unwrap();
+            // The pinned host mirror (what a GPU run copies after each step) holds the same state.
+            assert_same_state(
+                &back,
+                &dev.cpu_from_mirror(&{
+                    let mut m = crate::cuda::StateMirror::default();
+                    dev.mirror(gpu, &mut m).unwrap();
+                    m
+                })
+                .unwrap(),
+            );
             let (mut mismatches, mut codes) = (0, 0);
             for (i, name) in names.iter().enumerate() {
                 let what = format!("step {step}: {name} [{}]", lengths[i]);

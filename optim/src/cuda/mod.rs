@@ -12,6 +12,7 @@
 mod adamw;
 mod adamw8bit;
 mod clip;
+mod mirror;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 use oxtune_kernels::Gpu;
@@ -19,6 +20,7 @@ use oxtune_kernels::Gpu;
 pub use adamw::AdamWGpu;
 pub use adamw8bit::AdamW8bitGpu;
 pub use clip::{clip_grad_norm_gpu, global_grad_norm_gpu, scale_grads_gpu, NORM_SCRATCH};
+pub use mirror::StateMirror;
 
 pub(crate) const ADAMW_SRC: &str = include_str!("../adamw.cu");
 pub(crate) const ADAMW8BIT_SRC: &str = include_str!("../adamw8bit.cu");
@@ -75,4 +77,33 @@ fn download<T: DeviceRepr>(gpu: &Gpu, dev: &CudaSlice<T>) -> crate::Result<Vec<T
 /// A zero-filled device buffer of `n` elements (a parameter's first step).
 fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(gpu: &Gpu, n: usize) -> crate::Result<CudaSlice<T>> {
     Ok(gpu.stream.alloc_zeros(n).map_err(oxtune_kernels::Error::from)?)
+}
+
+/// Asserts that two optimizers hold the same state: their checkpoint files have the same tensors,
+/// bit for bit, and the same metadata (compared as maps: its order in the file is not fixed).
+#[cfg(test)]
+pub(crate) fn assert_same_state(a: &dyn crate::Optimizer, b: &dyn crate::Optimizer) {
+    use safetensors::SafeTensors;
+    let dir = std::env::temp_dir();
+    let tag = format!("{}-{:?}", std::process::id(), std::thread::current().id());
+    let path = |x: &str| dir.join(format!("oxtune-state-{x}-{tag}.safetensors"));
+    let (pa, pb) = (path("a"), path("b"));
+    a.save_state(&pa).unwrap();
+    b.save_state(&pb).unwrap();
+    let (x, y) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+    std::fs::remove_file(&pa).ok();
+    std::fs::remove_file(&pb).ok();
+    let (ma, mb) = (SafeTensors::read_metadata(&x).unwrap().1, SafeTensors::read_metadata(&y).unwrap().1);
+    assert_eq!(ma.metadata(), mb.metadata(), "state metadata");
+    let (ta, tb) = (SafeTensors::deserialize(&x).unwrap(), SafeTensors::deserialize(&y).unwrap());
+    let mut names = ta.names();
+    names.sort();
+    let mut names_b = tb.names();
+    names_b.sort();
+    assert_eq!(names, names_b, "state tensors");
+    for n in names {
+        let (u, v) = (ta.tensor(n).unwrap(), tb.tensor(n).unwrap());
+        assert_eq!((u.dtype(), u.shape()), (v.dtype(), v.shape()), "{n}");
+        assert!(u.data() == v.data(), "state tensor {n} differs");
+    }
 }

@@ -10,13 +10,17 @@ use half::bf16;
 use oxtune_kernels::blas::Blas;
 use oxtune_kernels::ops::attention::{attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
 use oxtune_kernels::ops::cross_entropy::cross_entropy_gpu;
-use oxtune_kernels::ops::elementwise::{add_gpu, gather_rows_gpu, scatter_rows_gpu, split_f32_to_bf16x2_gpu};
+use oxtune_kernels::ops::elementwise::{
+    add_gpu, cast_f32_to_bf16_gpu, gather_rows_gpu, scatter_rows_gpu, split_f32_to_bf16x2_gpu,
+};
 use oxtune_kernels::ops::embedding::embedding_gpu_bf16w;
 use oxtune_kernels::ops::gemm::{
     grouped_gemm_f32, grouped_gemm_f32_mxfp4w, Grouped, GroupedGemm, Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_gpu, rmsnorm_gpu};
 use oxtune_kernels::ops::rope::rope_gpu;
+use oxtune_kernels::ops::Mma;
+use oxtune_kernels::pinned::PinnedBuf;
 use oxtune_kernels::Gpu;
 use oxtune_moe::permute::{add_expert_bias_gpu, combine_backward_gpu, combine_gpu, unpermute_sum_gpu};
 use oxtune_moe::router::{route_backward_gpu, topk_softmax_gpu};
@@ -24,6 +28,7 @@ use oxtune_moe::swiglu::{swiglu_backward_gpu, swiglu_gpu};
 use oxtune_moe::{Proj, Routing, RoutingPlan, SwigluParams};
 
 use super::weights::{Alloc, ExpertW, GpuLinear, GpuWeights};
+use super::{EngineOptions, Precision};
 use crate::adapter::Dense;
 use crate::config::GptOssConfig;
 use crate::error::{Error, Result};
@@ -34,6 +39,12 @@ use crate::ops::loss::IGNORE_INDEX;
 
 /// LM-head rows per chunk: bounds the logits buffer to `HEAD_CHUNK · V` floats (206 MB for gpt-oss).
 const HEAD_CHUNK: usize = 256;
+
+/// Tokens per MoE chunk with activation checkpointing: the experts' activations (about 460 KB a
+/// token for gpt-oss) exist for one chunk at a time, so that long sequences fit (3.8 GB at 8192).
+/// The backward pass recomputes each chunk's experts just before their backward, so chunking adds
+/// no compute.
+pub const MOE_CHUNK: usize = 8192;
 
 fn v<T>(s: &CudaSlice<T>, n: usize) -> CudaView<'_, T> {
     s.slice(0..n)
@@ -73,15 +84,26 @@ struct LayerActs {
     x_mid: CudaSlice<f32>,
     bn: CudaSlice<f32>,
     rstd2: CudaSlice<f32>,
+    /// Every token's top-k experts and routing weights `[t, k]`, on the device and on the host
+    /// (where each chunk's expert-sorted plan is built).
     experts: CudaSlice<u32>,
     weights: CudaSlice<f32>,
+    host_experts: Vec<u32>,
+    host_weights: Vec<f32>,
+    /// The experts' activations of one chunk of tokens.
+    moe: MoeActs,
+}
+
+/// The routing plan and expert activations of one chunk of a MoE layer's tokens (the whole
+/// micro-batch when it fits in [`MOE_CHUNK`] tokens).
+struct MoeActs {
     token: CudaSlice<u32>,
     choice: CudaSlice<u32>,
     pweight: CudaSlice<f32>,
     slot_of: CudaSlice<u32>,
     slot_expert: CudaSlice<u32>,
     offsets: CudaSlice<u32>,
-    /// Host copy of the expert offsets of the current batch.
+    /// Host copy of the expert offsets of the current chunk.
     host_offsets: Vec<usize>,
     xs: CudaSlice<f32>,
     hh: CudaSlice<f32>,
@@ -89,14 +111,14 @@ struct LayerActs {
     y: CudaSlice<f32>,
 }
 
-/// The expert groups of a layer's routing plan: offsets on the device and on the host.
+/// The expert groups of a chunk's routing plan: offsets on the device and on the host.
 struct Groups<'a> {
     offsets: CudaView<'a, u32>,
     host: &'a [usize],
 }
 
 impl Groups<'_> {
-    fn of(a: &LayerActs) -> Groups<'_> {
+    fn of(a: &MoeActs) -> Groups<'_> {
         Groups { offsets: a.offsets.as_view(), host: &a.host_offsets }
     }
 
@@ -112,6 +134,8 @@ impl Groups<'_> {
 /// Working buffers shared by all layers.
 struct Scratch {
     ids: CudaSlice<u32>,
+    /// `0..t`: the gathered embedding rows' indices.
+    iota: CudaSlice<u32>,
     pos: CudaSlice<u32>,
     ones: CudaSlice<f32>,
     /// Visible key / query ranges per token for full and sliding layers: klo, khi, qlo, qhi.
@@ -173,13 +197,6 @@ impl Profile {
     }
 }
 
-/// Trainable values copied from the device: LoRA tensors in [`LoraAdapter::tensors`] order, and
-/// each layer's sinks (empty when sinks are not trained).
-pub struct HostParams {
-    pub lora: Vec<Vec<f32>>,
-    pub sinks: Vec<Vec<f32>>,
-}
-
 /// The model, its LoRA adapter and its buffers on one GPU.
 pub struct GpuEngine {
     pub gpu: Arc<Gpu>,
@@ -193,9 +210,17 @@ pub struct GpuEngine {
     /// Saved activations: one set per layer, or with checkpointing one set that each layer's
     /// recomputation fills just before its backward pass.
     acts: Vec<LayerActs>,
-    /// With checkpointing: each layer's input `[t, H]`, the only activation kept per layer.
+    /// With checkpointing: each layer's input `[t, H]`, the only activation kept per layer, on
+    /// the device or (offloaded) in page-locked host memory.
     layer_inputs: Vec<CudaSlice<f32>>,
+    host_inputs: Vec<PinnedBuf<f32>>,
     checkpointing: bool,
+    /// Tensor-core products split their f32 activations into bf16 halves ([`Precision::Exact`]).
+    split: bool,
+    /// The token ids of the loaded batch.
+    host_ids: Vec<u32>,
+    /// Tokens per MoE chunk ([`MOE_CHUNK`] at most with checkpointing).
+    moe_chunk: usize,
     s: Scratch,
     /// Tokens of the largest micro-batch the buffers hold.
     pub max_tokens: usize,
@@ -214,22 +239,43 @@ pub struct GpuEngine {
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
 /// weights and LoRA), to check against free memory first.
-pub fn activation_bytes(cfg: &GptOssConfig, t: usize, max_rank: usize, checkpointing: bool) -> usize {
+/// `moe_chunk`: tokens per MoE chunk ([`MOE_CHUNK`] by default; only with checkpointing);
+/// `offload`: the layer inputs live in host memory.
+pub fn activation_bytes(
+    cfg: &GptOssConfig,
+    t: usize,
+    max_rank: usize,
+    checkpointing: bool,
+    moe_chunk: usize,
+    offload: bool,
+) -> usize {
     let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
     let (e, k, i) = (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size);
-    let s = t * k;
-    let per_layer = t * (4 * h + 2 * qw + 2 * kw + nq + 2) + t * k * 3 + s * (4 + h + 2 * i + i + h) + e + 1;
+    let sc = chunk_tokens(t, checkpointing, moe_chunk) * k; // expert slots of one MoE chunk
+    let moe = sc * (5 + h + 2 * i + i + h) + e + 1;
+    let per_layer = t * (4 * h + 2 * qw + 2 * kw + nq + 2) + t * k * 2 + moe;
     let chunk = HEAD_CHUNK.min(t.max(1));
-    let scratch = t * (10 + 2 + 8) // ids, pos, ones, ranges, idx, targets, losses
+    let scratch = t * (11 + 2 + 8) // ids, iota, pos, ones, ranges, idx, targets, losses
         + t * h * 9
         + t * (2 * qw + 2 * kw + nq + k + 2 * e)
         + chunk * (2 * h + cfg.vocab_size)
-        + s * (2 * h + 3 * i)
-        + 2 * s * max_rank;
+        + sc * (2 * h + 3 * i)
+        + 2 * sc.max(t) * max_rank;
     let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
     let layers = cfg.num_hidden_layers;
-    let saved = if checkpointing { per_layer + layers * t * cfg.hidden_size } else { per_layer * layers };
+    let inputs = if offload { 0 } else { layers * t * cfg.hidden_size };
+    let saved = if checkpointing { per_layer + inputs } else { per_layer * layers };
     4 * (saved + scratch + bf)
+}
+
+/// Tokens per MoE chunk for micro-batches of `t` tokens (without checkpointing every layer keeps
+/// its experts' activations for the backward pass: one chunk).
+fn chunk_tokens(t: usize, checkpointing: bool, moe_chunk: usize) -> usize {
+    if checkpointing {
+        t.clamp(1, moe_chunk.max(1))
+    } else {
+        t.max(1)
+    }
 }
 
 impl GpuEngine {
@@ -249,13 +295,27 @@ impl GpuEngine {
         max_tokens: usize,
         checkpointing: bool,
     ) -> Result<Self> {
+        Self::with_options(gpu, model, adapter, max_tokens, EngineOptions { checkpointing, ..Default::default() })
+    }
+
+    /// As [`GpuEngine::new`] with every option (tests use small MoE chunks to cover the chunked
+    /// path on tiny models).
+    pub fn with_options(
+        gpu: Arc<Gpu>,
+        model: &Model,
+        adapter: &LoraAdapter,
+        max_tokens: usize,
+        opts: EngineOptions,
+    ) -> Result<Self> {
+        let EngineOptions { checkpointing, moe_chunk, precision, offload_checkpoints } = opts;
+        let offload = checkpointing && offload_checkpoints;
         let cfg = model.cfg.clone();
         let t = max_tokens.max(1);
         let layout = adapter.layout();
         let max_rank = layout.iter().map(|s| s.rank).max().unwrap_or(1);
         let weight_bytes = GpuWeights::bytes_for(model);
         let lora_bytes = 4 * 2 * adapter.num_params(); // values and gradients
-        let need = weight_bytes + lora_bytes + activation_bytes(&cfg, t, max_rank, checkpointing);
+        let need = weight_bytes + lora_bytes + activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload);
         let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
         if need > free {
             return Err(super::oom_advice(
@@ -291,18 +351,22 @@ impl GpuEngine {
         let dsinks = (0..cfg.num_hidden_layers).map(|_| al.zeros("sink gradients", nq)).collect::<Result<_>>()?;
         let (h, qw, kw) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width());
         let (e, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
-        let s = t * k;
+        let tc = chunk_tokens(t, checkpointing, moe_chunk);
+        let sc = tc * k;
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
         let sets = if checkpointing { 1 } else { cfg.num_hidden_layers };
-        let layer_inputs = (0..if checkpointing { cfg.num_hidden_layers } else { 0 })
+        let layer_inputs = (0..if checkpointing && !offload { cfg.num_hidden_layers } else { 0 })
             .map(|_| al.zeros("layer inputs (checkpoints)", t * cfg.hidden_size))
+            .collect::<Result<Vec<_>>>()?;
+        let host_inputs = (0..if offload { cfg.num_hidden_layers } else { 0 })
+            .map(|_| PinnedBuf::new(&gpu, t * cfg.hidden_size).map_err(Error::from))
             .collect::<Result<Vec<_>>>()?;
         for _ in 0..sets {
             let mut z = |n: usize| al.zeros::<f32>("saved activations", n);
             let (x_in, a, rstd1, q, kk, vv, o, lse) =
                 (z(t * h)?, z(t * h)?, z(t)?, z(t * qw)?, z(t * kw)?, z(t * kw)?, z(t * qw)?, z(t * nq)?);
-            let (x_mid, bn, rstd2, weights, pweight) = (z(t * h)?, z(t * h)?, z(t)?, z(t * k)?, z(s)?);
-            let (xs, hh, zz, y) = (z(s * h)?, z(s * i2)?, z(s * i2 / 2)?, z(s * h)?);
+            let (x_mid, bn, rstd2, weights, pweight) = (z(t * h)?, z(t * h)?, z(t)?, z(t * k)?, z(sc)?);
+            let (xs, hh, zz, y) = (z(sc * h)?, z(sc * i2)?, z(sc * i2 / 2)?, z(sc * h)?);
             let mut zu = |n: usize| al.zeros::<u32>("routing plan", n);
             acts.push(LayerActs {
                 x_in,
@@ -318,17 +382,21 @@ impl GpuEngine {
                 rstd2,
                 experts: zu(t * k)?,
                 weights,
-                token: zu(s)?,
-                choice: zu(s)?,
-                pweight,
-                slot_of: zu(t * k)?,
-                slot_expert: zu(s)?,
-                offsets: zu(e + 1)?,
-                host_offsets: vec![0; e + 1],
-                xs,
-                hh,
-                z: zz,
-                y,
+                host_experts: vec![],
+                host_weights: vec![],
+                moe: MoeActs {
+                    token: zu(sc)?,
+                    choice: zu(sc)?,
+                    pweight,
+                    slot_of: zu(sc)?,
+                    slot_expert: zu(sc)?,
+                    offsets: zu(e + 1)?,
+                    host_offsets: vec![0; e + 1],
+                    xs,
+                    hh,
+                    z: zz,
+                    y,
+                },
             });
         }
         let chunk = HEAD_CHUNK.min(t);
@@ -339,6 +407,7 @@ impl GpuEngine {
         let bf_len = 2 * (t * h.max(qw)).max(chunk * cfg.vocab_size);
         let s_ = Scratch {
             ids: al.zeros("token ids", t)?,
+            iota: al.upload("row indices", &(0..t as u32).collect::<Vec<_>>())?,
             pos: al.zeros("positions", t)?,
             ones: al.upload("ones", &vec![1.0f32; t])?,
             ranges,
@@ -364,14 +433,14 @@ impl GpuEngine {
             dk: al.zeros("scratch", t * kw)?,
             dv: al.zeros("scratch", t * kw)?,
             delta: al.zeros("scratch", t * nq)?,
-            dys: al.zeros("scratch", s * h)?,
+            dys: al.zeros("scratch", sc * h)?,
             dweights: al.zeros("scratch", t * k)?,
-            dz: al.zeros("scratch", s * i2 / 2)?,
-            dh: al.zeros("scratch", s * i2)?,
-            dxs: al.zeros("scratch", s * h)?,
+            dz: al.zeros("scratch", sc * i2 / 2)?,
+            dh: al.zeros("scratch", sc * i2)?,
+            dxs: al.zeros("scratch", sc * h)?,
             dlogits: al.zeros("scratch", t * e)?,
-            u: al.zeros("LoRA scratch", s * max_rank)?,
-            du: al.zeros("LoRA scratch", s * max_rank)?,
+            u: al.zeros("LoRA scratch", sc.max(t) * max_rank)?,
+            du: al.zeros("LoRA scratch", sc.max(t) * max_rank)?,
         };
         let norm_scratch = al.zeros("gradient norm scratch", oxtune_optim::cuda::NORM_SCRATCH)?;
         let bytes = al.bytes;
@@ -386,7 +455,11 @@ impl GpuEngine {
             dsinks,
             acts,
             layer_inputs,
+            host_inputs,
             checkpointing,
+            moe_chunk: tc,
+            split: precision == Precision::Exact,
+            host_ids: vec![],
             s: s_,
             max_tokens: t,
             bytes,
@@ -484,22 +557,23 @@ impl GpuEngine {
         Ok(norm)
     }
 
-    /// The adapter's values (and every layer's sinks) as the device holds them, read into new
-    /// host buffers (the caller commits them only once every copy succeeded).
-    pub fn read_params(&self, sinks: bool) -> Result<HostParams> {
-        let mut lora = Vec::with_capacity(2 * self.lora.len());
+    /// Decoder layers of the model.
+    pub fn layers(&self) -> usize {
+        self.w.layers.len()
+    }
+
+    /// The adapter's values (in [`LoraAdapter::tensors`] order) and, with `sinks`, every layer's
+    /// sinks, as device views: what a host copy of a step holds.
+    pub fn param_views(&self, sinks: bool) -> Vec<CudaView<'_, f32>> {
+        let mut out = Vec::with_capacity(2 * self.lora.len() + self.w.layers.len());
         for p in &self.lora {
-            lora.push(self.dtoh(&p.a, p.a.len())?);
-            lora.push(self.dtoh(&p.b, p.b.len())?);
+            out.push(p.a.as_view());
+            out.push(p.b.as_view());
         }
-        let mut s = vec![];
         if sinks {
-            for l in &self.w.layers {
-                s.push(self.dtoh(&l.sinks, l.sinks.len())?);
-            }
+            out.extend(self.w.layers.iter().map(|l| l.sinks.as_view()));
         }
-        self.sync()?;
-        Ok(HostParams { lora, sinks: s })
+        out
     }
 
     // ---- building blocks ---------------------------------------------------------------------
@@ -521,7 +595,15 @@ impl GpuEngine {
         trans_w: bool,
         c: &mut CudaViewMut<f32>,
         beta: f32,
+        split: bool,
     ) -> Result<()> {
+        if !split {
+            // Precision::Bf16: x rounded to bf16 once, one GEMM.
+            let mut xb = bf.slice_mut(0..m * k);
+            cast_f32_to_bf16_gpu(gpu, x, &mut xb)?;
+            blas.matmul_bf16(m, n, k, &xb.as_view(), false, w, trans_w, c, 1.0, beta)?;
+            return Ok(());
+        }
         let mut buf = bf.slice_mut(0..2 * m * k);
         let (mut hi, mut lo) = buf.split_at_mut(m * k);
         split_f32_to_bf16x2_gpu(gpu, x, &mut hi, &mut lo)?;
@@ -542,11 +624,12 @@ impl GpuEngine {
         t: usize,
         y: &mut CudaViewMut<f32>,
         accumulate: bool,
+        split: bool,
     ) -> Result<()> {
         // Bias as a rank-1 product: ones [t, 1] · b [1, out].
         let beta = if accumulate { 1.0 } else { 0.0 };
         blas.matmul_f32(t, lin.n_out, 1, &v(ones, t), false, &lin.b.as_view(), false, y, 1.0, beta)?;
-        Self::gemm_xw(blas, gpu, bf, t, lin.n_out, lin.n_in, x, &lin.w.as_view(), true, y, 1.0)
+        Self::gemm_xw(blas, gpu, bf, t, lin.n_out, lin.n_in, x, &lin.w.as_view(), true, y, 1.0, split)
     }
 
     /// `dx [t, in] (= or +=) dy [t, out] · W`.
@@ -560,9 +643,10 @@ impl GpuEngine {
         t: usize,
         dx: &mut CudaViewMut<f32>,
         accumulate: bool,
+        split: bool,
     ) -> Result<()> {
         let beta = if accumulate { 1.0 } else { 0.0 };
-        Self::gemm_xw(blas, gpu, bf, t, lin.n_in, lin.n_out, dy, &lin.w.as_view(), false, dx, beta)
+        Self::gemm_xw(blas, gpu, bf, t, lin.n_in, lin.n_out, dy, &lin.w.as_view(), false, dx, beta, split)
     }
 
     /// `y [t, out] += s · (x Aᵀ) Bᵀ` for a dense LoRA pair.
@@ -723,6 +807,7 @@ impl GpuEngine {
         acts: &Groups,
         x: &CudaView<f32>,
         backward: bool,
+        mma: Mma,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let m = acts.max_rows();
@@ -750,7 +835,7 @@ impl GpuEngine {
                     rows: n_out,
                     cols: n_in,
                 };
-                grouped_gemm_f32_mxfp4w(gpu, &cfg(st(0, 0, 0)), &acts.offsets, total, x, &wt, backward, y)?;
+                grouped_gemm_f32_mxfp4w(gpu, &cfg(st(0, 0, 0)), &acts.offsets, total, x, &wt, backward, mma, y)?;
             }
             ExpertW::Dense(wd) => {
                 // `[E, in, out]`: forward B(k = in, n = out), backward B(k = out, n = in).
@@ -775,6 +860,8 @@ impl GpuEngine {
         crate::model::check_token_ids(ids, self.cfg.vocab_size)?;
         let gpu = &*self.gpu;
         htod(gpu, ids, &mut self.s.ids)?;
+        self.host_ids.clear();
+        self.host_ids.extend_from_slice(ids);
         htod(gpu, pos, &mut self.s.pos)?;
         for (wi, window) in [None, Some(self.cfg.sliding_window)].into_iter().enumerate() {
             let r = visible_ranges(pos, seg, rows, window)?;
@@ -789,34 +876,46 @@ impl GpuEngine {
 
     /// Embeds the loaded ids into the residual stream and runs every layer.
     fn forward_layers(&mut self, t: usize, save: bool) -> Result<()> {
-        embedding_gpu_bf16w(
-            &self.gpu,
-            &self.w.embed.as_view(),
-            &v(&self.s.ids, t),
-            self.cfg.hidden_size,
-            &mut vm(&mut self.s.x, t * self.cfg.hidden_size),
-        )?;
         let h = self.cfg.hidden_size;
+        // The embedding rows of the batch, gathered from the host table (ids were checked by
+        // load_batch), then widened to f32 by the embedding kernel over rows 0..t.
+        let mut rows = Vec::with_capacity(t * h);
+        for &id in &self.host_ids {
+            rows.extend_from_slice(&self.w.embed[id as usize * h..(id as usize + 1) * h]);
+        }
+        htod(&self.gpu, &rows, &mut self.s.bf)?;
+        embedding_gpu_bf16w(&self.gpu, &v(&self.s.bf, t * h), &v(&self.s.iota, t), h, &mut vm(&mut self.s.x, t * h))?;
         for l in 0..self.cfg.num_hidden_layers {
             if save && self.checkpointing {
-                let (x, inputs) = (&self.s.x, &mut self.layer_inputs[l]);
-                self.gpu.stream.memcpy_dtod(&v(x, t * h), &mut vm(inputs, t * h))?;
-                self.layer_forward(l, t, false)?;
+                if let Some(host) = self.host_inputs.get_mut(l) {
+                    host.download(&self.gpu, &[v(&self.s.x, t * h)])?;
+                } else {
+                    let (x, inputs) = (&self.s.x, &mut self.layer_inputs[l]);
+                    self.gpu.stream.memcpy_dtod(&v(x, t * h), &mut vm(inputs, t * h))?;
+                }
+                self.layer_forward(l, t, false, true)?;
             } else {
-                self.layer_forward(l, t, save)?;
+                self.layer_forward(l, t, save, true)?;
             }
         }
         Ok(())
     }
 
-    fn layer_forward(&mut self, l: usize, t: usize, save: bool) -> Result<()> {
+    /// Layer `l` on the residual stream `s.x` (`t` tokens). With `save` (training without
+    /// checkpointing) its activations go to set `l`, else to set 0. Without `moe` (the
+    /// checkpointed recomputation before the layer's backward) the experts are not run: the
+    /// backward pass recomputes them chunk by chunk, and the layer's output is not needed.
+    fn layer_forward(&mut self, l: usize, t: usize, save: bool, moe: bool) -> Result<()> {
         let cfg = &self.cfg;
         let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
-        let (ne, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
+        let (ne, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
         let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        let gpu = &*self.gpu;
+        let gpu_arc = self.gpu.clone();
+        let gpu = &*gpu_arc;
+        let split = self.split;
+        let mma = if split { Mma::Split } else { Mma::Bf16 };
         let layer = &self.w.layers[l];
         // Without `save` (evaluation, decoding, checkpointed training), every layer uses the first
         // set of buffers.
@@ -842,7 +941,18 @@ impl GpuEngine {
             [(Dense::Q, &layer.q, &mut a.q), (Dense::K, &layer.k, &mut a.k), (Dense::V, &layer.v, &mut a.v)]
         {
             let n_out = lin.n_out;
-            Self::linear_fwd(blas, gpu, &mut s.bf, &s.ones, lin, &v(&a.a, t * h), t, &mut vm(out, t * n_out), false)?;
+            Self::linear_fwd(
+                blas,
+                gpu,
+                &mut s.bf,
+                &s.ones,
+                lin,
+                &v(&a.a, t * h),
+                t,
+                &mut vm(out, t * n_out),
+                false,
+                split,
+            )?;
             if let Some(p) = at(Target::Dense(m)) {
                 Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.a, t * h), t, &mut vm(out, t * n_out))?;
             }
@@ -861,10 +971,22 @@ impl GpuEngine {
             &v(&r[1], t),
             heads,
             scale,
+            mma,
             &mut vm(&mut a.o, t * qw),
             &mut vm(&mut a.lse, t * nq),
         )?;
-        Self::linear_fwd(blas, gpu, &mut s.bf, &s.ones, &layer.o, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h), true)?;
+        Self::linear_fwd(
+            blas,
+            gpu,
+            &mut s.bf,
+            &s.ones,
+            &layer.o,
+            &v(&a.o, t * qw),
+            t,
+            &mut vm(&mut s.x, t * h),
+            true,
+            split,
+        )?;
         if let Some(p) = at(Target::Dense(Dense::O)) {
             Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h))?;
         }
@@ -912,29 +1034,66 @@ impl GpuEngine {
             &mut vm(&mut a.experts, t * k),
             &mut vm(&mut a.weights, t * k),
         )?;
-        // The expert-sorted plan is built on the host (one small copy per layer).
-        let mut experts = vec![0u32; t * k];
-        let mut weights = vec![0f32; t * k];
-        gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), &mut experts)?;
-        gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), &mut weights)?;
+        // Each chunk's expert-sorted plan is built on the host (one small copy per layer).
+        a.host_experts.resize(t * k, 0);
+        a.host_weights.resize(t * k, 0.0);
+        gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), a.host_experts.as_mut_slice())?;
+        gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), a.host_weights.as_mut_slice())?;
         gpu.stream.synchronize()?;
-        let plan = RoutingPlan::new(&Routing { k, num_experts: ne, experts, weights });
+        prof.mark(gpu, "router and routing plan (host sync), forward")?;
+        if !moe {
+            return Ok(());
+        }
+        let set = if save { l } else { 0 };
+        for (c0, c1) in self.moe_chunks(t) {
+            self.moe_forward(l, set, c0, c1, true)?;
+        }
+        let s = &mut self.s;
+        add_gpu(gpu, &mut vm(&mut s.x, t * h), &v(&s.mix, t * h))?;
+        self.prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
+        Ok(())
+    }
+
+    /// Token ranges of the MoE chunks of a micro-batch of `t` tokens.
+    fn moe_chunks(&self, t: usize) -> Vec<(usize, usize)> {
+        (0..t).step_by(self.moe_chunk).map(|c0| (c0, (c0 + self.moe_chunk).min(t))).collect()
+    }
+
+    /// The experts of layer `l` on tokens `c0..c1` (activation set `set`, whose router outputs
+    /// are computed): builds and uploads the chunk's plan, runs the experts and their LoRA, and
+    /// with `combine` writes the weighted sum into rows `c0..c1` of the mix buffer.
+    fn moe_forward(&mut self, l: usize, set: usize, c0: usize, c1: usize, combine: bool) -> Result<()> {
+        let Self { gpu, cfg, w, lora, lora_at, acts, s, prof, swiglu, split, .. } = self;
+        let mma = if *split { Mma::Split } else { Mma::Bf16 };
+        let gpu = &**gpu;
+        let (h, ne, k, i2) =
+            (cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
+        let layer = &w.layers[l];
+        let at = |tg: Target| lora_at.get(&(l, tg)).map(|&i| &lora[i]);
+        let a = &mut acts[set];
+        let tc = c1 - c0;
+        let plan = RoutingPlan::new(&Routing {
+            k,
+            num_experts: ne,
+            experts: a.host_experts[c0 * k..c1 * k].to_vec(),
+            weights: a.host_weights[c0 * k..c1 * k].to_vec(),
+        });
+        let m = &mut a.moe;
         let slots = plan.token.len();
         let slot_expert: Vec<u32> = (0..ne).flat_map(|e| std::iter::repeat_n(e as u32, plan.range(e).len())).collect();
         let slot_of: Vec<u32> = plan.slot_of(k).into_iter().map(|x| x as u32).collect();
         let offsets: Vec<u32> = plan.offsets.iter().map(|&x| x as u32).collect();
-        gpu.stream.memcpy_htod(&plan.token, &mut vm(&mut a.token, slots))?;
-        gpu.stream.memcpy_htod(&plan.choice, &mut vm(&mut a.choice, slots))?;
-        gpu.stream.memcpy_htod(&plan.weight, &mut vm(&mut a.pweight, slots))?;
-        gpu.stream.memcpy_htod(&slot_of, &mut vm(&mut a.slot_of, t * k))?;
-        gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut a.slot_expert, slots))?;
-        gpu.stream.memcpy_htod(&offsets, &mut a.offsets)?;
-        a.host_offsets = plan.offsets.clone();
-        prof.mark(gpu, "router and routing plan (host sync), forward")?;
+        gpu.stream.memcpy_htod(&plan.token, &mut vm(&mut m.token, slots))?;
+        gpu.stream.memcpy_htod(&plan.choice, &mut vm(&mut m.choice, slots))?;
+        gpu.stream.memcpy_htod(&plan.weight, &mut vm(&mut m.pweight, slots))?;
+        gpu.stream.memcpy_htod(&slot_of, &mut vm(&mut m.slot_of, tc * k))?;
+        gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut m.slot_expert, slots))?;
+        gpu.stream.memcpy_htod(&offsets, &mut m.offsets)?;
+        m.host_offsets = plan.offsets;
 
-        gather_rows_gpu(gpu, &v(&a.bn, t * h), &v(&a.token, slots), h, &mut vm(&mut a.xs, slots * h))?;
+        gather_rows_gpu(gpu, &a.bn.slice(c0 * h..c1 * h), &v(&m.token, slots), h, &mut vm(&mut m.xs, slots * h))?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
-        let grp = Groups { offsets: a.offsets.as_view(), host: &a.host_offsets };
+        let grp = Groups { offsets: m.offsets.as_view(), host: &m.host_offsets };
         Self::expert_gemm(
             gpu,
             &layer.gate_up,
@@ -942,23 +1101,24 @@ impl GpuEngine {
             h,
             i2,
             &grp,
-            &v(&a.xs, slots * h),
+            &v(&m.xs, slots * h),
             false,
-            &mut vm(&mut a.hh, slots * i2),
+            mma,
+            &mut vm(&mut m.hh, slots * i2),
         )?;
         add_expert_bias_gpu(
             gpu,
-            &mut vm(&mut a.hh, slots * i2),
+            &mut vm(&mut m.hh, slots * i2),
             &layer.gate_up_bias.as_view(),
-            &v(&a.slot_expert, slots),
+            &v(&m.slot_expert, slots),
             i2,
         )?;
         prof.mark(gpu, "expert GEMMs (MXFP4) and bias, forward")?;
         if let Some(p) = at(Target::Experts(Proj::GateUp)) {
-            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&a.xs, slots * h), &mut vm(&mut a.hh, slots * i2))?;
+            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&m.xs, slots * h), &mut vm(&mut m.hh, slots * i2))?;
         }
         prof.mark(gpu, "LoRA on experts, forward")?;
-        swiglu_gpu(gpu, &v(&a.hh, slots * i2), self.swiglu, &mut vm(&mut a.z, slots * i2 / 2))?;
+        swiglu_gpu(gpu, &v(&m.hh, slots * i2), *swiglu, &mut vm(&mut m.z, slots * i2 / 2))?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         Self::expert_gemm(
             gpu,
@@ -967,33 +1127,35 @@ impl GpuEngine {
             i2 / 2,
             h,
             &grp,
-            &v(&a.z, slots * i2 / 2),
+            &v(&m.z, slots * i2 / 2),
             false,
-            &mut vm(&mut a.y, slots * h),
+            mma,
+            &mut vm(&mut m.y, slots * h),
         )?;
         add_expert_bias_gpu(
             gpu,
-            &mut vm(&mut a.y, slots * h),
+            &mut vm(&mut m.y, slots * h),
             &layer.down_bias.as_view(),
-            &v(&a.slot_expert, slots),
+            &v(&m.slot_expert, slots),
             h,
         )?;
         prof.mark(gpu, "expert GEMMs (MXFP4) and bias, forward")?;
         if let Some(p) = at(Target::Experts(Proj::Down)) {
-            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&a.z, slots * i2 / 2), &mut vm(&mut a.y, slots * h))?;
+            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&m.z, slots * i2 / 2), &mut vm(&mut m.y, slots * h))?;
         }
         prof.mark(gpu, "LoRA on experts, forward")?;
-        combine_gpu(
-            gpu,
-            &v(&a.y, slots * h),
-            &v(&a.pweight, slots),
-            &v(&a.slot_of, t * k),
-            k,
-            h,
-            &mut vm(&mut s.mix, t * h),
-        )?;
-        add_gpu(gpu, &mut vm(&mut s.x, t * h), &v(&s.mix, t * h))?;
-        prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
+        if combine {
+            combine_gpu(
+                gpu,
+                &v(&m.y, slots * h),
+                &v(&m.pweight, slots),
+                &v(&m.slot_of, tc * k),
+                k,
+                h,
+                &mut s.mix.slice_mut(c0 * h..c1 * h),
+            )?;
+            prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
+        }
         Ok(())
     }
 
@@ -1041,6 +1203,7 @@ impl GpuEngine {
                 true,
                 &mut vm(&mut s.logits, c * vocab),
                 0.0,
+                self.split,
             )?;
             cross_entropy_gpu(
                 gpu,
@@ -1064,6 +1227,7 @@ impl GpuEngine {
                     false,
                     &mut vm(&mut s.dhc, c * h),
                     0.0,
+                    self.split,
                 )?;
                 scatter_rows_gpu(gpu, &v(&s.dhc, c * h), &s.idx.slice(c0..c0 + c), h, &mut vm(&mut s.dhf, t * h))?;
             }
@@ -1088,36 +1252,33 @@ impl GpuEngine {
 
     // ---- backward --------------------------------------------------------------------------
 
-    fn layer_backward(&mut self, l: usize, t: usize) -> Result<()> {
-        let cfg = &self.cfg;
-        let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
-        let (ne, k, i2) = (cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
-        let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        let gpu = &*self.gpu;
-        let layer = &self.w.layers[l];
-        let a = &self.acts[if self.checkpointing { 0 } else { l }];
-        let s = &mut self.s;
-        let blas = &self.blas;
-        let slots = *a.host_offsets.last().unwrap_or(&0);
-        let grp = Groups::of(a);
-        let idx = |tg: Target| self.lora_at.get(&(l, tg)).copied();
-        let lora = &mut self.lora;
-        let prof = &mut self.prof;
-        prof.mark(gpu, "other")?;
-
-        // MoE block.
+    /// Backward of the experts of layer `l` on tokens `c0..c1` (activation set `set`, whose
+    /// chunk plan and activations are those of this chunk): `s.dys..` scratch, the routing
+    /// weights' gradient into rows `c0..c1` of `s.dweights`, the input gradient into rows
+    /// `c0..c1` of `s.db` (assigned), expert LoRA gradients `+=`.
+    fn moe_backward(&mut self, l: usize, set: usize, c0: usize, c1: usize) -> Result<()> {
+        let Self { gpu, cfg, w, lora, lora_at, acts, s, swiglu, split, .. } = self;
+        let mma = if *split { Mma::Split } else { Mma::Bf16 };
+        let gpu = &**gpu;
+        let (h, ne, k, i2) =
+            (cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
+        let layer = &w.layers[l];
+        let m = &acts[set].moe;
+        let tc = c1 - c0;
+        let slots = *m.host_offsets.last().unwrap_or(&0);
+        let grp = Groups::of(m);
+        let idx = |tg: Target| lora_at.get(&(l, tg)).copied();
         combine_backward_gpu(
             gpu,
-            &v(&s.dx, t * h),
-            &v(&a.y, slots * h),
-            &v(&a.pweight, slots),
-            &v(&a.token, slots),
-            &v(&a.choice, slots),
+            &s.dx.slice(c0 * h..c1 * h),
+            &v(&m.y, slots * h),
+            &v(&m.pweight, slots),
+            &v(&m.token, slots),
+            &v(&m.choice, slots),
             k,
             h,
             &mut vm(&mut s.dys, slots * h),
-            &mut vm(&mut s.dweights, t * k),
+            &mut s.dweights.slice_mut(c0 * k..c1 * k),
         )?;
         Self::expert_gemm(
             gpu,
@@ -1128,6 +1289,7 @@ impl GpuEngine {
             &grp,
             &v(&s.dys, slots * h),
             true,
+            mma,
             &mut vm(&mut s.dz, slots * i2 / 2),
         )?;
         if let Some(i) = idx(Target::Experts(Proj::Down)) {
@@ -1137,16 +1299,16 @@ impl GpuEngine {
                 &grp,
                 &mut s.u,
                 &mut s.du,
-                &v(&a.z, slots * i2 / 2),
+                &v(&m.z, slots * i2 / 2),
                 &v(&s.dys, slots * h),
                 &mut vm(&mut s.dz, slots * i2 / 2),
             )?;
         }
         swiglu_backward_gpu(
             gpu,
-            &v(&a.hh, slots * i2),
+            &v(&m.hh, slots * i2),
             &v(&s.dz, slots * i2 / 2),
-            self.swiglu,
+            *swiglu,
             &mut vm(&mut s.dh, slots * i2),
         )?;
         Self::expert_gemm(
@@ -1158,6 +1320,7 @@ impl GpuEngine {
             &grp,
             &v(&s.dh, slots * i2),
             true,
+            mma,
             &mut vm(&mut s.dxs, slots * h),
         )?;
         if let Some(i) = idx(Target::Experts(Proj::GateUp)) {
@@ -1167,12 +1330,47 @@ impl GpuEngine {
                 &grp,
                 &mut s.u,
                 &mut s.du,
-                &v(&a.xs, slots * h),
+                &v(&m.xs, slots * h),
                 &v(&s.dh, slots * i2),
                 &mut vm(&mut s.dxs, slots * h),
             )?;
         }
-        unpermute_sum_gpu(gpu, &v(&s.dxs, slots * h), &v(&a.slot_of, t * k), k, h, &mut vm(&mut s.db, t * h))?;
+        unpermute_sum_gpu(
+            gpu,
+            &v(&s.dxs, slots * h),
+            &v(&m.slot_of, tc * k),
+            k,
+            h,
+            &mut s.db.slice_mut(c0 * h..c1 * h),
+        )?;
+        Ok(())
+    }
+
+    fn layer_backward(&mut self, l: usize, t: usize) -> Result<()> {
+        let set = if self.checkpointing { 0 } else { l };
+        let split = self.split;
+        let mma = if split { Mma::Split } else { Mma::Bf16 };
+        self.prof.mark(&self.gpu, "other")?;
+        // MoE block, chunk by chunk: with checkpointing each chunk's experts are recomputed first.
+        for (c0, c1) in self.moe_chunks(t) {
+            if self.checkpointing {
+                self.moe_forward(l, set, c0, c1, false)?;
+            }
+            self.moe_backward(l, set, c0, c1)?;
+        }
+        let cfg = &self.cfg;
+        let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
+        let (ne, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
+        let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let gpu = &*self.gpu;
+        let layer = &self.w.layers[l];
+        let a = &self.acts[set];
+        let s = &mut self.s;
+        let blas = &self.blas;
+        let idx = |tg: Target| self.lora_at.get(&(l, tg)).copied();
+        let lora = &mut self.lora;
+        let prof = &mut self.prof;
         route_backward_gpu(
             gpu,
             &v(&a.experts, t * k),
@@ -1206,7 +1404,17 @@ impl GpuEngine {
         prof.mark(gpu, "MoE block, backward")?;
 
         // Attention block.
-        Self::linear_bwd(blas, gpu, &mut s.bf, &layer.o, &v(&s.dx, t * h), t, &mut vm(&mut s.dout, t * qw), false)?;
+        Self::linear_bwd(
+            blas,
+            gpu,
+            &mut s.bf,
+            &layer.o,
+            &v(&s.dx, t * h),
+            t,
+            &mut vm(&mut s.dout, t * qw),
+            false,
+            split,
+        )?;
         if let Some(i) = idx(Target::Dense(Dense::O)) {
             Self::lora_dense_bwd(
                 blas,
@@ -1235,6 +1443,7 @@ impl GpuEngine {
             &v(&r[3], t),
             heads,
             scale,
+            mma,
             &mut vm(&mut s.delta, t * nq),
             &mut vm(&mut s.dq, t * qw),
             &mut vm(&mut s.dk, t * kw),
@@ -1252,7 +1461,7 @@ impl GpuEngine {
                 _ => &s.dv,
             };
             let n_out = lin.n_out;
-            Self::linear_bwd(blas, gpu, &mut s.bf, lin, &v(g, t * n_out), t, &mut vm(&mut s.da, t * h), j > 0)?;
+            Self::linear_bwd(blas, gpu, &mut s.bf, lin, &v(g, t * n_out), t, &mut vm(&mut s.da, t * h), j > 0, split)?;
             if let Some(i) = idx(Target::Dense(m)) {
                 Self::lora_dense_bwd(
                     blas,
@@ -1318,9 +1527,13 @@ impl GpuEngine {
         for l in (0..self.cfg.num_hidden_layers).rev() {
             if self.checkpointing {
                 // Recompute layer l from its input (the residual stream is free after the head).
-                let (inputs, x) = (&self.layer_inputs[l], &mut self.s.x);
-                self.gpu.stream.memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))?;
-                self.layer_forward(l, t, false)?;
+                if let Some(host) = self.host_inputs.get(l) {
+                    host.upload(&self.gpu, &mut vm(&mut self.s.x, t * h))?;
+                } else {
+                    let (inputs, x) = (&self.layer_inputs[l], &mut self.s.x);
+                    self.gpu.stream.memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))?;
+                }
+                self.layer_forward(l, t, false, false)?;
             }
             self.layer_backward(l, t)?;
         }
@@ -1362,6 +1575,7 @@ impl GpuEngine {
                 true,
                 &mut vm(&mut s.logits, c * vocab),
                 0.0,
+                self.split,
             )?;
             let mut chunk = vec![0f32; c * vocab];
             gpu.stream.memcpy_dtoh(&v(&s.logits, c * vocab), &mut chunk)?;
@@ -1399,6 +1613,7 @@ impl GpuEngine {
             true,
             &mut vm(&mut s.logits, vocab),
             0.0,
+            self.split,
         )?;
         self.dtoh(&self.s.logits, vocab)
     }

@@ -1,33 +1,44 @@
 //! The GPU engine: the model's forward and backward passes on one CUDA device, op for op the CPU
 //! reference's (`model.rs`, `grad.rs`), built from the kernels next to those references.
 //!
-//! Precision: dense weights (attention, embedding, LM head) are bf16 on the device, as checkpoints
-//! store them; their GEMMs split each f32 activation into two bf16 halves and run two bf16
-//! tensor-core GEMMs with f32 accumulation (cuBLAS), which is about as exact as f32 (rounding the
-//! activations to one bf16 put the LoRA gradients 3-6% away from the f32 reference; the split
-//! brings them to the f32 level). Experts stay MXFP4 and are dequantized inside the grouped expert
-//! GEMM; the router, norms, RoPE, attention, SwiGLU, the loss and every activation are f32; LoRA
-//! parameters and their gradients are f32.
+//! Precision ([`Precision`]): dense weights (attention, LM head) are bf16 on the device, as
+//! checkpoints store them. By default ([`Precision::Exact`]) their GEMMs split each f32 activation
+//! into two bf16 halves and run two bf16 tensor-core products with f32 accumulation, which is
+//! about as exact as f32 (rounding the activations to one bf16 put the LoRA gradients 3-6% away
+//! from the f32 reference; the split brings them to the f32 level); [`Precision::Bf16`] rounds
+//! them once, as a bf16 transformers model does, for half the tensor-core work. Experts stay MXFP4
+//! and are dequantized inside the grouped expert GEMM; the router, norms, RoPE, attention, SwiGLU,
+//! the loss and every activation are f32; LoRA parameters and their gradients are f32.
 //!
 //! Activation checkpointing (the default): the forward pass keeps only each layer's input; the
 //! backward pass recomputes a layer just before differentiating it, so one layer's activations
-//! exist at a time.
+//! exist at a time, and the experts' activations exist for one chunk of [`MOE_CHUNK`] tokens at a
+//! time (each chunk's experts are recomputed just before their backward), which is what lets a
+//! 65,536-token sequence train on one GPU.
 //!
 //! Memory: every buffer is allocated once, when the engine is built for a token budget (the
 //! largest micro-batch), in named groups: weights, LoRA (values and gradients), per-layer saved
 //! activations, and scratch. A step allocates nothing. Before allocating, the engine compares what
-//! it needs with the device's free memory and says what to change when it does not fit.
+//! it needs with the device's free memory and says what to change when it does not fit. The
+//! embedding table stays in host memory: each batch's rows are gathered there and uploaded.
 //!
 //! Routing is decided on the device; each MoE layer copies the chosen experts (4 bytes per token
-//! and choice) to the host to build the expert-sorted plan, the one synchronisation per layer.
+//! and choice) to the host to build each chunk's expert-sorted plan, the one synchronisation per
+//! layer.
+//!
+//! After each optimizer step (`step::DeviceStep`) the trainable values and the optimizer state
+//! are copied into page-locked host buffers allocated once (two sets, so the last completed step
+//! survives a copy that fails half-way); they become the CPU adapter and optimizer only when a
+//! checkpoint is written.
 
 mod engine;
+pub(crate) mod step;
 mod weights;
 
 use std::sync::Arc;
 
-pub use engine::GpuEngine;
-use oxtune_kernels::Gpu;
+pub use engine::{GpuEngine, MOE_CHUNK};
+pub use oxtune_kernels::Gpu;
 
 use crate::error::{Error, Result};
 
@@ -51,6 +62,50 @@ impl std::str::FromStr for Device {
             "cpu" => Ok(Device::Cpu),
             _ => Err(Error::Input(format!("device {s:?}: expected auto, cuda or cpu"))),
         }
+    }
+}
+
+/// How the tensor-core products treat their f32 activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Each activation split into two bf16 halves (`x = hi + lo` to ~2^-17), two products: about as
+    /// exact as f32 (LoRA gradients within ~1e-4 of the f32 reference), twice the tensor-core work.
+    #[default]
+    Exact,
+    /// Activations rounded to bf16 once, as transformers computes a bf16 model: one product,
+    /// LoRA gradients within a few percent of the f32 reference.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Input(format!("precision {s:?}: expected exact or bf16"))),
+        }
+    }
+}
+
+/// How a [`GpuEngine`] is built besides its token budget.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Keep only each layer's input and recompute the layer in the backward pass.
+    pub checkpointing: bool,
+    /// With checkpointing, MoE layers run in chunks of this many tokens ([`MOE_CHUNK`]).
+    pub moe_chunk: usize,
+    pub precision: Precision,
+    /// With checkpointing, keep each layer's input in page-locked host memory instead of on the
+    /// device (4 · hidden bytes per token and layer: 18 GB at 65,536 tokens for gpt-oss), copied
+    /// out in the forward pass and back before the layer's recomputation.
+    pub offload_checkpoints: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { checkpointing: true, moe_chunk: MOE_CHUNK, precision: Precision::Exact, offload_checkpoints: false }
     }
 }
 

@@ -10,7 +10,9 @@
 //
 // Products run on the bf16 tensor cores (mma.sync m16n8k16, f32 accumulation) with every f32
 // operand split as hi = bf16(x), lo = bf16(x - hi) and a·b ≈ hi·hi + hi·lo + lo·hi: the dropped
-// lo·lo and the rounding of lo are ~2^-17 of |a|·|b|, close to f32 rounding. Head dims are padded
+// lo·lo and the rounding of lo are ~2^-17 of |a|·|b|, close to f32 rounding. Compiled with
+// MMA_ONE_PASS defined (mod.rs: SRC_ONE_PASS, Mma::Bf16) only hi·hi is taken: operands rounded to
+// bf16 once, as a bf16 PyTorch model computes, for a third of the tensor-core work. Head dims are padded
 // with zeros to DP (16, 32, 64 or 128) and rows past the valid range are zeros, so the padding
 // never meets uninitialised data. Fragment layouts are the PTX ISA's for m16n8k16 (g = lane / 4,
 // t = lane % 4): a lane holds rows g and g + 8 of its warp's 16 rows and, of each 8 columns, the
@@ -76,10 +78,12 @@ __device__ __forceinline__ void mma3(float* acc, const unsigned int* ah, const u
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const int at = g * ld + 2 * t;
     const unsigned int h0 = ld32(bh + at), h1 = ld32(bh + at + 8);
-    const unsigned int l0 = ld32(bl + at), l1 = ld32(bl + at + 8);
     mma(acc, ah, h0, h1);
+#ifndef MMA_ONE_PASS
+    const unsigned int l0 = ld32(bl + at), l1 = ld32(bl + at + 8);
     mma(acc, ah, l0, l1);
     mma(acc, al, h0, h1);
+#endif
 }
 
 // (x, y) as packed bf16 hi and lo pairs (x in the low half).

@@ -1,5 +1,6 @@
-// Grouped, arbitrarily strided f32 GEMMs (see mod.rs for the definition): one with an f32 strided
-// B operand on CUDA cores, one whose B is an MXFP4 expert weight, on bf16 tensor cores.
+// Grouped, arbitrarily strided f32 GEMMs (see mod.rs for the definition): with an f32 strided B
+// operand on CUDA cores (a general kernel and three for narrow LoRA shapes), and with B an MXFP4
+// expert weight, on bf16 tensor cores.
 //
 // f32 B (grouped_gemm_f32), SIMT f32 FMA: a block of 256 threads owns a 64x64 tile of C_g and
 // walks K in slices of 32; each thread accumulates 4x4 outputs at rows ty + 16 i and columns
@@ -8,11 +9,12 @@
 // either dimension fastest (whichever has the smaller global stride, to coalesce) without bank
 // conflicts.
 //
-// MXFP4 B (grouped_gemm_f32_mxfp4w): see the section above that kernel.
+// f32 B, narrow shapes (grouped_gemm_f32_narrow_n*, _tiny_k*, _small_out*): see their section
+// after the general kernel. MXFP4 B (grouped_gemm_f32_mxfp4w): see the section above that kernel.
 //
-// Grid (both): x = n tiles, y = m tiles (at most 65535), z = groups (at most 65535); every level
-// loops grid-stride, and a Grouped::M block loops over the row tiles of its own group's length, so
-// the result never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets
+// Grid: x = n tiles, y = m tiles (at most 65535), z = groups (at most 65535) (the narrow kernels
+// state theirs); every level loops grid-stride, and a Grouped::M block loops over the row tiles of
+// its own group's length, so the result never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets
 // array cannot make the kernel read or write outside the bounds the launcher checked.
 
 #include <cuda_bf16.h>
@@ -133,6 +135,325 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     grouped_gemm(a, c, offsets, p, load_b);
 }
 
+// ---- f32 B, narrow shapes (LoRA on MoE experts: one of M, N, K is a rank r ≤ 16) ----
+//
+// The 64x64 tile above wastes most of its work when N, K or a Grouped::K output dimension is a
+// LoRA rank. mod.rs (grouped_gemm_f32_kernel) picks one of the three kernels below by shape and
+// strides, and the general one otherwise. They take the same Params, clamp offsets the same way,
+// loop grid-stride the same way, and sum every output in an order fixed by the shape alone (never
+// by the grid), without atomics: results are bitwise reproducible.
+
+// C = α acc + β C; β = 0 overwrites (old C may hold NaN and is never read).
+__device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) {
+    const float v = p.alpha * acc;
+    *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
+}
+
+// Rows [start, start + len) of group g, offsets clamped to total_rows.
+__device__ __forceinline__ void group_rows(const unsigned int* offsets, const Params& p, unsigned int g,
+                                           unsigned int& start, unsigned int& len) {
+    const unsigned int end = min(offsets[g + 1], p.total_rows);
+    start = min(offsets[g], end);
+    len = end - start;
+}
+
+// One step of a warp-wide reduce-scatter, 2H values per lane down to H: lanes with bit H/2 set keep
+// the upper half, the others the lower half, each adding its partner (lane ^ H/2)'s copy of it.
+template <int H>
+__device__ __forceinline__ void halve(float (&v)[64], int lane) {
+    const bool up = lane & (H / 2);
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        const float send = up ? v[i] : v[i + H];
+        const float keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, H / 2);
+    }
+}
+
+// Narrow N (Grouped::M, n ≤ NP ∈ {8, 16}, A's k stride ≤ its row stride): C_g [len, n] =
+// A_g [len, K] B_g [K, n] with K large, bound by the reads of A. A block owns NR = 512 / NP rows of
+// one group; warp w owns rows w·RPW..+RPW and its 32 lanes split K (lane l: k ≡ l mod 32), so each
+// warp-wide load reads 32 consecutive k of one A row (one 128-byte line when A is row-major). Each
+// lane keeps RPW x NP = 64 partial sums, reusing every B value for its RPW rows. B comes through
+// shared memory KC = 64 k at a time (loaded walking its smaller stride), read as float4 rows of NP
+// floats padded by 4, so the 8 lanes of a float4 phase hit distinct banks. The A and B values of
+// chunk c + 1 are loaded into registers while chunk c is multiplied (two B stages, one barrier per
+// chunk). At the end a warp-wide reduce-scatter (62 shuffles) leaves lane l the sums of the warp's
+// outputs 2l and 2l + 1 (row-major in its RPW x NP block): every output is summed in a fixed order.
+// Grid: (1, row tiles, groups).
+namespace nn {
+constexpr int KC = 64;
+constexpr int KQ = KC / 32;  // k per lane per chunk
+constexpr int WARPS = THREADS / 32;
+}  // namespace nn
+
+template <int NP>
+__device__ void narrow_n(float* c, const float* a, const float* b, const unsigned int* offsets, const Params& p) {
+    using namespace nn;
+    constexpr int RPW = 64 / NP, NR = WARPS * RPW, LDB = NP + 4, BPT = KC * NP / THREADS;
+    static_assert(RPW * NP == 64 && BPT * THREADS == KC * NP && NP % 4 == 0, "64 sums per lane, even B loads");
+    static_assert(2 * KC * LDB * 4 <= 48 * 1024, "static shared memory");
+    __shared__ __align__(16) float Bs[2][KC][LDB];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const bool b_n_fast = p.b_col <= p.b_row;
+    const unsigned int depth = p.k;
+    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
+        unsigned int start, len;
+        group_rows(offsets, p, g, start, len);
+        const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
+        const float* bg = b + (size_t)g * p.b_group;
+        float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
+        for (unsigned int mt = blockIdx.y; (size_t)mt * NR < len; mt += gridDim.y) {
+            const unsigned int m0 = mt * NR + warp * RPW;  // the warp's first row
+            const int rows = m0 < len ? (int)min(len - m0, (unsigned int)RPW) : 0;  // of the warp's RPW
+            float av[KQ][RPW], an[KQ][RPW], bn[BPT];
+            // A(m0 + r, k0 + lane + 32 q) into dst, this thread's share of B's chunk into bn; zeros
+            // past the group's rows, past K and past n.
+            auto load = [&](unsigned int k0, float (&dst)[KQ][RPW]) {
+#pragma unroll
+                for (int q = 0; q < KQ; ++q) {
+                    const unsigned int gk = k0 + lane + 32 * q;
+                    // One pointer stepped down the rows: fewer live 64-bit addresses than r · a_row.
+                    const float* ap = ag + (size_t)m0 * p.a_row + (size_t)gk * p.a_col;
+#pragma unroll
+                    for (int r = 0; r < RPW; ++r, ap += p.a_row)
+                        dst[q][r] = (r < rows && gk < depth) ? *ap : 0.0f;
+                }
+#pragma unroll
+                for (int e = 0; e < BPT; ++e) {
+                    const int i = tid + THREADS * e;
+                    const int kk = b_n_fast ? i / NP : i % KC, jn = b_n_fast ? i % NP : i / KC;
+                    const unsigned int gk = k0 + kk;
+                    bn[e] = (gk < depth && jn < p.n) ? bg[(size_t)gk * p.b_row + (size_t)jn * p.b_col] : 0.0f;
+                }
+            };
+            auto stash = [&](float (*bs)[LDB]) {
+#pragma unroll
+                for (int e = 0; e < BPT; ++e) {
+                    const int i = tid + THREADS * e;
+                    bs[b_n_fast ? i / NP : i % KC][b_n_fast ? i % NP : i / KC] = bn[e];
+                }
+            };
+            float acc[RPW][NP];
+#pragma unroll
+            for (int r = 0; r < RPW; ++r)
+#pragma unroll
+                for (int j = 0; j < NP; ++j) acc[r][j] = 0.0f;
+            // Bs[0] is free: every thread passed the barrier after its last read of the previous tile.
+            load(0, av);
+            stash(Bs[0]);
+            __syncthreads();
+            int st = 0;
+            for (unsigned int k0 = 0; k0 < depth; k0 += KC, st ^= 1) {
+                const bool more = k0 + KC < depth;
+                if (more) load(k0 + KC, an);
+#pragma unroll
+                for (int q = 0; q < KQ; ++q) {
+                    float bv[NP];
+                    const float4* brow = reinterpret_cast<const float4*>(&Bs[st][lane + 32 * q][0]);
+#pragma unroll
+                    for (int j4 = 0; j4 < NP / 4; ++j4) {
+                        const float4 t = brow[j4];
+                        bv[4 * j4] = t.x, bv[4 * j4 + 1] = t.y, bv[4 * j4 + 2] = t.z, bv[4 * j4 + 3] = t.w;
+                    }
+#pragma unroll
+                    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+                        for (int j = 0; j < NP; ++j) acc[r][j] = fmaf(av[q][r], bv[j], acc[r][j]);
+                }
+                // The other stage was last read before the previous barrier: fill it now, and one
+                // barrier per chunk both publishes it and frees this one.
+                if (more) stash(Bs[st ^ 1]);
+                __syncthreads();
+                if (more) {
+#pragma unroll
+                    for (int q = 0; q < KQ; ++q)
+#pragma unroll
+                        for (int r = 0; r < RPW; ++r) av[q][r] = an[q][r];
+                }
+            }
+            float v[64];
+#pragma unroll
+            for (int r = 0; r < RPW; ++r)
+#pragma unroll
+                for (int j = 0; j < NP; ++j) v[r * NP + j] = acc[r][j];
+            halve<32>(v, lane);
+            halve<16>(v, lane);
+            halve<8>(v, lane);
+            halve<4>(v, lane);
+            halve<2>(v, lane);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int o = 2 * lane + h, r = o / NP, j = o % NP;
+                const unsigned int gm = m0 + r;
+                if (gm < len && j < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)j * p.c_col, v[h], p);
+            }
+        }
+    }
+}
+
+// Tiny K (Grouped::M, K ≤ KP ∈ {8, 16}): C_g [len, N] = A_g [len, K] B_g [K, N] with N large, bound
+// by the traffic of C. A block owns a TM x 256 tile of C: thread t owns column n0 + t and keeps its
+// K values of B in registers (read once per tile); the tile's rows of A, zero-padded to KP, are
+// staged in shared memory (loaded walking A's smaller stride) and read as broadcasts. Each thread
+// walks the rows RU at a time, so that RU reads of old C are in flight; a warp reads and writes 32
+// consecutive words of a row when C is row-major. Grid: (n tiles, row tiles, groups).
+namespace tk {
+constexpr int TM = 128, TN = THREADS, RU = 4;
+static_assert(TM % RU == 0, "row groups never cross the tile");
+}  // namespace tk
+
+template <int KP>
+__device__ void tiny_k(float* c, const float* a, const float* b, const unsigned int* offsets, const Params& p) {
+    using namespace tk;
+    static_assert(KP % 4 == 0 && TM * KP * 4 <= 48 * 1024, "float4 rows, static shared memory");
+    __shared__ __align__(16) float As[TM][KP];
+    const int tid = threadIdx.x;
+    const bool a_k_fast = p.a_col <= p.a_row;
+    const unsigned int depth = p.k;
+    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
+        unsigned int start, len;
+        group_rows(offsets, p, g, start, len);
+        const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
+        const float* bg = b + (size_t)g * p.b_group;
+        float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
+        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < len; mt += gridDim.y) {
+            const unsigned int m0 = mt * TM, rows = min(len - m0, (unsigned int)TM);
+            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+                const unsigned int gn = nt * TN + tid;
+                __syncthreads();  // every thread is past its reads of the previous tile's As
+                for (int i = tid; i < TM * KP; i += THREADS) {
+                    const int kk = a_k_fast ? i % KP : i / TM, mm = a_k_fast ? i / KP : i % TM;
+                    As[mm][kk] = (mm < rows && kk < depth)
+                                     ? ag[(size_t)(m0 + mm) * p.a_row + (size_t)kk * p.a_col]
+                                     : 0.0f;
+                }
+                float bv[KP];
+#pragma unroll
+                for (int kk = 0; kk < KP; ++kk)
+                    bv[kk] = (kk < depth && gn < p.n) ? bg[(size_t)kk * p.b_row + (size_t)gn * p.b_col] : 0.0f;
+                __syncthreads();
+                if (gn >= p.n) continue;  // no barrier before the next tile's first one
+                float* cn = cg + (size_t)m0 * p.c_row + (size_t)gn * p.c_col;
+#pragma unroll 2
+                for (unsigned int r0 = 0; r0 < rows; r0 += RU) {
+                    float v[RU], old[RU];
+#pragma unroll
+                    for (int u = 0; u < RU; ++u) {
+                        const float4* ar = reinterpret_cast<const float4*>(&As[r0 + u][0]);
+                        float s = 0.0f;
+#pragma unroll
+                        for (int k4 = 0; k4 < KP / 4; ++k4) {
+                            const float4 x = ar[k4];
+                            s = fmaf(x.x, bv[4 * k4], s);
+                            s = fmaf(x.y, bv[4 * k4 + 1], s);
+                            s = fmaf(x.z, bv[4 * k4 + 2], s);
+                            s = fmaf(x.w, bv[4 * k4 + 3], s);
+                        }
+                        v[u] = p.alpha * s;
+                    }
+                    // All RU reads of old C before any write: they are independent.
+                    if (p.beta != 0.0f) {
+#pragma unroll
+                        for (int u = 0; u < RU; ++u) old[u] = r0 + u < rows ? cn[(size_t)(r0 + u) * p.c_row] : 0.0f;
+#pragma unroll
+                        for (int u = 0; u < RU; ++u) v[u] = fmaf(p.beta, old[u], v[u]);
+                    }
+#pragma unroll
+                    for (int u = 0; u < RU; ++u)
+                        if (r0 + u < rows) cn[(size_t)(r0 + u) * p.c_row] = v[u];
+                }
+            }
+        }
+    }
+}
+
+// Grouped::K with a small output dimension (n ≤ NP ∈ {8, 16}; mod.rs passes a small m as n by
+// transposing the product, and requires A's m stride ≤ its k stride): C_g [M, n] =
+// Σ_{t<len} A(m, o+t) B(o+t, n) with M large, bound by the reads of A. A block owns 256 values of m,
+// one per thread (a warp reads 32 consecutive m of one row t: one 128-byte line when A's m stride is
+// 1), and each thread sums over the group's rows in order t = 0, 1, … for all n outputs of its m.
+// B's rows come through shared memory TT at a time (loaded walking its smaller stride) and are read
+// as broadcasts; U reads of A are issued together. Grid: (m tiles, 1, groups).
+namespace sk {
+constexpr int TT = 128, U = 8;
+static_assert(TT % U == 0, "row groups never cross the chunk");
+}  // namespace sk
+
+template <int NP>
+__device__ void small_out(float* c, const float* a, const float* b, const unsigned int* offsets, const Params& p) {
+    using namespace sk;
+    static_assert(NP % 4 == 0 && TT * NP * 4 <= 48 * 1024, "float4 rows, static shared memory");
+    __shared__ __align__(16) float Bs[TT][NP];
+    const int tid = threadIdx.x;
+    const bool b_n_fast = p.b_col <= p.b_row;
+    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
+        unsigned int start, len;
+        group_rows(offsets, p, g, start, len);
+        const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_col;
+        const float* bg = b + (size_t)g * p.b_group + (size_t)start * p.b_row;
+        float* cg = c + (size_t)g * p.c_group;
+        for (unsigned int it = blockIdx.x; (size_t)it * THREADS < p.m; it += gridDim.x) {
+            const unsigned int gm = it * THREADS + tid;
+            const bool own = gm < p.m;
+            const float* am = ag + (size_t)(own ? gm : 0u) * p.a_row;
+            float acc[NP];
+#pragma unroll
+            for (int j = 0; j < NP; ++j) acc[j] = 0.0f;
+            for (unsigned int t0 = 0; t0 < len; t0 += TT) {
+                const unsigned int cnt = min(len - t0, (unsigned int)TT);
+                __syncthreads();  // every thread is past its reads of the previous chunk
+                for (int i = tid; i < TT * NP; i += THREADS) {
+                    const int tt = b_n_fast ? i / NP : i % TT, jn = b_n_fast ? i % NP : i / TT;
+                    Bs[tt][jn] = (tt < cnt && jn < p.n)
+                                     ? bg[(size_t)(t0 + tt) * p.b_row + (size_t)jn * p.b_col]
+                                     : 0.0f;
+                }
+                __syncthreads();
+                if (!own) continue;  // the chunk loop's barriers are still reached
+                for (unsigned int tt = 0; tt < cnt; tt += U) {
+                    float av[U];
+#pragma unroll
+                    for (int u = 0; u < U; ++u) av[u] = tt + u < cnt ? am[(size_t)(t0 + tt + u) * p.a_col] : 0.0f;
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const float4* brow = reinterpret_cast<const float4*>(&Bs[tt + u][0]);
+#pragma unroll
+                        for (int j4 = 0; j4 < NP / 4; ++j4) {
+                            const float4 x = brow[j4];
+                            acc[4 * j4] = fmaf(av[u], x.x, acc[4 * j4]);
+                            acc[4 * j4 + 1] = fmaf(av[u], x.y, acc[4 * j4 + 1]);
+                            acc[4 * j4 + 2] = fmaf(av[u], x.z, acc[4 * j4 + 2]);
+                            acc[4 * j4 + 3] = fmaf(av[u], x.w, acc[4 * j4 + 3]);
+                        }
+                    }
+                }
+            }
+            if (!own) continue;
+#pragma unroll
+            for (int j = 0; j < NP; ++j)
+                if (j < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)j * p.c_col, acc[j], p);
+        }
+    }
+}
+
+// One entry point per shape class and padded width, with the general kernel's arguments. narrow_n
+// keeps 64 sums and two chunks of A per lane within 128 registers so that two blocks share an SM
+// (its launches have few more blocks than SMs); the others need fewer than 80 unconstrained (three
+// or four blocks per SM; a cap of 64 makes ptxas spill, and a stated minimum of 1 lets it take 160).
+#define GEMM_F32_KERNEL(name, impl, ...)                                                                 \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                            \
+        name(float* c, const float* a, const float* b, const unsigned int* offsets, Params p) {          \
+        impl(c, a, b, offsets, p);                                                                       \
+    }
+
+GEMM_F32_KERNEL(grouped_gemm_f32_narrow_n8, narrow_n<8>, THREADS, 2)
+GEMM_F32_KERNEL(grouped_gemm_f32_narrow_n16, narrow_n<16>, THREADS, 2)
+GEMM_F32_KERNEL(grouped_gemm_f32_tiny_k8, tiny_k<8>, THREADS)
+GEMM_F32_KERNEL(grouped_gemm_f32_tiny_k16, tiny_k<16>, THREADS)
+GEMM_F32_KERNEL(grouped_gemm_f32_small_out8, small_out<8>, THREADS)
+GEMM_F32_KERNEL(grouped_gemm_f32_small_out16, small_out<16>, THREADS)
+
 
 // ---- MXFP4 B on tensor cores ----
 //
@@ -143,6 +464,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // then the loaders convert and store slice s + 1 into the other stage; one barrier per slice.
 // - A (f32, any strides): each value x is split into bf16 hi = bf16(x) and lo = bf16(x - hi), two
 //   tiles in shared memory, and every fragment pair runs twice (lo·B, then hi·B) into the same f32
+//   (compiled with MMA_ONE_PASS, the Mma::Bf16 variant, only hi is stored and multiplied)
 //   accumulator, so x is carried to ~2^-17 of itself: f32-level accuracy from bf16 MMAs.
 // - B (MXFP4): each thread decodes 8 bytes (16 values) of one block straight to bf16, exactly
 //   (an E2M1 value times a power of two has 2 significant bits; bf16 keeps f32's exponent range),
@@ -309,7 +631,9 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                         const __nv_bfloat162 l23 = __floats2bfloat162_rn(av[j][2] - f23.x, av[j][3] - f23.y);
                         const int o = (a_r + A_ROWS * j) * LDA + 4 * a_kq;
                         *reinterpret_cast<uint2*>(st + o) = make_uint2(bf16x2_bits(h01), bf16x2_bits(h23));
+#ifndef MMA_ONE_PASS
                         *reinterpret_cast<uint2*>(st + A_ELEMS + o) = make_uint2(bf16x2_bits(l01), bf16x2_bits(l23));
+#endif
                     }
                     // E8M0 -> bf16 2^(s-127): the exponent field is s (s = 0: the subnormal 2^-127).
                     const unsigned int s = bsc ? bsc << 7 : 0x40u, s2 = s | (s << 16);
@@ -347,13 +671,18 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                         }
 #pragma unroll
                         for (int i = 0; i < 4; ++i) {
-                            unsigned int ah[4], al[4];
+                            unsigned int ah[4];
                             const int o = (wm * 64 + 16 * i + lane % 16) * LDA + kk + (lane / 16) * 8;
+#ifndef MMA_ONE_PASS
+                            unsigned int al[4];
                             ldsm_x4(al, a_lo + o);
+#endif
                             ldsm_x4(ah, a_hi + o);
 #pragma unroll
                             for (int j = 0; j < 4; ++j) {
+#ifndef MMA_ONE_PASS
                                 mma_bf16_16816(acc[i][j], al, &bf[j / 2][2 * (j % 2)]);
+#endif
                                 mma_bf16_16816(acc[i][j], ah, &bf[j / 2][2 * (j % 2)]);
                             }
                         }

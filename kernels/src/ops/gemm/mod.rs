@@ -13,13 +13,21 @@
 //!
 //! `β = 0` overwrites C without reading it (old NaNs do not survive). Groups must not write the
 //! same C element (the kernels run them in parallel).
+//!
+//! [`grouped_gemm_f32`] runs one of several kernels, chosen by shape ([`grouped_gemm_f32_kernel`]):
+//! LoRA on experts multiplies by a rank r ≤ 16 against dimensions in the thousands, where a 64x64
+//! tile would do mostly padding. All compute the same product as [`grouped_gemm_ref`], each output
+//! summed in an order fixed by the shape (bitwise reproducible, whatever the grid).
 
 use cudarc::driver::{sys::CUfunction_attribute, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use super::Mma;
 use crate::{Error, Gpu, Result};
 
 pub const SRC: &str = include_str!("gemm.cu");
+/// [`SRC`] compiled for [`Mma::Bf16`]: the MXFP4 kernel rounds A to bf16 once (one product).
+pub const SRC_ONE_PASS: &str = concat!("#define MMA_ONE_PASS 1\n", include_str!("gemm.cu"));
 
 /// Element strides of one operand: along its rows, its columns, and from one group to the next.
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +130,15 @@ const TC_THREADS: u32 = 512;
 const TC_SMEM_BYTES: u32 = 81_920;
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
+/// The largest N, K or Grouped::K output dimension that the narrow-shape kernels take (padded to 8
+/// or 16 in registers: LoRA ranks 1 to 16).
+const NARROW: usize = 16;
+/// Rows of C per block of the narrow-N kernel: 64 sums per lane, 8 warps.
+const fn narrow_n_rows(np: usize) -> usize {
+    8 * 64 / np
+}
+/// C tile `[m, n]` of the tiny-K kernel (one column per thread).
+const TINY_K_TILE: (usize, usize) = (128, THREADS as usize);
 /// Dimensions stay below 2^31 so the kernels' u32 tile arithmetic cannot wrap.
 const DIM_MAX: usize = i32::MAX as usize;
 
@@ -218,10 +235,94 @@ fn params(cfg: &GroupedGemm, total_rows: usize) -> Params {
 /// Grid `(n tiles, m tiles ≤ 65535, groups ≤ 65535)` of `tile_m x tile_n` C tiles; the kernel
 /// loops over whatever is left.
 fn launch_config(cfg: &GroupedGemm, tile_m: usize, tile_n: usize) -> LaunchConfig {
-    let x = cfg.n.div_ceil(tile_n).max(1);
-    let y = cfg.m.div_ceil(tile_m).clamp(1, GRID_YZ_MAX);
-    let z = cfg.groups.clamp(1, GRID_YZ_MAX);
+    grid(cfg.n.div_ceil(tile_n), cfg.m.div_ceil(tile_m), cfg.groups)
+}
+
+/// A grid of `(x, y ≤ 65535, z ≤ 65535)` blocks of [`THREADS`], every level at least 1 (x, at
+/// most `DIM_MAX / 64` here, is far from its limit of 2^31 − 1).
+fn grid(x: usize, y: usize, z: usize) -> LaunchConfig {
+    let (x, y, z) = (x.max(1), y.clamp(1, GRID_YZ_MAX), z.clamp(1, GRID_YZ_MAX));
     LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The kernel that [`grouped_gemm_f32`] runs for a configuration (see gemm.cu for each one's tiling).
+/// `np`/`kp`: the small dimension padded to 8 or 16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// 64x64 tiles of C, K in slices of 32: every other shape.
+    General,
+    /// Grouped::M, `n ≤ 16`, A read along k (`a.col ≤ a.row`): a block owns 512/np rows, its warps
+    /// own rows and their lanes split K (LoRA `u = x A_eᵀ`, `du = s dy B_e`).
+    NarrowN { np: usize },
+    /// Grouped::M, `k ≤ 16`: a block owns 128 x 256 of C, one column per thread with its B column in
+    /// registers (LoRA `y += s u B_eᵀ`, `dx += du A_e`).
+    TinyK { kp: usize },
+    /// Grouped::K with `n ≤ 16` and A read along m (`a.row ≤ a.col`), or, `transposed`, `m ≤ 16`
+    /// and B read along n (`b.col ≤ b.row`), run as `Cᵀ = Bᵀ Aᵀ`: one thread per index of the large
+    /// dimension sums over the group's rows (LoRA `dB_e += s dy_eᵀ u_e`, `dA_e += du_eᵀ x_e`).
+    SmallOut { np: usize, transposed: bool },
+}
+
+impl std::fmt::Display for F32Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.symbol())?;
+        if let Self::SmallOut { transposed: true, .. } = self {
+            f.write_str(" (as Cᵀ = Bᵀ Aᵀ)")?;
+        }
+        Ok(())
+    }
+}
+
+impl F32Kernel {
+    /// Its symbol in gemm.cu.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::General => "grouped_gemm_f32",
+            Self::NarrowN { np: 8 } => "grouped_gemm_f32_narrow_n8",
+            Self::NarrowN { .. } => "grouped_gemm_f32_narrow_n16",
+            Self::TinyK { kp: 8 } => "grouped_gemm_f32_tiny_k8",
+            Self::TinyK { .. } => "grouped_gemm_f32_tiny_k16",
+            Self::SmallOut { np: 8, .. } => "grouped_gemm_f32_small_out8",
+            Self::SmallOut { .. } => "grouped_gemm_f32_small_out16",
+        }
+    }
+
+    /// The grid for `cfg`, already transposed for a transposed [`F32Kernel::SmallOut`].
+    fn launch_config(self, cfg: &GroupedGemm) -> LaunchConfig {
+        match self {
+            Self::General => launch_config(cfg, TILE_M, TILE_N),
+            Self::NarrowN { np } => grid(1, cfg.m.div_ceil(narrow_n_rows(np)), cfg.groups),
+            Self::TinyK { .. } => launch_config(cfg, TINY_K_TILE.0, TINY_K_TILE.1),
+            Self::SmallOut { .. } => grid(cfg.m.div_ceil(THREADS as usize), 1, cfg.groups),
+        }
+    }
+}
+
+/// The kernel [`grouped_gemm_f32`] runs for `cfg`: one of the narrow-shape kernels when `n`, `k` or
+/// a Grouped::K output dimension is at most 16 and the large operand can be read along its
+/// contiguous dimension, the general one otherwise.
+pub fn grouped_gemm_f32_kernel(cfg: &GroupedGemm) -> F32Kernel {
+    let pad = |x: usize| if x <= 8 { 8 } else { 16 };
+    match cfg.grouped {
+        Grouped::M if cfg.n <= NARROW && cfg.a.col <= cfg.a.row => F32Kernel::NarrowN { np: pad(cfg.n) },
+        Grouped::M if cfg.k <= NARROW => F32Kernel::TinyK { kp: pad(cfg.k) },
+        Grouped::K if cfg.n <= NARROW && cfg.a.row <= cfg.a.col => {
+            F32Kernel::SmallOut { np: pad(cfg.n), transposed: false }
+        }
+        Grouped::K if cfg.m <= NARROW && cfg.b.col <= cfg.b.row => {
+            F32Kernel::SmallOut { np: pad(cfg.m), transposed: true }
+        }
+        _ => F32Kernel::General,
+    }
+}
+
+/// The same product transposed, `Cᵀ(n, m) = Σ Bᵀ(n, k) Aᵀ(k, m)`, with A and B swapped: the
+/// configuration that computes `cfg` when called with operands `(b, a)`. Grouped::K only (under
+/// Grouped::M the groups split the rows of C, which would become its columns).
+fn transposed(cfg: &GroupedGemm) -> GroupedGemm {
+    debug_assert_eq!(cfg.grouped, Grouped::K, "transposed: Grouped::K only");
+    let t = |s: Strides| Strides { row: s.col, col: s.row, group: s.group };
+    GroupedGemm { m: cfg.n, n: cfg.m, a: t(cfg.b), b: t(cfg.a), c: t(cfg.c), ..*cfg }
 }
 
 /// Nothing to compute or write.
@@ -356,27 +457,28 @@ pub fn grouped_gemm_f32(
     if is_empty(cfg) {
         return Ok(());
     }
-    let f = gpu.function("gemm", SRC, "grouped_gemm_f32")?;
-    let p = params(cfg, total_rows);
-    // SAFETY: grouped_gemm_f32(float* c, const float* a, const float* b, const unsigned* offsets,
-    // Params p): offsets holds groups + 1 u32 (checked); the kernel clamps offsets to
-    // p.total_rows, so A, B and C are read/written only at indices below the extents that
-    // check_shapes verified against each buffer's length; Params matches the CUDA struct.
+    let kernel = grouped_gemm_f32_kernel(cfg);
+    let f = gpu.function("gemm", SRC, kernel.symbol())?;
+    let (cfg, a, b) = match kernel {
+        F32Kernel::SmallOut { transposed: true, .. } => (transposed(cfg), b, a),
+        _ => (*cfg, a, b),
+    };
+    let p = params(&cfg, total_rows);
+    // SAFETY: every kernel in F32Kernel is grouped_gemm_f32*(float* c, const float* a, const
+    // float* b, const unsigned* offsets, Params p): offsets holds groups + 1 u32 (checked); the
+    // kernel clamps offsets to p.total_rows, so A, B and C are read/written only at indices below
+    // the extents that check_shapes verified against each buffer's length (a transposed product
+    // swaps A and B and the roles of every stride pair, which leaves each operand's extent as it
+    // was); Params matches the CUDA struct.
     unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(c)
-            .arg(a)
-            .arg(b)
-            .arg(offsets)
-            .arg(&p)
-            .launch(launch_config(cfg, TILE_M, TILE_N))
+        gpu.stream.launch_builder(&f).arg(c).arg(a).arg(b).arg(offsets).arg(&p).launch(kernel.launch_config(&cfg))
     }?;
     Ok(())
 }
 
 /// GPU grouped GEMM whose B is expert `g`'s MXFP4 weight, decoded to bf16 in shared memory tile by
-/// tile and multiplied on tensor cores (A split into bf16 hi + lo: f32-level accuracy):
+/// tile and multiplied on tensor cores (with [`Mma::Split`] A is split into bf16 hi + lo: f32-level
+/// accuracy; with [`Mma::Bf16`] it is rounded to bf16 once, half the tensor-core work):
 /// `B(k, n) = W_g[n, k]` when `!transposed` (forward `y = x W_gᵀ`: `K = cols`, `N = rows`) and
 /// `W_g[k, n]` when `transposed` (input gradient `dx = dy W_g`: `K = rows`, `N = cols`).
 /// Grouped::M only; `cfg.b` is ignored; group `g` uses expert `g` (`groups ≤ experts`).
@@ -389,6 +491,7 @@ pub fn grouped_gemm_f32_mxfp4w(
     a: &CudaView<'_, f32>,
     w: &Mxfp4Weight<'_>,
     transposed: bool,
+    mma: Mma,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let op = "grouped_gemm_f32_mxfp4w";
@@ -398,7 +501,10 @@ pub fn grouped_gemm_f32_mxfp4w(
         return Ok(());
     }
     let name = if transposed { "grouped_gemm_f32_mxfp4w_transposed" } else { "grouped_gemm_f32_mxfp4w" };
-    let f = gpu.function("gemm", SRC, name)?;
+    let f = match mma {
+        Mma::Split => gpu.function("gemm", SRC, name)?,
+        Mma::Bf16 => gpu.function("gemm_bf16", SRC_ONE_PASS, name)?,
+    };
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, TC_SMEM_BYTES as i32)?;
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);

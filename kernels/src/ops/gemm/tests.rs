@@ -619,7 +619,7 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
     let (bd, sd, od) =
         (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
     let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
-    for transposed in [false, true] {
+    for (transposed, mma) in [(false, Mma::Split), (true, Mma::Split), (false, Mma::Bf16), (true, Mma::Bf16)] {
         let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
         let cfg = GroupedGemm {
             groups: sizes.len(),
@@ -636,12 +636,28 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
         let s = seed * 10 + transposed as u64;
         let (a, c0) = (randn(s + 1, total * k, 1.0), randn(s + 2, total * n, 1.0));
         let (ad, mut cd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&c0).unwrap());
-        grouped_gemm_f32_mxfp4w(gpu, &cfg, &od.as_view(), total, &ad.as_view(), &w, transposed, &mut cd.as_view_mut())
-            .unwrap();
+        grouped_gemm_f32_mxfp4w(
+            gpu,
+            &cfg,
+            &od.as_view(),
+            total,
+            &ad.as_view(),
+            &w,
+            transposed,
+            mma,
+            &mut cd.as_view_mut(),
+        )
+        .unwrap();
         let got = st.clone_dtoh(&cd).unwrap();
         let mut want = c0.clone();
-        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a, &hw, transposed, &mut want);
-        let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} sizes {sizes:?}");
+        // Mma::Bf16 rounds A to bf16 once: its reference is the product of the rounded A (the
+        // MXFP4 values are exact in bf16), so the tolerance stays that of f32 accumulation.
+        let a_ref: Vec<f32> = match mma {
+            Mma::Split => a.clone(),
+            Mma::Bf16 => a.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+        };
+        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a_ref, &hw, transposed, &mut want);
+        let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?}");
         assert_close(&what, &got, &want, atol(k, 1.0, bmax), 1e-4);
         if time {
             let ms = median_ms(gpu, || {
@@ -653,6 +669,7 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
                     &ad.as_view(),
                     &w,
                     transposed,
+                    mma,
                     &mut cd.as_view_mut(),
                 )
                 .unwrap()
@@ -757,7 +774,8 @@ fn check_mxfp4_views(
     let (ad, mut cd) = (st.clone_htod(&pad(&a)).unwrap(), st.clone_htod(&pad(&c0)).unwrap());
     let w = Mxfp4Weight { blocks: bd.slice(sh..sh + blocks.len()), scales: sd.as_view(), experts, rows, cols };
     let mut c_view = cd.slice_mut(sh..sh + total * n);
-    grouped_gemm_f32_mxfp4w(gpu, &cfg, &od.as_view(), total, &ad.slice(sh..), &w, transposed, &mut c_view).unwrap();
+    grouped_gemm_f32_mxfp4w(gpu, &cfg, &od.as_view(), total, &ad.slice(sh..), &w, transposed, Mma::Split, &mut c_view)
+        .unwrap();
     let got_all = st.clone_dtoh(&cd).unwrap();
     assert!(got_all[..sh].iter().all(|&v| v == 0.5), "{lay:?}: wrote before C");
     let mut want = c0.clone();
@@ -785,3 +803,7 @@ fn mxfp4_unaligned_and_strided_views_alpha_beta() {
         }
     }
 }
+
+/// The narrow-shape kernels' tests, sharing this file's helpers.
+#[path = "narrow_tests.rs"]
+mod narrow;

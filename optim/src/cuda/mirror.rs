@@ -1,0 +1,83 @@
+//! [`StateMirror`]: a host copy of a device optimizer's states in page-locked memory, taken after
+//! every step at full PCIe speed into buffers allocated once, and turned into the CPU optimizer
+//! (whose `save_state` writes checkpoints) only when one is saved.
+
+use cudarc::driver::CudaView;
+use oxtune_kernels::pinned::PinnedBuf;
+use oxtune_kernels::Gpu;
+
+use crate::Result;
+
+/// How one state was laid out in the mirror's flat buffers.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub name: String,
+    pub step: u64,
+    /// Values of the tensor; 8-bit states also hold `ceil(n / 256)` absmax values per moment.
+    pub n: usize,
+    pub blockwise: bool,
+}
+
+/// The optimizer states as of the last [`crate::cuda::AdamWGpu::mirror`] (or the 8-bit twin):
+/// f32 moments / absmax in one pinned buffer, 8-bit moments in another, in the order of `entries`.
+#[derive(Default)]
+pub struct StateMirror {
+    pub(crate) f32s: Option<PinnedBuf<f32>>,
+    pub(crate) u8s: Option<PinnedBuf<u8>>,
+    pub(crate) entries: Vec<Entry>,
+}
+
+impl StateMirror {
+    /// Bytes of pinned host memory held.
+    pub fn bytes(&self) -> usize {
+        self.f32s.as_ref().map_or(0, |b| 4 * b.len()) + self.u8s.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Copies `f32s` and `u8s` (in this order, each after the work queued on the stream) into the
+    /// pinned buffers, growing them when needed, and records `entries`.
+    pub(crate) fn fill(
+        &mut self,
+        gpu: &Gpu,
+        f32s: &[CudaView<'_, f32>],
+        u8s: &[CudaView<'_, u8>],
+        entries: Vec<Entry>,
+    ) -> Result<()> {
+        self.entries.clear();
+        download(gpu, &mut self.f32s, f32s)?;
+        download(gpu, &mut self.u8s, u8s)?;
+        self.entries = entries;
+        Ok(())
+    }
+}
+
+fn download<T: cudarc::driver::DeviceRepr + Copy + Default>(
+    gpu: &Gpu,
+    buf: &mut Option<PinnedBuf<T>>,
+    srcs: &[CudaView<'_, T>],
+) -> Result<()> {
+    let need: usize = srcs.iter().map(|s| s.len()).sum();
+    if buf.as_ref().is_none_or(|b| b.len() < need) {
+        *buf = None; // free the old pages first
+        *buf = Some(PinnedBuf::new(gpu, need)?);
+    }
+    buf.as_mut().expect("allocated above").download(gpu, srcs)?;
+    Ok(())
+}
+
+/// Reads consecutive runs of a flat buffer.
+pub(crate) struct Cursor<'a, T> {
+    data: &'a [T],
+    at: usize,
+}
+
+impl<'a, T: Copy> Cursor<'a, T> {
+    pub fn new(data: &'a [T]) -> Self {
+        Self { data, at: 0 }
+    }
+
+    pub fn take(&mut self, n: usize) -> Vec<T> {
+        let v = self.data[self.at..self.at + n].to_vec();
+        self.at += n;
+        v
+    }
+}

@@ -4,14 +4,18 @@
 //! its contents stay readable after the context has failed (a sticky error), which is what a
 //! checkpoint saved after a GPU fault needs.
 
-use cudarc::driver::{result, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaContext, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::{Error, Gpu, Result};
 
-/// `len` values of `T` in page-locked host memory (zero-initialised).
+/// `len` values of `T` in page-locked host memory (zero-initialised). Holds its context, which
+/// the pages belong to, until it is dropped.
 pub struct PinnedBuf<T: DeviceRepr> {
     ptr: *mut T,
     len: usize,
+    ctx: Arc<CudaContext>,
 }
 
 // SAFETY: the buffer owns its allocation like a Vec<T>; every write goes through `&mut self`.
@@ -26,7 +30,7 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error::Shape(format!("pinned buffer of {len} values overflows")))?;
         gpu.ctx.bind_to_thread()?;
-        // SAFETY: cuMemHostAlloc with no flags (portable to this context, cached, host-readable);
+        // SAFETY: cuMemHostAlloc with no flags (pinned for this context, cached, host-readable);
         // the pointer is checked non-null and suitably aligned (page-aligned by the driver) and
         // the memory is initialised before any read.
         let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }? as *mut T;
@@ -35,7 +39,7 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
         }
         // SAFETY: `ptr` points to at least `len` values of T, exclusively ours.
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }.fill(T::default());
-        Ok(Self { ptr, len })
+        Ok(Self { ptr, len, ctx: gpu.ctx.clone() })
     }
 
     pub fn len(&self) -> usize {
@@ -64,6 +68,7 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
         let stream = &gpu.stream;
         gpu.ctx.bind_to_thread()?;
         let mut at = 0;
+        let mut queued = Ok(());
         for src in srcs {
             let n = src.len();
             if n == 0 {
@@ -74,10 +79,17 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
             // `&mut self` keeps every reader away until the stream is synchronised below.
             let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), n) };
             // SAFETY: `dptr` is the start of a device view of `n` values of T on this context.
-            unsafe { result::memcpy_dtoh_async(dst, dptr, stream.cu_stream()) }?;
+            queued = unsafe { result::memcpy_dtoh_async(dst, dptr, stream.cu_stream()) };
+            if queued.is_err() {
+                break;
+            }
             at += n;
         }
-        stream.synchronize()?;
+        // Even when queueing failed, wait for what was queued: nothing may still write into the
+        // buffer once this returns.
+        let synced = stream.synchronize();
+        queued?;
+        synced?;
         Ok(total)
     }
 }
@@ -107,8 +119,10 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
 
 impl<T: DeviceRepr> Drop for PinnedBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from cuMemHostAlloc and is freed once; a failure (a dead context)
-        // leaks the pages until the process exits, which is all that can be done.
+        // SAFETY: `ptr` came from cuMemHostAlloc in `ctx` (kept alive by the Arc) and is freed
+        // once; a failure (a dead context) leaks the pages until the process exits, which is all
+        // that can be done.
+        let _ = self.ctx.bind_to_thread();
         let _ = unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) };
     }
 }

@@ -414,6 +414,10 @@ pub fn load_data(cfg: &TrainConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Ve
 pub struct Trainer {
     pub cfg: TrainConfig,
     pub model: Model,
+    /// The adapter. On a GPU run the device holds the current values and these (and the sinks in
+    /// `model`) are brought up to date by [`Trainer::sync_host`], which [`Trainer::run`] calls
+    /// before every checkpoint and the final adapter; call it before reading them after
+    /// [`Trainer::train_step`].
     pub adapter: LoraAdapter,
     sinks: Option<SinkGrads>,
     opt: Opt,

@@ -308,6 +308,13 @@ impl GpuEngine {
         opts: EngineOptions,
     ) -> Result<Self> {
         let EngineOptions { checkpointing, moe_chunk, precision, offload_checkpoints } = opts;
+        if offload_checkpoints && !checkpointing {
+            return Err(Error::Input(
+                "offloading the activation checkpoints to host memory needs activation checkpointing (drop \
+                 --no-activation-checkpointing or --offload-checkpoints)"
+                    .into(),
+            ));
+        }
         let offload = checkpointing && offload_checkpoints;
         let cfg = model.cfg.clone();
         let t = max_tokens.max(1);

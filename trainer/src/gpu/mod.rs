@@ -139,7 +139,7 @@ pub(crate) fn oom_advice(what: &str, need: usize, free: usize, total: usize) -> 
     Error::Gpu(format!(
         "out of GPU memory: {what} needs {:.2} GiB but {:.2} GiB of {:.2} GiB are free. Lower max_len or \
          micro_batch (activations grow with the tokens of a micro-batch), train LoRA on fewer weights \
-         (attention only), close other programs using the GPU, or run on the CPU with --device cpu",
+         (attention only), keep the activation checkpoints in host memory (--offload-checkpoints), close other programs using the GPU, or run on the CPU with --device cpu",
         need as f64 / GIB,
         free as f64 / GIB,
         total as f64 / GIB

@@ -106,12 +106,13 @@ impl DeviceStep {
         }
         let next = self.current.map_or(0, |c| 1 - c);
         self.copy_to_host(eng, sinks, next)?;
-        self.current = Some(next);
         if self.sets[1 - next].params.is_none() {
             // The first step also fills the other set, so that both are allocated (page-locking
             // hundreds of MB takes a while) before the steps that follow.
             self.copy_to_host(eng, sinks, 1 - next)?;
         }
+        // Only now, every copy complete, is this step the host's.
+        self.current = Some(next);
         Ok(())
     }
 

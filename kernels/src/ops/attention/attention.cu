@@ -130,15 +130,19 @@ __device__ __forceinline__ void load_tile(bf16* nh, bf16* nl, bf16* th, bf16* tl
         split2(x[it], y[it], hi, lo);
         if (nh) {
             const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
-            const __nv_bfloat162 l = *reinterpret_cast<const __nv_bfloat162*>(&lo);
             nh[r * LD + c] = h.x;
             nh[(r + 1) * LD + c] = h.y;
+#ifndef MMA_ONE_PASS  // the one-pass build never reads the lo tiles
+            const __nv_bfloat162 l = *reinterpret_cast<const __nv_bfloat162*>(&lo);
             nl[r * LD + c] = l.x;
             nl[(r + 1) * LD + c] = l.y;
+#endif
         }
         if (th) {
             *reinterpret_cast<unsigned int*>(th + c * FA_LDT + r) = hi;
+#ifndef MMA_ONE_PASS
             *reinterpret_cast<unsigned int*>(tl + c * FA_LDT + r) = lo;
+#endif
         }
     }
 }

@@ -65,11 +65,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("--layers {l}: the config has only {} layers", model.layer_types.len());
         }
     }
-    let (gpu, _) = oxtune_trainer::gpu::open(Device::Cuda)?;
-    let gpu = gpu.context("no GPU")?;
     if a.seq.is_empty() || a.seq.contains(&0) {
         bail!("--seq: expected one or more positive lengths, got {:?}", a.seq);
     }
+    let precision: oxtune_trainer::gpu::Precision = a.precision.parse()?;
+    if a.offload_checkpoints && a.no_checkpointing {
+        bail!("--offload-checkpoints keeps the activation checkpoints in host memory: it needs checkpointing (drop --no-checkpointing)");
+    }
+    let (gpu, _) = oxtune_trainer::gpu::open(Device::Cuda)?;
+    let gpu = gpu.context("no GPU")?;
     let mut model_w = None;
     for &seq in &a.seq {
         let cfg = BenchConfig {
@@ -81,7 +85,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             steps: a.steps.max(1),
             warmup: a.warmup,
             checkpointing: !a.no_checkpointing,
-            precision: a.precision.parse()?,
+            precision,
             offload_checkpoints: a.offload_checkpoints,
             seed: 0,
         };

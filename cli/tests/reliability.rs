@@ -388,3 +388,31 @@ fn asking_for_a_gpu_without_one_is_a_clear_error() {
     assert!(stdout.contains("device: CPU") && stdout.contains("no usable GPU"), "{stdout}");
     let _ = std::fs::remove_dir_all(out);
 }
+
+#[test]
+fn gpu_memory_options_that_cannot_work_are_clear_errors() {
+    // These are refused before any device is opened, so they are checked on every machine.
+    let out = tmp("gpu-options");
+    let o = run(&train_args(&out, &["--offload-checkpoints", "--no-activation-checkpointing", "--device", "cpu"]));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("--offload-checkpoints") && stderr.contains("--no-activation-checkpointing"), "{stderr}");
+    let o = run(&train_args(&out, &["--precision", "fp8", "--device", "cpu"]));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("fp8") && stderr.contains("exact or bf16"), "{stderr}");
+    let bench = |args: &[&str]| {
+        let o = Command::new(BIN).arg("bench-train").args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "bench-train {args:?}: {:?}", text(&o));
+        let e = text(&o).1;
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    let e = bench(&["--seq", "2048,0"]);
+    assert!(e.contains("--seq") && e.contains("positive"), "{e}");
+    let e = bench(&["--precision", "half"]);
+    assert!(e.contains("half") && e.contains("exact or bf16"), "{e}");
+    let e = bench(&["--offload-checkpoints", "--no-checkpointing"]);
+    assert!(e.contains("--offload-checkpoints") && e.contains("--no-checkpointing"), "{e}");
+    let _ = std::fs::remove_dir_all(out);
+}

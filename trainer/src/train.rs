@@ -182,6 +182,11 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad(format!("--warmup-ratio {} must be in [0, 1)", self.warmup_ratio));
         }
+        if self.offload_checkpoints && !self.activation_checkpointing {
+            return bad("--offload-checkpoints keeps the activation checkpoints in host memory: it needs activation \
+                 checkpointing (drop --no-activation-checkpointing)"
+                .into());
+        }
         Ok(())
     }
 }

@@ -190,70 +190,27 @@ fn adamw_step_gpu(
 
 #[cfg(test)]
 mod tests {
-    use crate::cuda::assert_same_state;
+    use crate::cuda::lockstep;
     use oxtune_kernels::testing::{assert_close, randn};
 
     use super::*;
-    use crate::{Error, Optimizer, Param};
+    use crate::{Error, Optimizer};
 
     /// Steps a CPU AdamW and an AdamWGpu side by side on the same fresh random gradients (every second tensor
-    /// exempt from decay) and compares parameters and moments after steps 1 and 5.
+    /// exempt from decay) and compares parameters and moments after steps 1 and 5 ([`lockstep`]).
     fn compare(gpu: &Gpu, lengths: &[usize], seed: u64) {
         let config = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
-        let names: Vec<String> = (0..lengths.len()).map(|i| format!("layer{i}.weight")).collect();
-        let mut cpu_values: Vec<Vec<f32>> =
-            lengths.iter().enumerate().map(|(i, &n)| randn(seed + i as u64, n, 1.0)).collect();
-        let mut dev_values: Vec<CudaSlice<f32>> =
-            cpu_values.iter().map(|v| gpu.stream.clone_htod(v).unwrap()).collect();
         let (mut cpu, mut dev) = (AdamW::new(config).unwrap(), AdamWGpu::new(config).unwrap());
-        for step in 1..=5u64 {
-            let lr = 1e-2 / step as f64;
-            let grads: Vec<Vec<f32>> =
-                lengths.iter().enumerate().map(|(i, &n)| randn(seed * 1000 + step * 100 + i as u64, n, 0.5)).collect();
-            let dev_grads: Vec<CudaSlice<f32>> = grads.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
-            let mut params: Vec<Param<'_>> = cpu_values
-                .iter_mut()
-                .zip(&grads)
-                .zip(&names)
-                .enumerate()
-                .map(|(i, ((v, g), name))| Param { name, value: v, grad: g, weight_decay: i % 2 == 0 })
-                .collect();
-            cpu.step(&mut params, lr).unwrap();
-            let mut gparams: Vec<GpuParam<'_>> = dev_values
-                .iter_mut()
-                .zip(&dev_grads)
-                .zip(&names)
-                .enumerate()
-                .map(|(i, ((v, g), name))| GpuParam { name, value: v, grad: g, weight_decay: i % 2 == 0 })
-                .collect();
-            dev.step(gpu, &mut gparams, lr).unwrap();
-            if step == 1 || step == 5 {
-                let back = dev.to_cpu(gpu).unwrap();
-                // The pinned host mirror (what a GPU run copies after each step) holds the same state.
-                assert_same_state(
-                    &back,
-                    &dev.cpu_from_mirror(&{
-                        let mut m = crate::cuda::StateMirror::default();
-                        dev.mirror(gpu, &mut m).unwrap();
-                        m
-                    })
-                    .unwrap(),
-                );
-                for (i, name) in names.iter().enumerate() {
-                    let n = lengths[i];
-                    // The kernel repeats the CPU's f32 operations with the same rounding (no contraction), so
-                    // equality is expected; rtol 1e-5 (STYLE's f32 default) leaves room for a compiler that
-                    // rounds one operation differently, without hiding a wrong formula (which errs by > 1e-3).
-                    let got = gpu.stream.clone_dtoh(&dev_values[i]).unwrap();
-                    assert_close(&format!("step {step}: {name} [{n}]"), &got, &cpu_values[i], 1e-7, 1e-5);
-                    let (m, v) = cpu.moments(name).unwrap();
-                    let (gm, gv) = back.moments(name).unwrap();
-                    assert_close(&format!("step {step}: {name} exp_avg"), gm, m, 1e-9, 1e-5);
-                    assert_close(&format!("step {step}: {name} exp_avg_sq"), gv, v, 1e-12, 1e-5);
-                    assert_eq!(back.step_count(name), step);
-                }
+        let grad = |step: u64, i: usize, n: usize| randn(seed * 1000 + step * 100 + i as u64, n, 0.5);
+        lockstep(gpu, lengths, seed, grad, &mut cpu, &mut dev, |step, names, cpu, back| {
+            for name in names {
+                let (m, v) = cpu.moments(name).unwrap();
+                let (gm, gv) = back.moments(name).unwrap();
+                assert_close(&format!("step {step}: {name} exp_avg"), gm, m, 1e-9, 1e-5);
+                assert_close(&format!("step {step}: {name} exp_avg_sq"), gv, v, 1e-12, 1e-5);
+                assert_eq!(back.step_count(name), step);
             }
-        }
+        });
     }
 
     #[test]

@@ -362,11 +362,11 @@ fn adamw8bit_fp32_step_gpu(
 
 #[cfg(test)]
 mod tests {
-    use crate::cuda::assert_same_state;
+    use crate::cuda::lockstep;
     use oxtune_kernels::testing::{assert_close, randn};
 
     use super::*;
-    use crate::{AdamWConfig, Error, Optimizer, Param};
+    use crate::{AdamWConfig, Error, Optimizer};
 
     /// Counts differing codes, asserting that none differs by more than one code.
     fn code_mismatches(what: &str, got: &[u8], want: &[u8]) -> usize {
@@ -398,51 +398,11 @@ mod tests {
         lengths: &[usize],
         grad: impl Fn(u64, usize, usize) -> Vec<f32>,
     ) -> (AdamW8bit, AdamW8bitGpu) {
-        let names: Vec<String> = (0..lengths.len()).map(|i| format!("layer{i}.weight")).collect();
-        let mut cpu_values: Vec<Vec<f32>> =
-            lengths.iter().enumerate().map(|(i, &n)| randn(7 + i as u64, n, 1.0)).collect();
-        let mut dev_values: Vec<CudaSlice<f32>> =
-            cpu_values.iter().map(|v| gpu.stream.clone_htod(v).unwrap()).collect();
         let (mut cpu, mut dev) = (AdamW8bit::new(config).unwrap(), AdamW8bitGpu::new(config).unwrap());
-        for step in 1..=5u64 {
-            let lr = 1e-2 / step as f64;
-            let grads: Vec<Vec<f32>> = lengths.iter().enumerate().map(|(i, &n)| grad(step, i, n)).collect();
-            let dev_grads: Vec<CudaSlice<f32>> = grads.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
-            let mut params: Vec<Param<'_>> = cpu_values
-                .iter_mut()
-                .zip(&grads)
-                .zip(&names)
-                .enumerate()
-                .map(|(i, ((v, g), name))| Param { name, value: v, grad: g, weight_decay: i % 2 == 0 })
-                .collect();
-            cpu.step(&mut params, lr).unwrap();
-            let mut gparams: Vec<GpuParam<'_>> = dev_values
-                .iter_mut()
-                .zip(&dev_grads)
-                .zip(&names)
-                .enumerate()
-                .map(|(i, ((v, g), name))| GpuParam { name, value: v, grad: g, weight_decay: i % 2 == 0 })
-                .collect();
-            dev.step(gpu, &mut gparams, lr).unwrap();
-            if step != 1 && step != 5 {
-                continue;
-            }
-            let back = dev.to_cpu(gpu).unwrap();
-            // The pinned host mirror (what a GPU run copies after each step) holds the same state.
-            assert_same_state(
-                &back,
-                &dev.cpu_from_mirror(&{
-                    let mut m = crate::cuda::StateMirror::default();
-                    dev.mirror(gpu, &mut m).unwrap();
-                    m
-                })
-                .unwrap(),
-            );
+        lockstep(gpu, lengths, 7, grad, &mut cpu, &mut dev, |step, names, cpu, back| {
             let (mut mismatches, mut codes) = (0, 0);
             for (i, name) in names.iter().enumerate() {
                 let what = format!("step {step}: {name} [{}]", lengths[i]);
-                let got = gpu.stream.clone_dtoh(&dev_values[i]).unwrap();
-                assert_close(&what, &got, &cpu_values[i], 1e-7, 1e-5);
                 assert_eq!(back.step_count(name), step, "{what}");
                 match (cpu.blockwise_state(name), back.blockwise_state(name)) {
                     (Some(want), Some(got)) => {
@@ -462,7 +422,7 @@ mod tests {
             }
             println!("step {step}: {mismatches} of {codes} codes differ");
             assert!(mismatches * 1000 <= codes, "step {step}: {mismatches} of {codes} codes differ (more than 0.1%)");
-        }
+        });
         (cpu, dev)
     }
 

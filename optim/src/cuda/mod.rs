@@ -107,3 +107,98 @@ pub(crate) fn assert_same_state(a: &dyn crate::Optimizer, b: &dyn crate::Optimiz
         assert!(u.data() == v.data(), "state tensor {n} differs");
     }
 }
+
+/// Tests: the two device optimizers behind one face, so that one harness steps either beside its
+/// CPU twin.
+#[cfg(test)]
+pub(crate) trait DeviceOptimizer {
+    type Cpu: crate::Optimizer;
+    fn step(&mut self, gpu: &Gpu, params: &mut [GpuParam<'_>], lr: f64) -> crate::Result<()>;
+    fn to_cpu(&self, gpu: &Gpu) -> crate::Result<Self::Cpu>;
+    fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> crate::Result<()>;
+    fn cpu_from_mirror(&self, m: &StateMirror) -> crate::Result<Self::Cpu>;
+}
+
+#[cfg(test)]
+macro_rules! device_optimizer {
+    ($dev:ty, $cpu:ty) => {
+        impl DeviceOptimizer for $dev {
+            type Cpu = $cpu;
+            fn step(&mut self, gpu: &Gpu, params: &mut [GpuParam<'_>], lr: f64) -> crate::Result<()> {
+                <$dev>::step(self, gpu, params, lr)
+            }
+            fn to_cpu(&self, gpu: &Gpu) -> crate::Result<$cpu> {
+                <$dev>::to_cpu(self, gpu)
+            }
+            fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> crate::Result<()> {
+                <$dev>::mirror(self, gpu, m)
+            }
+            fn cpu_from_mirror(&self, m: &StateMirror) -> crate::Result<$cpu> {
+                <$dev>::cpu_from_mirror(self, m)
+            }
+        }
+    };
+}
+#[cfg(test)]
+device_optimizer!(AdamWGpu, crate::AdamW);
+#[cfg(test)]
+device_optimizer!(AdamW8bitGpu, crate::AdamW8bit);
+
+/// Tests: steps `cpu` and `dev` side by side five times (lr 1e-2 / step) on tensors of `lengths`
+/// named `layer{i}.weight`, with initial values from `seed`, gradients `grad(step, i, n)` and every
+/// second tensor exempt from decay. After steps 1 and 5 it checks that the device's values equal the
+/// CPU's (rtol 1e-5: the kernels repeat the CPU's f32 operations with the same rounding, so equality
+/// is expected; the tolerance leaves room for a compiler that rounds one operation differently,
+/// without hiding a wrong formula, which errs by > 1e-3), that the pinned host mirror (what a GPU run
+/// copies after each step) holds the state `to_cpu` reads, then calls `check(step, names, cpu,
+/// device state)` for the optimizer-specific comparisons.
+#[cfg(test)]
+pub(crate) fn lockstep<D: DeviceOptimizer>(
+    gpu: &Gpu,
+    lengths: &[usize],
+    seed: u64,
+    grad: impl Fn(u64, usize, usize) -> Vec<f32>,
+    cpu: &mut D::Cpu,
+    dev: &mut D,
+    mut check: impl FnMut(u64, &[String], &D::Cpu, &D::Cpu),
+) {
+    use crate::{Optimizer, Param};
+    use oxtune_kernels::testing::{assert_close, randn};
+    let names: Vec<String> = (0..lengths.len()).map(|i| format!("layer{i}.weight")).collect();
+    let mut cpu_values: Vec<Vec<f32>> =
+        lengths.iter().enumerate().map(|(i, &n)| randn(seed + i as u64, n, 1.0)).collect();
+    let mut dev_values: Vec<CudaSlice<f32>> = cpu_values.iter().map(|v| gpu.stream.clone_htod(v).unwrap()).collect();
+    for step in 1..=5u64 {
+        let lr = 1e-2 / step as f64;
+        let grads: Vec<Vec<f32>> = lengths.iter().enumerate().map(|(i, &n)| grad(step, i, n)).collect();
+        let dev_grads: Vec<CudaSlice<f32>> = grads.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
+        let mut params: Vec<Param<'_>> = cpu_values
+            .iter_mut()
+            .zip(&grads)
+            .zip(&names)
+            .enumerate()
+            .map(|(i, ((v, g), name))| Param { name, value: v, grad: g, weight_decay: i % 2 == 0 })
+            .collect();
+        cpu.step(&mut params, lr).unwrap();
+        let mut gparams: Vec<GpuParam<'_>> = dev_values
+            .iter_mut()
+            .zip(&dev_grads)
+            .zip(&names)
+            .enumerate()
+            .map(|(i, ((v, g), name))| GpuParam { name, value: v, grad: g, weight_decay: i % 2 == 0 })
+            .collect();
+        dev.step(gpu, &mut gparams, lr).unwrap();
+        if step != 1 && step != 5 {
+            continue;
+        }
+        for (i, name) in names.iter().enumerate() {
+            let got = gpu.stream.clone_dtoh(&dev_values[i]).unwrap();
+            assert_close(&format!("step {step}: {name} [{}]", lengths[i]), &got, &cpu_values[i], 1e-7, 1e-5);
+        }
+        let back = dev.to_cpu(gpu).unwrap();
+        let mut m = StateMirror::default();
+        dev.mirror(gpu, &mut m).unwrap();
+        assert_same_state(&back, &dev.cpu_from_mirror(&m).unwrap());
+        check(step, &names, cpu, &back);
+    }
+}

@@ -133,7 +133,6 @@ impl Groups<'_> {
 
 /// Working buffers shared by all layers.
 struct Scratch {
-    ids: CudaSlice<u32>,
     /// `0..t`: the gathered embedding rows' indices.
     iota: CudaSlice<u32>,
     pos: CudaSlice<u32>,
@@ -217,8 +216,9 @@ pub struct GpuEngine {
     checkpointing: bool,
     /// Tensor-core products split their f32 activations into bf16 halves ([`Precision::Exact`]).
     split: bool,
-    /// The token ids of the loaded batch.
-    host_ids: Vec<u32>,
+    /// The loaded batch's embedding rows `[t, H]`, gathered from the host table (a buffer reused
+    /// from batch to batch).
+    host_rows: Vec<bf16>,
     /// Tokens per MoE chunk ([`MOE_CHUNK`] at most with checkpointing).
     moe_chunk: usize,
     s: Scratch,
@@ -255,7 +255,7 @@ pub fn activation_bytes(
     let moe = sc * (5 + h + 2 * i + i + h) + e + 1;
     let per_layer = t * (4 * h + 2 * qw + 2 * kw + nq + 2) + t * k * 2 + moe;
     let chunk = HEAD_CHUNK.min(t.max(1));
-    let scratch = t * (11 + 2 + 8) // ids, iota, pos, ones, ranges, idx, targets, losses
+    let scratch = t * (10 + 2 + 8) // iota, pos, ones, ranges, idx, targets, losses
         + t * h * 9
         + t * (2 * qw + 2 * kw + nq + k + 2 * e)
         + chunk * (2 * h + cfg.vocab_size)
@@ -413,7 +413,6 @@ impl GpuEngine {
         let ranges = [zr()?, zr()?];
         let bf_len = 2 * (t * h.max(qw)).max(chunk * cfg.vocab_size);
         let s_ = Scratch {
-            ids: al.zeros("token ids", t)?,
             iota: al.upload("row indices", &(0..t as u32).collect::<Vec<_>>())?,
             pos: al.zeros("positions", t)?,
             ones: al.upload("ones", &vec![1.0f32; t])?,
@@ -466,7 +465,7 @@ impl GpuEngine {
             checkpointing,
             moe_chunk: tc,
             split: precision == Precision::Exact,
-            host_ids: vec![],
+            host_rows: vec![],
             s: s_,
             max_tokens: t,
             bytes,
@@ -714,28 +713,47 @@ impl GpuEngine {
         x: &CudaView<f32>,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        let SiteLayout { n_in, n_out, rank: r, experts: e, scaling, .. } = p.site;
-        let (groups, m) = (e, acts.max_rows());
-        let slots = acts.total();
+        let SiteLayout { n_out, rank: r, experts: e, scaling, .. } = p.site;
+        Self::lora_experts_down(gpu, p, acts, x, u)?;
         let st = |row, col, group| Strides { row, col, group };
-        let g = |n, k, alpha, beta, a, b, c| GroupedGemm { groups, grouped: Grouped::M, m, n, k, alpha, beta, a, b, c };
-        Self::grouped(
-            gpu,
-            g(r, n_in, 1.0, 0.0, st(n_in, 1, 0), st(1, n_in, r * n_in), st(r, 1, 0)),
-            acts,
-            x,
-            &p.a.as_view(),
-            &mut vm(u, slots * r),
-        )?;
-        Self::grouped(
-            gpu,
-            g(n_out, r, scaling, 1.0, st(r, 1, 0), st(e, r * e, 1), st(n_out, 1, 0)),
-            acts,
-            &v(u, slots * r),
-            &p.b.as_view(),
-            y,
-        )?;
-        Ok(())
+        let cfg = GroupedGemm {
+            groups: e,
+            grouped: Grouped::M,
+            m: acts.max_rows(),
+            n: n_out,
+            k: r,
+            alpha: scaling,
+            beta: 1.0,
+            a: st(r, 1, 0),
+            b: st(e, r * e, 1),
+            c: st(n_out, 1, 0),
+        };
+        Self::grouped(gpu, cfg, acts, &v(u, acts.total() * r), &p.b.as_view(), y)
+    }
+
+    /// `u [S, r] = x_e A_eᵀ` per expert: the first product of the expert LoRA, forward and backward.
+    fn lora_experts_down(
+        gpu: &Gpu,
+        p: &GpuLoraPair,
+        acts: &Groups,
+        x: &CudaView<f32>,
+        u: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let SiteLayout { n_in, rank: r, experts: e, .. } = p.site;
+        let st = |row, col, group| Strides { row, col, group };
+        let cfg = GroupedGemm {
+            groups: e,
+            grouped: Grouped::M,
+            m: acts.max_rows(),
+            n: r,
+            k: n_in,
+            alpha: 1.0,
+            beta: 0.0,
+            a: st(n_in, 1, 0),
+            b: st(1, n_in, r * n_in),
+            c: st(r, 1, 0),
+        };
+        Self::grouped(gpu, cfg, acts, x, &p.a.as_view(), &mut vm(u, acts.total() * r))
     }
 
     /// Backward of [`Self::lora_experts_fwd`]: gradients `+=`, `dx += ∂/∂x`.
@@ -759,14 +777,7 @@ impl GpuEngine {
         let gk =
             |m, n, alpha, a, b, c| GroupedGemm { groups, grouped: Grouped::K, m, n, k: 0, alpha, beta: 1.0, a, b, c };
         // u = x_e A_eᵀ (recomputed), du = s · dy B_e
-        Self::grouped(
-            gpu,
-            gm(r, n_in, 1.0, 0.0, st(n_in, 1, 0), st(1, n_in, r * n_in), st(r, 1, 0)),
-            acts,
-            x,
-            &p.a.as_view(),
-            &mut vm(u, slots * r),
-        )?;
+        Self::lora_experts_down(gpu, p, acts, x, u)?;
         Self::grouped(
             gpu,
             gm(r, n_out, scaling, 0.0, st(n_out, 1, 0), st(r * e, e, 1), st(r, 1, 0)),
@@ -866,9 +877,11 @@ impl GpuEngine {
         }
         crate::model::check_token_ids(ids, self.cfg.vocab_size)?;
         let gpu = &*self.gpu;
-        htod(gpu, ids, &mut self.s.ids)?;
-        self.host_ids.clear();
-        self.host_ids.extend_from_slice(ids);
+        let h = self.cfg.hidden_size;
+        self.host_rows.clear();
+        for &id in ids {
+            self.host_rows.extend_from_slice(&self.w.embed[id as usize * h..(id as usize + 1) * h]);
+        }
         htod(gpu, pos, &mut self.s.pos)?;
         for (wi, window) in [None, Some(self.cfg.sliding_window)].into_iter().enumerate() {
             let r = visible_ranges(pos, seg, rows, window)?;
@@ -884,13 +897,9 @@ impl GpuEngine {
     /// Embeds the loaded ids into the residual stream and runs every layer.
     fn forward_layers(&mut self, t: usize, save: bool) -> Result<()> {
         let h = self.cfg.hidden_size;
-        // The embedding rows of the batch, gathered from the host table (ids were checked by
-        // load_batch), then widened to f32 by the embedding kernel over rows 0..t.
-        let mut rows = Vec::with_capacity(t * h);
-        for &id in &self.host_ids {
-            rows.extend_from_slice(&self.w.embed[id as usize * h..(id as usize + 1) * h]);
-        }
-        htod(&self.gpu, &rows, &mut self.s.bf)?;
+        // The batch's embedding rows (gathered by load_batch), widened to f32 by the embedding
+        // kernel over rows 0..t.
+        htod(&self.gpu, &self.host_rows, &mut self.s.bf)?;
         embedding_gpu_bf16w(&self.gpu, &v(&self.s.bf, t * h), &v(&self.s.iota, t), h, &mut vm(&mut self.s.x, t * h))?;
         for l in 0..self.cfg.num_hidden_layers {
             if save && self.checkpointing {
@@ -1550,26 +1559,49 @@ impl GpuEngine {
 
     /// Logits `[t, V]` of every position of one sequence (positions `0..t`), for tests and tools.
     pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = self.run_sequence(ids)?;
+        self.head_logits(0..t)
+    }
+
+    /// The logits of the last token of `ids` (decoding without a KV cache: the whole sequence is
+    /// recomputed for each new token).
+    pub fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::Input("no tokens to run".into()));
+        }
+        let t = self.run_sequence(ids)?;
+        self.head_logits(t - 1..t)
+    }
+
+    /// Runs one sequence (positions `0..t`) through every layer, leaving the residual stream in
+    /// `s.x`; returns `t`.
+    fn run_sequence(&mut self, ids: &[u32]) -> Result<usize> {
         let t = ids.len();
         let pos: Vec<u32> = (0..t as u32).collect();
         self.load_batch(ids, &pos, &vec![0; t], &[0..t])?;
         self.forward_layers(t, false)?;
+        Ok(t)
+    }
+
+    /// Final norm and LM head of the residual stream's `rows`, [`HEAD_CHUNK`] rows at a time:
+    /// their logits `[rows, V]` on the host.
+    fn head_logits(&mut self, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let eps = self.cfg.rms_norm_eps as f32;
-        let mut out = Vec::with_capacity(t * vocab);
+        let n = rows.len();
         let gpu = &*self.gpu;
         let s = &mut self.s;
         rmsnorm_gpu(
             gpu,
-            &v(&s.x, t * h),
+            &s.x.slice(rows.start * h..rows.end * h),
             &self.w.norm.as_view(),
             eps,
-            &mut vm(&mut s.hf, t * h),
-            &mut vm(&mut s.rstd_f, t),
+            &mut vm(&mut s.hf, n * h),
+            &mut vm(&mut s.rstd_f, n),
         )?;
-        for c0 in (0..t).step_by(HEAD_CHUNK) {
-            let c = HEAD_CHUNK.min(t - c0);
-            let lm = self.w.lm_head.as_view();
+        let mut out = Vec::with_capacity(n * vocab);
+        for c0 in (0..n).step_by(HEAD_CHUNK) {
+            let c = HEAD_CHUNK.min(n - c0);
             Self::gemm_xw(
                 &self.blas,
                 gpu,
@@ -1578,7 +1610,7 @@ impl GpuEngine {
                 vocab,
                 h,
                 &s.hf.slice(c0 * h..(c0 + c) * h),
-                &lm,
+                &self.w.lm_head.as_view(),
                 true,
                 &mut vm(&mut s.logits, c * vocab),
                 0.0,
@@ -1589,40 +1621,6 @@ impl GpuEngine {
             out.extend(chunk);
         }
         Ok(out)
-    }
-
-    /// The logits of the last token of `ids` (decoding without a KV cache: the whole sequence is
-    /// recomputed for each new token).
-    pub fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let vocab = self.cfg.vocab_size;
-        let t = ids.len();
-        if t == 0 {
-            return Err(Error::Input("no tokens to run".into()));
-        }
-        let pos: Vec<u32> = (0..t as u32).collect();
-        self.load_batch(ids, &pos, &vec![0; t], &[0..t])?;
-        self.forward_layers(t, false)?;
-        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps as f32);
-        let gpu = &*self.gpu;
-        let s = &mut self.s;
-        let last = s.x.slice((t - 1) * h..t * h);
-        rmsnorm_gpu(gpu, &last, &self.w.norm.as_view(), eps, &mut vm(&mut s.hf, h), &mut vm(&mut s.rstd_f, 1))?;
-        let lm = self.w.lm_head.as_view();
-        Self::gemm_xw(
-            &self.blas,
-            gpu,
-            &mut s.bf,
-            1,
-            vocab,
-            h,
-            &v(&s.hf, h),
-            &lm,
-            true,
-            &mut vm(&mut s.logits, vocab),
-            0.0,
-            self.split,
-        )?;
-        self.dtoh(&self.s.logits, vocab)
     }
 }
 

@@ -636,18 +636,21 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
         let s = seed * 10 + transposed as u64;
         let (a, c0) = (randn(s + 1, total * k, 1.0), randn(s + 2, total * n, 1.0));
         let (ad, mut cd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&c0).unwrap());
-        grouped_gemm_f32_mxfp4w(
-            gpu,
-            &cfg,
-            &od.as_view(),
-            total,
-            &ad.as_view(),
-            &w,
-            transposed,
-            mma,
-            &mut cd.as_view_mut(),
-        )
-        .unwrap();
+        let launch = |cd: &mut cudarc::driver::CudaSlice<f32>| {
+            grouped_gemm_f32_mxfp4w(
+                gpu,
+                &cfg,
+                &od.as_view(),
+                total,
+                &ad.as_view(),
+                &w,
+                transposed,
+                mma,
+                &mut cd.as_view_mut(),
+            )
+            .unwrap()
+        };
+        launch(&mut cd);
         let got = st.clone_dtoh(&cd).unwrap();
         let mut want = c0.clone();
         // Mma::Bf16 rounds A to bf16 once: its reference is the product of the rounded A (the
@@ -660,20 +663,7 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
         let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?}");
         assert_close(&what, &got, &want, atol(k, 1.0, bmax), 1e-4);
         if time {
-            let ms = median_ms(gpu, || {
-                grouped_gemm_f32_mxfp4w(
-                    gpu,
-                    &cfg,
-                    &od.as_view(),
-                    total,
-                    &ad.as_view(),
-                    &w,
-                    transposed,
-                    mma,
-                    &mut cd.as_view_mut(),
-                )
-                .unwrap()
-            });
+            let ms = median_ms(gpu, || launch(&mut cd));
             println!("{what}: {ms:.3} ms, {:.1} TFLOP/s", 2.0 * (total * k * n) as f64 / ms / 1e9);
         }
     }

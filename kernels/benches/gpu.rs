@@ -15,8 +15,8 @@ use half::bf16;
 use oxtune_kernels::blas::Blas;
 use oxtune_kernels::ops::attention::{attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
 use oxtune_kernels::ops::gemm::{
-    grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_mxfp4w_ref, grouped_gemm_ref,
-    Grouped, GroupedGemm, Mxfp4HostWeight, Mxfp4Weight, Strides,
+    grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_on,
+    grouped_gemm_mxfp4w_ref, grouped_gemm_ref, Grouped, GroupedGemm, Mxfp4HostWeight, Mxfp4Path, Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::Mma;
 use oxtune_kernels::testing::{assert_close, randn};
@@ -125,26 +125,33 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     assert_close("expert gate_up dX (2 experts)", &got, &want, 1e-3, 1e-4);
     // Both products, both ways of meeting the tensor cores (Mma::Bf16 rounds A to bf16 once; the
     // kernel tests check it against the product of the rounded A).
-    for mma in [Mma::Split, Mma::Bf16] {
-        for (what, cfg, a, out, transposed) in [
-            ("fwd (8192 x 2880 -> 5760)", &fwd, &xd, &mut y, false),
-            ("dX (8192 x 5760 -> 2880)", &bwd, &dy, &mut dx, true),
-        ] {
-            let ms = time_ms(gpu, || {
-                grouped_gemm_f32_mxfp4w(
-                    gpu,
-                    cfg,
-                    &off.as_view(),
-                    slots,
-                    &a.as_view(),
-                    &w,
-                    transposed,
-                    mma,
-                    &mut out.as_view_mut(),
-                )
-                .unwrap()
-            });
-            report(&format!("experts gate_up {what}, MXFP4 grouped, {mma:?}"), ms, flops);
+    let mut paths = vec![Mxfp4Path::MmaSync];
+    if Mxfp4Path::for_gpu(gpu) == Mxfp4Path::Wgmma {
+        paths.push(Mxfp4Path::Wgmma);
+    }
+    for path in paths {
+        for mma in [Mma::Split, Mma::Bf16] {
+            for (what, cfg, a, out, transposed) in [
+                ("fwd (8192 x 2880 -> 5760)", &fwd, &xd, &mut y, false),
+                ("dX (8192 x 5760 -> 2880)", &bwd, &dy, &mut dx, true),
+            ] {
+                let ms = time_ms(gpu, || {
+                    grouped_gemm_f32_mxfp4w_on(
+                        gpu,
+                        cfg,
+                        &off.as_view(),
+                        slots,
+                        &a.as_view(),
+                        &w,
+                        transposed,
+                        mma,
+                        path,
+                        &mut out.as_view_mut(),
+                    )
+                    .unwrap()
+                });
+                report(&format!("experts gate_up {what}, {path:?} {mma:?}"), ms, flops);
+            }
         }
     }
     // cuBLAS bf16 on the same FLOPs (one dense GEMM, bf16 weights: 4x the bytes of MXFP4).

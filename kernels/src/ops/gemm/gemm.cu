@@ -457,46 +457,106 @@ GEMM_F32_KERNEL(grouped_gemm_f32_small_out16, small_out<16>, THREADS)
 
 // ---- MXFP4 B on tensor cores ----
 //
-// C_g tile 128x256 per block of 512 threads (16 warps as 2 x 8, each 64x32 of C: 4 x 4 tensor-core
-// mma.m16n8k16 accumulators in f32; 256 wide so that each f32 A value, the larger operand by far,
-// is fetched from L2 and split half as often), K walked in slices of 32 through two stages:
-// the loaders read slice s + 1 into registers, the warps multiply slice s (ldmatrix + mma.sync),
-// then the loaders convert and store slice s + 1 into the other stage; one barrier per slice.
-// - A (f32, any strides): each value x is split into bf16 hi = bf16(x) and lo = bf16(x - hi), two
-//   tiles in shared memory, and every fragment pair runs twice (lo·B, then hi·B) into the same f32
-//   (compiled with MMA_ONE_PASS, the Mma::Bf16 variant, only hi is stored and multiplied)
-//   accumulator, so x is carried to ~2^-17 of itself: f32-level accuracy from bf16 MMAs.
-// - B (MXFP4): each thread decodes 8 bytes (16 values) of one block straight to bf16, exactly
-//   (an E2M1 value times a power of two has 2 significant bits; bf16 keeps f32's exponent range),
-//   by two byte-permute table look-ups and one bf16x2 multiply by the block scale per pair.
-//   Forward (B(k, n) = W[n, k]): the tile is 256 W rows x one 32-value block, stored [n][k] and read
-//   as a column-major B. Transposed (B(k, n) = W[k, n]): 32 W rows x 8 blocks, stored [k][n], read
-//   row-major. A dequantized copy of W never exists in device memory.
+// Two kernels. split_a_bf16 writes A once into bf16 hi = bf16(x) and lo = bf16(x - hi), row-major
+// [total_rows, kp] with kp = K rounded up to TK and zeros past K (compiled with MMA_ONE_PASS, the
+// Mma::Bf16 variant, only hi: x rounded to bf16 once). grouped_gemm_bf16a_mxfp4w{,_transposed}
+// then multiplies on bf16 tensor cores (mma.sync m16n8k16, f32 accumulation), every fragment pair
+// twice (lo·B, then hi·B, into the same accumulator: x carried to ~2^-17 of itself, f32-level
+// accuracy) or once (MMA_ONE_PASS).
+// C_g tile 128x256 per block of 512 threads (16 warps as 2 x 8, each 64x32 of C: 4 x 4 accumulators;
+// 256 wide so each A value, the larger operand by far, comes from L2 half as often), K walked in
+// slices of TK = 64:
+// - A: STAGES stages in shared memory filled by cp.async (16 bytes, no registers on the way, rows
+//   past the group zero-filled), STAGES - 1 slices in flight while one is multiplied.
+// - B (MXFP4): each thread loads one 32-value block (16 bytes and its scale) of slice s + 2 into
+//   registers while slice s is multiplied, and decodes slice s + 1's straight to bf16 into one of
+//   two decoded tiles, exactly (an E2M1 value times a power of two has 2 significant bits; bf16
+//   keeps f32's exponent range), by two byte-permute table look-ups and one bf16x2 multiply by the
+//   block scale per pair. Forward (B(k, n) = W[n, k]): the tile is 256 W rows x two blocks, stored
+//   [n][k] and read as a column-major B. Transposed (B(k, n) = W[k, n]): 64 W rows x 8 blocks,
+//   stored [k][n], read row-major. A dequantized copy of W never exists in device memory.
+// One barrier per slice: it publishes slice s's A copies and decoded B, and frees the A stage and
+// the decoded tile that slice s - 1 used, which the threads then refill.
 // Rows are padded by 8 bf16 (16 bytes), so the 8 rows an ldmatrix phase reads fall in distinct
 // banks. Partial tiles: rows of A and C past the group, n past N and k past K load as zeros and are
 // never stored. The epilogue goes through a per-warp [16][32] f32 scratch in shared memory so that C
 // is written with any strides, alpha and beta, one 128-byte row per store when C is row-major.
 
 namespace tc {
-constexpr int TM = 128, TN = 256, TK = 32, TTHREADS = 512;
-constexpr int WARPS_N = TN / 32;           // warps as (TM / 64) x (TN / 32), each 64 x 32 of C
-constexpr int A_ROWS = TTHREADS / 8;       // A loader: rows per pass of 8 threads x 4 k
-constexpr int A_PASSES = TM / A_ROWS;
-constexpr int BLKS = TN / 32;              // transposed B tile: MXFP4 blocks per W row
+constexpr int TM = 128, TN = 256, TK = 64, TTHREADS = 512, STAGES = 3;
+constexpr int WARPS_N = TN / 32;  // warps as (TM / 64) x (TN / 32), each 64 x 32 of C
+constexpr int BLKS = TN / 32;     // transposed B tile: MXFP4 blocks per W row
+#ifdef MMA_ONE_PASS
+constexpr int A_TILES = 1;  // hi
+#else
+constexpr int A_TILES = 2;  // hi, lo
+#endif
 constexpr int LDA = TK + 8;     // A tiles [m][k]
 constexpr int LDB_NK = TK + 8;  // forward B tile [n][k]
 constexpr int LDB_KN = TN + 8;  // transposed B tile [k][n]
 constexpr int A_ELEMS = TM * LDA;
+constexpr int A_STAGE = A_TILES * A_ELEMS;
 constexpr int B_ELEMS = TN * LDB_NK > TK * LDB_KN ? TN * LDB_NK : TK * LDB_KN;
-static_assert(TM / 64 * WARPS_N * 32 == TTHREADS && TK == 32 && TM % A_ROWS == 0,
-              "one 64x32 C tile per warp, one MXFP4 block per k slice");
-static_assert(TTHREADS == 2 * TN && TTHREADS == 2 * TK * BLKS,
-              "B loaders: two threads per block (forward: per W row; transposed: per W row and block)");
-constexpr int STAGE = 2 * A_ELEMS + B_ELEMS;  // bf16 per pipeline stage; two stages
-static_assert(2 * STAGE * 2 == 81920, "TC_SMEM_BYTES in mod.rs: the dynamic shared memory of a block");
+constexpr int A_CHUNKS = TK / 8;                 // 16-byte chunks per A row and slice
+constexpr int A_ROWS = TTHREADS / A_CHUNKS;      // A rows copied per pass of the block
+static_assert(TM / 64 * WARPS_N * 32 == TTHREADS && TK == 64 && TM % A_ROWS == 0,
+              "one 64x32 C tile per warp, two MXFP4 blocks per k slice");
+static_assert(TTHREADS == 2 * TN && TTHREADS == TK * BLKS,
+              "B loaders: one block per thread (forward: two per W row; transposed: a W row's 8)");
+// bf16 elements of dynamic shared memory: the A stages, then two decoded B tiles. mod.rs
+// (tc_smem_bytes) computes the same bytes.
+constexpr int SMEM_ELEMS = STAGES * A_STAGE + 2 * B_ELEMS;
+static_assert(SMEM_ELEMS * 2 == (STAGES * A_TILES * 128 * 72 + 2 * 256 * 72) * 2, "tc_smem_bytes in mod.rs");
 constexpr int SC_LD = 40;  // epilogue scratch row (f32): float2 stores of a half-warp hit distinct banks
-static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= STAGE * 2, "the epilogue scratch fits in the first stage");
+static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= STAGES * A_STAGE * 2, "the epilogue scratch fits in the A stages");
+static_assert((A_ELEMS * 2) % 16 == 0 && (B_ELEMS * 2) % 16 == 0 && (LDA * 2) % 16 == 0, "16-byte aligned rows");
+constexpr int SPLIT_THREADS = 256;  // split_a_bf16: 4 k per thread
 }  // namespace tc
+
+// Rows [0, total_rows) of A into hi (and lo) [total_rows, kp], bf16, zeros at k >= K. Row r is read
+// from the group whose clamped offsets hold it (any group when a_group = 0, where all groups share
+// one matrix); a row of no group is written as zeros (the GEMM never reads it). Grid: (k chunks of
+// 4 SPLIT_THREADS, rows (loops)).
+extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
+    split_a_bf16(unsigned int* hi, unsigned int* lo, const float* a, const unsigned int* offsets, Params p,
+                 unsigned int kp) {
+    const unsigned int k = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (k >= kp) return;
+    const bool vec = p.a_col == 1 && (p.a_row & 3) == 0 && (p.a_group & 3) == 0 && ((size_t)a & 15) == 0;
+    for (unsigned int r = blockIdx.y; r < p.total_rows; r += gridDim.y) {
+        const float* src = nullptr;
+        if (p.a_group == 0) {
+            src = a + (size_t)r * p.a_row;
+        } else {
+            for (unsigned int g = 0; g < p.groups; ++g) {
+                const unsigned int end = min(offsets[g + 1], p.total_rows), start = min(offsets[g], end);
+                if (r >= start && r < end) {
+                    src = a + (size_t)g * p.a_group + (size_t)r * p.a_row;
+                    break;
+                }
+            }
+        }
+        float x[4];
+        if (src != nullptr && vec && k + 3 < p.k) {
+            const float4 v = *reinterpret_cast<const float4*>(src + k);
+            x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) x[e] = (src != nullptr && k + e < p.k) ? src[(size_t)(k + e) * p.a_col] : 0.0f;
+        }
+        const __nv_bfloat162 h01 = __floats2bfloat162_rn(x[0], x[1]), h23 = __floats2bfloat162_rn(x[2], x[3]);
+        const size_t o = ((size_t)r * kp + k) / 2;  // in bf16 pairs
+        *reinterpret_cast<uint2*>(hi + o) =
+            make_uint2(*reinterpret_cast<const unsigned int*>(&h01), *reinterpret_cast<const unsigned int*>(&h23));
+#ifndef MMA_ONE_PASS
+        const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+        const __nv_bfloat162 l01 = __floats2bfloat162_rn(x[0] - f01.x, x[1] - f01.y);
+        const __nv_bfloat162 l23 = __floats2bfloat162_rn(x[2] - f23.x, x[3] - f23.y);
+        *reinterpret_cast<uint2*>(lo + o) =
+            make_uint2(*reinterpret_cast<const unsigned int*>(&l01), *reinterpret_cast<const unsigned int*>(&l23));
+#endif
+    }
+}
 
 __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int y) {
     unsigned int d;
@@ -551,94 +611,108 @@ __device__ __forceinline__ unsigned int bf16x2_bits(__nv_bfloat162 v) {
     return *reinterpret_cast<unsigned int*>(&v);
 }
 
+// 16 bytes global -> shared without registers; pred false fills the 16 bytes with zeros (src is
+// not read but must be a valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(pred ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 template <bool TRANSPOSED>
-__device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const unsigned char* blocks, const unsigned char* scales,
-                              const unsigned int* offsets, const Params& p, unsigned int w_rows,
-                              unsigned int w_cols) {
+__device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
+                              const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
+                              const Params& p, unsigned int w_rows, unsigned int w_cols, unsigned int kp) {
     using namespace tc;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-    const bool a_vec = p.a_col == 1 && (p.a_row & 3) == 0 && (p.a_group & 3) == 0 && ((size_t)a & 15) == 0;
-    const bool b_vec = ((size_t)blocks & 7) == 0;
+    const bool b_vec = ((size_t)blocks & 15) == 0;
     const unsigned int nblk = w_cols / 32;
-    // A loader: k 4·a_kq..+3 of tile rows a_r + A_ROWS j. B loader: 8 bytes (half b_half) of one
-    // block: forward, W row n0 + b_x; transposed, W row k0 + b_x, block b_blk of the tile's BLKS.
-    const int a_kq = tid % 8, a_r = tid / 8;
-    const int b_half = tid % 2, b_x = TRANSPOSED ? tid / (2 * BLKS) : tid / 2;
-    const int b_blk = TRANSPOSED ? (tid / 2) % BLKS : 0;
-    // Offsets inside a stage: A hi at 0, A lo at A_ELEMS, B at 2 A_ELEMS.
-    const int b_dst = 2 * A_ELEMS + (TRANSPOSED ? b_x * LDB_KN + 32 * b_blk + 16 * b_half : b_x * LDB_NK + 16 * b_half);
+    // A copier: 16-byte chunk a_ch of tile rows a_r + A_ROWS j. B loader: one MXFP4 block, b_y of
+    // the slice's blocks of W row b_x (forward: row n0 + b_x, 2 blocks; transposed: k0 + b_x, 8).
+    const int a_ch = tid % A_CHUNKS, a_r = tid / A_CHUNKS;
+    // Transposed, a warp takes 4 W rows x 8 blocks (4 whole 128-byte rows of W), and each 8 lanes of
+    // a 16-byte shared store 4 rows x 2 blocks: 528-byte rows and 64-byte blocks put their 8 stores
+    // on distinct banks (one W row's 8 blocks, 64 bytes apart, would conflict 4 ways).
+    const int b_x = TRANSPOSED ? (tid % 8) / 2 + 4 * (tid / 32) : tid / 2;
+    const int b_y = TRANSPOSED ? tid % 2 + 2 * ((tid / 8) % 4) : tid % 2;
+    const int b_dst = TRANSPOSED ? b_x * LDB_KN + 32 * b_y : b_x * LDB_NK + 32 * b_y;
+    __nv_bfloat16* const decoded = sm + STAGES * A_STAGE;  // two decoded B tiles
+    (void)a_lo;
 
     for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
         const unsigned int end = min(offsets[g + 1], p.total_rows);
         const unsigned int start = min(offsets[g], end);
         const unsigned int rows = end - start, depth = p.k;
-        const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
+        const int slices = (int)((depth + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
         for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
             for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
                 const unsigned int m0 = mt * TM, n0 = nt * TN;
-                float av[A_PASSES][4];
-                uint2 bq;
-                unsigned int bsc;
-                auto load = [&](unsigned int k0) {
-                    const unsigned int gk = k0 + 4 * a_kq;
+                // Slice s of A into stage st, as one commit group (empty past the last slice, so
+                // that the group count stays one per slice).
+                auto copy_a = [&](int s, int st) {
+                    if (s < slices) {
+                        __nv_bfloat16* dst = sm + st * A_STAGE + a_r * LDA + 8 * a_ch;
+                        const size_t k = (size_t)s * TK + 8 * a_ch;
 #pragma unroll
-                    for (int j = 0; j < A_PASSES; ++j) {
-                        const unsigned int gm = m0 + a_r + A_ROWS * j;
-                        const float* src = ag + (size_t)gm * p.a_row;
-                        if (gm < rows && a_vec && gk + 3 < depth) {
-                            const float4 v = *reinterpret_cast<const float4*>(src + gk);
-                            av[j][0] = v.x, av[j][1] = v.y, av[j][2] = v.z, av[j][3] = v.w;
-                        } else {
-#pragma unroll
-                            for (int e = 0; e < 4; ++e)
-                                av[j][e] = (gm < rows && gk + e < depth) ? src[(size_t)(gk + e) * p.a_col] : 0.0f;
+                        for (int j = 0; j < TM / A_ROWS; ++j) {
+                            const unsigned int gm = m0 + a_r + A_ROWS * j;
+                            const bool ok = gm < rows;
+                            const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
+                            cp_async16(dst + A_ROWS * j * LDA, a_hi + src, ok);
+#ifndef MMA_ONE_PASS
+                            cp_async16(dst + A_ELEMS + A_ROWS * j * LDA, a_lo + src, ok);
+#endif
                         }
                     }
+                    cp_async_commit();
+                };
+                uint4 bq;
+                unsigned int bsc;
+                auto load_b = [&](int s) {
+                    const unsigned int k0 = (unsigned int)s * TK;
                     bool ok;
                     size_t blk;
                     if (TRANSPOSED) {
-                        const unsigned int wr = k0 + b_x, wc = n0 + 32 * b_blk;
+                        const unsigned int wr = k0 + b_x, wc = n0 + 32 * b_y;
                         ok = wr < w_rows && wc < w_cols;
                         blk = (w_row0 + wr) * nblk + wc / 32;
                     } else {
-                        const unsigned int wr = n0 + b_x;
-                        ok = wr < w_rows && k0 < w_cols;
-                        blk = (w_row0 + wr) * nblk + k0 / 32;
+                        const unsigned int wr = n0 + b_x, wc = k0 + 32 * b_y;
+                        ok = wr < w_rows && wc < w_cols;
+                        blk = (w_row0 + wr) * nblk + wc / 32;
                     }
-                    bq = make_uint2(0u, 0u);
+                    bq = make_uint4(0u, 0u, 0u, 0u);
                     bsc = 127u;
                     if (ok) {
                         bsc = scales[blk];
-                        const unsigned char* q = blocks + blk * 16 + 8 * b_half;
+                        const unsigned char* q = blocks + blk * 16;
                         if (b_vec) {
-                            bq = *reinterpret_cast<const uint2*>(q);
+                            bq = *reinterpret_cast<const uint4*>(q);
                         } else {
-                            bq.x = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned int)q[3] << 24);
-                            bq.y = q[4] | (q[5] << 8) | (q[6] << 16) | ((unsigned int)q[7] << 24);
+                            unsigned int w[4];
+#pragma unroll
+                            for (int e = 0; e < 4; ++e)
+                                w[e] = q[4 * e] | (q[4 * e + 1] << 8) | (q[4 * e + 2] << 16) | ((unsigned int)q[4 * e + 3] << 24);
+                            bq = make_uint4(w[0], w[1], w[2], w[3]);
                         }
                     }
                 };
-                auto store = [&](__nv_bfloat16* st) {
-#pragma unroll
-                    for (int j = 0; j < A_PASSES; ++j) {
-                        const __nv_bfloat162 h01 = __floats2bfloat162_rn(av[j][0], av[j][1]);
-                        const __nv_bfloat162 h23 = __floats2bfloat162_rn(av[j][2], av[j][3]);
-                        const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-                        const __nv_bfloat162 l01 = __floats2bfloat162_rn(av[j][0] - f01.x, av[j][1] - f01.y);
-                        const __nv_bfloat162 l23 = __floats2bfloat162_rn(av[j][2] - f23.x, av[j][3] - f23.y);
-                        const int o = (a_r + A_ROWS * j) * LDA + 4 * a_kq;
-                        *reinterpret_cast<uint2*>(st + o) = make_uint2(bf16x2_bits(h01), bf16x2_bits(h23));
-#ifndef MMA_ONE_PASS
-                        *reinterpret_cast<uint2*>(st + A_ELEMS + o) = make_uint2(bf16x2_bits(l01), bf16x2_bits(l23));
-#endif
-                    }
+                auto decode_b = [&](int buf) {
                     // E8M0 -> bf16 2^(s-127): the exponent field is s (s = 0: the subnormal 2^-127).
                     const unsigned int s = bsc ? bsc << 7 : 0x40u, s2 = s | (s << 16);
-                    *reinterpret_cast<uint4*>(st + b_dst) = decode8_bf16(bq.x, s2);
-                    *reinterpret_cast<uint4*>(st + b_dst + 8) = decode8_bf16(bq.y, s2);
+                    __nv_bfloat16* d = decoded + buf * B_ELEMS + b_dst;
+                    *reinterpret_cast<uint4*>(d) = decode8_bf16(bq.x, s2);
+                    *reinterpret_cast<uint4*>(d + 8) = decode8_bf16(bq.y, s2);
+                    *reinterpret_cast<uint4*>(d + 16) = decode8_bf16(bq.z, s2);
+                    *reinterpret_cast<uint4*>(d + 24) = decode8_bf16(bq.w, s2);
                 };
 
                 float acc[4][4][4];  // [m16 fragment][n8 fragment][mma C register]
@@ -648,18 +722,30 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                     for (int j = 0; j < 4; ++j)
 #pragma unroll
                         for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-                load(0);
-                store(sm);
-                __syncthreads();
-                int stage = 0;
-                for (unsigned int k0 = 0; k0 < depth; k0 += TK, stage ^= 1) {
-                    const bool more = k0 + TK < depth;
-                    if (more) load(k0 + TK);
-                    const __nv_bfloat16* const a_hi = sm + stage * STAGE;
-                    const __nv_bfloat16* const a_lo = a_hi + A_ELEMS;
-                    const __nv_bfloat16* const bs = a_hi + 2 * A_ELEMS;
+                // Prologue: A slices 0 .. STAGES - 2 in flight, B slice 0 decoded, slice 1 loading.
+                // The previous tile's last barrier freed every buffer.
+#pragma unroll
+                for (int s = 0; s < STAGES - 1; ++s) copy_a(s, s);
+                load_b(0);
+                decode_b(0);
+                if (slices > 1) load_b(1);
+                for (int s = 0; s < slices; ++s) {
+                    // Groups committed: STAGES - 1 + s; at most STAGES - 2 pending: slice s landed.
+                    cp_async_wait<STAGES - 2>();
+                    // Every thread's copies of slice s and its decoded B are visible, and every warp
+                    // is past slice s - 1's products: its A stage and decoded tile are free.
+                    __syncthreads();
+                    copy_a(s + STAGES - 1, (s + STAGES - 1) % STAGES);
+                    const __nv_bfloat16* const ah_s = sm + (s % STAGES) * A_STAGE;
+                    const __nv_bfloat16* const bs = decoded + (s & 1) * B_ELEMS;
 #pragma unroll
                     for (int kk = 0; kk < TK; kk += 16) {
+                        // Slice s + 1's B is decoded (and slice s + 2's loaded) once the first
+                        // products are queued, so that the ALU work overlaps the tensor pipe.
+                        if (kk == 16 && s + 1 < slices) {
+                            decode_b((s + 1) & 1);
+                            if (s + 2 < slices) load_b(s + 2);
+                        }
                         unsigned int bf[2][4];  // [n16 pair]: b0, b1 of n8 fragment 2p, then of 2p + 1
 #pragma unroll
                         for (int q = 0; q < 2; ++q) {
@@ -675,9 +761,9 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                             const int o = (wm * 64 + 16 * i + lane % 16) * LDA + kk + (lane / 16) * 8;
 #ifndef MMA_ONE_PASS
                             unsigned int al[4];
-                            ldsm_x4(al, a_lo + o);
+                            ldsm_x4(al, ah_s + A_ELEMS + o);
 #endif
-                            ldsm_x4(ah, a_hi + o);
+                            ldsm_x4(ah, ah_s + o);
 #pragma unroll
                             for (int j = 0; j < 4; ++j) {
 #ifndef MMA_ONE_PASS
@@ -687,13 +773,12 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                             }
                         }
                     }
-                    // The other stage was last read before the previous barrier: fill it now, and
-                    // one barrier per slice both publishes it and frees this one.
-                    if (more) store(sm + (stage ^ 1) * STAGE);
-                    __syncthreads();
                 }
-                // Every warp is past its last read of the tiles: the first stage becomes each warp's
-                // [16][SC_LD] f32 scratch, so that C is written one 32-column row per instruction.
+                // No copy in flight (the groups past the last slice are empty) and every warp past
+                // its last read of the tiles: the A stages become each warp's [16][SC_LD] f32
+                // scratch, so that C is written one 32-column row per instruction.
+                cp_async_wait<0>();
+                __syncthreads();
                 float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
                 const int gr = lane / 4, tq = lane % 4;
 #pragma unroll
@@ -719,21 +804,334 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const float* a, const
                     }
                     __syncwarp();
                 }
-                __syncthreads();  // the next tile's first store overwrites the scratch
+                __syncthreads();  // the next tile's first copies overwrite the scratch
             }
         }
     }
 }
 
-// Two entry points, one per orientation: inlined into one kernel, both would share its register
-// allocation and spill.
-#define MXFP4W_KERNEL(name, transposed)                                                                   \
-    extern "C" __global__ void __launch_bounds__(tc::TTHREADS, 1)                                        \
-        name(float* c, const float* a, const unsigned char* blocks, const unsigned char* scales,        \
-             const unsigned int* offsets, Params p, unsigned int w_rows, unsigned int w_cols) {          \
-        extern __shared__ __align__(128) unsigned char tc_smem[];                                        \
-        mxfp4_tc_gemm<transposed>(reinterpret_cast<__nv_bfloat16*>(tc_smem), c, a, blocks, scales, offsets, p, w_rows, w_cols);                \
+// ---- MXFP4 B on Hopper's warpgroup tensor cores (sm_90a) ----
+//
+// The same product as grouped_gemm_bf16a_mxfp4w (same arguments, same split A, same results up to
+// the order of f32 additions inside a product), with wgmma: the tensor cores read both operands
+// straight from shared memory, asynchronously, so no fragments pass through registers.
+// C_g tile 128x256 per block of 256 threads (two warpgroups, each 64x256 of C: 128 f32 accumulators
+// a thread), K walked in slices of TK = 64. Both operands sit in shared memory K-major, as a
+// matrix descriptor describes them (wg_desc): A, and B in the forward orientation, in rows of 64 k
+// (128 bytes) with the 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)), so
+// that the tensor cores' reads and the threads' 16-byte writes of 8 consecutive rows hit distinct
+// banks; the transposed B as unswizzled "core matrices" (8 rows x 16 bytes) whose 8-row groups are
+// 1040 bytes apart (not 1024), which puts the transposed stores of 8 lanes on distinct banks.
+// - A (split_a_bf16's hi and lo rows): STAGES stages filled by cp.async, two slices ahead.
+// - B: each thread loads the MXFP4 bytes of slice s + 2 into registers while slice s is multiplied
+//   and decodes slice s + 1's into one of three decoded tiles. Forward (B(k, n) = W[n, k]): thread
+//   t decodes W row n0 + t's two blocks, 8 k per 16-byte store. Transposed (B(k, n) = W[k, n]):
+//   thread (kg, nq) decodes 8 n of W rows 8 kg..8 kg + 7 (8 k per row) and transposes the 8x8 in
+//   registers (one byte permute per output word) into 8 rows of 8 k.
+// Per slice: wait for slice s's copies, make this thread's shared writes visible to the tensor
+// cores (fence.proxy.async), one barrier, issue slice s's products (lo·B then hi·B per k16, or hi·B
+// with MMA_ONE_PASS), wait until slice s - 1's products are done, then refill the A stage and the
+// decoded tile that slice s - 2 used (the barrier proved every warpgroup done with them).
+
+namespace wg {
+constexpr int TM = 128, TN = 256, TK = 64, WG_THREADS = 256, STAGES = 4, BBUF = 3;
+#ifdef MMA_ONE_PASS
+constexpr int A_TILES = 1;
+#else
+constexpr int A_TILES = 2;
+#endif
+constexpr int ROW = TK * 2;                      // bytes of a 64-k row: one 128-byte swizzle row
+constexpr int SW_SBO = 8 * ROW;                  // 128B-swizzled tiles: bytes between 8-row groups
+constexpr int A_TILE = TM * ROW;                 // bytes of one A tile (hi or lo)
+constexpr int A_STAGE = A_TILES * A_TILE;
+constexpr int BT_SBO = TK / 8 * 128 + 16;        // transposed B (no swizzle): padded, see above
+constexpr int B_TILE = 33 * 1024;                // a decoded B tile either way, 1024-byte aligned
+static_assert(TN * ROW <= B_TILE && TN / 8 * BT_SBO <= B_TILE, "both B layouts fit");
+constexpr int B_OFF = STAGES * A_STAGE;          // the decoded tiles follow the A stages
+constexpr int SMEM = B_OFF + BBUF * B_TILE;      // mod.rs (wg_smem_bytes) computes the same bytes
+static_assert(SMEM == STAGES * A_TILES * 16384 + 3 * 33792, "wg_smem_bytes in mod.rs");
+static_assert(A_TILE % 1024 == 0 && B_OFF % 1024 == 0, "swizzle atoms (8 rows x 128 bytes) 1024-byte aligned");
+static_assert(SMEM <= 232448, "the H100's shared memory per block");
+constexpr int SC_LD = 40;
+static_assert(WG_THREADS / 32 * 16 * SC_LD * 4 <= STAGES * A_STAGE, "the epilogue scratch fits in the A stages");
+static_assert(TM * TK / 8 % WG_THREADS == 0 && TN == WG_THREADS && TK == 64, "A chunks, B rows and blocks per thread");
+}  // namespace wg
+
+// Matrix descriptor of a K-major bf16 operand in shared memory at byte address addr: with
+// swizzle128, rows of 128 bytes whose 16-byte chunks are permuted (chunk c of row r at c ^ (r % 8))
+// in 1024-byte atoms of 8 rows (SBO 1024; the k16 step moves the start by 32 bytes inside the row);
+// without, core matrices of 8 rows x 16 bytes, LBO = 128 bytes between them along K, SBO between
+// 8-row groups.
+__device__ __forceinline__ unsigned long long wg_desc(unsigned int addr, unsigned int sbo, bool swizzle128) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(128 >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (swizzle128 ? 1ull << 62 : 0ull);
+}
+
+// d (64 x 256 of the warpgroup, f32) += A · B, both bf16 in shared memory as K-major core matrices
+// (descriptors da, db): one asynchronous warpgroup product m64n256k16.
+__device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long da, unsigned long long db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// This thread's generic-proxy shared memory writes (stores, completed cp.async) become visible to
+// the tensor cores' async proxy (before the barrier that publishes them).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+template <bool TRANSPOSED>
+__device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
+                              const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
+                              const Params& p, unsigned int w_rows, unsigned int w_cols, unsigned int kp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using namespace wg;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wgi = tid / 128;
+    const bool b_vec = ((size_t)blocks & 15) == 0;
+    const unsigned int nblk = w_cols / 32;
+    const unsigned int sbase = smem_addr(sm);
+    if (sbase % 1024 != 0) __trap();  // the swizzled tiles assume 1024-byte aligned shared memory
+    // Transposed decoder: k group kg (W rows 8 kg..+7 of the slice), n group nq (8 n).
+    const int kg = tid / 32, nq = tid % 32;
+    (void)a_lo;
+
+    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
+        const unsigned int end = min(offsets[g + 1], p.total_rows);
+        const unsigned int start = min(offsets[g], end);
+        const unsigned int rows = end - start, depth = p.k;
+        const int slices = (int)((depth + TK - 1) / TK);
+        float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
+        const size_t w_row0 = (size_t)g * w_rows;
+        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
+            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+                const unsigned int m0 = mt * TM, n0 = nt * TN;
+                // Slice s of A into stage st: 16-byte chunk tid % 8 (k 8 (tid % 8)..) of rows
+                // tid / 8 + 32 j; one commit group per call (empty past the last slice).
+                auto copy_a = [&](int s, int st) {
+                    if (s < slices) {
+                        const int ch = tid % 8;
+                        const size_t k = (size_t)s * TK + 8 * ch;
+#pragma unroll
+                        for (int j = 0; j < TM / 32; ++j) {
+                            const int r = tid / 8 + 32 * j;
+                            const unsigned int gm = m0 + r;
+                            const bool ok = gm < rows;
+                            const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
+                            unsigned char* dst = sm + st * A_STAGE + r * ROW + ((ch ^ (r % 8)) * 16);
+                            cp_async16(dst, a_hi + src, ok);
+#ifndef MMA_ONE_PASS
+                            cp_async16(dst + A_TILE, a_lo + src, ok);
+#endif
+                        }
+                    }
+                    cp_async_commit();
+                };
+                // MXFP4 bytes of slice s in registers: forward, W row n0 + tid's two blocks (q[0..3],
+                // q[4..7], scales sc[0], sc[1]); transposed, 4 bytes (8 n) of 8 W rows (q[r], sc[r]).
+                unsigned int q[8], sc[8];
+                auto load_b = [&](int s) {
+                    const unsigned int k0 = (unsigned int)s * TK;
+                    if (TRANSPOSED) {
+                        const unsigned int wc = n0 + 8 * nq;
+#pragma unroll
+                        for (int r = 0; r < 8; ++r) {
+                            const unsigned int wr = k0 + 8 * kg + r;
+                            q[r] = 0u;
+                            sc[r] = 127u;
+                            if (wr < w_rows && wc < w_cols) {
+                                const size_t row = (w_row0 + wr) * nblk;
+                                sc[r] = scales[row + wc / 32];
+                                const unsigned char* b = blocks + row * 16 + wc / 2;
+                                q[r] = b_vec ? *reinterpret_cast<const unsigned int*>(b)
+                                             : b[0] | (b[1] << 8) | (b[2] << 16) | ((unsigned int)b[3] << 24);
+                            }
+                        }
+                    } else {
+                        const unsigned int wr = n0 + tid;
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const unsigned int wc = k0 + 32 * h;
+                            q[4 * h] = q[4 * h + 1] = q[4 * h + 2] = q[4 * h + 3] = 0u;
+                            sc[h] = 127u;
+                            if (wr < w_rows && wc < w_cols) {
+                                const size_t blk = (w_row0 + wr) * nblk + wc / 32;
+                                sc[h] = scales[blk];
+                                const unsigned char* b = blocks + blk * 16;
+                                if (b_vec) {
+                                    const uint4 v = *reinterpret_cast<const uint4*>(b);
+                                    q[4 * h] = v.x, q[4 * h + 1] = v.y, q[4 * h + 2] = v.z, q[4 * h + 3] = v.w;
+                                } else {
+#pragma unroll
+                                    for (int e = 0; e < 4; ++e)
+                                        q[4 * h + e] = b[4 * e] | (b[4 * e + 1] << 8) | (b[4 * e + 2] << 16) |
+                                                       ((unsigned int)b[4 * e + 3] << 24);
+                                }
+                            }
+                        }
+                    }
+                };
+                // E8M0 -> bf16x2 2^(s-127) (s = 0: the subnormal 2^-127).
+                auto scale2 = [](unsigned int s) {
+                    const unsigned int e = s ? s << 7 : 0x40u;
+                    return e | (e << 16);
+                };
+                auto decode_b = [&](int buf) {
+                    unsigned char* tile = sm + B_OFF + buf * B_TILE;
+                    if (TRANSPOSED) {
+                        uint4 d[8];  // d[r]: n pairs (0,1) (2,3) (4,5) (6,7) of W row 8 kg + r
+#pragma unroll
+                        for (int r = 0; r < 8; ++r) d[r] = decode8_bf16(q[r], scale2(sc[r]));
+                        unsigned char* dst = tile + nq * BT_SBO + kg * 128;
+#pragma unroll
+                        for (int n = 0; n < 8; ++n) {
+                            // Row n of the core matrix: k pairs (2j, 2j + 1) = element n of rows 2j, 2j + 1.
+                            const unsigned int sel = n % 2 ? 0x7632u : 0x5410u;
+                            auto word = [&](const uint4& v) {
+                                const int w = n / 2;
+                                return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+                            };
+                            *reinterpret_cast<uint4*>(dst + n * 16) =
+                                make_uint4(__byte_perm(word(d[0]), word(d[1]), sel), __byte_perm(word(d[2]), word(d[3]), sel),
+                                           __byte_perm(word(d[4]), word(d[5]), sel), __byte_perm(word(d[6]), word(d[7]), sel));
+                        }
+                    } else {
+                        // Row n = tid, swizzled: k group c at chunk c ^ (n % 8).
+                        unsigned char* dst = tile + tid * ROW;
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const unsigned int s2 = scale2(sc[h]);
+#pragma unroll
+                            for (int j = 0; j < 4; ++j)
+                                *reinterpret_cast<uint4*>(dst + (((4 * h + j) ^ (tid % 8)) * 16)) =
+                                    decode8_bf16(q[4 * h + j], s2);
+                        }
+                    }
+                };
+
+                float acc[128];
+#pragma unroll
+                for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+                // Prologue: A slices 0 and 1 in flight, B slice 0 decoded, slice 1 in registers. The
+                // previous tile's last barrier freed every buffer.
+                copy_a(0, 0);
+                copy_a(1, 1);
+                load_b(0);
+                decode_b(0);
+                if (slices > 1) load_b(1);
+                for (int s = 0; s < slices; ++s) {
+                    // Groups committed: 2 + s (slices 0 .. s + 1); at most one pending: slice s landed.
+                    cp_async_wait<1>();
+                    fence_proxy_async();
+                    // Slice s's A and decoded B are visible to every warpgroup's tensor cores, and
+                    // every warpgroup has finished slice s - 2's products.
+                    __syncthreads();
+                    wgmma_fence();
+                    const unsigned int a_addr = sbase + (s % STAGES) * A_STAGE + wgi * 64 * ROW;
+                    const unsigned int b_addr = sbase + B_OFF + (s % BBUF) * B_TILE;
+#pragma unroll
+                    for (int kk = 0; kk < TK / 16; ++kk) {
+                        const unsigned long long db = TRANSPOSED ? wg_desc(b_addr + kk * 256, BT_SBO, false)
+                                                                 : wg_desc(b_addr + kk * 32, SW_SBO, true);
+#ifndef MMA_ONE_PASS
+                        wgmma_m64n256k16(acc, wg_desc(a_addr + A_TILE + kk * 32, SW_SBO, true), db);
+#endif
+                        wgmma_m64n256k16(acc, wg_desc(a_addr + kk * 32, SW_SBO, true), db);
+                    }
+                    wgmma_commit();
+                    // This warpgroup's slice s - 1 products are done (slice s's run on).
+                    wgmma_wait<1>();
+                    copy_a(s + 2, (s + 2) % STAGES);
+                    if (s + 1 < slices) {
+                        decode_b((s + 1) % BBUF);
+                        if (s + 2 < slices) load_b(s + 2);
+                    }
+                }
+                wgmma_wait<0>();
+#pragma unroll
+                for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+                // No copy in flight (the groups past the last slice are empty) and every warpgroup
+                // done with the tiles: the A stages become each warp's [16][SC_LD] f32 scratch.
+                cp_async_wait<0>();
+                __syncthreads();
+                float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
+                const int gr = lane / 4, tq = lane % 4;
+                const unsigned int row0 = m0 + 64 * wgi + 16 * (warp % 4);
+#pragma unroll
+                for (int cc = 0; cc < TN / 32; ++cc) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float* d = acc + 4 * (4 * cc + j);
+                        *reinterpret_cast<float2*>(scratch + gr * SC_LD + 8 * j + 2 * tq) = make_float2(d[0], d[1]);
+                        *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) = make_float2(d[2], d[3]);
+                    }
+                    __syncwarp();
+                    const unsigned int gn = n0 + 32 * cc + lane;
+#pragma unroll 1
+                    for (int r = 0; r < 16; ++r) {
+                        const unsigned int gm = row0 + r;
+                        if (gm < rows && gn < p.n) {
+                            float* cp = cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col;
+                            // beta = 0 overwrites: old C may hold NaN and is never read.
+                            const float v = p.alpha * scratch[r * SC_LD + lane];
+                            *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
+                        }
+                    }
+                    __syncwarp();
+                }
+                __syncthreads();  // the next tile's first copies overwrite the scratch
+            }
+        }
+    }
+#else
+    __trap();  // built for another architecture: mod.rs launches these on sm_90a only
+#endif
+}
+
+#define MXFP4W_WG_KERNEL(name, transposed)                                                                \
+    extern "C" __global__ void __launch_bounds__(wg::WG_THREADS, 1)                                         \
+        name(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo, const unsigned char* blocks, \
+             const unsigned char* scales, const unsigned int* offsets, Params p, unsigned int w_rows,     \
+             unsigned int w_cols, unsigned int kp) {                                                      \
+        extern __shared__ __align__(128) unsigned char wg_smem[];                                        \
+        mxfp4_wg_gemm<transposed>(wg_smem, c, a_hi, a_lo, blocks, scales, offsets, p, w_rows, w_cols, kp); \
     }
 
-MXFP4W_KERNEL(grouped_gemm_f32_mxfp4w, false)
-MXFP4W_KERNEL(grouped_gemm_f32_mxfp4w_transposed, true)
+MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg, false)
+MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg_transposed, true)
+
+// Two entry points, one per orientation: inlined into one kernel, both would share its register
+// allocation and spill. a_hi / a_lo: split_a_bf16's output ([total_rows, kp] bf16; a_lo unused with
+// MMA_ONE_PASS).
+#define MXFP4W_KERNEL(name, transposed)                                                                   \
+    extern "C" __global__ void __launch_bounds__(tc::TTHREADS, 1)                                        \
+        name(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo, const unsigned char* blocks, \
+             const unsigned char* scales, const unsigned int* offsets, Params p, unsigned int w_rows,     \
+             unsigned int w_cols, unsigned int kp) {                                                      \
+        extern __shared__ __align__(128) unsigned char tc_smem[];                                        \
+        mxfp4_tc_gemm<transposed>(reinterpret_cast<__nv_bfloat16*>(tc_smem), c, a_hi, a_lo, blocks, scales, \
+                                  offsets, p, w_rows, w_cols, kp);                                        \
+    }
+
+MXFP4W_KERNEL(grouped_gemm_bf16a_mxfp4w, false)
+MXFP4W_KERNEL(grouped_gemm_bf16a_mxfp4w_transposed, true)

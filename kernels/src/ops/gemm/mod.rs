@@ -125,9 +125,29 @@ const TILE_N: usize = 64;
 /// C tile `[m, n]` and block size of the MXFP4 (tensor-core) kernels.
 const TC_TILE: (usize, usize) = (128, 256);
 const TC_THREADS: u32 = 512;
-/// Their dynamic shared memory: two stages of A hi and A lo (128 x 40 bf16 each) and B (256 x 40
-/// bf16); gemm.cu asserts the same number.
-const TC_SMEM_BYTES: u32 = 81_920;
+/// Their k slice; A is split into bf16 rows of K rounded up to it.
+const TC_K: usize = 64;
+/// Their dynamic shared memory: three stages of A (hi and lo, or hi alone with [`Mma::Bf16`], 128 x
+/// 72 bf16 each) and two decoded B tiles (256 x 72 bf16); gemm.cu asserts the same number.
+const fn tc_smem_bytes(mma: Mma) -> u32 {
+    let a_tiles = match mma {
+        Mma::Split => 2,
+        Mma::Bf16 => 1,
+    };
+    ((3 * a_tiles * 128 * 72 + 2 * 256 * 72) * 2) as u32
+}
+const SPLIT_THREADS: u32 = 256;
+/// Block size of the wgmma MXFP4 kernels (two warpgroups, the same C tile as the mma.sync ones).
+const WG_THREADS: u32 = 256;
+/// Their dynamic shared memory: four stages of A (16 KiB per tile of 128 x 64 bf16, hi and lo or hi
+/// alone) and three decoded B tiles of 33 KiB; gemm.cu asserts it.
+const fn wg_smem_bytes(mma: Mma) -> u32 {
+    let a_tiles = match mma {
+        Mma::Split => 2,
+        Mma::Bf16 => 1,
+    };
+    (4 * a_tiles * 16384 + 3 * 33792) as u32
+}
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
 /// The largest N, K or Grouped::K output dimension that the narrow-shape kernels take (padded to 8
@@ -482,7 +502,10 @@ pub fn grouped_gemm_f32(
 /// `B(k, n) = W_g[n, k]` when `!transposed` (forward `y = x W_gᵀ`: `K = cols`, `N = rows`) and
 /// `W_g[k, n]` when `transposed` (input gradient `dx = dy W_g`: `K = rows`, `N = cols`).
 /// Grouped::M only; `cfg.b` is ignored; group `g` uses expert `g` (`groups ≤ experts`).
-/// `offsets` and `total_rows` as in [`grouped_gemm_f32`].
+/// `offsets` and `total_rows` as in [`grouped_gemm_f32`]. A is first written once in bf16 (hi and
+/// lo, or hi alone) to a buffer of `total_rows` rows of K rounded up to 64 from the stream's
+/// memory pool (with [`Mma::Split`] the size of A in f32, half that with [`Mma::Bf16`]), which
+/// goes back to the pool when the stream has run the product.
 pub fn grouped_gemm_f32_mxfp4w(
     gpu: &Gpu,
     cfg: &GroupedGemm,
@@ -494,40 +517,126 @@ pub fn grouped_gemm_f32_mxfp4w(
     mma: Mma,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    let path = Mxfp4Path::for_gpu(gpu);
+    grouped_gemm_f32_mxfp4w_on(gpu, cfg, offsets, total_rows, a, w, transposed, mma, path, c)
+}
+
+/// Which tensor-core kernel runs an MXFP4 product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mxfp4Path {
+    /// Warp-level `mma.sync` (any GPU with bf16 tensor cores).
+    MmaSync,
+    /// Hopper's warpgroup `wgmma` (sm_90a only).
+    Wgmma,
+}
+
+impl Mxfp4Path {
+    /// `Wgmma` on Hopper (the kernels are compiled for sm_90a there), `MmaSync` elsewhere.
+    pub fn for_gpu(gpu: &Gpu) -> Self {
+        if gpu.arch == "sm_90a" {
+            Self::Wgmma
+        } else {
+            Self::MmaSync
+        }
+    }
+}
+
+/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare the two); `Wgmma`
+/// on a GPU that is not sm_90a is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_f32_mxfp4w_on(
+    gpu: &Gpu,
+    cfg: &GroupedGemm,
+    offsets: &CudaView<'_, u32>,
+    total_rows: usize,
+    a: &CudaView<'_, f32>,
+    w: &Mxfp4Weight<'_>,
+    transposed: bool,
+    mma: Mma,
+    path: Mxfp4Path,
+    c: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
     let op = "grouped_gemm_f32_mxfp4w";
+    if path == Mxfp4Path::Wgmma && gpu.arch != "sm_90a" {
+        return Err(shape_err(format!("{op}: the wgmma kernel needs sm_90a, this GPU is {}", gpu.arch)));
+    }
     check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
     check_shapes(op, cfg, offsets.len(), total_rows, a.len(), None, c.len())?;
-    if is_empty(cfg) {
+    if is_empty(cfg) || total_rows == 0 {
         return Ok(());
     }
-    let name = if transposed { "grouped_gemm_f32_mxfp4w_transposed" } else { "grouped_gemm_f32_mxfp4w" };
-    let f = match mma {
-        Mma::Split => gpu.function("gemm", SRC, name)?,
-        Mma::Bf16 => gpu.function("gemm_bf16", SRC_ONE_PASS, name)?,
+    let (name, threads, smem) = match (path, transposed) {
+        (Mxfp4Path::MmaSync, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma)),
+        (Mxfp4Path::MmaSync, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma)),
+        (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma)),
+        (Mxfp4Path::Wgmma, true) => ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma)),
     };
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, TC_SMEM_BYTES as i32)?;
+    let (module, src) = match mma {
+        Mma::Split => ("gemm", SRC),
+        Mma::Bf16 => ("gemm_bf16", SRC_ONE_PASS),
+    };
+    let split = gpu.function(module, src, "split_a_bf16")?;
+    let f = gpu.function(module, src, name)?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
-    // SAFETY: grouped_gemm_f32_mxfp4w{,_transposed}(float* c, const float* a, const unsigned char*
-    // blocks, const unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows,
-    // unsigned w_cols): blocks/scales hold experts·rows·cols/2 and
+    // A as bf16 rows of kp (hi, then lo with Mma::Split), from the stream-ordered pool: freed when
+    // the stream reaches the end of this product.
+    let kp = cfg.k.div_ceil(TC_K) * TC_K;
+    let parts = if mma == Mma::Split { 2 } else { 1 };
+    let part = total_rows
+        .checked_mul(kp)
+        .filter(|&n| n <= DIM_MAX)
+        .ok_or_else(|| shape_err(format!("{op}: {total_rows} rows x {kp} exceeds {DIM_MAX} elements")))?;
+    // SAFETY: split_a_bf16 writes every element of both parts before the GEMM (same stream) reads
+    // them.
+    let mut a16 = unsafe { gpu.stream.alloc::<u16>(parts * part) }?;
+    let kp32 = kp as u32;
+    {
+        let (mut hi, mut lo) = a16.split_at_mut(part);
+        // SAFETY: split_a_bf16(unsigned* hi, unsigned* lo, const float* a, const unsigned* offsets,
+        // Params p, unsigned kp): rows below p.total_rows, each kp bf16 (kp/2 words, kp a multiple of
+        // 64) into hi and, unless MMA_ONE_PASS (Mma::Bf16, where lo is an empty view never
+        // written), lo: both `part` long; A is read at (group, row < total_rows, k < K) by the
+        // strides check_shapes verified (offsets clamped to total_rows).
+        unsafe {
+            gpu.stream.launch_builder(&split).arg(&mut hi).arg(&mut lo).arg(a).arg(offsets).arg(&p).arg(&kp32).launch(
+                LaunchConfig {
+                    grid_dim: (
+                        (kp / 4).div_ceil(SPLIT_THREADS as usize) as u32,
+                        total_rows.clamp(1, GRID_YZ_MAX) as u32,
+                        1,
+                    ),
+                    block_dim: (SPLIT_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        }?;
+    }
+    let (hi, lo) = a16.split_at(part);
+    // SAFETY: grouped_gemm_bf16a_mxfp4w{,_transposed}(float* c, const bf16* a_hi, const bf16* a_lo,
+    // const unsigned char* blocks, const unsigned char* scales, const unsigned* offsets, Params p,
+    // unsigned w_rows, unsigned w_cols, unsigned kp): blocks/scales hold experts·rows·cols/2 and
     // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
-    // (check_mxfp4), so every decoded block lies inside them; A and C as in grouped_gemm_f32;
-    // the block gets the TC_SMEM_BYTES of dynamic shared memory its two stages use.
+    // (check_mxfp4), so every decoded block lies inside them; A hi/lo hold total_rows rows of kp
+    // (rows read only below the clamped offsets, k below kp); C as in grouped_gemm_f32; the block
+    // gets the dynamic shared memory its stages use, and the wgmma kernels run only on sm_90a.
     unsafe {
         gpu.stream
             .launch_builder(&f)
             .arg(c)
-            .arg(a)
+            .arg(&hi)
+            .arg(&lo)
             .arg(&w.blocks)
             .arg(&w.scales)
             .arg(offsets)
             .arg(&p)
             .arg(&rows)
             .arg(&cols)
+            .arg(&kp32)
             .launch(LaunchConfig {
-                block_dim: (TC_THREADS, 1, 1),
-                shared_mem_bytes: TC_SMEM_BYTES,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: smem,
                 ..launch_config(cfg, TC_TILE.0, TC_TILE.1)
             })
     }?;

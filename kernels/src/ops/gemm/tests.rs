@@ -609,6 +609,16 @@ fn more_row_tiles_than_grid_y() {
 
 /// MXFP4 expert weights `[experts, rows, cols]`, forward (`y = x W_gᵀ`, beta 0) and transposed
 /// (`dx += dy W_g`, beta 1), GPU vs CPU reference; `time` prints the kernel's wall time.
+/// The MXFP4 kernels this GPU runs: mma.sync everywhere, wgmma on sm_90a (said when skipped).
+fn mxfp4_paths(gpu: &Gpu) -> Vec<Mxfp4Path> {
+    if gpu.arch == "sm_90a" {
+        vec![Mxfp4Path::MmaSync, Mxfp4Path::Wgmma]
+    } else {
+        eprintln!("NOTE: {} is not sm_90a: the wgmma MXFP4 kernels are NOT tested on it", gpu.arch);
+        vec![Mxfp4Path::MmaSync]
+    }
+}
+
 fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usize, sizes: &[usize], time: bool) {
     let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
     let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
@@ -619,7 +629,8 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
     let (bd, sd, od) =
         (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
     let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
-    for (transposed, mma) in [(false, Mma::Split), (true, Mma::Split), (false, Mma::Bf16), (true, Mma::Bf16)] {
+    let cases = [(false, Mma::Split), (true, Mma::Split), (false, Mma::Bf16), (true, Mma::Bf16)];
+    for (path, (transposed, mma)) in mxfp4_paths(gpu).into_iter().flat_map(|p| cases.map(|c| (p, c))) {
         let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
         let cfg = GroupedGemm {
             groups: sizes.len(),
@@ -637,7 +648,7 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
         let (a, c0) = (randn(s + 1, total * k, 1.0), randn(s + 2, total * n, 1.0));
         let (ad, mut cd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&c0).unwrap());
         let launch = |cd: &mut cudarc::driver::CudaSlice<f32>| {
-            grouped_gemm_f32_mxfp4w(
+            grouped_gemm_f32_mxfp4w_on(
                 gpu,
                 &cfg,
                 &od.as_view(),
@@ -646,6 +657,7 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
                 &w,
                 transposed,
                 mma,
+                path,
                 &mut cd.as_view_mut(),
             )
             .unwrap()
@@ -660,7 +672,8 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
             Mma::Bf16 => a.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
         };
         grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a_ref, &hw, transposed, &mut want);
-        let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?}");
+        let what =
+            format!("mxfp4 {path:?} [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?}");
         assert_close(&what, &got, &want, atol(k, 1.0, bmax), 1e-4);
         if time {
             let ms = median_ms(gpu, || launch(&mut cd));
@@ -703,7 +716,8 @@ fn mxfp4_groups_longer_than_one_tile_and_partial_n_tiles() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
 fn mxfp4_odd_rows_give_a_partial_k_slice() {
-    // Transposed K = rows = 99: the last 32-deep slice holds 3 rows, the last 4-wide A chunk 3 values.
+    // Transposed K = rows = 99: the last 64-deep slice holds 35 rows, A's bf16 rows are padded to
+    // 128 with zeros and its last 4-wide split chunk holds 3 values.
     check_mxfp4_gpu(&gpu(), 25, 2, 99, 64, &[17, 40], false);
     check_mxfp4_gpu(&gpu(), 26, 3, 1, 32, &[5, 0, 2], false);
 }
@@ -715,6 +729,8 @@ struct Mxfp4Layout {
     shift: usize,
     /// A and C column-major (`[i, k]` at `i + k·total`): no vector loads, strided stores.
     col_major: bool,
+    /// Each group reads its own copy of A (a nonzero group stride).
+    a_per_group: bool,
     alpha: f32,
     beta: f32,
 }
@@ -737,11 +753,15 @@ fn check_mxfp4_views(
     let offsets = offsets_of(sizes);
     let total = offsets[experts] as usize;
     let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
-    let (a_st, c_st) = if lay.col_major {
+    let (mut a_st, c_st) = if lay.col_major {
         (Strides { row: 1, col: total, group: 0 }, Strides { row: 1, col: total, group: 0 })
     } else {
         (Strides::row_major(k), Strides::row_major(n))
     };
+    let a_copies = if lay.a_per_group { experts } else { 1 };
+    if lay.a_per_group {
+        a_st.group = total * k;
+    }
     let cfg = GroupedGemm {
         groups: experts,
         grouped: Grouped::M,
@@ -755,7 +775,7 @@ fn check_mxfp4_views(
         c: c_st,
     };
     let sh = lay.shift;
-    let a = randn(seed + 1, total * k, 1.0);
+    let a = randn(seed + 1, a_copies * total * k, 1.0);
     let c0 = if lay.beta == 0.0 { vec![f32::NAN; total * n] } else { randn(seed + 2, total * n, 1.0) };
     let pad = |v: &[f32]| [vec![0.5f32; sh], v.to_vec()].concat();
     let st = &gpu.stream;
@@ -763,16 +783,32 @@ fn check_mxfp4_views(
     let (sd, od) = (st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
     let (ad, mut cd) = (st.clone_htod(&pad(&a)).unwrap(), st.clone_htod(&pad(&c0)).unwrap());
     let w = Mxfp4Weight { blocks: bd.slice(sh..sh + blocks.len()), scales: sd.as_view(), experts, rows, cols };
-    let mut c_view = cd.slice_mut(sh..sh + total * n);
-    grouped_gemm_f32_mxfp4w(gpu, &cfg, &od.as_view(), total, &ad.slice(sh..), &w, transposed, Mma::Split, &mut c_view)
-        .unwrap();
-    let got_all = st.clone_dtoh(&cd).unwrap();
-    assert!(got_all[..sh].iter().all(|&v| v == 0.5), "{lay:?}: wrote before C");
     let mut want = c0.clone();
     grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a, &hw, transposed, &mut want);
-    let what = format!("mxfp4 [{experts}, {rows}, {cols}] transposed {transposed} sizes {sizes:?} {lay:?}");
-    assert!(got_all[sh..].iter().all(|v| v.is_finite()), "{what}: NaN or inf in C");
-    assert_close(&what, &got_all[sh..], &want, atol(k, 1.0, bmax) * lay.alpha.abs(), 1e-4);
+    for path in mxfp4_paths(gpu) {
+        st.memcpy_htod(&pad(&c0), &mut cd).unwrap();
+        let mut c_view = cd.slice_mut(sh..sh + total * n);
+        let a_view = ad.slice(sh..);
+        grouped_gemm_f32_mxfp4w_on(
+            gpu,
+            &cfg,
+            &od.as_view(),
+            total,
+            &a_view,
+            &w,
+            transposed,
+            Mma::Split,
+            path,
+            &mut c_view,
+        )
+        .unwrap();
+        let got_all = st.clone_dtoh(&cd).unwrap();
+        assert!(got_all[..sh].iter().all(|&v| v == 0.5), "{path:?} {lay:?}: wrote before C");
+        let what =
+            format!("mxfp4 {path:?} [{experts}, {rows}, {cols}] transposed {transposed} sizes {sizes:?} {lay:?}");
+        assert!(got_all[sh..].iter().all(|v| v.is_finite()), "{what}: NaN or inf in C");
+        assert_close(&what, &got_all[sh..], &want, atol(k, 1.0, bmax) * lay.alpha.abs(), 1e-4);
+    }
 }
 
 #[test]
@@ -780,10 +816,11 @@ fn check_mxfp4_views(
 fn mxfp4_unaligned_and_strided_views_alpha_beta() {
     let gpu = gpu();
     for (i, lay) in [
-        Mxfp4Layout { shift: 1, col_major: false, alpha: 1.0, beta: 0.0 },
-        Mxfp4Layout { shift: 0, col_major: true, alpha: -0.5, beta: 1.0 },
-        Mxfp4Layout { shift: 3, col_major: true, alpha: 2.0, beta: 0.0 },
-        Mxfp4Layout { shift: 2, col_major: false, alpha: 1.5, beta: -0.25 },
+        Mxfp4Layout { shift: 1, col_major: false, a_per_group: false, alpha: 1.0, beta: 0.0 },
+        Mxfp4Layout { shift: 0, col_major: true, a_per_group: false, alpha: -0.5, beta: 1.0 },
+        Mxfp4Layout { shift: 3, col_major: true, a_per_group: true, alpha: 2.0, beta: 0.0 },
+        Mxfp4Layout { shift: 2, col_major: false, a_per_group: false, alpha: 1.5, beta: -0.25 },
+        Mxfp4Layout { shift: 0, col_major: false, a_per_group: true, alpha: 1.0, beta: 0.0 },
     ]
     .into_iter()
     .enumerate()

@@ -558,6 +558,18 @@ extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
     }
 }
 
+// Writes 16 rows of one 32-column slab of C from a warp's scratch ([16][ld] f32): lane l writes
+// column gn (its own), rows row0 .. row0 + 15 below `rows`, C = alpha acc + beta C (beta = 0
+// overwrites: old C may hold NaN and is never read).
+__device__ __forceinline__ void write_c_slab(float* cg, const float* scratch, int ld, unsigned int row0,
+                                             unsigned int gn, unsigned int rows, const Params& p, int lane) {
+#pragma unroll 1  // unrolled, the 16 rows' addresses would take ~70 registers
+    for (int r = 0; r < 16; ++r) {
+        const unsigned int gm = row0 + r;
+        if (gm < rows && gn < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scratch[r * ld + lane], p);
+    }
+}
+
 __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int y) {
     unsigned int d;
     asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
@@ -646,10 +658,9 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
     (void)a_lo;
 
     for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        const unsigned int end = min(offsets[g + 1], p.total_rows);
-        const unsigned int start = min(offsets[g], end);
-        const unsigned int rows = end - start, depth = p.k;
-        const int slices = (int)((depth + TK - 1) / TK);
+        unsigned int start, rows;
+        group_rows(offsets, p, g, start, rows);
+        const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
         for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
@@ -791,17 +802,7 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
                             make_float2(acc[i][j][2], acc[i][j][3]);
                     }
                     __syncwarp();
-                    const unsigned int gn = n0 + wn * 32 + lane;
-#pragma unroll 1  // unrolled, the 16 rows' addresses would take ~70 registers
-                    for (int r = 0; r < 16; ++r) {
-                        const unsigned int gm = m0 + wm * 64 + 16 * i + r;
-                        if (gm < rows && gn < p.n) {
-                            float* cp = cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col;
-                            // beta = 0 overwrites: old C may hold NaN and is never read.
-                            const float v = p.alpha * scratch[r * SC_LD + lane];
-                            *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
-                        }
-                    }
+                    write_c_slab(cg, scratch, SC_LD, m0 + wm * 64 + 16 * i, n0 + wn * 32 + lane, rows, p, lane);
                     __syncwarp();
                 }
                 __syncthreads();  // the next tile's first copies overwrite the scratch
@@ -917,10 +918,9 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
     (void)a_lo;
 
     for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        const unsigned int end = min(offsets[g + 1], p.total_rows);
-        const unsigned int start = min(offsets[g], end);
-        const unsigned int rows = end - start, depth = p.k;
-        const int slices = (int)((depth + TK - 1) / TK);
+        unsigned int start, rows;
+        group_rows(offsets, p, g, start, rows);
+        const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
         for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
@@ -1086,17 +1086,7 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                         *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) = make_float2(d[2], d[3]);
                     }
                     __syncwarp();
-                    const unsigned int gn = n0 + 32 * cc + lane;
-#pragma unroll 1
-                    for (int r = 0; r < 16; ++r) {
-                        const unsigned int gm = row0 + r;
-                        if (gm < rows && gn < p.n) {
-                            float* cp = cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col;
-                            // beta = 0 overwrites: old C may hold NaN and is never read.
-                            const float v = p.alpha * scratch[r * SC_LD + lane];
-                            *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
-                        }
-                    }
+                    write_c_slab(cg, scratch, SC_LD, row0, n0 + 32 * cc + lane, rows, p, lane);
                     __syncwarp();
                 }
                 __syncthreads();  // the next tile's first copies overwrite the scratch

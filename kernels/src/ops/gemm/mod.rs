@@ -130,11 +130,14 @@ const TC_K: usize = 64;
 /// Their dynamic shared memory: three stages of A (hi and lo, or hi alone with [`Mma::Bf16`], 128 x
 /// 72 bf16 each) and two decoded B tiles (256 x 72 bf16); gemm.cu asserts the same number.
 const fn tc_smem_bytes(mma: Mma) -> u32 {
-    let a_tiles = match mma {
+    (3 * a_tiles(mma) * 128 * 72 + 2 * 256 * 72) * 2
+}
+/// A tiles per stage of the MXFP4 kernels: hi and lo, or hi alone.
+const fn a_tiles(mma: Mma) -> u32 {
+    match mma {
         Mma::Split => 2,
         Mma::Bf16 => 1,
-    };
-    ((3 * a_tiles * 128 * 72 + 2 * 256 * 72) * 2) as u32
+    }
 }
 const SPLIT_THREADS: u32 = 256;
 /// Block size of the wgmma MXFP4 kernels (two warpgroups, the same C tile as the mma.sync ones).
@@ -142,11 +145,7 @@ const WG_THREADS: u32 = 256;
 /// Their dynamic shared memory: four stages of A (16 KiB per tile of 128 x 64 bf16, hi and lo or hi
 /// alone) and three decoded B tiles of 33 KiB; gemm.cu asserts it.
 const fn wg_smem_bytes(mma: Mma) -> u32 {
-    let a_tiles = match mma {
-        Mma::Split => 2,
-        Mma::Bf16 => 1,
-    };
-    (4 * a_tiles * 16384 + 3 * 33792) as u32
+    4 * a_tiles(mma) * 16384 + 3 * 33792
 }
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
@@ -583,7 +582,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     // A as bf16 rows of kp (hi, then lo with Mma::Split), from the stream-ordered pool: freed when
     // the stream reaches the end of this product.
     let kp = cfg.k.div_ceil(TC_K) * TC_K;
-    let parts = if mma == Mma::Split { 2 } else { 1 };
+    let parts = a_tiles(mma) as usize;
     let part = total_rows
         .checked_mul(kp)
         .filter(|&n| n <= DIM_MAX)

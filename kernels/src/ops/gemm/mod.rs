@@ -18,6 +18,10 @@
 //! LoRA on experts multiplies by a rank r ≤ 16 against dimensions in the thousands, where a 64x64
 //! tile would do mostly padding. All compute the same product as [`grouped_gemm_ref`], each output
 //! summed in an order fixed by the shape (bitwise reproducible, whatever the grid).
+//!
+//! [`grouped_gemm_f32_mxfp4w`] writes A once in bf16 (hi and lo halves for f32-level accuracy, or
+//! one rounding) and multiplies on tensor cores: Hopper's warpgroup `wgmma` on sm_90a, warp-level
+//! `mma.sync` elsewhere ([`Mxfp4Path`]); gemm.cu describes both kernels.
 
 use cudarc::driver::{sys::CUfunction_attribute, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
@@ -63,7 +67,7 @@ pub struct GroupedGemm {
     pub m: usize,
     pub n: usize,
     /// Grouped::M: the inner dimension of every group. Grouped::K: ignored (inner dim of group g is
-    /// offsets[g+1]-offsets[g]).
+    /// `offsets[g + 1] - offsets[g]`).
     pub k: usize,
     pub alpha: f32,
     pub beta: f32,

@@ -527,7 +527,9 @@ pub fn grouped_gemm_f32_mxfp4w(
 /// Which tensor-core kernel runs an MXFP4 product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mxfp4Path {
-    /// Warp-level `mma.sync` (any GPU with bf16 tensor cores).
+    /// Warp-level `mma.sync`: sm_80 and later, with 180 KiB of shared memory per block for
+    /// [`Mma::Split`] (126 KiB for [`Mma::Bf16`]); where a GPU has less (A100: 163 KiB, the sm_86/89
+    /// cards: 99 KiB) the launch fails with a CUDA error.
     MmaSync,
     /// Hopper's warpgroup `wgmma` (sm_90a only).
     Wgmma,

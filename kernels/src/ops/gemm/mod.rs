@@ -23,7 +23,8 @@
 //! one rounding) and multiplies on tensor cores: Hopper's warpgroup `wgmma` on sm_90a, warp-level
 //! `mma.sync` elsewhere ([`Mxfp4Path`]); gemm.cu describes both kernels.
 
-use cudarc::driver::{sys::CUfunction_attribute, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::Mma;
@@ -528,8 +529,8 @@ pub fn grouped_gemm_f32_mxfp4w(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mxfp4Path {
     /// Warp-level `mma.sync`: sm_80 and later, with 180 KiB of shared memory per block for
-    /// [`Mma::Split`] (126 KiB for [`Mma::Bf16`]); where a GPU has less (A100: 163 KiB, the sm_86/89
-    /// cards: 99 KiB) the launch fails with a CUDA error.
+    /// [`Mma::Split`] (126 KiB for [`Mma::Bf16`]); where a GPU allows less (A100: 163 KiB, the
+    /// sm_86/89 cards: 99 KiB) the product is an error that says so.
     MmaSync,
     /// Hopper's warpgroup `wgmma` (sm_90a only).
     Wgmma,
@@ -582,7 +583,16 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     };
     let split = gpu.function(module, src, "split_a_bf16")?;
     let f = gpu.function(module, src, name)?;
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    if let Err(e) = f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+    {
+        // Most likely a GPU with less shared memory per block than the kernel's stages take.
+        let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
+        let allows = optin.map_or_else(|_| "an unknown amount".to_string(), |b| format!("{b} bytes"));
+        return Err(Error::Driver(format!(
+            "{op}: the {path:?} MXFP4 kernel needs {smem} bytes of shared memory per block with {mma:?} and this \
+             GPU allows {allows} ({e:?}); Hopper GPUs run it, elsewhere try --precision bf16 or train on the CPU"
+        )));
+    }
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
     // A as bf16 rows of kp (hi, then lo with Mma::Split), from the stream-ordered pool: freed when

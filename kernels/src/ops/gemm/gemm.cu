@@ -570,6 +570,30 @@ __device__ __forceinline__ void write_c_slab(float* cg, const float* scratch, in
     }
 }
 
+// E8M0 scale byte s -> the bf16x2 multiplier 2^(s-127) in both halves: the exponent field is s
+// (s = 0: the subnormal 2^-127).
+__device__ __forceinline__ unsigned int e8m0_bf16x2(unsigned int s) {
+    const unsigned int e = s ? s << 7 : 0x40u;
+    return e | (e << 16);
+}
+
+// Four little-endian words of MXFP4 codes from q (8 codes each, low nibble first): one vector
+// load when q is 16-byte aligned, bytes otherwise.
+__device__ __forceinline__ uint4 load_codes16(const unsigned char* q, bool aligned) {
+    if (aligned) return *reinterpret_cast<const uint4*>(q);
+    unsigned int w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+        w[e] = q[4 * e] | (q[4 * e + 1] << 8) | (q[4 * e + 2] << 16) | ((unsigned int)q[4 * e + 3] << 24);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One little-endian word of MXFP4 codes from q (4-byte aligned when `aligned`).
+__device__ __forceinline__ unsigned int load_codes4(const unsigned char* q, bool aligned) {
+    return aligned ? *reinterpret_cast<const unsigned int*>(q)
+                   : q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned int)q[3] << 24);
+}
+
 __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int y) {
     unsigned int d;
     asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
@@ -704,21 +728,11 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
                     bsc = 127u;
                     if (ok) {
                         bsc = scales[blk];
-                        const unsigned char* q = blocks + blk * 16;
-                        if (b_vec) {
-                            bq = *reinterpret_cast<const uint4*>(q);
-                        } else {
-                            unsigned int w[4];
-#pragma unroll
-                            for (int e = 0; e < 4; ++e)
-                                w[e] = q[4 * e] | (q[4 * e + 1] << 8) | (q[4 * e + 2] << 16) | ((unsigned int)q[4 * e + 3] << 24);
-                            bq = make_uint4(w[0], w[1], w[2], w[3]);
-                        }
+                        bq = load_codes16(blocks + blk * 16, b_vec);
                     }
                 };
                 auto decode_b = [&](int buf) {
-                    // E8M0 -> bf16 2^(s-127): the exponent field is s (s = 0: the subnormal 2^-127).
-                    const unsigned int s = bsc ? bsc << 7 : 0x40u, s2 = s | (s << 16);
+                    const unsigned int s2 = e8m0_bf16x2(bsc);
                     __nv_bfloat16* d = decoded + buf * B_ELEMS + b_dst;
                     *reinterpret_cast<uint4*>(d) = decode8_bf16(bq.x, s2);
                     *reinterpret_cast<uint4*>(d + 8) = decode8_bf16(bq.y, s2);
@@ -962,9 +976,7 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                             if (wr < w_rows && wc < w_cols) {
                                 const size_t row = (w_row0 + wr) * nblk;
                                 sc[r] = scales[row + wc / 32];
-                                const unsigned char* b = blocks + row * 16 + wc / 2;
-                                q[r] = b_vec ? *reinterpret_cast<const unsigned int*>(b)
-                                             : b[0] | (b[1] << 8) | (b[2] << 16) | ((unsigned int)b[3] << 24);
+                                q[r] = load_codes4(blocks + row * 16 + wc / 2, b_vec);
                             }
                         }
                     } else {
@@ -977,31 +989,18 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                             if (wr < w_rows && wc < w_cols) {
                                 const size_t blk = (w_row0 + wr) * nblk + wc / 32;
                                 sc[h] = scales[blk];
-                                const unsigned char* b = blocks + blk * 16;
-                                if (b_vec) {
-                                    const uint4 v = *reinterpret_cast<const uint4*>(b);
-                                    q[4 * h] = v.x, q[4 * h + 1] = v.y, q[4 * h + 2] = v.z, q[4 * h + 3] = v.w;
-                                } else {
-#pragma unroll
-                                    for (int e = 0; e < 4; ++e)
-                                        q[4 * h + e] = b[4 * e] | (b[4 * e + 1] << 8) | (b[4 * e + 2] << 16) |
-                                                       ((unsigned int)b[4 * e + 3] << 24);
-                                }
+                                const uint4 v = load_codes16(blocks + blk * 16, b_vec);
+                                q[4 * h] = v.x, q[4 * h + 1] = v.y, q[4 * h + 2] = v.z, q[4 * h + 3] = v.w;
                             }
                         }
                     }
-                };
-                // E8M0 -> bf16x2 2^(s-127) (s = 0: the subnormal 2^-127).
-                auto scale2 = [](unsigned int s) {
-                    const unsigned int e = s ? s << 7 : 0x40u;
-                    return e | (e << 16);
                 };
                 auto decode_b = [&](int buf) {
                     unsigned char* tile = sm + B_OFF + buf * B_TILE;
                     if (TRANSPOSED) {
                         uint4 d[8];  // d[r]: n pairs (0,1) (2,3) (4,5) (6,7) of W row 8 kg + r
 #pragma unroll
-                        for (int r = 0; r < 8; ++r) d[r] = decode8_bf16(q[r], scale2(sc[r]));
+                        for (int r = 0; r < 8; ++r) d[r] = decode8_bf16(q[r], e8m0_bf16x2(sc[r]));
                         unsigned char* dst = tile + nq * BT_SBO + kg * 128;
 #pragma unroll
                         for (int n = 0; n < 8; ++n) {
@@ -1020,7 +1019,7 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                         unsigned char* dst = tile + tid * ROW;
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
-                            const unsigned int s2 = scale2(sc[h]);
+                            const unsigned int s2 = e8m0_bf16x2(sc[h]);
 #pragma unroll
                             for (int j = 0; j < 4; ++j)
                                 *reinterpret_cast<uint4*>(dst + (((4 * h + j) ^ (tid % 8)) * 16)) =

@@ -274,18 +274,36 @@ fn fifty_gpu_steps_follow_the_cpu_loss_curve() {
     let cpu = run(Device::Cpu, &base.join("cpu"));
     let gpu = run(Device::Cuda, &base.join("gpu"));
     assert_eq!((cpu.len(), gpu.len()), (50, 50));
-    let mut worst = 0.0f64;
+    let rel = |g: f64, c: f64| (g - c).abs() / c.abs();
+    let mut steps: Vec<f64> = cpu.iter().zip(&gpu).map(|(&c, &g)| rel(g, c)).collect();
     for (s, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
         if s % 10 == 0 || s == 49 {
             println!("step {:>2}: CPU {c:.4}  GPU {g:.4}", s + 1);
         }
-        worst = worst.max((g - c).abs() / c.abs());
     }
-    println!("largest relative loss difference over 50 steps: {worst:.2e}");
+    let windows: Vec<f64> =
+        cpu.chunks(10).zip(gpu.chunks(10)).map(|(c, g)| rel(g.iter().sum(), c.iter().sum())).collect();
+    let worst_window = windows.iter().copied().fold(0.0, f64::max);
+    let worst_step = steps.iter().copied().fold(0.0, f64::max);
+    steps.sort_by(f64::total_cmp);
+    let median = steps[steps.len() / 2];
+    println!(
+        "relative loss difference over 50 steps: median {median:.2e}, largest {worst_step:.2e}; \
+         of 10-step means: largest {worst_window:.2e}"
+    );
     let (c0, c1) = (cpu[..5].iter().sum::<f64>(), cpu[45..].iter().sum::<f64>());
     assert!(c1 < c0, "the CPU run itself must learn ({c0} -> {c1})");
-    // Measured 5.6e-4 on an H100 (steps diverge slowly as rounding differences compound).
-    assert!(worst <= 5e-3, "GPU losses leave the CPU curve by {worst:.2e}");
+    // The two runs round differently (f32 in another order, attention's hi/lo bf16 products), so
+    // they drift apart slowly; and where a token's 4th and 5th router logits are nearly tied, the
+    // difference can send it to another expert on one device only, a jump in that step's loss
+    // after which the runs follow slightly different paths. Measured on an H100: a tie 8e-6 wide
+    // (step 11, layer 2) moved one step by 1.8e-3 and the largest step by 8.9e-3 later, while the
+    // median step stayed at 4.4e-4 and the 10-step means within 9.4e-4 (with other attention
+    // kernels, no flip in 50 steps: largest step 2.5e-4). So the curve is compared where one
+    // flip cannot dominate: the typical step and the 10-step means. A wrong gradient moves them
+    // all (the gradients themselves are checked to 1e-3 in gpu_lora_gradients_match_cpu_and_peft).
+    assert!(median <= 2e-3, "GPU losses leave the CPU curve: median step {median:.2e}");
+    assert!(worst_window <= 5e-3, "GPU losses leave the CPU curve: a 10-step mean by {worst_window:.2e}");
     let _ = std::fs::remove_dir_all(&base);
 }
 

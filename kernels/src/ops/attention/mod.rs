@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::Mma;
@@ -274,29 +274,83 @@ fn padded_width(d: usize) -> usize {
     [16, 32, 64].into_iter().find(|&p| d <= p).unwrap_or(MAX_D)
 }
 
+/// bf16 parts each f32 operand is split into: hi and lo, or hi alone (`FA_PARTS` in attention.cu).
+fn parts(mma: Mma) -> usize {
+    match mma {
+        Mma::Split => 2,
+        Mma::Bf16 => 1,
+    }
+}
+
+/// Kernel `function` of the source compiled for `mma`.
+fn function(gpu: &Gpu, mma: Mma, function: &str) -> Result<CudaFunction> {
+    match mma {
+        Mma::Split => gpu.function("attention", SRC, function),
+        Mma::Bf16 => gpu.function("attention_bf16", SRC_ONE_PASS, function),
+    }
+}
+
 /// Dynamic shared memory of a tiled kernel for padded width `dp`, mirroring the carve-up at the top
-/// of `fwd`, `bwd_dq` and `bwd_dkdv` in attention.cu: `rows` bf16 hi/lo tile pairs `[TILE][dp + 8]`,
-/// `cols` transposed pairs `[dp][TILE + 8]`, the rows' ranges (`2·TILE + 2` u32) and `extra` floats.
-fn tile_smem_bytes(dp: usize, rows: usize, cols: usize, extra: usize) -> usize {
-    rows * 2 * TILE * (dp + 8) * 2 + cols * 2 * dp * (TILE + 8) * 2 + (2 * TILE + 2) * 4 + extra * 4
+/// of `fwd`, `bwd_dq` and `bwd_dkdv` in attention.cu: `tiles` bf16 tile pairs
+/// `[parts][TILE][dp + 8]`, the rows' ranges (`2·TILE + 2` u32) and `extra` floats.
+fn tile_smem_bytes(dp: usize, mma: Mma, tiles: usize, extra: usize) -> usize {
+    tiles * parts(mma) * TILE * (dp + 8) * 2 + (2 * TILE + 2) * 4 + extra * 4
+}
+
+/// Rows of each head in a split operand: `rows` and `TILE` zero rows after them, so a tile that
+/// starts at any valid row stays inside its head.
+fn split_rows(rows: usize) -> usize {
+    rows + TILE
+}
+
+/// `x [rows, heads·d]` split for the tiled kernels by `attention_split_f32`: bf16 bit patterns
+/// `[parts][heads][rows + TILE][dp]` (`dp` = [`padded_width`]`(d)`), `hi = bf16(x)` and, for
+/// [`Mma::Split`], `lo = bf16(x − hi)`, zeros past `d` and past `rows`. Stream-ordered scratch,
+/// freed (in stream order) when the caller drops it.
+fn split_heads_gpu(
+    gpu: &Gpu,
+    mma: Mma,
+    x: &CudaView<'_, f32>,
+    rows: usize,
+    heads: usize,
+    d: usize,
+) -> Result<CudaSlice<u16>> {
+    let dp = padded_width(d);
+    let n = heads * split_rows(rows) * dp;
+    let pairs = n / 2;
+    let shape = || Error::Shape(format!("attention: {rows} rows of {heads} heads exceed the split kernel's grid"));
+    let blocks = u32::try_from(pairs.div_ceil(256)).map_err(|_| shape())?;
+    let (rows32, heads32, d32, dp32) =
+        (u32::try_from(rows).map_err(|_| shape())?, u32::try_from(heads).map_err(|_| shape())?, d as u32, dp as u32);
+    expect("attention_split", "x", x.len(), rows * heads * d)?;
+    // SAFETY: the kernel below writes every element before anything reads the buffer.
+    let mut out = unsafe { gpu.stream.alloc::<u16>(parts(mma) * n) }?;
+    let f = function(gpu, mma, "attention_split_f32")?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: attention_split_f32(unsigned* dst, const float* x, unsigned rows, unsigned heads,
+    // unsigned d, unsigned dp): x holds rows·heads·d floats (checked above), dst parts·n bf16 =
+    // parts·n/2 u32 with n = heads·(rows + FA_TILE)·dp (FA_TILE = TILE), as many parts as this
+    // module's FA_PARTS writes; d and dp are even (sizes() checks d), d <= dp; n > 0 (heads,
+    // dp > 0), one thread per u32 of a part, blocks·256 >= n/2.
+    unsafe {
+        gpu.stream.launch_builder(&f).arg(&mut out).arg(x).arg(&rows32).arg(&heads32).arg(&d32).arg(&dp32).launch(cfg)
+    }?;
+    Ok(out)
 }
 
 /// Kernel `name` + `_d<dp>` with its launch configuration: one block of `TILE_WARPS` warps per tile
 /// of `TILE` rows, `blocks` blocks, and the shared memory of [`tile_smem_bytes`] for `smem`
-/// (`[rows, cols, extra]`), allowed above the default 48 KiB.
+/// (`[tiles, extra]`), allowed above the default 48 KiB.
 fn tiled(
     gpu: &Gpu,
     mma: Mma,
     name: &str,
     dp: usize,
     blocks: usize,
-    smem: [usize; 3],
+    smem: [usize; 2],
 ) -> Result<(CudaFunction, LaunchConfig)> {
-    let f = match mma {
-        Mma::Split => gpu.function("attention", SRC, &format!("{name}_d{dp}"))?,
-        Mma::Bf16 => gpu.function("attention_bf16", SRC_ONE_PASS, &format!("{name}_d{dp}"))?,
-    };
-    let bytes = tile_smem_bytes(dp, smem[0], smem[1], smem[2]);
+    let f = function(gpu, mma, &format!("{name}_d{dp}"))?;
+    let bytes = tile_smem_bytes(dp, mma, smem[0], smem[1]);
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -344,6 +398,8 @@ fn warp_grid(items: usize) -> LaunchConfig {
 /// GPU forward over a batch of `T` queries: `q [T, nq·d]`, `k`, `v [Tk, nkv·d]`, `sinks [nq]`,
 /// visible keys `klo..khi [T]` (u32, see [`Ranges`]) → `o [T, nq·d]`, `lse [T, nq]` (assigned).
 /// A query with no visible key gets `o = 0`, `lse = S_h`. `d` must be even and at most 128.
+/// q, k and v are first split into bf16 scratch (`split_heads_gpu`: 2 bytes × hi/lo × heads ×
+/// (rows + 64) × padded width each), allocated on the stream and freed after the kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_gpu(
     gpu: &Gpu,
@@ -372,23 +428,29 @@ pub fn attention_fwd_gpu(
     if t == 0 {
         return Ok(());
     }
-    let (f, cfg) = tiled(gpu, mma, "attention_fwd_f32", padded_width(d), t.div_ceil(TILE) * nq, [1, 1, 0])?;
+    let tk = tk32 as usize;
+    let qs = split_heads_gpu(gpu, mma, q, t, nq, d)?;
+    let ks = split_heads_gpu(gpu, mma, k, tk, nkv, d)?;
+    let vs = split_heads_gpu(gpu, mma, v, tk, nkv, d)?;
+    let (f, cfg) = tiled(gpu, mma, "attention_fwd_f32", padded_width(d), t.div_ceil(TILE) * nq, [3, 0])?;
     let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
-    // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const float* q, const float* k,
-    // const float* v, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
-    // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o and q hold T·nq·d floats,
-    // k and v Tk·nkv·d, lse T·nq, sinks nq, klo and khi T (checked above); nkv divides nq and
-    // d <= DP. The kernel clamps the ranges to Tk, so no range reads out of bounds. One block of
-    // 32·FA_WARPS threads per (query tile, head), ceil(T / FA_TILE)·nq blocks, with the dynamic
-    // shared memory the kernel carves up (tile_smem_bytes).
+    // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const bf16* qs, const bf16* ks,
+    // const bf16* vs, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
+    // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o holds T·nq·d floats,
+    // lse T·nq, sinks nq, klo and khi T (checked above); qs, ks and vs are split_heads_gpu's
+    // [FA_PARTS][heads][rows + FA_TILE][DP] of q (T rows, nq heads), k and v (Tk rows, nkv
+    // heads) for this module's FA_PARTS and DP = padded_width(d); nkv divides nq and d <= DP. The
+    // kernel clamps the ranges to Tk and reads tiles that start below T or Tk, so no read leaves
+    // the buffers. One block of 32·FA_WARPS threads per (query tile, head), ceil(T / FA_TILE)·nq
+    // blocks, with the dynamic shared memory the kernel carves up (tile_smem_bytes).
     unsafe {
         gpu.stream
             .launch_builder(&f)
             .arg(o)
             .arg(lse)
-            .arg(q)
-            .arg(k)
-            .arg(v)
+            .arg(&qs)
+            .arg(&ks)
+            .arg(&vs)
             .arg(sinks)
             .arg(klo)
             .arg(khi)
@@ -406,7 +468,8 @@ pub fn attention_fwd_gpu(
 /// GPU backward of [`attention_fwd_gpu`] given its `o`, `lse` and `dout [T, nq·d]`: `dq [T, nq·d]`,
 /// `dk`, `dv [Tk, nkv·d]` are assigned, `dsinks [nq]` is accumulated (`+=`, a parameter
 /// gradient). `qlo..qhi [Tk]` are the queries that see each key (the transpose of `klo..khi`,
-/// see [`Ranges`]); `delta_scratch [T·nq]` receives `D_i = dO_i · O_i`.
+/// see [`Ranges`]); `delta_scratch [T·nq]` receives `D_i = dO_i · O_i`. Like the forward, splits
+/// q, k, v and dout into stream-ordered bf16 scratch (freed on return, in stream order).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_gpu(
     gpu: &Gpu,
@@ -484,23 +547,29 @@ pub fn attention_bwd_gpu(
         unsafe {
             gpu.stream.launch_builder(&f).arg(dsinks).arg(sinks).arg(lse).arg(&delta).arg(&t32).arg(&nq32).launch(cfg)
         }?;
-        let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [2, 1, 0])?;
-        // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const float* q, const float* k, const float* v,
-        // const float* lse, const float* delta, const float* dout, const unsigned* klo,
-        // const unsigned* khi, unsigned T, unsigned Tk, unsigned nq, unsigned nkv, unsigned d,
-        // float scale): dq, q and dout hold T·nq·d floats, k and v Tk·nkv·d, lse and delta T·nq,
-        // klo and khi T (checked above), d <= DP; ranges are clamped to Tk in the kernel; one block
-        // of 32·FA_WARPS threads per (query tile, head) with its dynamic shared memory.
+        let qs = split_heads_gpu(gpu, mma, q, t, nq, d)?;
+        let ks = split_heads_gpu(gpu, mma, k, tk, nkv, d)?;
+        let vs = split_heads_gpu(gpu, mma, v, tk, nkv, d)?;
+        let dos = split_heads_gpu(gpu, mma, dout, t, nq, d)?;
+        let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
+        // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,
+        // const bf16* vs, const bf16* dos, const float* lse, const float* delta,
+        // const unsigned* klo, const unsigned* khi, unsigned T, unsigned Tk, unsigned nq,
+        // unsigned nkv, unsigned d, float scale): dq holds T·nq·d floats, lse and delta T·nq, klo
+        // and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows, nkv heads)
+        // are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module, d <= DP;
+        // ranges are clamped to Tk in the kernel and tiles start below T or Tk; one block of
+        // 32·FA_WARPS threads per (query tile, head) with its dynamic shared memory.
         unsafe {
             gpu.stream
                 .launch_builder(&f)
                 .arg(dq)
-                .arg(q)
-                .arg(k)
-                .arg(v)
+                .arg(&qs)
+                .arg(&ks)
+                .arg(&vs)
+                .arg(&dos)
                 .arg(lse)
                 .arg(&delta)
-                .arg(dout)
                 .arg(klo)
                 .arg(khi)
                 .arg(&t32)
@@ -511,38 +580,38 @@ pub fn attention_bwd_gpu(
                 .arg(&scale)
                 .launch(cfg)
         }?;
-    }
-    if tk > 0 && t > 0 {
-        let (f, cfg) =
-            tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), tk.div_ceil(TILE) * nkv, [2, 2, 2 * TILE])?;
-        // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const float* q, const float* k,
-        // const float* v, const float* lse, const float* delta, const float* dout,
-        // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
-        // unsigned nkv, unsigned d, float scale): dk, dv, k and v hold Tk·nkv·d floats, q and dout
-        // T·nq·d, lse and delta T·nq, qlo and qhi Tk (checked above); ranges are clamped to T in
-        // the kernel, d <= DP; one block of 32·FA_WARPS threads per (key tile, KV head) with its
-        // dynamic shared memory.
-        unsafe {
-            gpu.stream
-                .launch_builder(&f)
-                .arg(dk)
-                .arg(dv)
-                .arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(lse)
-                .arg(&delta)
-                .arg(dout)
-                .arg(qlo)
-                .arg(qhi)
-                .arg(&t32)
-                .arg(&tk32)
-                .arg(&nq32)
-                .arg(&nkv32)
-                .arg(&d32)
-                .arg(&scale)
-                .launch(cfg)
-        }?;
+        if tk > 0 {
+            let (f, cfg) =
+                tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), tk.div_ceil(TILE) * nkv, [4, 2 * TILE])?;
+            // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
+            // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
+            // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
+            // unsigned nkv, unsigned d, float scale): dk and dv hold Tk·nkv·d floats, lse and delta
+            // T·nq, qlo and qhi Tk (checked above); qs, ks, vs and dos as for the dq kernel; ranges
+            // are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one block of
+            // 32·FA_WARPS threads per (key tile, KV head) with its dynamic shared memory.
+            unsafe {
+                gpu.stream
+                    .launch_builder(&f)
+                    .arg(dk)
+                    .arg(dv)
+                    .arg(&qs)
+                    .arg(&ks)
+                    .arg(&vs)
+                    .arg(&dos)
+                    .arg(lse)
+                    .arg(&delta)
+                    .arg(qlo)
+                    .arg(qhi)
+                    .arg(&t32)
+                    .arg(&tk32)
+                    .arg(&nq32)
+                    .arg(&nkv32)
+                    .arg(&d32)
+                    .arg(&scale)
+                    .launch(cfg)
+            }?;
+        }
     }
     Ok(())
 }
@@ -959,6 +1028,55 @@ mod tests {
             }
         }
 
+        /// CPU reference of `attention_split_f32`: `x [rows, heads·d]` → bf16 bits
+        /// `[parts][heads][rows + TILE][dp]`, zeros past `d` and past `rows`.
+        fn split_reference(x: &[f32], rows: usize, heads: usize, d: usize, mma: Mma) -> Vec<u16> {
+            let (dp, rp) = (padded_width(d), split_rows(rows));
+            let n = heads * rp * dp;
+            let mut out = vec![0u16; parts(mma) * n];
+            for h in 0..heads {
+                for r in 0..rows {
+                    for c in 0..d {
+                        let v = x[r * heads * d + h * d + c];
+                        let hi = half::bf16::from_f32(v);
+                        let at = (h * rp + r) * dp + c;
+                        out[at] = hi.to_bits();
+                        if mma == Mma::Split {
+                            out[n + at] = half::bf16::from_f32(v - hi.to_f32()).to_bits();
+                        }
+                    }
+                }
+            }
+            out
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn split_pads_heads_and_rows_with_zeros() {
+            let gpu = Gpu::new(0).expect("a GPU");
+            let s = &gpu.stream;
+            for mma in [Mma::Split, Mma::Bf16] {
+                // (rows, heads, d, view offset): padded widths, a partial last tile, an unaligned
+                // view, no rows at all.
+                for (rows, heads, d, off) in
+                    [(5, 3, 10, 1), (70, 2, 64, 0), (3, 4, 128, 3), (130, 1, 32, 0), (0, 2, 16, 2)]
+                {
+                    let x = randn(rows as u64 * 7 + d as u64, rows * heads * d, 3.0);
+                    let xd = s.clone_htod(&[&randn(5, off, 9.0), x.as_slice()].concat()).unwrap();
+                    let split = split_heads_gpu(&gpu, mma, &xd.slice(off..), rows, heads, d).unwrap();
+                    let got = s.clone_dtoh(&split).unwrap();
+                    let want = split_reference(&x, rows, heads, d, mma);
+                    assert_eq!(got.len(), want.len(), "{mma:?} rows {rows} heads {heads} d {d}");
+                    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+                        panic!(
+                            "{mma:?} rows {rows} heads {heads} d {d}: element {i} is {:#06x}, expected {:#06x}",
+                            got[i], want[i]
+                        );
+                    }
+                }
+            }
+        }
+
         #[test]
         #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
         fn one_pass_bf16_products() {
@@ -1086,6 +1204,24 @@ mod tests {
         fn many_query_tiles_per_key_tile() {
             // dk/dv sum over 8 query heads x up to 8 query tiles of 64 per key tile.
             run(Case::new((16, 2, 64), &[&[520]], None));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn tiny_default_model_shapes() {
+            // The embedded default model: head dim 16, 8 query heads on 2 KV heads, window 64 or
+            // none; rows of 256 tokens and packed segments, several 64-row tiles per head.
+            for window in [None, Some(64)] {
+                run(Case::new((8, 2, 16), &[&[256]], window));
+                run(Case::new((8, 2, 16), &[&[100, 90, 60], &[7, 190]], window));
+                run(Case::new((8, 2, 16), &[&[250]], window));
+                // One row per sequence, as the trainer packs them: many short rows in one batch.
+                run(Case::new(
+                    (8, 2, 16),
+                    &[&[37], &[5], &[81], &[23], &[64], &[1], &[99], &[40], &[130], &[2]],
+                    window,
+                ));
+            }
         }
 
         #[test]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaViewMut};
 use cudarc::nvrtc::Ptx;
 
 use crate::{nvrtc, Error, Result};
@@ -14,6 +14,9 @@ pub struct Gpu {
     /// NVRTC target: `sm_90a` on Hopper (wgmma, TMA), `sm_XY` elsewhere.
     pub arch: String,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// Scratch of the ops that stage their operands (the bf16 splits of attention and of the
+    /// MXFP4 expert GEMM's A): one buffer, reused call after call on the stream ([`Gpu::with_scratch`]).
+    scratch: Mutex<Option<CudaSlice<u16>>>,
 }
 
 /// Whether libcuda can be loaded (a GPU machine).
@@ -49,14 +52,17 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability()?;
         let arch = if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
         let stream = ctx.default_stream();
-        Ok(Self { ctx, stream, arch, modules: Mutex::new(HashMap::new()) })
+        Ok(Self { ctx, stream, arch, modules: Mutex::new(HashMap::new()), scratch: Mutex::new(None) })
     }
 
-    /// Waits for the stream, then returns the memory that freed buffers left in the device's
-    /// stream-ordered pool to the driver (freed `CudaSlice`s stay reserved there otherwise), so
-    /// that free memory is what the next allocation can have, e.g. between two engines.
+    /// Frees the shared scratch ([`Gpu::reserve_scratch`]; the next op that needs it allocates
+    /// it again), waits for the stream, then returns the memory that freed buffers left in the
+    /// device's stream-ordered pool to the driver (freed `CudaSlice`s stay reserved there
+    /// otherwise), so that free memory is what the next allocation can have, e.g. between two
+    /// engines.
     pub fn release_cached_memory(&self) -> Result<()> {
         use cudarc::driver::sys;
+        *self.scratch.lock().expect("no thread panicked holding the scratch") = None;
         self.stream.synchronize()?;
         self.ctx.bind_to_thread()?;
         let mut pool = std::mem::MaybeUninit::uninit();
@@ -66,6 +72,50 @@ impl Gpu {
         // SAFETY: the device's default pool, every allocation from it already completed or freed.
         unsafe { sys::cuMemPoolTrimTo(pool.assume_init(), 0) }.result()?;
         Ok(())
+    }
+
+    /// Makes the shared scratch hold at least `elems` u16 (2 bytes each), allocating now, so that
+    /// ops that need at most that much allocate nothing when they run: a training engine reserves
+    /// what its largest step needs (e.g. `ops::attention::scratch_elems`,
+    /// `ops::gemm::mxfp4_scratch_elems`) when it is built. Without a reservation the scratch
+    /// grows on first use.
+    pub fn reserve_scratch(&self, elems: usize) -> Result<()> {
+        let mut scratch = self.scratch.lock().expect("no thread panicked holding the scratch");
+        if scratch.as_ref().is_none_or(|b| b.len() < elems) {
+            // Freed in stream order: kernels queued on the old buffer finish first.
+            *scratch = None;
+            // SAFETY: scratch is written by each op before it reads it (with_scratch's contract).
+            *scratch = Some(unsafe { self.stream.alloc::<u16>(elems.max(1)) }?);
+        }
+        Ok(())
+    }
+
+    /// Elements (u16) the shared scratch holds now.
+    pub fn scratch_elems(&self) -> usize {
+        self.scratch.lock().expect("no thread panicked holding the scratch").as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Runs `f` with `elems` u16 of scratch on this stream, uninitialised: `f` must write what it
+    /// reads and must not keep the view past its kernels (the next op reuses the memory, in
+    /// stream order). The shared buffer grows if it is smaller; if it is in use (an op inside
+    /// another), `f` gets a buffer of its own, freed in stream order.
+    pub(crate) fn with_scratch<R>(&self, elems: usize, f: impl FnOnce(CudaViewMut<'_, u16>) -> Result<R>) -> Result<R> {
+        match self.scratch.try_lock() {
+            Ok(mut scratch) => {
+                if scratch.as_ref().is_none_or(|b| b.len() < elems) {
+                    *scratch = None;
+                    // SAFETY: f writes before it reads (this function's contract).
+                    *scratch = Some(unsafe { self.stream.alloc::<u16>(elems.max(1)) }?);
+                }
+                let buf = scratch.as_mut().expect("allocated above");
+                f(buf.slice_mut(0..elems))
+            }
+            Err(_) => {
+                // SAFETY: as above.
+                let mut own = unsafe { self.stream.alloc::<u16>(elems.max(1)) }?;
+                f(own.slice_mut(0..elems))
+            }
+        }
     }
 
     /// Kernel `function` of source `name` (compiled for this device, through the CUBIN cache).
@@ -81,5 +131,45 @@ impl Gpu {
             }
         };
         Ok(module.load_function(function)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn scratch_is_reserved_reused_grown_and_never_shared_by_nested_ops() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        gpu.reserve_scratch(1000).unwrap();
+        assert_eq!(gpu.scratch_elems(), 1000);
+        // Within the reservation: the same memory, no growth.
+        let ptr = |v: &CudaViewMut<'_, u16>| {
+            use cudarc::driver::DevicePtr;
+            v.device_ptr(&gpu.stream).0
+        };
+        let first = gpu.with_scratch(600, |v| Ok(ptr(&v))).unwrap();
+        let again = gpu.with_scratch(1000, |v| Ok(ptr(&v))).unwrap();
+        assert_eq!(first, again, "the reserved buffer is reused");
+        assert_eq!(gpu.scratch_elems(), 1000);
+        // A nested op gets its own buffer: the outer one's contents survive the inner one's writes.
+        let outer: Vec<u16> = (0..500).map(|i| (i * 7 + 3) as u16).collect();
+        let kept = gpu
+            .with_scratch(500, |mut v| {
+                gpu.stream.memcpy_htod(&outer, &mut v)?;
+                gpu.with_scratch(500, |mut w| {
+                    assert_ne!(ptr(&w), ptr(&v), "a nested op must not get the buffer in use");
+                    Ok(gpu.stream.memset_zeros(&mut w)?)
+                })?;
+                Ok(gpu.stream.clone_dtoh(&v)?)
+            })
+            .unwrap();
+        assert_eq!(kept, outer);
+        // Past the reservation it grows; releasing the cached memory frees it.
+        gpu.with_scratch(3000, |_| Ok(())).unwrap();
+        assert_eq!(gpu.scratch_elems(), 3000);
+        gpu.release_cached_memory().unwrap();
+        assert_eq!(gpu.scratch_elems(), 0);
     }
 }

@@ -11,9 +11,10 @@ __device__ __forceinline__ void fill_nan(float* row, unsigned int n) {
     for (unsigned int c = threadIdx.x; c < n; c += blockDim.x) row[c] = NAN_F;
 }
 
-// xs[s, :] = x[token[s], :]. xs: [slots, hidden]; x: [tokens, hidden]; token: [slots].
-extern "C" __global__ void gather_rows_f32(float* xs, const float* x, const unsigned int* token,
-                                           unsigned long long slots, unsigned int tokens, unsigned int hidden) {
+// xs[s, :] = (weight[s] *) x[token[s], :]. xs: [slots, hidden]; x: [tokens, hidden]; weight, token: [slots].
+template <bool WEIGHTED>
+__device__ __forceinline__ void gather(float* xs, const float* x, const float* weight, const unsigned int* token,
+                                       unsigned long long slots, unsigned int tokens, unsigned int hidden) {
     for (size_t s = blockIdx.x; s < slots; s += gridDim.x) {
         const unsigned int t = token[s];
         float* o = xs + s * hidden;
@@ -22,8 +23,20 @@ extern "C" __global__ void gather_rows_f32(float* xs, const float* x, const unsi
             continue;
         }
         const float* r = x + (size_t)t * hidden;
-        for (unsigned int c = threadIdx.x; c < hidden; c += blockDim.x) o[c] = r[c];
+        const float w = WEIGHTED ? weight[s] : 1.0f;
+        for (unsigned int c = threadIdx.x; c < hidden; c += blockDim.x) o[c] = WEIGHTED ? __fmul_rn(w, r[c]) : r[c];
     }
+}
+
+extern "C" __global__ void gather_rows_f32(float* xs, const float* x, const unsigned int* token,
+                                           unsigned long long slots, unsigned int tokens, unsigned int hidden) {
+    gather<false>(xs, x, nullptr, token, slots, tokens, hidden);
+}
+
+extern "C" __global__ void weighted_gather_rows_f32(float* xs, const float* x, const float* weight,
+                                                    const unsigned int* token, unsigned long long slots,
+                                                    unsigned int tokens, unsigned int hidden) {
+    gather<true>(xs, x, weight, token, slots, tokens, hidden);
 }
 
 // out[t, :] = sum over j in 0..k of (weight[s] *) y[s, :], s = slot_of[t * k + j], summed in j order.
@@ -125,5 +138,39 @@ extern "C" __global__ void add_expert_bias_f32(float* y, const float* bias, cons
         }
         const float* b = bias + (size_t)e * n;
         for (unsigned int c = threadIdx.x; c < n; c += blockDim.x) o[c] += b[c];
+    }
+}
+
+// The routing weights' gradient from the experts' input side (permute.rs: weight_grad_from_input),
+// one block per slot s with t = token[s], e = slot_expert[s]:
+// dweights[t * k + choice[s]] = dz[s, :] . z[s, :] / weight[s] + dout[t, :] . bias[e, :]
+// (the first term 0 where weight[s] is 0). dz, z: [slots, inner]; dout: [tokens, hidden];
+// bias: [experts, hidden]. Both dots are block reductions.
+extern "C" __global__ void weight_grad_from_input_f32(float* dweights, const float* dz, const float* z,
+                                                      const float* dout, const float* bias, const float* weight,
+                                                      const unsigned int* token, const unsigned int* choice,
+                                                      const unsigned int* slot_expert, unsigned long long slots,
+                                                      unsigned int tokens, unsigned int experts, unsigned int k,
+                                                      unsigned int inner, unsigned int hidden) {
+    __shared__ float shared[32];
+    for (size_t s = blockIdx.x; s < slots; s += gridDim.x) {
+        const unsigned int t = token[s], e = slot_expert[s], j = choice[s];  // uniform in the block
+        if (t >= tokens || j >= k) continue;
+        if (e >= experts) {
+            if (threadIdx.x == 0) dweights[(size_t)t * k + j] = NAN_F;
+            continue;
+        }
+        const float* a = dz + s * inner;
+        const float* b = z + s * inner;
+        float part = 0.0f;
+        for (unsigned int c = threadIdx.x; c < inner; c += blockDim.x) part += a[c] * b[c];
+        const float through = block_sum(part, shared);
+        const float* d = dout + (size_t)t * hidden;
+        const float* bb = bias + (size_t)e * hidden;
+        part = 0.0f;
+        for (unsigned int c = threadIdx.x; c < hidden; c += blockDim.x) part += d[c] * bb[c];
+        const float via_bias = block_sum(part, shared);
+        const float w = weight[s];
+        if (threadIdx.x == 0) dweights[(size_t)t * k + j] = (w != 0.0f ? through / w : 0.0f) + via_bias;
     }
 }

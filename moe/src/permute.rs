@@ -37,6 +37,63 @@ pub fn gather_rows(x: &[f32], token: &[u32], hidden: usize) -> Vec<f32> {
     xs
 }
 
+/// `xs [S, H]` with `xs[s] = weight[s]·x[token[s]]`: the `dys` of [`combine_backward`] alone, which
+/// needs no expert output.
+pub fn weighted_gather_rows(x: &[f32], weight: &[f32], token: &[u32], hidden: usize) -> Vec<f32> {
+    assert_eq!(weight.len(), token.len(), "weighted_gather_rows: weight and token lengths");
+    let mut xs = gather_rows(x, token, hidden);
+    for (row, &w) in xs.chunks_exact_mut(hidden).zip(weight) {
+        row.iter_mut().for_each(|v| *v *= w);
+    }
+    xs
+}
+
+/// The `dweights` of [`combine_backward`] from the experts' input side, for experts whose output
+/// is affine in their input `z [S, I]`: `y[s] = M_e z[s] + bias[e]` (`M_e` may be a sum, such as
+/// a weight plus a LoRA product). Given `dz [S, I]`, the gradient of `z` the backward computes
+/// anyway, `dz[s] = weight[s]·M_eᵀ dout[token[s]]`:
+/// `dweights[token[s]·k + choice[s]] = dz[s]·z[s] / weight[s] + dout[token[s]]·bias[e]`
+/// (`dout·y = (M_eᵀ dout)·z + dout·bias`), so a backward that recomputes the experts need not
+/// recompute their output projection. `e = slot_expert[s]`, `bias [E, H]`, `dout [T, H]`. A slot of
+/// weight 0 has `dz = 0` and gets the bias term alone (its routing gradient, `weight · (…)`, is 0
+/// whatever it is). Entries without a slot stay 0; an index out of range gives NaN.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grad_from_input(
+    dz: &[f32],
+    z: &[f32],
+    dout: &[f32],
+    bias: &[f32],
+    weight: &[f32],
+    token: &[u32],
+    choice: &[u32],
+    slot_expert: &[u32],
+    k: usize,
+    hidden: usize,
+) -> Vec<f32> {
+    let slots = weight.len();
+    assert!(hidden > 0 && dout.len() % hidden == 0, "weight_grad_from_input: dout is not [T, {hidden}]");
+    assert!(slots == 0 || (dz.len() % slots == 0 && z.len() == dz.len()), "weight_grad_from_input: dz, z");
+    assert!(token.len() == slots && choice.len() == slots && slot_expert.len() == slots, "weight_grad_from_input");
+    let inner = dz.len().checked_div(slots).unwrap_or(0);
+    let tokens = dout.len() / hidden;
+    let mut dweights = vec![0.0f32; tokens * k];
+    for s in 0..slots {
+        let (t, j, e) = (token[s] as usize, choice[s] as usize, slot_expert[s] as usize);
+        if t >= tokens || j >= k {
+            continue;
+        }
+        let Some(b) = bias.get(e * hidden..(e + 1) * hidden) else {
+            dweights[t * k + j] = f32::NAN;
+            continue;
+        };
+        let zs = &z[s * inner..(s + 1) * inner];
+        let through: f32 = dz[s * inner..(s + 1) * inner].iter().zip(zs).map(|(a, b)| a * b).sum();
+        let via_bias: f32 = dout[t * hidden..(t + 1) * hidden].iter().zip(b).map(|(a, b)| a * b).sum();
+        dweights[t * k + j] = if weight[s] != 0.0 { through / weight[s] } else { 0.0 } + via_bias;
+    }
+    dweights
+}
+
 /// `out [T, H]`, `out[t] = Σ_j w(s)·y[s]` over `s = slot_of[t·k + j]` in `j` order, from `y [S, H]`;
 /// `w(s) = weight[s]`, or 1 without weights.
 fn sum_slots(y: &[f32], weight: Option<&[f32]>, slot_of: &[u32], k: usize, hidden: usize) -> Vec<f32> {
@@ -147,28 +204,144 @@ pub fn gather_rows_gpu(
     hidden: usize,
     xs: &mut CudaViewMut<'_, f32>,
 ) -> oxtune_kernels::Result<()> {
-    const OP: &str = "gather_rows";
-    let tokens = to_u32(OP, "tokens", rows_of(OP, "x", x.len(), hidden, "hidden")?)?;
+    gather_gpu(gpu, "gather_rows", x, None, token, hidden, xs)
+}
+
+/// GPU [`weighted_gather_rows`]: `x [T, H]`, `weight`, `token [S]` → `xs [S, H]` (assigned). Exact
+/// (one product).
+#[cfg(feature = "cuda")]
+pub fn weighted_gather_rows_gpu(
+    gpu: &Gpu,
+    x: &CudaView<'_, f32>,
+    weight: &CudaView<'_, f32>,
+    token: &CudaView<'_, u32>,
+    hidden: usize,
+    xs: &mut CudaViewMut<'_, f32>,
+) -> oxtune_kernels::Result<()> {
+    gather_gpu(gpu, "weighted_gather_rows", x, Some(weight), token, hidden, xs)
+}
+
+/// Shared launcher of `gather_rows_f32` (without `weight`) and `weighted_gather_rows_f32`.
+#[cfg(feature = "cuda")]
+fn gather_gpu(
+    gpu: &Gpu,
+    op: &str,
+    x: &CudaView<'_, f32>,
+    weight: Option<&CudaView<'_, f32>>,
+    token: &CudaView<'_, u32>,
+    hidden: usize,
+    xs: &mut CudaViewMut<'_, f32>,
+) -> oxtune_kernels::Result<()> {
+    let tokens = to_u32(op, "tokens", rows_of(op, "x", x.len(), hidden, "hidden")?)?;
     let slots = token.len();
-    check_len(OP, "xs", xs.len(), slots * hidden)?;
+    check_len(op, "xs", xs.len(), slots * hidden)?;
+    if let Some(w) = weight {
+        check_len(op, "weight", w.len(), slots)?;
+    }
     if slots == 0 {
         return Ok(());
     }
-    let f = gpu.function("moe_permute", SRC, "gather_rows_f32")?;
-    let (slots64, hidden32) = (slots as u64, to_u32(OP, "hidden", hidden)?);
-    // SAFETY: gather_rows_f32(float* xs, const float* x, const unsigned* token, unsigned long long
-    // slots, unsigned tokens, unsigned hidden): xs holds slots·hidden floats, x tokens·hidden, token
-    // slots (checked above); rows of tokens >= tokens are never read; blocks stride over the slots.
+    let (slots64, hidden32) = (slots as u64, to_u32(op, "hidden", hidden)?);
+    let cfg = rows_config(slots, hidden);
+    match weight {
+        // SAFETY: gather_rows_f32(float* xs, const float* x, const unsigned* token, unsigned long
+        // long slots, unsigned tokens, unsigned hidden): xs holds slots·hidden floats, x
+        // tokens·hidden, token slots (checked above); rows of tokens >= tokens are never read;
+        // blocks stride over the slots.
+        None => unsafe {
+            let f = gpu.function("moe_permute", SRC, "gather_rows_f32")?;
+            gpu.stream
+                .launch_builder(&f)
+                .arg(xs)
+                .arg(x)
+                .arg(token)
+                .arg(&slots64)
+                .arg(&tokens)
+                .arg(&hidden32)
+                .launch(cfg)
+        }?,
+        // SAFETY: weighted_gather_rows_f32(float* xs, const float* x, const float* weight, const
+        // unsigned* token, unsigned long long slots, unsigned tokens, unsigned hidden): as above,
+        // and weight holds slots floats (checked above).
+        Some(w) => unsafe {
+            let f = gpu.function("moe_permute", SRC, "weighted_gather_rows_f32")?;
+            gpu.stream
+                .launch_builder(&f)
+                .arg(xs)
+                .arg(x)
+                .arg(w)
+                .arg(token)
+                .arg(&slots64)
+                .arg(&tokens)
+                .arg(&hidden32)
+                .launch(cfg)
+        }?,
+    };
+    Ok(())
+}
+
+/// GPU [`weight_grad_from_input`]: `dz`, `z [S, I]`, `dout [T, H]`, `bias [E, H]`, `weight`,
+/// `token`, `choice`, `slot_expert [S]` → `dweights [T·k]` (assigned for every `(token[s],
+/// choice[s])`; the two dots are block reductions, so they differ from the reference by rounding).
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grad_from_input_gpu(
+    gpu: &Gpu,
+    dz: &CudaView<'_, f32>,
+    z: &CudaView<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    bias: &CudaView<'_, f32>,
+    weight: &CudaView<'_, f32>,
+    token: &CudaView<'_, u32>,
+    choice: &CudaView<'_, u32>,
+    slot_expert: &CudaView<'_, u32>,
+    k: usize,
+    hidden: usize,
+    dweights: &mut CudaViewMut<'_, f32>,
+) -> oxtune_kernels::Result<()> {
+    const OP: &str = "weight_grad_from_input";
+    let tokens = to_u32(OP, "tokens", rows_of(OP, "dout", dout.len(), hidden, "hidden")?)?;
+    let experts = to_u32(OP, "experts", rows_of(OP, "bias", bias.len(), hidden, "hidden")?)?;
+    let slots = weight.len();
+    check_len(OP, "token", token.len(), slots)?;
+    check_len(OP, "choice", choice.len(), slots)?;
+    check_len(OP, "slot_expert", slot_expert.len(), slots)?;
+    check_len(OP, "dweights", dweights.len(), tokens as usize * k)?;
+    if slots == 0 {
+        return Ok(());
+    }
+    let inner = rows_of(OP, "dz", dz.len(), slots, "slots")?;
+    check_len(OP, "z", z.len(), slots * inner)?;
+    let f = gpu.function("moe_permute", SRC, "weight_grad_from_input_f32")?;
+    let (slots64, k32, inner32, hidden32) =
+        (slots as u64, to_u32(OP, "k", k)?, to_u32(OP, "inner", inner)?, to_u32(OP, "hidden", hidden)?);
+    // SAFETY: weight_grad_from_input_f32(float* dweights, const float* dz, const float* z, const
+    // float* dout, const float* bias, const float* weight, const unsigned* token, const unsigned*
+    // choice, const unsigned* slot_expert, unsigned long long slots, unsigned tokens, unsigned
+    // experts, unsigned k, unsigned inner, unsigned hidden): dz and z hold slots·inner floats, dout
+    // tokens·hidden, bias experts·hidden, dweights tokens·k, weight, token, choice and slot_expert
+    // slots (checked above); rows of tokens >= tokens or experts >= experts are never read and
+    // dweights is written only for token < tokens and choice < k; the block is a power of two
+    // >= 32 (block_sum) and strides over the slots.
     unsafe {
         gpu.stream
             .launch_builder(&f)
-            .arg(xs)
-            .arg(x)
+            .arg(dweights)
+            .arg(dz)
+            .arg(z)
+            .arg(dout)
+            .arg(bias)
+            .arg(weight)
             .arg(token)
+            .arg(choice)
+            .arg(slot_expert)
             .arg(&slots64)
             .arg(&tokens)
+            .arg(&experts)
+            .arg(&k32)
+            .arg(&inner32)
             .arg(&hidden32)
-            .launch(rows_config(slots, hidden))
+            .launch(rows_config(slots, inner.max(hidden)))
     }?;
     Ok(())
 }
@@ -450,6 +623,48 @@ mod tests {
     }
 
     #[test]
+    fn weight_grads_from_the_input_side_equal_those_from_the_output() {
+        // Experts y = M_e z + b_e: the dweights of combine_backward (from y) and of
+        // weight_grad_from_input (from dz = w·M_eᵀ dout and z) are the same numbers.
+        let (k, e, t, h, i) = (3, 5, 6, 7, 4);
+        let (_, p, _) = routed(11, t, e, k);
+        let se = slot_expert(&p);
+        let slots = p.token.len();
+        let m = randn(12, e * h * i, 1.0); // M_e [h, i]
+        let bias = randn(13, e * h, 1.0);
+        let z = randn(14, slots * i, 1.0);
+        let dout = randn(15, t * h, 1.0);
+        let (mut y, mut dz) = (vec![0.0f32; slots * h], vec![0.0f32; slots * i]);
+        for s in 0..slots {
+            let (ex, tt) = (se[s] as usize, p.token[s] as usize);
+            for r in 0..h {
+                let mr = &m[(ex * h + r) * i..][..i];
+                y[s * h + r] = bias[ex * h + r] + mr.iter().zip(&z[s * i..][..i]).map(|(a, b)| a * b).sum::<f32>();
+                for c in 0..i {
+                    dz[s * i + c] += p.weight[s] * mr[c] * dout[tt * h + r];
+                }
+            }
+        }
+        let (dys, want) = combine_backward(&dout, &y, &p.weight, &p.token, &p.choice, k, h);
+        let got = weight_grad_from_input(&dz, &z, &dout, &bias, &p.weight, &p.token, &p.choice, &se, k, h);
+        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "dweights[{n}]: {g} from the input side, {w} from y");
+        }
+        assert_eq!(weighted_gather_rows(&dout, &p.weight, &p.token, h), dys);
+        // A slot of weight 0: the bias term alone. A bad expert index: NaN.
+        let mut w0 = p.weight.clone();
+        w0[2] = 0.0;
+        let got = weight_grad_from_input(&dz, &z, &dout, &bias, &w0, &p.token, &p.choice, &se, k, h);
+        let (tt, ex) = (p.token[2] as usize, se[2] as usize);
+        let via_bias: f32 = (0..h).map(|r| dout[tt * h + r] * bias[ex * h + r]).sum();
+        assert_eq!(got[tt * k + p.choice[2] as usize], via_bias);
+        let mut bad = se.clone();
+        bad[1] = e as u32;
+        let got = weight_grad_from_input(&dz, &z, &dout, &bias, &p.weight, &p.token, &p.choice, &bad, k, h);
+        assert!(got[p.token[1] as usize * k + p.choice[1] as usize].is_nan());
+    }
+
+    #[test]
     fn unpermute_sum_is_the_adjoint_of_gather_rows() {
         let (k, e, t, h) = (4, 6, 5, 3);
         let (_, p, slot_of) = routed(8, t, e, k);
@@ -585,6 +800,54 @@ mod gpu_tests {
             &s.clone_dtoh(&dw_d).unwrap(),
             &dw,
             2e-7 * h as f32,
+            1e-5,
+        );
+
+        let mut dys_d = s.alloc_zeros::<f32>(slots * h).unwrap();
+        weighted_gather_rows_gpu(
+            gpu,
+            &dout_d.as_view(),
+            &w_d.as_view(),
+            &token_d.as_view(),
+            h,
+            &mut dys_d.as_view_mut(),
+        )
+        .unwrap();
+        // One product: exact.
+        let want = weighted_gather_rows(&dout, &p.weight, &p.token, h);
+        assert_close(&format!("weighted_gather_rows {what}"), &s.clone_dtoh(&dys_d).unwrap(), &want, 0.0, 0.0);
+
+        // An inner width unlike hidden; one slot of weight 0 (the bias term alone).
+        let inner = h / 2 + 3;
+        let (dz, z) = (randn(seed + 6, slots * inner, 1.0), randn(seed + 7, slots * inner, 1.0));
+        let mut w = p.weight.clone();
+        w[slots / 2] = 0.0;
+        let (dz_d, z_d, w_d) = (up(&dz), up(&z), up(&w));
+        let mut dw_d = up(&randn(seed + 8, t * k, 9.0)); // garbage: every entry must be assigned
+        weight_grad_from_input_gpu(
+            gpu,
+            &dz_d.as_view(),
+            &z_d.as_view(),
+            &dout_d.as_view(),
+            &bias_d.as_view(),
+            &w_d.as_view(),
+            &token_d.as_view(),
+            &choice_d.as_view(),
+            &se_d.as_view(),
+            k,
+            h,
+            &mut dw_d.as_view_mut(),
+        )
+        .unwrap();
+        let want = weight_grad_from_input(&dz, &z, &dout, &bias, &w, &p.token, &p.choice, &se, k, h);
+        // Two dots as above (the first divided by a weight in (0, 1], which scales its rounding
+        // with it): 2e-7 of the terms' count relative to the weight.
+        let wmin = w.iter().copied().filter(|&x| x > 0.0).fold(1.0f32, f32::min);
+        assert_close(
+            &format!("weight_grad_from_input {what}"),
+            &s.clone_dtoh(&dw_d).unwrap(),
+            &want,
+            2e-7 * (inner + h) as f32 / wmin,
             1e-5,
         );
 

@@ -18,7 +18,9 @@
 //!
 //! Memory: every buffer is allocated once, when the engine is built for a token budget (the
 //! largest micro-batch), in named groups: weights, LoRA (values and gradients), per-layer saved
-//! activations, and scratch. A step allocates nothing. Before allocating, the engine compares what
+//! activations, and scratch (with the [`Gpu`]'s shared scratch, where the attention and expert
+//! kernels stage bf16 splits of their operands, reserved for the largest op). A step allocates
+//! nothing. Before allocating, the engine compares what
 //! it needs with the device's free memory and says what to change when it does not fit. The
 //! embedding table stays in host memory: each batch's rows are gathered there and uploaded.
 //!

@@ -34,6 +34,14 @@ impl Alloc<'_> {
         Ok(s)
     }
 
+    /// Grows the GPU's shared scratch to `elems` u16 (counted here only if it grows).
+    pub fn scratch(&mut self, elems: usize) -> Result<()> {
+        let before = self.gpu.scratch_elems();
+        self.gpu.reserve_scratch(elems).map_err(|_| self.fail("operand scratch", 2 * elems))?;
+        self.bytes += 2 * (self.gpu.scratch_elems() - before);
+        Ok(())
+    }
+
     pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &mut self,
         what: &str,

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::Mma;
@@ -303,10 +303,23 @@ fn split_rows(rows: usize) -> usize {
     rows + TILE
 }
 
-/// `x [rows, heads·d]` split for the tiled kernels by `attention_split_f32`: bf16 bit patterns
-/// `[parts][heads][rows + TILE][dp]` (`dp` = [`padded_width`]`(d)`), `hi = bf16(x)` and, for
-/// [`Mma::Split`], `lo = bf16(x − hi)`, zeros past `d` and past `rows`. Stream-ordered scratch,
-/// freed (in stream order) when the caller drops it.
+/// u16 elements of one split operand: `[parts][heads][rows + TILE][dp]`.
+fn split_len(mma: Mma, rows: usize, heads: usize, d: usize) -> usize {
+    parts(mma) * heads * split_rows(rows) * padded_width(d)
+}
+
+/// Elements (u16) of [`Gpu`] scratch the attention forward (`backward = false`) or backward
+/// takes for `t` queries and `tk` keys: the bf16 splits of q, k and v (and dout).
+pub fn scratch_elems(heads: Heads, t: usize, tk: usize, mma: Mma, backward: bool) -> usize {
+    let Heads { nq, nkv, d } = heads;
+    let q = split_len(mma, t, nq, d);
+    q * (1 + backward as usize) + 2 * split_len(mma, tk, nkv, d)
+}
+
+/// `x [rows, heads·d]` split for the tiled kernels by `attention_split_f32` into `out`
+/// ([`split_len`] long): bf16 bit patterns `[parts][heads][rows + TILE][dp]` (`dp` =
+/// [`padded_width`]`(d)`), `hi = bf16(x)` and, for [`Mma::Split`], `lo = bf16(x − hi)`, zeros
+/// past `d` and past `rows`.
 fn split_heads_gpu(
     gpu: &Gpu,
     mma: Mma,
@@ -314,7 +327,8 @@ fn split_heads_gpu(
     rows: usize,
     heads: usize,
     d: usize,
-) -> Result<CudaSlice<u16>> {
+    out: &mut CudaViewMut<'_, u16>,
+) -> Result<()> {
     let dp = padded_width(d);
     let n = heads * split_rows(rows) * dp;
     let pairs = n / 2;
@@ -323,8 +337,7 @@ fn split_heads_gpu(
     let (rows32, heads32, d32, dp32) =
         (u32::try_from(rows).map_err(|_| shape())?, u32::try_from(heads).map_err(|_| shape())?, d as u32, dp as u32);
     expect("attention_split", "x", x.len(), rows * heads * d)?;
-    // SAFETY: the kernel below writes every element before anything reads the buffer.
-    let mut out = unsafe { gpu.stream.alloc::<u16>(parts(mma) * n) }?;
+    expect("attention_split", "out", out.len(), split_len(mma, rows, heads, d))?;
     let f = function(gpu, mma, "attention_split_f32")?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: attention_split_f32(unsigned* dst, const float* x, unsigned rows, unsigned heads,
@@ -333,9 +346,9 @@ fn split_heads_gpu(
     // module's FA_PARTS writes; d and dp are even (sizes() checks d), d <= dp; n > 0 (heads,
     // dp > 0), one thread per u32 of a part, blocks·256 >= n/2.
     unsafe {
-        gpu.stream.launch_builder(&f).arg(&mut out).arg(x).arg(&rows32).arg(&heads32).arg(&d32).arg(&dp32).launch(cfg)
+        gpu.stream.launch_builder(&f).arg(out).arg(x).arg(&rows32).arg(&heads32).arg(&d32).arg(&dp32).launch(cfg)
     }?;
-    Ok(out)
+    Ok(())
 }
 
 /// Kernel `name` + `_d<dp>` with its launch configuration: one block of `TILE_WARPS` warps per tile
@@ -398,8 +411,8 @@ fn warp_grid(items: usize) -> LaunchConfig {
 /// GPU forward over a batch of `T` queries: `q [T, nq·d]`, `k`, `v [Tk, nkv·d]`, `sinks [nq]`,
 /// visible keys `klo..khi [T]` (u32, see [`Ranges`]) → `o [T, nq·d]`, `lse [T, nq]` (assigned).
 /// A query with no visible key gets `o = 0`, `lse = S_h`. `d` must be even and at most 128.
-/// q, k and v are first split into bf16 scratch (`split_heads_gpu`: 2 bytes × hi/lo × heads ×
-/// (rows + 64) × padded width each), allocated on the stream and freed after the kernel.
+/// q, k and v are first split into bf16 in the [`Gpu`]'s scratch ([`scratch_elems`] u16: 2 bytes
+/// × hi/lo × heads × (rows + 64) × padded width each), which grows if it is smaller.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_gpu(
     gpu: &Gpu,
@@ -429,47 +442,52 @@ pub fn attention_fwd_gpu(
         return Ok(());
     }
     let tk = tk32 as usize;
-    let qs = split_heads_gpu(gpu, mma, q, t, nq, d)?;
-    let ks = split_heads_gpu(gpu, mma, k, tk, nkv, d)?;
-    let vs = split_heads_gpu(gpu, mma, v, tk, nkv, d)?;
     let (f, cfg) = tiled(gpu, mma, "attention_fwd_f32", padded_width(d), t.div_ceil(TILE) * nq, [3, 0])?;
-    let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
-    // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const bf16* qs, const bf16* ks,
-    // const bf16* vs, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
-    // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o holds T·nq·d floats,
-    // lse T·nq, sinks nq, klo and khi T (checked above); qs, ks and vs are split_heads_gpu's
-    // [FA_PARTS][heads][rows + FA_TILE][DP] of q (T rows, nq heads), k and v (Tk rows, nkv
-    // heads) for this module's FA_PARTS and DP = padded_width(d); nkv divides nq and d <= DP. The
-    // kernel clamps the ranges to Tk and reads tiles that start below T or Tk, so no read leaves
-    // the buffers. One block of 32·FA_WARPS threads per (query tile, head), ceil(T / FA_TILE)·nq
-    // blocks, with the dynamic shared memory the kernel carves up (tile_smem_bytes).
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(o)
-            .arg(lse)
-            .arg(&qs)
-            .arg(&ks)
-            .arg(&vs)
-            .arg(sinks)
-            .arg(klo)
-            .arg(khi)
-            .arg(&t32)
-            .arg(&tk32)
-            .arg(&nq32)
-            .arg(&nkv32)
-            .arg(&d32)
-            .arg(&scale)
-            .launch(cfg)
-    }?;
-    Ok(())
+    let (lq, lk) = (split_len(mma, t, nq, d), split_len(mma, tk, nkv, d));
+    gpu.with_scratch(scratch_elems(heads, t, tk, mma, false), |mut buf| {
+        let (mut qs, mut rest) = buf.split_at_mut(lq);
+        let (mut ks, mut vs) = rest.split_at_mut(lk);
+        split_heads_gpu(gpu, mma, q, t, nq, d, &mut qs)?;
+        split_heads_gpu(gpu, mma, k, tk, nkv, d, &mut ks)?;
+        split_heads_gpu(gpu, mma, v, tk, nkv, d, &mut vs)?;
+        let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
+        // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const bf16* qs, const bf16* ks,
+        // const bf16* vs, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
+        // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o holds T·nq·d floats,
+        // lse T·nq, sinks nq, klo and khi T (checked above); qs, ks and vs are split_heads_gpu's
+        // [FA_PARTS][heads][rows + FA_TILE][DP] of q (T rows, nq heads), k and v (Tk rows, nkv
+        // heads) for this module's FA_PARTS and DP = padded_width(d); nkv divides nq and d <= DP. The
+        // kernel clamps the ranges to Tk and reads tiles that start below T or Tk, so no read leaves
+        // the buffers. One block of 32·FA_WARPS threads per (query tile, head), ceil(T / FA_TILE)·nq
+        // blocks, with the dynamic shared memory the kernel carves up (tile_smem_bytes).
+        unsafe {
+            gpu.stream
+                .launch_builder(&f)
+                .arg(o)
+                .arg(lse)
+                .arg(&qs.as_view())
+                .arg(&ks.as_view())
+                .arg(&vs.as_view())
+                .arg(sinks)
+                .arg(klo)
+                .arg(khi)
+                .arg(&t32)
+                .arg(&tk32)
+                .arg(&nq32)
+                .arg(&nkv32)
+                .arg(&d32)
+                .arg(&scale)
+                .launch(cfg)
+        }?;
+        Ok(())
+    })
 }
 
 /// GPU backward of [`attention_fwd_gpu`] given its `o`, `lse` and `dout [T, nq·d]`: `dq [T, nq·d]`,
 /// `dk`, `dv [Tk, nkv·d]` are assigned, `dsinks [nq]` is accumulated (`+=`, a parameter
 /// gradient). `qlo..qhi [Tk]` are the queries that see each key (the transpose of `klo..khi`,
 /// see [`Ranges`]); `delta_scratch [T·nq]` receives `D_i = dO_i · O_i`. Like the forward, splits
-/// q, k, v and dout into stream-ordered bf16 scratch (freed on return, in stream order).
+/// q, k, v and dout into bf16 in the [`Gpu`]'s scratch ([`scratch_elems`] with `backward`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_gpu(
     gpu: &Gpu,
@@ -547,62 +565,36 @@ pub fn attention_bwd_gpu(
         unsafe {
             gpu.stream.launch_builder(&f).arg(dsinks).arg(sinks).arg(lse).arg(&delta).arg(&t32).arg(&nq32).launch(cfg)
         }?;
-        let qs = split_heads_gpu(gpu, mma, q, t, nq, d)?;
-        let ks = split_heads_gpu(gpu, mma, k, tk, nkv, d)?;
-        let vs = split_heads_gpu(gpu, mma, v, tk, nkv, d)?;
-        let dos = split_heads_gpu(gpu, mma, dout, t, nq, d)?;
-        let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
-        // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,
-        // const bf16* vs, const bf16* dos, const float* lse, const float* delta,
-        // const unsigned* klo, const unsigned* khi, unsigned T, unsigned Tk, unsigned nq,
-        // unsigned nkv, unsigned d, float scale): dq holds T·nq·d floats, lse and delta T·nq, klo
-        // and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows, nkv heads)
-        // are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module, d <= DP;
-        // ranges are clamped to Tk in the kernel and tiles start below T or Tk; one block of
-        // 32·FA_WARPS threads per (query tile, head) with its dynamic shared memory.
-        unsafe {
-            gpu.stream
-                .launch_builder(&f)
-                .arg(dq)
-                .arg(&qs)
-                .arg(&ks)
-                .arg(&vs)
-                .arg(&dos)
-                .arg(lse)
-                .arg(&delta)
-                .arg(klo)
-                .arg(khi)
-                .arg(&t32)
-                .arg(&tk32)
-                .arg(&nq32)
-                .arg(&nkv32)
-                .arg(&d32)
-                .arg(&scale)
-                .launch(cfg)
-        }?;
-        if tk > 0 {
-            let (f, cfg) =
-                tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), tk.div_ceil(TILE) * nkv, [4, 2 * TILE])?;
-            // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
-            // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
-            // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
-            // unsigned nkv, unsigned d, float scale): dk and dv hold Tk·nkv·d floats, lse and delta
-            // T·nq, qlo and qhi Tk (checked above); qs, ks, vs and dos as for the dq kernel; ranges
-            // are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one block of
-            // 32·FA_WARPS threads per (key tile, KV head) with its dynamic shared memory.
+        let (lq, lk) = (split_len(mma, t, nq, d), split_len(mma, tk, nkv, d));
+        gpu.with_scratch(scratch_elems(heads, t, tk, mma, true), |mut buf| {
+            let (mut qs, mut rest) = buf.split_at_mut(lq);
+            let (mut dos, mut rest) = rest.split_at_mut(lq);
+            let (mut ks, mut vs) = rest.split_at_mut(lk);
+            split_heads_gpu(gpu, mma, q, t, nq, d, &mut qs)?;
+            split_heads_gpu(gpu, mma, k, tk, nkv, d, &mut ks)?;
+            split_heads_gpu(gpu, mma, v, tk, nkv, d, &mut vs)?;
+            split_heads_gpu(gpu, mma, dout, t, nq, d, &mut dos)?;
+            let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
+            // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,
+            // const bf16* vs, const bf16* dos, const float* lse, const float* delta,
+            // const unsigned* klo, const unsigned* khi, unsigned T, unsigned Tk, unsigned nq,
+            // unsigned nkv, unsigned d, float scale): dq holds T·nq·d floats, lse and delta T·nq, klo
+            // and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows, nkv heads)
+            // are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module, d <= DP;
+            // ranges are clamped to Tk in the kernel and tiles start below T or Tk; one block of
+            // 32·FA_WARPS threads per (query tile, head) with its dynamic shared memory.
             unsafe {
                 gpu.stream
                     .launch_builder(&f)
-                    .arg(dk)
-                    .arg(dv)
-                    .arg(&qs)
-                    .arg(&ks)
-                    .arg(&vs)
-                    .arg(&dos)
+                    .arg(dq)
+                    .arg(&qs.as_view())
+                    .arg(&ks.as_view())
+                    .arg(&vs.as_view())
+                    .arg(&dos.as_view())
                     .arg(lse)
                     .arg(&delta)
-                    .arg(qlo)
-                    .arg(qhi)
+                    .arg(klo)
+                    .arg(khi)
                     .arg(&t32)
                     .arg(&tk32)
                     .arg(&nq32)
@@ -611,7 +603,40 @@ pub fn attention_bwd_gpu(
                     .arg(&scale)
                     .launch(cfg)
             }?;
-        }
+            if tk > 0 {
+                let (f, cfg) =
+                    tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), tk.div_ceil(TILE) * nkv, [4, 2 * TILE])?;
+                // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
+                // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
+                // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
+                // unsigned nkv, unsigned d, float scale): dk and dv hold Tk·nkv·d floats, lse and delta
+                // T·nq, qlo and qhi Tk (checked above); qs, ks, vs and dos as for the dq kernel; ranges
+                // are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one block of
+                // 32·FA_WARPS threads per (key tile, KV head) with its dynamic shared memory.
+                unsafe {
+                    gpu.stream
+                        .launch_builder(&f)
+                        .arg(dk)
+                        .arg(dv)
+                        .arg(&qs.as_view())
+                        .arg(&ks.as_view())
+                        .arg(&vs.as_view())
+                        .arg(&dos.as_view())
+                        .arg(lse)
+                        .arg(&delta)
+                        .arg(qlo)
+                        .arg(qhi)
+                        .arg(&t32)
+                        .arg(&tk32)
+                        .arg(&nq32)
+                        .arg(&nkv32)
+                        .arg(&d32)
+                        .arg(&scale)
+                        .launch(cfg)
+                }?;
+            }
+            Ok(())
+        })?;
     }
     Ok(())
 }
@@ -1063,7 +1088,10 @@ mod tests {
                 {
                     let x = randn(rows as u64 * 7 + d as u64, rows * heads * d, 3.0);
                     let xd = s.clone_htod(&[&randn(5, off, 9.0), x.as_slice()].concat()).unwrap();
-                    let split = split_heads_gpu(&gpu, mma, &xd.slice(off..), rows, heads, d).unwrap();
+                    // Starts as garbage: the kernel must write every element.
+                    let n = split_len(mma, rows, heads, d);
+                    let mut split = s.clone_htod(&vec![0x7fc1u16; n]).unwrap();
+                    split_heads_gpu(&gpu, mma, &xd.slice(off..), rows, heads, d, &mut split.as_view_mut()).unwrap();
                     let got = s.clone_dtoh(&split).unwrap();
                     let want = split_reference(&x, rows, heads, d, mma);
                     assert_eq!(got.len(), want.len(), "{mma:?} rows {rows} heads {heads} d {d}");

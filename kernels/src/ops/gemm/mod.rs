@@ -507,9 +507,9 @@ pub fn grouped_gemm_f32(
 /// `W_g[k, n]` when `transposed` (input gradient `dx = dy W_g`: `K = rows`, `N = cols`).
 /// Grouped::M only; `cfg.b` is ignored; group `g` uses expert `g` (`groups ≤ experts`).
 /// `offsets` and `total_rows` as in [`grouped_gemm_f32`]. A is first written once in bf16 (hi and
-/// lo, or hi alone) to a buffer of `total_rows` rows of K rounded up to 64 from the stream's
-/// memory pool (with [`Mma::Split`] the size of A in f32, half that with [`Mma::Bf16`]), which
-/// goes back to the pool when the stream has run the product.
+/// lo, or hi alone) as `total_rows` rows of K rounded up to 64 into the [`Gpu`]'s scratch
+/// ([`mxfp4_scratch_elems`]: with [`Mma::Split`] the size of A in f32, half that with
+/// [`Mma::Bf16`]), which grows if it is smaller.
 pub fn grouped_gemm_f32_mxfp4w(
     gpu: &Gpu,
     cfg: &GroupedGemm,
@@ -523,6 +523,13 @@ pub fn grouped_gemm_f32_mxfp4w(
 ) -> Result<()> {
     let path = Mxfp4Path::for_gpu(gpu);
     grouped_gemm_f32_mxfp4w_on(gpu, cfg, offsets, total_rows, a, w, transposed, mma, path, c)
+}
+
+/// Elements (u16) of [`Gpu`] scratch an MXFP4 product over `total_rows` rows of A with reduction
+/// length `k` (`cfg.k`) takes: A in bf16, hi and lo with [`Mma::Split`], rows padded to a
+/// multiple of 64.
+pub fn mxfp4_scratch_elems(total_rows: usize, k: usize, mma: Mma) -> usize {
+    a_tiles(mma) as usize * total_rows * k.div_ceil(TC_K) * TC_K
 }
 
 /// Which tensor-core kernel runs an MXFP4 product.
@@ -595,67 +602,73 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
-    // A as bf16 rows of kp (hi, then lo with Mma::Split), from the stream-ordered pool: freed when
-    // the stream reaches the end of this product.
+    // A as bf16 rows of kp (hi, then lo with Mma::Split) in the GPU's scratch.
     let kp = cfg.k.div_ceil(TC_K) * TC_K;
     let parts = a_tiles(mma) as usize;
     let part = total_rows
         .checked_mul(kp)
         .filter(|&n| n <= DIM_MAX)
         .ok_or_else(|| shape_err(format!("{op}: {total_rows} rows x {kp} exceeds {DIM_MAX} elements")))?;
-    // SAFETY: split_a_bf16 writes every element of both parts before the GEMM (same stream) reads
-    // them.
-    let mut a16 = unsafe { gpu.stream.alloc::<u16>(parts * part) }?;
     let kp32 = kp as u32;
-    {
-        let (mut hi, mut lo) = a16.split_at_mut(part);
-        // SAFETY: split_a_bf16(unsigned* hi, unsigned* lo, const float* a, const unsigned* offsets,
-        // Params p, unsigned kp): rows below p.total_rows, each kp bf16 (kp/2 words, kp a multiple of
-        // 64) into hi and, unless MMA_ONE_PASS (Mma::Bf16, where lo is an empty view never
-        // written), lo: both `part` long; A is read at (group, row < total_rows, k < K) by the
-        // strides check_shapes verified (offsets clamped to total_rows).
+    // split_a_bf16 writes every element of both parts before the GEMM (same stream) reads them.
+    gpu.with_scratch(parts * part, |mut a16| {
+        {
+            let (mut hi, mut lo) = a16.split_at_mut(part);
+            // SAFETY: split_a_bf16(unsigned* hi, unsigned* lo, const float* a, const unsigned* offsets,
+            // Params p, unsigned kp): rows below p.total_rows, each kp bf16 (kp/2 words, kp a multiple of
+            // 64) into hi and, unless MMA_ONE_PASS (Mma::Bf16, where lo is an empty view never
+            // written), lo: both `part` long; A is read at (group, row < total_rows, k < K) by the
+            // strides check_shapes verified (offsets clamped to total_rows).
+            unsafe {
+                gpu.stream
+                    .launch_builder(&split)
+                    .arg(&mut hi)
+                    .arg(&mut lo)
+                    .arg(a)
+                    .arg(offsets)
+                    .arg(&p)
+                    .arg(&kp32)
+                    .launch(LaunchConfig {
+                        grid_dim: (
+                            (kp / 4).div_ceil(SPLIT_THREADS as usize) as u32,
+                            total_rows.clamp(1, GRID_YZ_MAX) as u32,
+                            1,
+                        ),
+                        block_dim: (SPLIT_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+            }?;
+        }
+        let a16 = a16.as_view();
+        let (hi, lo) = a16.split_at(part);
+        // SAFETY: grouped_gemm_bf16a_mxfp4w{,_transposed}(float* c, const bf16* a_hi, const bf16* a_lo,
+        // const unsigned char* blocks, const unsigned char* scales, const unsigned* offsets, Params p,
+        // unsigned w_rows, unsigned w_cols, unsigned kp): blocks/scales hold experts·rows·cols/2 and
+        // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
+        // (check_mxfp4), so every decoded block lies inside them; A hi/lo hold total_rows rows of kp
+        // (rows read only below the clamped offsets, k below kp); C as in grouped_gemm_f32; the block
+        // gets the dynamic shared memory its stages use, and the wgmma kernels run only on sm_90a.
         unsafe {
-            gpu.stream.launch_builder(&split).arg(&mut hi).arg(&mut lo).arg(a).arg(offsets).arg(&p).arg(&kp32).launch(
-                LaunchConfig {
-                    grid_dim: (
-                        (kp / 4).div_ceil(SPLIT_THREADS as usize) as u32,
-                        total_rows.clamp(1, GRID_YZ_MAX) as u32,
-                        1,
-                    ),
-                    block_dim: (SPLIT_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            )
+            gpu.stream
+                .launch_builder(&f)
+                .arg(c)
+                .arg(&hi)
+                .arg(&lo)
+                .arg(&w.blocks)
+                .arg(&w.scales)
+                .arg(offsets)
+                .arg(&p)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&kp32)
+                .launch(LaunchConfig {
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: smem,
+                    ..launch_config(cfg, TC_TILE.0, TC_TILE.1)
+                })
         }?;
-    }
-    let (hi, lo) = a16.split_at(part);
-    // SAFETY: grouped_gemm_bf16a_mxfp4w{,_transposed}(float* c, const bf16* a_hi, const bf16* a_lo,
-    // const unsigned char* blocks, const unsigned char* scales, const unsigned* offsets, Params p,
-    // unsigned w_rows, unsigned w_cols, unsigned kp): blocks/scales hold experts·rows·cols/2 and
-    // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
-    // (check_mxfp4), so every decoded block lies inside them; A hi/lo hold total_rows rows of kp
-    // (rows read only below the clamped offsets, k below kp); C as in grouped_gemm_f32; the block
-    // gets the dynamic shared memory its stages use, and the wgmma kernels run only on sm_90a.
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(c)
-            .arg(&hi)
-            .arg(&lo)
-            .arg(&w.blocks)
-            .arg(&w.scales)
-            .arg(offsets)
-            .arg(&p)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&kp32)
-            .launch(LaunchConfig {
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: smem,
-                ..launch_config(cfg, TC_TILE.0, TC_TILE.1)
-            })
-    }?;
-    Ok(())
+        Ok(())
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -126,7 +126,7 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     // Both products, both ways of meeting the tensor cores (Mma::Bf16 rounds A to bf16 once; the
     // kernel tests check it against the product of the rounded A).
     let mut paths = vec![Mxfp4Path::MmaSync];
-    if Mxfp4Path::for_gpu(gpu) == Mxfp4Path::Wgmma {
+    if Mxfp4Path::for_gpu(gpu, Mma::Split) == Mxfp4Path::Wgmma {
         paths.push(Mxfp4Path::Wgmma);
     }
     for path in paths {

@@ -17,6 +17,16 @@ fn every_kernel_compiles_for_sm_90a() {
 }
 
 #[test]
+#[ignore = "needs libnvrtc and the CUDA headers (.ci/run installs them from PyPI wheels and runs this)"]
+fn every_kernel_compiles_for_sm_80() {
+    // The A100's target: no wgmma (its kernels compile to nothing there), the mma.sync paths.
+    for (name, src) in oxtune_kernels::ops::SOURCES {
+        let cubin = oxtune_kernels::nvrtc::compile_cubin(name, src, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{name}: no ELF CUBIN for sm_80");
+    }
+}
+
+#[test]
 fn a_broken_kernel_is_a_clear_error() {
     if !oxtune_kernels::nvrtc::available() {
         // Without libnvrtc the error must say so, naming what was searched.

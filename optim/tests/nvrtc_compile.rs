@@ -17,3 +17,13 @@ fn every_kernel_compiles_for_sm_90a() {
         println!("{name}: {} bytes of sm_90a CUBIN (NVRTC {major}.{minor})", cubin.len());
     }
 }
+
+#[test]
+#[ignore = "needs libnvrtc and the CUDA headers (.ci/run installs them from PyPI wheels and runs this)"]
+fn every_kernel_compiles_for_sm_80() {
+    // The A100's target (the other GPUs the engine runs on besides Hopper).
+    for (name, src) in oxtune_optim::SOURCES {
+        let cubin = oxtune_kernels::nvrtc::compile_cubin(name, src, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{name}: no ELF CUBIN for sm_80");
+    }
+}

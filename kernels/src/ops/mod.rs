@@ -30,6 +30,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("fault", crate::device::FAULT_SRC),
     ("gemm", gemm::SRC),
     ("gemm_bf16", gemm::SRC_ONE_PASS),
+    ("gemm_two_stage", gemm::SRC_TWO_STAGE),
+    ("gemm_two_stage_bf16", gemm::SRC_TWO_STAGE_ONE_PASS),
     ("rmsnorm", rmsnorm::SRC),
     ("rope", rope::SRC),
 ];

@@ -482,8 +482,15 @@ GEMM_F32_KERNEL(grouped_gemm_f32_small_out16, small_out<16>, THREADS)
 // never stored. The epilogue goes through a per-warp [16][32] f32 scratch in shared memory so that C
 // is written with any strides, alpha and beta, one 128-byte row per store when C is row-major.
 
+// A stages of the mma.sync kernels: 3, or 2 where a GPU's shared memory per block is too small for
+// three (mod.rs: Mxfp4Path::MmaSyncTwoStage compiles this source with TC_STAGES 2).
+#ifndef TC_STAGES
+#define TC_STAGES 3
+#endif
+
 namespace tc {
-constexpr int TM = 128, TN = 256, TK = 64, TTHREADS = 512, STAGES = 3;
+constexpr int TM = 128, TN = 256, TK = 64, TTHREADS = 512, STAGES = TC_STAGES;
+static_assert(STAGES >= 2, "one A slice in flight while one is multiplied");
 constexpr int WARPS_N = TN / 32;  // warps as (TM / 64) x (TN / 32), each 64 x 32 of C
 constexpr int BLKS = TN / 32;     // transposed B tile: MXFP4 blocks per W row
 #ifdef MMA_ONE_PASS
@@ -508,7 +515,7 @@ static_assert(TTHREADS == 2 * TN && TTHREADS == TK * BLKS,
 constexpr int SMEM_ELEMS = STAGES * A_STAGE + 2 * B_ELEMS;
 static_assert(SMEM_ELEMS * 2 == (STAGES * A_TILES * 128 * 72 + 2 * 256 * 72) * 2, "tc_smem_bytes in mod.rs");
 constexpr int SC_LD = 40;  // epilogue scratch row (f32): float2 stores of a half-warp hit distinct banks
-static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= STAGES * A_STAGE * 2, "the epilogue scratch fits in the A stages");
+static_assert(TTHREADS / 32 * 16 * SC_LD * 4 <= SMEM_ELEMS * 2, "the epilogue scratch fits in the tiles");
 static_assert((A_ELEMS * 2) % 16 == 0 && (B_ELEMS * 2) % 16 == 0 && (LDA * 2) % 16 == 0, "16-byte aligned rows");
 constexpr int SPLIT_THREADS = 256;  // split_a_bf16: 4 k per thread
 }  // namespace tc
@@ -594,9 +601,15 @@ __device__ __forceinline__ unsigned int load_codes4(const unsigned char* q, bool
                    : q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned int)q[3] << 24);
 }
 
+// x · y per bf16 half. mul.bf16x2 is sm_90's; sm_80 and sm_8x take fma with -0 (x·y + -0 = x·y,
+// signed zeros included).
 __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int y) {
     unsigned int d;
+#if __CUDA_ARCH__ >= 900
     asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
+#else
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(y), "r"(0x80008000u));
+#endif
     return d;
 }
 
@@ -800,8 +813,8 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
                     }
                 }
                 // No copy in flight (the groups past the last slice are empty) and every warp past
-                // its last read of the tiles: the A stages become each warp's [16][SC_LD] f32
-                // scratch, so that C is written one 32-column row per instruction.
+                // its last read of the tiles: the tiles become each warp's [16][SC_LD] f32 scratch,
+                // so that C is written one 32-column row per instruction.
                 cp_async_wait<0>();
                 __syncthreads();
                 float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;

@@ -33,6 +33,11 @@ use crate::{Error, Gpu, Result};
 pub const SRC: &str = include_str!("gemm.cu");
 /// [`SRC`] compiled for [`Mma::Bf16`]: the MXFP4 kernel rounds A to bf16 once (one product).
 pub const SRC_ONE_PASS: &str = concat!("#define MMA_ONE_PASS 1\n", include_str!("gemm.cu"));
+/// [`SRC`] with two A stages in the mma.sync MXFP4 kernels ([`Mxfp4Path::MmaSyncTwoStage`]).
+pub const SRC_TWO_STAGE: &str = concat!("#define TC_STAGES 2\n", include_str!("gemm.cu"));
+/// [`SRC_ONE_PASS`] with two A stages in the mma.sync MXFP4 kernels.
+pub const SRC_TWO_STAGE_ONE_PASS: &str =
+    concat!("#define TC_STAGES 2\n#define MMA_ONE_PASS 1\n", include_str!("gemm.cu"));
 
 /// Element strides of one operand: along its rows, its columns, and from one group to the next.
 #[derive(Clone, Copy, Debug)]
@@ -132,10 +137,10 @@ const TC_TILE: (usize, usize) = (128, 256);
 const TC_THREADS: u32 = 512;
 /// Their k slice; A is split into bf16 rows of K rounded up to it.
 const TC_K: usize = 64;
-/// Their dynamic shared memory: three stages of A (hi and lo, or hi alone with [`Mma::Bf16`], 128 x
-/// 72 bf16 each) and two decoded B tiles (256 x 72 bf16); gemm.cu asserts the same number.
-const fn tc_smem_bytes(mma: Mma) -> u32 {
-    (3 * a_tiles(mma) * 128 * 72 + 2 * 256 * 72) * 2
+/// Their dynamic shared memory: `stages` stages of A (hi and lo, or hi alone with [`Mma::Bf16`],
+/// 128 x 72 bf16 each) and two decoded B tiles (256 x 72 bf16); gemm.cu asserts the same number.
+const fn tc_smem_bytes(mma: Mma, stages: u32) -> u32 {
+    (stages * a_tiles(mma) * 128 * 72 + 2 * 256 * 72) * 2
 }
 /// A tiles per stage of the MXFP4 kernels: hi and lo, or hi alone.
 const fn a_tiles(mma: Mma) -> u32 {
@@ -521,7 +526,7 @@ pub fn grouped_gemm_f32_mxfp4w(
     mma: Mma,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let path = Mxfp4Path::for_gpu(gpu);
+    let path = Mxfp4Path::for_gpu(gpu, mma);
     grouped_gemm_f32_mxfp4w_on(gpu, cfg, offsets, total_rows, a, w, transposed, mma, path, c)
 }
 
@@ -535,21 +540,28 @@ pub fn mxfp4_scratch_elems(total_rows: usize, k: usize, mma: Mma) -> usize {
 /// Which tensor-core kernel runs an MXFP4 product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mxfp4Path {
-    /// Warp-level `mma.sync`: sm_80 and later, with 180 KiB of shared memory per block for
-    /// [`Mma::Split`] (126 KiB for [`Mma::Bf16`]); where a GPU allows less (A100: 163 KiB, the
-    /// sm_86/89 cards: 99 KiB) the product is an error that says so.
+    /// Warp-level `mma.sync` (sm_80 and later) with three A stages: 180 KiB of shared memory per
+    /// block for [`Mma::Split`], 126 KiB for [`Mma::Bf16`].
     MmaSync,
+    /// The same kernel with two A stages: 144 KiB for [`Mma::Split`] (which an A100's 163 KiB
+    /// holds), 108 KiB for [`Mma::Bf16`]. GPUs with less (the sm_86/89 cards: 99 KiB) cannot run
+    /// the MXFP4 products: the product is an error that says so.
+    MmaSyncTwoStage,
     /// Hopper's warpgroup `wgmma` (sm_90a only).
     Wgmma,
 }
 
 impl Mxfp4Path {
-    /// `Wgmma` on Hopper (the kernels are compiled for sm_90a there), `MmaSync` elsewhere.
-    pub fn for_gpu(gpu: &Gpu) -> Self {
+    /// `Wgmma` on Hopper (the kernels are compiled for sm_90a there); elsewhere `MmaSync` where the
+    /// GPU's shared memory per block holds its stages for `mma`, else `MmaSyncTwoStage`.
+    pub fn for_gpu(gpu: &Gpu, mma: Mma) -> Self {
         if gpu.arch == "sm_90a" {
-            Self::Wgmma
-        } else {
-            Self::MmaSync
+            return Self::Wgmma;
+        }
+        let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
+        match optin {
+            Ok(bytes) if bytes >= 0 && (bytes as u32) < tc_smem_bytes(mma, 3) => Self::MmaSyncTwoStage,
+            _ => Self::MmaSync,
         }
     }
 }
@@ -579,14 +591,20 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         return Ok(());
     }
     let (name, threads, smem) = match (path, transposed) {
-        (Mxfp4Path::MmaSync, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma)),
-        (Mxfp4Path::MmaSync, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma)),
+        (Mxfp4Path::MmaSync, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, 3)),
+        (Mxfp4Path::MmaSync, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, 3)),
+        (Mxfp4Path::MmaSyncTwoStage, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, 2)),
+        (Mxfp4Path::MmaSyncTwoStage, true) => {
+            ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, 2))
+        }
         (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma)),
         (Mxfp4Path::Wgmma, true) => ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma)),
     };
-    let (module, src) = match mma {
-        Mma::Split => ("gemm", SRC),
-        Mma::Bf16 => ("gemm_bf16", SRC_ONE_PASS),
+    let (module, src) = match (path, mma) {
+        (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
+        (Mxfp4Path::MmaSyncTwoStage, Mma::Bf16) => ("gemm_two_stage_bf16", SRC_TWO_STAGE_ONE_PASS),
+        (_, Mma::Split) => ("gemm", SRC),
+        (_, Mma::Bf16) => ("gemm_bf16", SRC_ONE_PASS),
     };
     let split = gpu.function(module, src, "split_a_bf16")?;
     let f = gpu.function(module, src, name)?;
@@ -594,10 +612,18 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     {
         // Most likely a GPU with less shared memory per block than the kernel's stages take.
         let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
-        let allows = optin.map_or_else(|_| "an unknown amount".to_string(), |b| format!("{b} bytes"));
+        let allows = optin.as_ref().map_or_else(|_| "an unknown amount".to_string(), |b| format!("{b} bytes"));
+        let least = tc_smem_bytes(Mma::Bf16, 2);
+        let advice = match optin {
+            Ok(b) if mma == Mma::Split && b >= 0 && b as u32 >= least => "try --precision bf16".to_string(),
+            _ => format!(
+                "the MXFP4 expert kernels need at least {least} bytes (A100 and Hopper GPUs have enough): train on \
+                 the CPU (--device cpu) on this one"
+            ),
+        };
         return Err(Error::Driver(format!(
             "{op}: the {path:?} MXFP4 kernel needs {smem} bytes of shared memory per block with {mma:?} and this \
-             GPU allows {allows} ({e:?}); Hopper GPUs run it, elsewhere try --precision bf16 or train on the CPU"
+             GPU allows {allows} ({e:?}); {advice}"
         )));
     }
     let p = params(cfg, total_rows);

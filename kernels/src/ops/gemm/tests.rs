@@ -609,14 +609,19 @@ fn more_row_tiles_than_grid_y() {
 
 /// MXFP4 expert weights `[experts, rows, cols]`, forward (`y = x W_gᵀ`, beta 0) and transposed
 /// (`dx += dy W_g`, beta 1), GPU vs CPU reference; `time` prints the kernel's wall time.
-/// The MXFP4 kernels this GPU runs: mma.sync everywhere, wgmma on sm_90a (said when skipped).
+/// The MXFP4 kernels this GPU runs: mma.sync with three and with two A stages everywhere (where
+/// three fit), wgmma on sm_90a (said when skipped).
 fn mxfp4_paths(gpu: &Gpu) -> Vec<Mxfp4Path> {
+    let mut paths = vec![Mxfp4Path::MmaSyncTwoStage];
+    if Mxfp4Path::for_gpu(gpu, Mma::Split) != Mxfp4Path::MmaSyncTwoStage {
+        paths.push(Mxfp4Path::MmaSync);
+    }
     if gpu.arch == "sm_90a" {
-        vec![Mxfp4Path::MmaSync, Mxfp4Path::Wgmma]
+        paths.push(Mxfp4Path::Wgmma);
     } else {
         eprintln!("NOTE: {} is not sm_90a: the wgmma MXFP4 kernels are NOT tested on it", gpu.arch);
-        vec![Mxfp4Path::MmaSync]
     }
+    paths
 }
 
 fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usize, sizes: &[usize], time: bool) {

@@ -62,7 +62,7 @@ impl Gpu {
     /// engines.
     pub fn release_cached_memory(&self) -> Result<()> {
         use cudarc::driver::sys;
-        *self.scratch.lock().expect("no thread panicked holding the scratch") = None;
+        *self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.stream.synchronize()?;
         self.ctx.bind_to_thread()?;
         let mut pool = std::mem::MaybeUninit::uninit();
@@ -80,7 +80,7 @@ impl Gpu {
     /// `ops::gemm::mxfp4_scratch_elems`) when it is built. Without a reservation the scratch
     /// grows on first use.
     pub fn reserve_scratch(&self, elems: usize) -> Result<()> {
-        let mut scratch = self.scratch.lock().expect("no thread panicked holding the scratch");
+        let mut scratch = self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if scratch.as_ref().is_none_or(|b| b.len() < elems) {
             // Freed in stream order: kernels queued on the old buffer finish first.
             *scratch = None;
@@ -92,16 +92,24 @@ impl Gpu {
 
     /// Elements (u16) the shared scratch holds now.
     pub fn scratch_elems(&self) -> usize {
-        self.scratch.lock().expect("no thread panicked holding the scratch").as_ref().map_or(0, |b| b.len())
+        self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map_or(0, |b| b.len())
     }
 
     /// Runs `f` with `elems` u16 of scratch on this stream, uninitialised: `f` must write what it
     /// reads and must not keep the view past its kernels (the next op reuses the memory, in
     /// stream order). The shared buffer grows if it is smaller; if it is in use (an op inside
-    /// another), `f` gets a buffer of its own, freed in stream order.
+    /// another, or another thread's op or [`Gpu::scratch_elems`] at that moment), `f` gets a
+    /// buffer of its own, freed in stream order. `f` must not call [`Gpu::reserve_scratch`],
+    /// [`Gpu::scratch_elems`] or [`Gpu::release_cached_memory`] (the lock is held: deadlock).
+    /// The buffer holds no invariant, so a panic inside `f` does not disable it.
     pub(crate) fn with_scratch<R>(&self, elems: usize, f: impl FnOnce(CudaViewMut<'_, u16>) -> Result<R>) -> Result<R> {
-        match self.scratch.try_lock() {
-            Ok(mut scratch) => {
+        let held = match self.scratch.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        match held {
+            Some(mut scratch) => {
                 if scratch.as_ref().is_none_or(|b| b.len() < elems) {
                     *scratch = None;
                     // SAFETY: f writes before it reads (this function's contract).
@@ -110,7 +118,7 @@ impl Gpu {
                 let buf = scratch.as_mut().expect("allocated above");
                 f(buf.slice_mut(0..elems))
             }
-            Err(_) => {
+            None => {
                 // SAFETY: as above.
                 let mut own = unsafe { self.stream.alloc::<u16>(elems.max(1)) }?;
                 f(own.slice_mut(0..elems))

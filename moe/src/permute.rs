@@ -56,7 +56,8 @@ pub fn weighted_gather_rows(x: &[f32], weight: &[f32], token: &[u32], hidden: us
 /// (`dout·y = (M_eᵀ dout)·z + dout·bias`), so a backward that recomputes the experts need not
 /// recompute their output projection. `e = slot_expert[s]`, `bias [E, H]`, `dout [T, H]`. A slot of
 /// weight 0 has `dz = 0` and gets the bias term alone (its routing gradient, `weight · (…)`, is 0
-/// whatever it is). Entries without a slot stay 0; an index out of range gives NaN.
+/// whatever it is). Entries without a slot stay 0 here (the GPU version leaves them unwritten);
+/// an index out of range gives NaN.
 #[allow(clippy::too_many_arguments)]
 pub fn weight_grad_from_input(
     dz: &[f32],

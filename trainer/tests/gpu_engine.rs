@@ -281,15 +281,15 @@ fn fifty_gpu_steps_follow_the_cpu_loss_curve() {
             println!("step {:>2}: CPU {c:.4}  GPU {g:.4}", s + 1);
         }
     }
-    let windows: Vec<f64> =
-        cpu.chunks(10).zip(gpu.chunks(10)).map(|(c, g)| rel(g.iter().sum(), c.iter().sum())).collect();
+    // Mean |relative difference| of each 10 steps (no cancellation between steps).
+    let windows: Vec<f64> = steps.chunks(10).map(|w| w.iter().sum::<f64>() / w.len() as f64).collect();
     let worst_window = windows.iter().copied().fold(0.0, f64::max);
     let worst_step = steps.iter().copied().fold(0.0, f64::max);
     steps.sort_by(f64::total_cmp);
     let median = steps[steps.len() / 2];
     println!(
         "relative loss difference over 50 steps: median {median:.2e}, largest {worst_step:.2e}; \
-         of 10-step means: largest {worst_window:.2e}"
+         mean over 10 steps: largest {worst_window:.2e}"
     );
     let (c0, c1) = (cpu[..5].iter().sum::<f64>(), cpu[45..].iter().sum::<f64>());
     assert!(c1 < c0, "the CPU run itself must learn ({c0} -> {c1})");
@@ -298,12 +298,14 @@ fn fifty_gpu_steps_follow_the_cpu_loss_curve() {
     // difference can send it to another expert on one device only, a jump in that step's loss
     // after which the runs follow slightly different paths. Measured on an H100: a tie 8e-6 wide
     // (step 11, layer 2) moved one step by 1.8e-3 and the largest step by 8.9e-3 later, while the
-    // median step stayed at 4.4e-4 and the 10-step means within 9.4e-4 (with other attention
-    // kernels, no flip in 50 steps: largest step 2.5e-4). So the curve is compared where one
-    // flip cannot dominate: the typical step and the 10-step means. A wrong gradient moves them
-    // all (the gradients themselves are checked to 1e-3 in gpu_lora_gradients_match_cpu_and_peft).
+    // median step stayed at 4.4e-4 and the mean over any 10 steps within 2.1e-3 (with other
+    // attention kernels, no flip in 50 steps: largest step 2.5e-4). So the curve is compared where
+    // one flip cannot dominate: the typical step and every 10 steps' mean difference, with a loose
+    // cap on any single step. A wrong gradient moves them all (the gradients themselves are
+    // checked to 1e-3 in gpu_lora_gradients_match_cpu_and_peft).
     assert!(median <= 2e-3, "GPU losses leave the CPU curve: median step {median:.2e}");
-    assert!(worst_window <= 5e-3, "GPU losses leave the CPU curve: a 10-step mean by {worst_window:.2e}");
+    assert!(worst_window <= 5e-3, "GPU losses leave the CPU curve: 10 steps by {worst_window:.2e} on average");
+    assert!(worst_step <= 3e-2, "GPU losses leave the CPU curve: a step by {worst_step:.2e}");
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -349,9 +349,13 @@ impl GpuEngine {
         let max_rank = layout.iter().map(|s| s.rank).max().unwrap_or(1);
         let weight_bytes = GpuWeights::bytes_for(model);
         let lora_bytes = 4 * 2 * adapter.num_params(); // values and gradients
+                                                       // The GPU's shared scratch may already hold memory (an earlier engine's): that much of the
+                                                       // reservation needs no free memory.
+        let staged = 2 * staging_elems(&cfg, t, checkpointing, moe_chunk, precision);
         let need = weight_bytes
             + lora_bytes
-            + activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload, precision);
+            + activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload, precision)
+            - staged.min(2 * gpu.scratch_elems());
         let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
         if need > free {
             return Err(super::oom_advice(
@@ -1728,7 +1732,7 @@ mod tests {
         let f32s = gib(chunked - staging);
         assert!((34.59..=36.0).contains(&f32s), "{f32s:.2}");
         // At 64K the largest staged op is attention's backward: q and dout (64 heads), k and v (8)
-        // in bf16 hi and lo, 64 padding rows per head: 2.26 GiB, more than an expert product's.
+        // in bf16 hi and lo, 64 padding rows per head: 2.25 GiB, more than an expert product's.
         let heads = Heads { nq: 64, nkv: 8, d: 64 };
         assert_eq!(staging, 2 * attention::scratch_elems(heads, 65536, 65536, Mma::Split, true));
         assert_eq!(staging, 2 * 2 * (2 * 64 + 2 * 8) * (65536 + 64) * 64);

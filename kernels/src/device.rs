@@ -1,7 +1,7 @@
 //! The GPU: context, stream, architecture, and kernels loaded from their CUBINs.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaViewMut};
 use cudarc::nvrtc::Ptx;
@@ -62,7 +62,7 @@ impl Gpu {
     /// engines.
     pub fn release_cached_memory(&self) -> Result<()> {
         use cudarc::driver::sys;
-        *self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self.scratch_lock() = None;
         self.stream.synchronize()?;
         self.ctx.bind_to_thread()?;
         let mut pool = std::mem::MaybeUninit::uninit();
@@ -80,19 +80,28 @@ impl Gpu {
     /// `ops::gemm::mxfp4_scratch_elems`) when it is built. Without a reservation the scratch
     /// grows on first use.
     pub fn reserve_scratch(&self, elems: usize) -> Result<()> {
-        let mut scratch = self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if scratch.as_ref().is_none_or(|b| b.len() < elems) {
-            // Freed in stream order: kernels queued on the old buffer finish first.
-            *scratch = None;
-            // SAFETY: scratch is written by each op before it reads it (with_scratch's contract).
-            *scratch = Some(unsafe { self.stream.alloc::<u16>(elems.max(1)) }?);
-        }
-        Ok(())
+        self.grow_scratch(&mut self.scratch_lock(), elems)
     }
 
     /// Elements (u16) the shared scratch holds now.
     pub fn scratch_elems(&self) -> usize {
-        self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map_or(0, |b| b.len())
+        self.scratch_lock().as_ref().map_or(0, |b| b.len())
+    }
+
+    /// The scratch's lock; the buffer holds no invariant, so a panic of an earlier holder is moot.
+    fn scratch_lock(&self) -> MutexGuard<'_, Option<CudaSlice<u16>>> {
+        self.scratch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces `scratch` by `elems` u16 (uninitialised) if it holds fewer.
+    fn grow_scratch(&self, scratch: &mut Option<CudaSlice<u16>>, elems: usize) -> Result<()> {
+        if scratch.as_ref().is_none_or(|b| b.len() < elems) {
+            // Freed in stream order: kernels queued on the old buffer finish first.
+            *scratch = None;
+            // SAFETY: every op writes the scratch before it reads it (with_scratch's contract).
+            *scratch = Some(unsafe { self.stream.alloc::<u16>(elems.max(1)) }?);
+        }
+        Ok(())
     }
 
     /// Runs `f` with `elems` u16 of scratch on this stream, uninitialised: `f` must write what it
@@ -103,27 +112,17 @@ impl Gpu {
     /// [`Gpu::scratch_elems`] or [`Gpu::release_cached_memory`] (the lock is held: deadlock).
     /// The buffer holds no invariant, so a panic inside `f` does not disable it.
     pub(crate) fn with_scratch<R>(&self, elems: usize, f: impl FnOnce(CudaViewMut<'_, u16>) -> Result<R>) -> Result<R> {
-        let held = match self.scratch.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+        let mut scratch = match self.scratch.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let mut own = None;
+                self.grow_scratch(&mut own, elems)?;
+                return f(own.as_mut().expect("allocated above").slice_mut(0..elems));
+            }
         };
-        match held {
-            Some(mut scratch) => {
-                if scratch.as_ref().is_none_or(|b| b.len() < elems) {
-                    *scratch = None;
-                    // SAFETY: f writes before it reads (this function's contract).
-                    *scratch = Some(unsafe { self.stream.alloc::<u16>(elems.max(1)) }?);
-                }
-                let buf = scratch.as_mut().expect("allocated above");
-                f(buf.slice_mut(0..elems))
-            }
-            None => {
-                // SAFETY: as above.
-                let mut own = unsafe { self.stream.alloc::<u16>(elems.max(1)) }?;
-                f(own.slice_mut(0..elems))
-            }
-        }
+        self.grow_scratch(&mut scratch, elems)?;
+        f(scratch.as_mut().expect("allocated above").slice_mut(0..elems))
     }
 
     /// Kernel `function` of source `name` (compiled for this device, through the CUBIN cache).

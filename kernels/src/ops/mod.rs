@@ -20,6 +20,16 @@ pub enum Mma {
     Bf16,
 }
 
+impl Mma {
+    /// bf16 parts each f32 operand is staged as: hi and lo, or hi alone.
+    pub const fn parts(self) -> usize {
+        match self {
+            Mma::Split => 2,
+            Mma::Bf16 => 1,
+        }
+    }
+}
+
 /// Every kernel source of this crate, for the compile check that CI runs without a GPU.
 pub const SOURCES: &[(&str, &str)] = &[
     ("attention", attention::SRC),

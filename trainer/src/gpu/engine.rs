@@ -349,13 +349,13 @@ impl GpuEngine {
         let max_rank = layout.iter().map(|s| s.rank).max().unwrap_or(1);
         let weight_bytes = GpuWeights::bytes_for(model);
         let lora_bytes = 4 * 2 * adapter.num_params(); // values and gradients
-                                                       // The GPU's shared scratch may already hold memory (an earlier engine's): that much of the
-                                                       // reservation needs no free memory.
-        let staged = 2 * staging_elems(&cfg, t, checkpointing, moe_chunk, precision);
+        let staged = staging_elems(&cfg, t, checkpointing, moe_chunk, precision);
+        // The GPU's shared scratch may already hold memory (an earlier engine's): that much of the
+        // reservation needs no free memory.
         let need = weight_bytes
             + lora_bytes
             + activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload, precision)
-            - staged.min(2 * gpu.scratch_elems());
+            - 2 * staged.min(gpu.scratch_elems());
         let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
         if need > free {
             return Err(super::oom_advice(
@@ -374,7 +374,7 @@ impl GpuEngine {
         let mut al = Alloc { gpu: &gpu, bytes: 0 };
         // The attention and expert kernels stage their operands in the GPU's shared scratch: sized
         // here for the largest op of a step, so that a step allocates nothing.
-        al.scratch(staging_elems(&cfg, t, checkpointing, moe_chunk, precision))?;
+        al.scratch(staged)?;
         let w = GpuWeights::upload(&mut al, model)?;
         let mut lora = Vec::with_capacity(layout.len());
         let mut lora_at = HashMap::new();

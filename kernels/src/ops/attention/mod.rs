@@ -274,14 +274,6 @@ fn padded_width(d: usize) -> usize {
     [16, 32, 64].into_iter().find(|&p| d <= p).unwrap_or(MAX_D)
 }
 
-/// bf16 parts each f32 operand is split into: hi and lo, or hi alone (`FA_PARTS` in attention.cu).
-fn parts(mma: Mma) -> usize {
-    match mma {
-        Mma::Split => 2,
-        Mma::Bf16 => 1,
-    }
-}
-
 /// Kernel `function` of the source compiled for `mma`.
 fn function(gpu: &Gpu, mma: Mma, function: &str) -> Result<CudaFunction> {
     match mma {
@@ -292,9 +284,9 @@ fn function(gpu: &Gpu, mma: Mma, function: &str) -> Result<CudaFunction> {
 
 /// Dynamic shared memory of a tiled kernel for padded width `dp`, mirroring the carve-up at the top
 /// of `fwd`, `bwd_dq` and `bwd_dkdv` in attention.cu: `tiles` bf16 tile pairs
-/// `[parts][TILE][dp + 8]`, the rows' ranges (`2·TILE + 2` u32) and `extra` floats.
+/// `[parts][TILE][dp + 8]` ([`Mma::parts`], `FA_PARTS` in attention.cu), the rows' ranges (`2·TILE + 2` u32) and `extra` floats.
 fn tile_smem_bytes(dp: usize, mma: Mma, tiles: usize, extra: usize) -> usize {
-    tiles * parts(mma) * TILE * (dp + 8) * 2 + (2 * TILE + 2) * 4 + extra * 4
+    tiles * mma.parts() * TILE * (dp + 8) * 2 + (2 * TILE + 2) * 4 + extra * 4
 }
 
 /// Rows of each head in a split operand: `rows` and `TILE` zero rows after them, so a tile that
@@ -305,7 +297,7 @@ fn split_rows(rows: usize) -> usize {
 
 /// u16 elements of one split operand: `[parts][heads][rows + TILE][dp]`.
 fn split_len(mma: Mma, rows: usize, heads: usize, d: usize) -> usize {
-    parts(mma) * heads * split_rows(rows) * padded_width(d)
+    mma.parts() * heads * split_rows(rows) * padded_width(d)
 }
 
 /// Elements (u16) of [`Gpu`] scratch the attention forward (`backward = false`) or backward
@@ -1058,7 +1050,7 @@ mod tests {
         fn split_reference(x: &[f32], rows: usize, heads: usize, d: usize, mma: Mma) -> Vec<u16> {
             let (dp, rp) = (padded_width(d), split_rows(rows));
             let n = heads * rp * dp;
-            let mut out = vec![0u16; parts(mma) * n];
+            let mut out = vec![0u16; mma.parts() * n];
             for h in 0..heads {
                 for r in 0..rows {
                     for c in 0..d {

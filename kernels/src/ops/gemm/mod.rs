@@ -140,14 +140,11 @@ const TC_K: usize = 64;
 /// Their dynamic shared memory: `stages` stages of A (hi and lo, or hi alone with [`Mma::Bf16`],
 /// 128 x 72 bf16 each) and two decoded B tiles (256 x 72 bf16); gemm.cu asserts the same number.
 const fn tc_smem_bytes(mma: Mma, stages: u32) -> u32 {
-    (stages * a_tiles(mma) * 128 * 72 + 2 * 256 * 72) * 2
+    (stages * mma.parts() as u32 * 128 * 72 + 2 * 256 * 72) * 2
 }
-/// A tiles per stage of the MXFP4 kernels: hi and lo, or hi alone.
-const fn a_tiles(mma: Mma) -> u32 {
-    match mma {
-        Mma::Split => 2,
-        Mma::Bf16 => 1,
-    }
+/// A's k rounded up to [`TC_K`]: the row length of its bf16 copy.
+const fn padded_k(k: usize) -> usize {
+    k.div_ceil(TC_K) * TC_K
 }
 const SPLIT_THREADS: u32 = 256;
 /// Block size of the wgmma MXFP4 kernels (two warpgroups, the same C tile as the mma.sync ones).
@@ -155,7 +152,7 @@ const WG_THREADS: u32 = 256;
 /// Their dynamic shared memory: four stages of A (16 KiB per tile of 128 x 64 bf16, hi and lo or hi
 /// alone) and three decoded B tiles of 33 KiB; gemm.cu asserts it.
 const fn wg_smem_bytes(mma: Mma) -> u32 {
-    4 * a_tiles(mma) * 16384 + 3 * 33792
+    4 * mma.parts() as u32 * 16384 + 3 * 33792
 }
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
@@ -534,7 +531,7 @@ pub fn grouped_gemm_f32_mxfp4w(
 /// length `k` (`cfg.k`) takes: A in bf16, hi and lo with [`Mma::Split`], rows padded to a
 /// multiple of 64.
 pub fn mxfp4_scratch_elems(total_rows: usize, k: usize, mma: Mma) -> usize {
-    a_tiles(mma) as usize * total_rows * k.div_ceil(TC_K) * TC_K
+    mma.parts() * total_rows * padded_k(k)
 }
 
 /// Which tensor-core kernel runs an MXFP4 product.
@@ -590,15 +587,13 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     if is_empty(cfg) || total_rows == 0 {
         return Ok(());
     }
+    // The two mma.sync paths are one kernel compiled with three or two A stages (TC_STAGES).
+    let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
     let (name, threads, smem) = match (path, transposed) {
-        (Mxfp4Path::MmaSync, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, 3)),
-        (Mxfp4Path::MmaSync, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, 3)),
-        (Mxfp4Path::MmaSyncTwoStage, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, 2)),
-        (Mxfp4Path::MmaSyncTwoStage, true) => {
-            ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, 2))
-        }
         (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma)),
         (Mxfp4Path::Wgmma, true) => ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma)),
+        (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages)),
+        (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages)),
     };
     let (module, src) = match (path, mma) {
         (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
@@ -629,8 +624,8 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
     // A as bf16 rows of kp (hi, then lo with Mma::Split) in the GPU's scratch.
-    let kp = cfg.k.div_ceil(TC_K) * TC_K;
-    let parts = a_tiles(mma) as usize;
+    let kp = padded_k(cfg.k);
+    let parts = mma.parts();
     let part = total_rows
         .checked_mul(kp)
         .filter(|&n| n <= DIM_MAX)

@@ -126,8 +126,8 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     // Both products, both ways of meeting the tensor cores (Mma::Bf16 rounds A to bf16 once; the
     // kernel tests check it against the product of the rounded A).
     let mut paths = vec![Mxfp4Path::MmaSync];
-    if Mxfp4Path::for_gpu(gpu, Mma::Split) == Mxfp4Path::Wgmma {
-        paths.push(Mxfp4Path::Wgmma);
+    if gpu.arch == "sm_90a" {
+        paths.extend([Mxfp4Path::Wgmma, Mxfp4Path::WgmmaRs]);
     }
     for path in paths {
         for mma in [Mma::Split, Mma::Bf16] {

@@ -171,6 +171,21 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
     for (phase, secs) in eng.profile() {
         log(&format!("profile (OXTUNE_PROFILE, per timed step): {phase}: {:.4}s", secs / b.steps as f64));
     }
+    let r = eng.routing_stats();
+    if r.plans > 0 {
+        // Rows the expert kernels multiply for every row that holds a token: tiles x tile rows / slots.
+        let fill = |tiles: usize, rows: usize| (tiles * rows) as f64 / r.slots.max(1) as f64;
+        log(&format!(
+            "profile (OXTUNE_PROFILE): {} routing plans, {:.0} expert slots each, at most {} rows for one expert; \
+             row tiles of 128: {:.2}x the rows (one tile per {:.0} slots); of 256: {:.2}x",
+            r.plans,
+            r.slots as f64 / r.plans as f64,
+            r.max_rows,
+            fill(r.tiles_128, 128),
+            r.slots as f64 / r.tiles_128.max(1) as f64,
+            fill(r.tiles_256, 256),
+        ));
+    }
     let (free1, total) = gpu.ctx.mem_get_info()?;
     let engine_bytes = eng.bytes;
     drop(eng);

@@ -180,6 +180,37 @@ struct Profile {
     on: bool,
     last: std::time::Instant,
     totals: Vec<(&'static str, f64)>,
+    routing: RoutingStats,
+}
+
+/// How the MoE layers' routing plans fill the expert kernels' row tiles, summed over every plan
+/// built since the profile was reset (with `OXTUNE_PROFILE` only): the expert GEMMs decode each
+/// weight tile once per tile of rows, however few rows it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoutingStats {
+    /// Routing plans built (one per MoE layer and chunk, forward and recomputation).
+    pub plans: usize,
+    /// Expert slots (tokens times experts per token).
+    pub slots: usize,
+    /// Row tiles of 128 (the shared-memory kernels) and of 256 (the forward register-operand
+    /// kernel) the experts' rows take.
+    pub tiles_128: usize,
+    pub tiles_256: usize,
+    /// The most rows one expert had in one plan.
+    pub max_rows: usize,
+}
+
+impl RoutingStats {
+    fn add(&mut self, offsets: &[usize]) {
+        self.plans += 1;
+        for w in offsets.windows(2) {
+            let n = w[1] - w[0];
+            self.slots += n;
+            self.tiles_128 += n.div_ceil(128);
+            self.tiles_256 += n.div_ceil(256);
+            self.max_rows = self.max_rows.max(n);
+        }
+    }
 }
 
 impl Profile {
@@ -513,6 +544,7 @@ impl GpuEngine {
                 on: std::env::var_os("OXTUNE_PROFILE").is_some(),
                 last: std::time::Instant::now(),
                 totals: vec![],
+                routing: RoutingStats::default(),
             },
         })
     }
@@ -1132,6 +1164,9 @@ impl GpuEngine {
             experts: a.host_experts[c0 * k..c1 * k].to_vec(),
             weights: a.host_weights[c0 * k..c1 * k].to_vec(),
         });
+        if prof.on {
+            prof.routing.add(&plan.offsets);
+        }
         let m = &mut a.moe;
         let slots = plan.token.len();
         let slot_expert: Vec<u32> = (0..ne).flat_map(|e| std::iter::repeat_n(e as u32, plan.range(e).len())).collect();
@@ -1570,9 +1605,16 @@ impl GpuEngine {
         &self.prof.totals
     }
 
+    /// How the routing plans filled the expert kernels' row tiles since the engine was built or
+    /// [`GpuEngine::reset_profile`], when `OXTUNE_PROFILE` is set (else all zero).
+    pub fn routing_stats(&self) -> RoutingStats {
+        self.prof.routing
+    }
+
     /// Starts the phase times afresh (after warm-up steps, which include compiling kernels).
     pub fn reset_profile(&mut self) {
         self.prof.totals.clear();
+        self.prof.routing = RoutingStats::default();
         self.prof.last = std::time::Instant::now();
     }
 
@@ -1743,5 +1785,15 @@ mod tests {
         assert_eq!(chunk_tokens(3, true, 4), 3);
         assert_eq!(chunk_tokens(10, false, 4), 10);
         assert_eq!(chunk_tokens(0, true, 4), 1);
+    }
+
+    #[test]
+    fn routing_stats_count_the_row_tiles_of_each_expert() {
+        let mut r = RoutingStats::default();
+        // Experts of 300, 0, 129 and 1 rows.
+        r.add(&[0, 300, 300, 429, 430]);
+        assert_eq!(r, RoutingStats { plans: 1, slots: 430, tiles_128: 3 + 2 + 1, tiles_256: 2 + 1 + 1, max_rows: 300 });
+        r.add(&[0, 256, 512]);
+        assert_eq!(r, RoutingStats { plans: 2, slots: 942, tiles_128: 10, tiles_256: 6, max_rows: 300 });
     }
 }

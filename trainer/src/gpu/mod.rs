@@ -39,7 +39,7 @@ mod weights;
 
 use std::sync::Arc;
 
-pub use engine::{GpuEngine, MOE_CHUNK};
+pub use engine::{GpuEngine, RoutingStats, MOE_CHUNK};
 pub use oxtune_kernels::Gpu;
 
 use crate::error::{Error, Result};

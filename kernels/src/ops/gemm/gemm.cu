@@ -856,10 +856,12 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
 //   t decodes W row n0 + t's two blocks, 8 k per 16-byte store. Transposed (B(k, n) = W[k, n]):
 //   thread (kg, nq) decodes 8 n of W rows 8 kg..8 kg + 7 (8 k per row) and transposes the 8x8 in
 //   registers (one byte permute per output word) into 8 rows of 8 k.
-// Per slice: wait for slice s's copies, make this thread's shared writes visible to the tensor
-// cores (fence.proxy.async), one barrier, issue slice s's products (lo·B then hi·B per k16, or hi·B
-// with MMA_ONE_PASS), wait until slice s - 1's products are done, then refill the A stage and the
-// decoded tile that slice s - 2 used (the barrier proved every warpgroup done with them).
+// Per slice: one barrier, issue slice s's products (lo·B then hi·B per k16, or hi·B with
+// MMA_ONE_PASS), wait until slice s - 1's products are done, decode slice s + 1's B into the tile
+// that slice s - 2 used (the barrier proved every warpgroup done with it), wait for slice s + 1's
+// A copies, make this thread's shared writes visible to the tensor cores (fence.proxy.async), and
+// only then start slice s + 2's A copies and MXFP4 loads: the fence waits for all of this thread's
+// memory accesses in flight, so placed before the barrier it would wait for those too.
 
 namespace wg {
 constexpr int TM = 128, TN = 256, TK = 64, WG_THREADS = 256, STAGES = 4, BBUF = 3;
@@ -895,28 +897,56 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned int addr, unsigne
            ((unsigned long long)(sbo >> 4) << 32) | (swizzle128 ? 1ull << 62 : 0ull);
 }
 
+// The output operands of a wgmma over d[i..i + 31] (f32 accumulators, read and written).
+#define WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define WG_D32(i) WG_D8(i), WG_D8(i + 8), WG_D8(i + 16), WG_D8(i + 24)
+
 // d (64 x 256 of the warpgroup, f32) += A · B, both bf16 in shared memory as K-major core matrices
 // (descriptors da, db): one asynchronous warpgroup product m64n256k16.
 __device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long da, unsigned long long db) {
     asm volatile(
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : WG_D32(0), WG_D32(32), WG_D32(64), WG_D32(96)
         : "l"(da), "l"(db));
+}
+
+// d (64 x N of the warpgroup, f32; N/2 accumulators a thread) += A · B with A (64 x 16 bf16) in
+// registers as the mma.sync m16n8k16 A fragment per warp (warp w: rows 16 w..; a[0] (row g,
+// k 2t..2t+1), a[1] (row g + 8, k 2t..), a[2] (row g, k 2t + 8..), a[3] (row g + 8, k 2t + 8..),
+// g = lane / 4, t = lane % 4) and B K-major in shared memory (descriptor db), N = 64 .. 256.
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float* d, const unsigned int* a, unsigned long long db);
+
+template <>
+__device__ __forceinline__ void wgmma_rs<64>(float* d, const unsigned int* a, unsigned long long db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+        : WG_D32(0)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<128>(float* d, const unsigned int* a, unsigned long long db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+        : WG_D32(0), WG_D32(32)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<192>(float* d, const unsigned int* a, unsigned long long db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, {%96, %97, %98, %99}, %100, 1, 1, 1, 0;"
+        : WG_D32(0), WG_D32(32), WG_D32(64)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<256>(float* d, const unsigned int* a, unsigned long long db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1, 0;"
+        : WG_D32(0), WG_D32(32), WG_D32(64), WG_D32(96)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -928,6 +958,37 @@ __device__ __forceinline__ void wgmma_wait() {
 // This thread's generic-proxy shared memory writes (stores, completed cp.async) become visible to
 // the tensor cores' async proxy (before the barrier that publishes them).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Slice s (64 k) of split_a_bf16's rows m0 .. m0 + TM_ of a group starting at row `start` into
+// the stage at `stage`: rows of 128 bytes with the 128-byte swizzle (16-byte chunk c of row r at
+// c ^ (r % 8)), the hi tile and, unless MMA_ONE_PASS, the lo tile A_TILE_ bytes after it; thread
+// tid copies chunk tid % 8 of rows tid / 8 + (NT / 8) j by cp.async, rows past the group's `rows`
+// as zeros. One commit group per call, empty past the last slice.
+template <int TM_, int NT, int A_TILE_>
+__device__ __forceinline__ void copy_a_slice(unsigned char* stage, const __nv_bfloat16* a_hi,
+                                             const __nv_bfloat16* a_lo, int s, int slices, unsigned int start,
+                                             unsigned int m0, unsigned int rows, unsigned int kp, int tid) {
+    static_assert(TM_ * 8 % NT == 0, "whole rows of chunks per pass");
+    if (s < slices) {
+        const int ch = tid % 8;
+        const size_t k = (size_t)s * 64 + 8 * ch;
+#pragma unroll
+        for (int j = 0; j < TM_ * 8 / NT; ++j) {
+            const int r = tid / 8 + NT / 8 * j;
+            const unsigned int gm = m0 + r;
+            const bool ok = gm < rows;
+            const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
+            unsigned char* dst = stage + r * 128 + ((ch ^ (r % 8)) * 16);
+            cp_async16(dst, a_hi + src, ok);
+#ifndef MMA_ONE_PASS
+            cp_async16(dst + A_TILE_, a_lo + src, ok);
+#else
+            (void)a_lo;
+#endif
+        }
+    }
+    cp_async_commit();
+}
 
 template <bool TRANSPOSED>
 __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
@@ -956,23 +1017,8 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                 // Slice s of A into stage st: 16-byte chunk tid % 8 (k 8 (tid % 8)..) of rows
                 // tid / 8 + 32 j; one commit group per call (empty past the last slice).
                 auto copy_a = [&](int s, int st) {
-                    if (s < slices) {
-                        const int ch = tid % 8;
-                        const size_t k = (size_t)s * TK + 8 * ch;
-#pragma unroll
-                        for (int j = 0; j < TM / 32; ++j) {
-                            const int r = tid / 8 + 32 * j;
-                            const unsigned int gm = m0 + r;
-                            const bool ok = gm < rows;
-                            const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
-                            unsigned char* dst = sm + st * A_STAGE + r * ROW + ((ch ^ (r % 8)) * 16);
-                            cp_async16(dst, a_hi + src, ok);
-#ifndef MMA_ONE_PASS
-                            cp_async16(dst + A_TILE, a_lo + src, ok);
-#endif
-                        }
-                    }
-                    cp_async_commit();
+                    copy_a_slice<TM, WG_THREADS, A_TILE>(sm + st * A_STAGE, a_hi, a_lo, s, slices, start, m0, rows, kp,
+                                                         tid);
                 };
                 // MXFP4 bytes of slice s in registers: forward, W row n0 + tid's two blocks (q[0..3],
                 // q[4..7], scales sc[0], sc[1]); transposed, 4 bytes (8 n) of 8 W rows (q[r], sc[r]).
@@ -1044,17 +1090,16 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                 float acc[128];
 #pragma unroll
                 for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-                // Prologue: A slices 0 and 1 in flight, B slice 0 decoded, slice 1 in registers. The
-                // previous tile's last barrier freed every buffer.
+                // Prologue: A slice 0 landed and slice 1 in flight, B slice 0 decoded, slice 1 in
+                // registers, all fenced. The previous tile's last barrier freed every buffer.
                 copy_a(0, 0);
                 copy_a(1, 1);
                 load_b(0);
                 decode_b(0);
+                cp_async_wait<1>();
+                fence_proxy_async();
                 if (slices > 1) load_b(1);
                 for (int s = 0; s < slices; ++s) {
-                    // Groups committed: 2 + s (slices 0 .. s + 1); at most one pending: slice s landed.
-                    cp_async_wait<1>();
-                    fence_proxy_async();
                     // Slice s's A and decoded B are visible to every warpgroup's tensor cores, and
                     // every warpgroup has finished slice s - 2's products.
                     __syncthreads();
@@ -1073,11 +1118,15 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                     wgmma_commit();
                     // This warpgroup's slice s - 1 products are done (slice s's run on).
                     wgmma_wait<1>();
+                    if (s + 1 < slices) decode_b((s + 1) % BBUF);
+                    // Slice s + 1's A landed (the one group in flight) and, with the decoded B, is
+                    // made visible to the tensor cores. The proxy fence waits for every memory
+                    // access of this thread in flight, so it comes before the next copies and loads
+                    // are issued (after them it would wait for those too).
+                    cp_async_wait<0>();
+                    fence_proxy_async();
                     copy_a(s + 2, (s + 2) % STAGES);
-                    if (s + 1 < slices) {
-                        decode_b((s + 1) % BBUF);
-                        if (s + 2 < slices) load_b(s + 2);
-                    }
+                    if (s + 2 < slices) load_b(s + 2);
                 }
                 wgmma_wait<0>();
 #pragma unroll
@@ -1121,6 +1170,232 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
 
 MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg, false)
 MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg_transposed, true)
+
+// ---- Forward MXFP4 product with the weight in registers (sm_90a) ----
+//
+// grouped_gemm_bf16a_mxfp4w_rs: the forward orientation (B(k, n) = W[n, k]) of the product above,
+// computed transposed, C_gᵀ = W_g · A_gᵀ, so that the MXFP4 weight is wgmma's register operand:
+// each thread decodes exactly the 16 weight values of its A fragment per k16 step straight into
+// registers (no decoded tile in shared memory, no stores, no barrier for it), and the activation
+// tile (split_a_bf16's rows, K-major with the 128-byte swizzle, as the B operand) is the only
+// thing in shared memory. Tile: 128 weight rows (C columns) x 256 activation rows (C rows) per
+// block of two warpgroups, each 64 weight rows x 256 rows: each decoded value meets 256 rows (the
+// one-block kernel: 128), so the decode per product halves.
+// - A (activations): STAGES_RS = 3 stages filled by cp.async, two slices ahead.
+// - W: thread (warp w of warpgroup wg, lane g t) owns W rows n0 + 64 wg + 16 w + g and + 8; per
+//   64-k slice it loads both rows' two 16-byte MXFP4 blocks and scales into registers after the
+//   slice's barrier (the proxy fence before it would wait for loads in flight), and decodes them
+//   while the slice's products run: k16 step kk needs byte t and t + 4 of half kk % 2 of block
+//   kk / 2 of each row (two nibbles each), gathered by byte permutes into one word whose four bytes
+//   decode to the fragment's four bf16 pairs, each times its row's block scale. The fragments of
+//   consecutive slices alternate between two register sets, so slice s + 1's decode never
+//   overwrites registers that slice s's products still read.
+// - Per slice: wait for slice s's copies, fence, one barrier (it also proves every warpgroup done
+//   with slice s - 1, whose stage the next copies refill), load slice s + 1's MXFP4 bytes, issue
+//   slice s's products (lo then hi with Mma::Split), start slice s + 2's copies, decode slice
+//   s + 1, wait for slice s's products.
+// - Epilogue: lane (g, t) holds C rows (tokens) 8 j + 2 t, +1 of C columns g and g + 8 of its
+//   warp's 16; 32 rows at a time go through a per-warp scratch in the idle stages, from which each
+//   store instruction writes two rows of 16 consecutive columns.
+namespace rs {
+constexpr int TM = 256, TN = 128, TK = 64, THREADS_RS = 256, STAGES_RS = 3;
+#ifdef MMA_ONE_PASS
+constexpr int A_TILES = 1;
+#else
+constexpr int A_TILES = 2;
+#endif
+constexpr int ROW = TK * 2;
+constexpr int SW_SBO = 8 * ROW;
+constexpr int A_TILE = TM * ROW;  // 32 KiB
+constexpr int A_STAGE = A_TILES * A_TILE;
+constexpr int SMEM = STAGES_RS * A_STAGE;  // mod.rs (rs_smem_bytes) computes the same bytes
+static_assert(SMEM == STAGES_RS * A_TILES * 32768 && SMEM <= 232448, "rs_smem_bytes in mod.rs");
+static_assert(TM * TK / 8 % THREADS_RS == 0 && TN == 2 * 64 && TK == 64, "A chunks; two 64-row warpgroups");
+constexpr int RS_LD = 17;  // epilogue scratch row (f32)
+static_assert(THREADS_RS / 32 * 32 * RS_LD * 4 <= A_TILE, "the epilogue scratch fits in a stage");
+}  // namespace rs
+
+// One slice's products of the register-operand kernel, N activation rows wide: per k16 step the
+// fragment f[kk] times the lo (Mma::Split) and then the hi tile of the stage at a_addr.
+template <int N>
+__device__ __forceinline__ void rs_issue(float* acc, const unsigned int (&f)[4][4], unsigned int a_addr) {
+#pragma unroll
+    for (int kk = 0; kk < rs::TK / 16; ++kk) {
+#ifndef MMA_ONE_PASS
+        wgmma_rs<N>(acc, f[kk], wg_desc(a_addr + rs::A_TILE + kk * 32, rs::SW_SBO, true));
+#endif
+        wgmma_rs<N>(acc, f[kk], wg_desc(a_addr + kk * 32, rs::SW_SBO, true));
+    }
+}
+
+// The fragment word of k16 step kk (block kk / 2, half kk % 2) from rows g (x) and g + 8 (y): bytes
+// (x byte t of word 2 h, y's, x byte t of word 2 h + 1, y's); sel = t | (t + 4) << 4.
+__device__ __forceinline__ unsigned int rs_gather(const uint4& x, const uint4& y, int h, unsigned int sel) {
+    const unsigned int u = __byte_perm(h ? x.z : x.x, h ? y.z : y.x, sel);
+    const unsigned int v = __byte_perm(h ? x.w : x.y, h ? y.w : y.y, sel);
+    return __byte_perm(u, v, 0x5410);
+}
+
+// 8 E2M1 codes -> 4 bf16x2 as decode8_bf16, words 0 and 2 times sa, words 1 and 3 times sb.
+__device__ __forceinline__ void decode8_bf16_rows(unsigned int q, unsigned int sa, unsigned int sb, unsigned int* out) {
+    const unsigned int mag = q & 0x77777777u, neg = (q >> 1) & 0x44444444u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const unsigned int sel = mag >> (16 * h), ssel = neg >> (16 * h);
+        const unsigned int hi = __byte_perm(0x3F3F3F00u, 0x40404040u, sel) | __byte_perm(0u, 0x80808080u, ssel);
+        const unsigned int lo = __byte_perm(0xC0800000u, 0xC0804000u, sel);
+        out[2 * h] = mul_bf16x2(__byte_perm(lo, hi, 0x5140), sa);
+        out[2 * h + 1] = mul_bf16x2(__byte_perm(lo, hi, 0x7362), sb);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
+    grouped_gemm_bf16a_mxfp4w_rs(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
+                                 const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
+                                 Params p, unsigned int w_rows, unsigned int w_cols, unsigned int kp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using namespace rs;
+    extern __shared__ __align__(1024) unsigned char rs_smem[];
+    unsigned char* const sm = rs_smem;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wgi = tid / 128;
+    const int gq = lane / 4, tq = lane % 4;
+    const unsigned int sel = (unsigned int)tq | ((unsigned int)(tq + 4) << 4);
+    const bool b_vec = ((size_t)blocks & 15) == 0;
+    const unsigned int nblk = w_cols / 32;
+    const unsigned int sbase = smem_addr(sm);
+    if (sbase % 1024 != 0) __trap();
+    (void)a_lo;
+    // This thread's two W rows within the tile.
+    const int wr_lo = 64 * wgi + 16 * (warp % 4) + gq;
+
+    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
+        unsigned int start, rows;
+        group_rows(offsets, p, g, start, rows);
+        const int slices = (int)((p.k + TK - 1) / TK);
+        float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
+        const size_t w_row0 = (size_t)g * w_rows;
+        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
+            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+                const unsigned int m0 = mt * TM, n0 = nt * TN;
+                // The tile's rows in 64-row steps (1..4): the products' width.
+                const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
+                auto copy_a = [&](int s, int st) {
+                    copy_a_slice<TM, THREADS_RS, A_TILE>(sm + st * A_STAGE, a_hi, a_lo, s, slices, start, m0, rows, kp,
+                                                         tid);
+                };
+                // MXFP4 blocks 2 s, 2 s + 1 of rows wr_lo (x) and wr_lo + 8 (y), and their scales.
+                uint4 x[2], y[2];
+                unsigned int sx[2], sy[2];
+                auto load_w = [&](int s) {
+#pragma unroll
+                    for (int b = 0; b < 2; ++b) {
+                        const unsigned int wc = (unsigned int)s * TK + 32 * b;
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const unsigned int wr = n0 + wr_lo + 8 * e;
+                            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                            unsigned int sc = 127u;
+                            if (wr < w_rows && wc < w_cols) {
+                                const size_t blk = (w_row0 + wr) * nblk + wc / 32;
+                                sc = scales[blk];
+                                v = load_codes16(blocks + blk * 16, b_vec);
+                            }
+                            if (e == 0) {
+                                x[b] = v;
+                                sx[b] = sc;
+                            } else {
+                                y[b] = v;
+                                sy[b] = sc;
+                            }
+                        }
+                    }
+                };
+                // The slice's four k16 fragments (4 words each) from the registers load_w filled.
+                auto decode_w = [&](unsigned int (&f)[4][4]) {
+#pragma unroll
+                    for (int b = 0; b < 2; ++b) {
+                        const unsigned int s2x = e8m0_bf16x2(sx[b]), s2y = e8m0_bf16x2(sy[b]);
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x[b], y[b], h, sel), s2x, s2y, f[2 * b + h]);
+                    }
+                };
+
+                float acc[128];
+#pragma unroll
+                for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+                unsigned int fa[4][4], fb[4][4];
+                // One slice: f holds slice s's fragments, fn receives slice s + 1's.
+                auto step = [&](int s, unsigned int (&f)[4][4], unsigned int (&fn)[4][4]) {
+                    // Groups committed: 2 + s; at most one pending: slice s landed.
+                    cp_async_wait<1>();
+                    fence_proxy_async();
+                    // Slice s's A is visible to every warpgroup's tensor cores; every warpgroup is
+                    // done with slice s - 1 (it waited for its products), whose stage is refilled.
+                    __syncthreads();
+                    if (s + 1 < slices) load_w(s + 1);
+                    wgmma_fence();
+                    const unsigned int a_addr = sbase + (s % STAGES_RS) * A_STAGE;
+                    // Only as many activation rows as the tile holds, in steps of 64 (a group's
+                    // last tile is often short): one of four instruction widths, uniform per tile.
+                    if (width64 == 4) {
+                        rs_issue<256>(acc, f, a_addr);
+                    } else if (width64 == 3) {
+                        rs_issue<192>(acc, f, a_addr);
+                    } else if (width64 == 2) {
+                        rs_issue<128>(acc, f, a_addr);
+                    } else {
+                        rs_issue<64>(acc, f, a_addr);
+                    }
+                    wgmma_commit();
+                    copy_a(s + 2, (s + 2) % STAGES_RS);
+                    if (s + 1 < slices) decode_w(fn);
+                    wgmma_wait<0>();
+                };
+                copy_a(0, 0);
+                copy_a(1, 1);
+                load_w(0);
+                decode_w(fa);
+                for (int s = 0; s < slices; s += 2) {
+                    step(s, fa, fb);
+                    if (s + 1 < slices) step(s + 1, fb, fa);
+                }
+#pragma unroll
+                for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+                // Epilogue: acc[4 j + 2 hf + e] = C(row m0 + 8 j + 2 tq + e, column n0 + wr_lo + 8 hf),
+                // through a per-warp [32][17] f32 scratch in the (now idle) stages, 32 rows at a time,
+                // so that the stores' addresses are computed in a loop, not held for all 256 rows.
+                cp_async_wait<0>();
+                __syncthreads();  // every warpgroup done with the stages
+                float* const scr = reinterpret_cast<float*>(sm) + warp * 32 * RS_LD;
+                const unsigned int col0 = n0 + 64 * wgi + 16 * (warp % 4);
+#pragma unroll
+                for (int cc = 0; cc < TM / 32; ++cc) {
+                    if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+                        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
+                    __syncwarp();
+#pragma unroll 1
+                    for (int i = 0; i < 16; ++i) {
+                        const int idx = 32 * i + lane, r = idx / 16, col = idx % 16;
+                        const unsigned int gm = m0 + 32 * cc + r, gn = col0 + col;
+                        if (gm < rows && gn < p.n)
+                            store_c(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scr[r * RS_LD + col], p);
+                    }
+                    __syncwarp();
+                }
+                __syncthreads();  // the next tile's first copies overwrite the scratch
+            }
+        }
+    }
+#else
+    __trap();  // built for another architecture: mod.rs launches it on sm_90a only
+#endif
+}
 
 // Two entry points, one per orientation: inlined into one kernel, both would share its register
 // allocation and spill. a_hi / a_lo: split_a_bf16's output ([total_rows, kp] bf16; a_lo unused with

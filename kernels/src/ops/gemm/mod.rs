@@ -20,8 +20,9 @@
 //! summed in an order fixed by the shape (bitwise reproducible, whatever the grid).
 //!
 //! [`grouped_gemm_f32_mxfp4w`] writes A once in bf16 (hi and lo halves for f32-level accuracy, or
-//! one rounding) and multiplies on tensor cores: Hopper's warpgroup `wgmma` on sm_90a, warp-level
-//! `mma.sync` elsewhere ([`Mxfp4Path`]); gemm.cu describes both kernels.
+//! one rounding) and multiplies on tensor cores: Hopper's warpgroup `wgmma` on sm_90a (the forward
+//! product with the decoded weight as the register operand), warp-level `mma.sync` elsewhere
+//! ([`Mxfp4Path`]); gemm.cu describes the kernels.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -153,6 +154,12 @@ const WG_THREADS: u32 = 256;
 /// alone) and three decoded B tiles of 33 KiB; gemm.cu asserts it.
 const fn wg_smem_bytes(mma: Mma) -> u32 {
     4 * mma.parts() as u32 * 16384 + 3 * 33792
+}
+/// The register-operand forward kernel's C tile (activation rows, weight rows) and its dynamic
+/// shared memory: three stages of A (32 KiB per tile of 256 x 64 bf16, hi and lo or hi alone).
+const RS_TILE: (usize, usize) = (256, 128);
+const fn rs_smem_bytes(mma: Mma) -> u32 {
+    3 * mma.parts() as u32 * 32768
 }
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
@@ -544,16 +551,26 @@ pub enum Mxfp4Path {
     /// holds), 108 KiB for [`Mma::Bf16`]. GPUs with less (the sm_86/89 cards: 99 KiB) cannot run
     /// the MXFP4 products: the product is an error that says so.
     MmaSyncTwoStage,
-    /// Hopper's warpgroup `wgmma` (sm_90a only).
+    /// Hopper's warpgroup `wgmma` (sm_90a only): two warpgroups, each 64 x 256 of the 128 x 256
+    /// tile.
     Wgmma,
+    /// The forward product with the weight as wgmma's register operand (its fragments decoded
+    /// straight into registers, 128 weight rows x 256 activation rows per block); the transposed
+    /// product as [`Mxfp4Path::Wgmma`] (sm_90a only).
+    WgmmaRs,
 }
 
 impl Mxfp4Path {
-    /// `Wgmma` on Hopper (the kernels are compiled for sm_90a there); elsewhere `MmaSync` where the
-    /// GPU's shared memory per block holds its stages for `mma`, else `MmaSyncTwoStage`.
+    /// `WgmmaRs` on Hopper (the kernels are compiled for sm_90a there; `OXTUNE_MXFP4_KERNEL=wgmma`
+    /// in the environment picks `Wgmma`, to compare the two in a whole training step); elsewhere
+    /// `MmaSync` where the GPU's shared memory per block holds its stages for `mma`, else
+    /// `MmaSyncTwoStage`.
     pub fn for_gpu(gpu: &Gpu, mma: Mma) -> Self {
         if gpu.arch == "sm_90a" {
-            return Self::Wgmma;
+            return match std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() {
+                Ok("wgmma") => Self::Wgmma,
+                _ => Self::WgmmaRs,
+            };
         }
         let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
         match optin {
@@ -563,8 +580,8 @@ impl Mxfp4Path {
     }
 }
 
-/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare the two); `Wgmma`
-/// on a GPU that is not sm_90a is an error.
+/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare them); `Wgmma` or
+/// `WgmmaRs` on a GPU that is not sm_90a is an error.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32_mxfp4w_on(
     gpu: &Gpu,
@@ -579,7 +596,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let op = "grouped_gemm_f32_mxfp4w";
-    if path == Mxfp4Path::Wgmma && gpu.arch != "sm_90a" {
+    if matches!(path, Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs) && gpu.arch != "sm_90a" {
         return Err(shape_err(format!("{op}: the wgmma kernel needs sm_90a, this GPU is {}", gpu.arch)));
     }
     check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
@@ -591,7 +608,10 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
     let (name, threads, smem) = match (path, transposed) {
         (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma)),
-        (Mxfp4Path::Wgmma, true) => ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma)),
+        (Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs, true) => {
+            ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma))
+        }
+        (Mxfp4Path::WgmmaRs, false) => ("grouped_gemm_bf16a_mxfp4w_rs", WG_THREADS, rs_smem_bytes(mma)),
         (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages)),
         (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages)),
     };
@@ -623,6 +643,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
+    let tile = if path == Mxfp4Path::WgmmaRs && !transposed { RS_TILE } else { TC_TILE };
     // A as bf16 rows of kp (hi, then lo with Mma::Split) in the GPU's scratch.
     let kp = padded_k(cfg.k);
     let parts = mma.parts();
@@ -685,7 +706,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
                 .launch(LaunchConfig {
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: smem,
-                    ..launch_config(cfg, TC_TILE.0, TC_TILE.1)
+                    ..launch_config(cfg, tile.0, tile.1)
                 })
         }?;
         Ok(())

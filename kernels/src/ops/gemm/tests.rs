@@ -617,7 +617,7 @@ fn mxfp4_paths(gpu: &Gpu) -> Vec<Mxfp4Path> {
         paths.push(Mxfp4Path::MmaSync);
     }
     if gpu.arch == "sm_90a" {
-        paths.push(Mxfp4Path::Wgmma);
+        paths.extend([Mxfp4Path::Wgmma, Mxfp4Path::WgmmaRs]);
     } else {
         eprintln!("NOTE: {} is not sm_90a: the wgmma MXFP4 kernels are NOT tested on it", gpu.arch);
     }
@@ -716,6 +716,8 @@ fn mxfp4_groups_longer_than_one_tile_and_partial_n_tiles() {
     // Groups of 300 and 129 rows (three and two 128-row tiles, the last nearly empty); rows 200
     // (forward: one partial 256-wide n tile) and cols 160 (transposed: 5 of a tile's 8 blocks).
     check_mxfp4_gpu(&gpu(), 24, 4, 200, 160, &[300, 0, 129, 1], false);
+    // Five and four row tiles beside a group of one row.
+    check_mxfp4_gpu(&gpu(), 27, 3, 200, 160, &[520, 1, 400], false);
 }
 
 #[test]

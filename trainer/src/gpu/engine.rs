@@ -192,9 +192,9 @@ pub struct RoutingStats {
     pub plans: usize,
     /// Expert slots (tokens times experts per token).
     pub slots: usize,
-    /// Row tiles of 128 (the shared-memory kernels) and of 256 (the forward register-operand
-    /// kernel) the experts' rows take.
+    /// Row tiles of 128 the experts' rows take (the shared-memory kernels' tile).
     pub tiles_128: usize,
+    /// Row tiles of 256 the experts' rows take (the forward register-operand kernel's tile).
     pub tiles_256: usize,
     /// The most rows one expert had in one plan.
     pub max_rows: usize,

@@ -613,20 +613,25 @@ __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int x, unsigned int 
     return d;
 }
 
-// 8 E2M1 codes (nibble i = element i, low nibble first) times the bf16x2 scale s2 -> 4 bf16x2.
+// 8 E2M1 codes (nibble i = element i, low nibble first) -> 4 bf16x2 (word j from byte j), words
+// 0 and 2 times the bf16x2 scale sa, words 1 and 3 times sb (decode8_bf16: one scale s2).
 // The high and low bytes of the bf16 magnitudes 0 0.5 1 1.5 2 3 4 6 are two 8-entry byte tables
 // that prmt indexes by the code's low 3 bits; the sign (bit 3) selects 0x80 from a third table.
-__device__ __forceinline__ uint4 decode8_bf16(unsigned int q, unsigned int s2) {
+__device__ __forceinline__ void decode8_bf16_rows(unsigned int q, unsigned int sa, unsigned int sb, unsigned int* out) {
     const unsigned int mag = q & 0x77777777u, neg = (q >> 1) & 0x44444444u;
-    unsigned int out[4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const unsigned int sel = mag >> (16 * h), ssel = neg >> (16 * h);
         const unsigned int hi = __byte_perm(0x3F3F3F00u, 0x40404040u, sel) | __byte_perm(0u, 0x80808080u, ssel);
         const unsigned int lo = __byte_perm(0xC0800000u, 0xC0804000u, sel);
-        out[2 * h] = mul_bf16x2(__byte_perm(lo, hi, 0x5140), s2);
-        out[2 * h + 1] = mul_bf16x2(__byte_perm(lo, hi, 0x7362), s2);
+        out[2 * h] = mul_bf16x2(__byte_perm(lo, hi, 0x5140), sa);
+        out[2 * h + 1] = mul_bf16x2(__byte_perm(lo, hi, 0x7362), sb);
     }
+}
+
+__device__ __forceinline__ uint4 decode8_bf16(unsigned int q, unsigned int s2) {
+    unsigned int out[4];
+    decode8_bf16_rows(q, s2, s2, out);
     return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
@@ -959,7 +964,7 @@ __device__ __forceinline__ void wgmma_wait() {
 // the tensor cores' async proxy (before the barrier that publishes them).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// Slice s (64 k) of split_a_bf16's rows m0 .. m0 + TM_ of a group starting at row `start` into
+// Slice s (wg::TK = 64 k) of split_a_bf16's rows m0 .. m0 + TM_ of a group starting at row `start` into
 // the stage at `stage`: rows of 128 bytes with the 128-byte swizzle (16-byte chunk c of row r at
 // c ^ (r % 8)), the hi tile and, unless MMA_ONE_PASS, the lo tile A_TILE_ bytes after it; thread
 // tid copies chunk tid % 8 of rows tid / 8 + (NT / 8) j by cp.async, rows past the group's `rows`
@@ -971,14 +976,14 @@ __device__ __forceinline__ void copy_a_slice(unsigned char* stage, const __nv_bf
     static_assert(TM_ * 8 % NT == 0, "whole rows of chunks per pass");
     if (s < slices) {
         const int ch = tid % 8;
-        const size_t k = (size_t)s * 64 + 8 * ch;
+        const size_t k = (size_t)s * wg::TK + 8 * ch;
 #pragma unroll
         for (int j = 0; j < TM_ * 8 / NT; ++j) {
             const int r = tid / 8 + NT / 8 * j;
             const unsigned int gm = m0 + r;
             const bool ok = gm < rows;
             const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
-            unsigned char* dst = stage + r * 128 + ((ch ^ (r % 8)) * 16);
+            unsigned char* dst = stage + r * wg::ROW + ((ch ^ (r % 8)) * 16);
             cp_async16(dst, a_hi + src, ok);
 #ifndef MMA_ONE_PASS
             cp_async16(dst + A_TILE_, a_lo + src, ok);
@@ -1198,14 +1203,9 @@ MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg_transposed, true)
 //   warp's 16; 32 rows at a time go through a per-warp scratch in the idle stages, from which each
 //   store instruction writes two rows of 16 consecutive columns.
 namespace rs {
-constexpr int TM = 256, TN = 128, TK = 64, THREADS_RS = 256, STAGES_RS = 3;
-#ifdef MMA_ONE_PASS
-constexpr int A_TILES = 1;
-#else
-constexpr int A_TILES = 2;
-#endif
-constexpr int ROW = TK * 2;
-constexpr int SW_SBO = 8 * ROW;
+// The k slice, the swizzled 128-byte rows and the hi/lo parts are wgmma's (namespace wg).
+using wg::A_TILES, wg::ROW, wg::SW_SBO, wg::TK;
+constexpr int TM = 256, TN = 128, THREADS_RS = 256, STAGES_RS = 3;
 constexpr int A_TILE = TM * ROW;  // 32 KiB
 constexpr int A_STAGE = A_TILES * A_TILE;
 constexpr int SMEM = STAGES_RS * A_STAGE;  // mod.rs (rs_smem_bytes) computes the same bytes
@@ -1234,19 +1234,6 @@ __device__ __forceinline__ unsigned int rs_gather(const uint4& x, const uint4& y
     const unsigned int u = __byte_perm(h ? x.z : x.x, h ? y.z : y.x, sel);
     const unsigned int v = __byte_perm(h ? x.w : x.y, h ? y.w : y.y, sel);
     return __byte_perm(u, v, 0x5410);
-}
-
-// 8 E2M1 codes -> 4 bf16x2 as decode8_bf16, words 0 and 2 times sa, words 1 and 3 times sb.
-__device__ __forceinline__ void decode8_bf16_rows(unsigned int q, unsigned int sa, unsigned int sb, unsigned int* out) {
-    const unsigned int mag = q & 0x77777777u, neg = (q >> 1) & 0x44444444u;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const unsigned int sel = mag >> (16 * h), ssel = neg >> (16 * h);
-        const unsigned int hi = __byte_perm(0x3F3F3F00u, 0x40404040u, sel) | __byte_perm(0u, 0x80808080u, ssel);
-        const unsigned int lo = __byte_perm(0xC0800000u, 0xC0804000u, sel);
-        out[2 * h] = mul_bf16x2(__byte_perm(lo, hi, 0x5140), sa);
-        out[2 * h + 1] = mul_bf16x2(__byte_perm(lo, hi, 0x7362), sb);
-    }
 }
 
 extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)

@@ -567,10 +567,11 @@ impl Mxfp4Path {
     /// `MmaSyncTwoStage`.
     pub fn for_gpu(gpu: &Gpu, mma: Mma) -> Self {
         if gpu.arch == "sm_90a" {
-            return match std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() {
-                Ok("wgmma") => Self::Wgmma,
-                _ => Self::WgmmaRs,
-            };
+            // Read once per process: this runs before every expert product.
+            static ONE_BLOCK_WGMMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let one_block =
+                *ONE_BLOCK_WGMMA.get_or_init(|| std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() == Ok("wgmma"));
+            return if one_block { Self::Wgmma } else { Self::WgmmaRs };
         }
         let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
         match optin {
@@ -606,14 +607,14 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
     // The two mma.sync paths are one kernel compiled with three or two A stages (TC_STAGES).
     let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
-    let (name, threads, smem) = match (path, transposed) {
-        (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma)),
+    let (name, threads, smem, tile) = match (path, transposed) {
+        (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma), TC_TILE),
         (Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs, true) => {
-            ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma))
+            ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma), TC_TILE)
         }
-        (Mxfp4Path::WgmmaRs, false) => ("grouped_gemm_bf16a_mxfp4w_rs", WG_THREADS, rs_smem_bytes(mma)),
-        (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages)),
-        (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages)),
+        (Mxfp4Path::WgmmaRs, false) => ("grouped_gemm_bf16a_mxfp4w_rs", WG_THREADS, rs_smem_bytes(mma), RS_TILE),
+        (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
+        (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
     };
     let (module, src) = match (path, mma) {
         (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
@@ -643,7 +644,6 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
     let p = params(cfg, total_rows);
     let (rows, cols) = (w.rows as u32, w.cols as u32);
-    let tile = if path == Mxfp4Path::WgmmaRs && !transposed { RS_TILE } else { TC_TILE };
     // A as bf16 rows of kp (hi, then lo with Mma::Split) in the GPU's scratch.
     let kp = padded_k(cfg.k);
     let parts = mma.parts();

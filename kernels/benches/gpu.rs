@@ -16,7 +16,8 @@ use oxtune_kernels::blas::Blas;
 use oxtune_kernels::ops::attention::{attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
 use oxtune_kernels::ops::gemm::{
     grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_on,
-    grouped_gemm_mxfp4w_ref, grouped_gemm_ref, Grouped, GroupedGemm, Mxfp4HostWeight, Mxfp4Path, Mxfp4Weight, Strides,
+    grouped_gemm_mxfp4w_ref, grouped_gemm_ref, Grouped, GroupedGemm, Mxfp4Epilogue, Mxfp4HostWeight, Mxfp4Path,
+    Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::Mma;
 use oxtune_kernels::testing::{assert_close, randn};
@@ -92,6 +93,7 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
         &w,
         false,
         Mma::Split,
+        &Mxfp4Epilogue::default(),
         &mut y.as_view_mut(),
     )
     .unwrap();
@@ -115,6 +117,7 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
         &w,
         true,
         Mma::Split,
+        &Mxfp4Epilogue::default(),
         &mut dx.as_view_mut(),
     )
     .unwrap();
@@ -146,6 +149,7 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
                         transposed,
                         mma,
                         path,
+                        &Mxfp4Epilogue::default(),
                         &mut out.as_view_mut(),
                     )
                     .unwrap()

@@ -237,6 +237,51 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
     }
 }
 
+/// Dense experts (the bf16 checkpoint) with LoRA on attention and every expert: the experts' bias
+/// and LoRA terms, which the MXFP4 kernels add as they store their products, run as passes of
+/// their own here. PEFT starts B at zero, which would hide the LoRA's input-gradient term, so both
+/// adapters get the same nonzero B first. GPU vs CPU loss and gradients.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn gpu_lora_gradients_on_dense_experts_match_cpu() {
+    let gpu = gpu();
+    let m = Model::load(&fixtures().join("model/tiny-top2-bf16")).unwrap();
+    let adapter = || {
+        let mut a = LoraAdapter::new(&m.cfg, LoraSpec { r: 4, ..LoraSpec::default() }, 11).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for (key, b, _) in a.params().into_iter().filter(|(k, _, _)| k.contains("lora_B")) {
+            for x in b.iter_mut() {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                *x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            }
+            assert!(b.iter().any(|&x| x != 0.0), "{key} stayed zero");
+        }
+        a
+    };
+    let (mut cpu_adapter, mut gpu_adapter) = (adapter(), adapter());
+    let batch = packed_batch(m.cfg.vocab_size);
+    let n = batch.counted();
+    cpu_adapter.zero_grad();
+    let (cl, _) = m.forward_backward(&batch, &cpu_adapter, 1.0 / n as f32, None).unwrap();
+    let mut eng = GpuEngine::new(gpu, &m, &gpu_adapter, 64).unwrap();
+    eng.zero_grads().unwrap();
+    let (gl, _) = eng.forward_backward(&batch, 1.0 / n as f32).unwrap();
+    eng.download_grads(&mut gpu_adapter, None).unwrap();
+    println!("dense experts: loss CPU {cl:.6} GPU {gl:.6}");
+    assert!(((gl - cl) / cl).abs() <= 1e-5, "dense experts: loss {gl} vs {cl}");
+    let want: Vec<Vec<f32>> = cpu_adapter.grads().into_iter().map(|(_, _, g)| g.to_vec()).collect();
+    let mut worst = (0.0f64, String::new());
+    for ((key, _, g), w) in gpu_adapter.grads().into_iter().zip(&want) {
+        assert!(w.iter().any(|&x| x != 0.0), "{key}: the CPU gradient is zero, the test checks nothing");
+        let e = rel(g, w);
+        if e > worst.0 {
+            worst = (e, key);
+        }
+    }
+    println!("dense experts: worst LoRA gradient relative error GPU vs CPU {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 <= 1e-3, "dense experts: gradient of {} off by {:.2e}", worst.1, worst.0);
+}
+
 fn run(device: Device, out: &Path) -> Vec<f64> {
     let cfg = TrainConfig {
         out: out.to_path_buf(),

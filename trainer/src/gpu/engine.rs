@@ -15,7 +15,8 @@ use oxtune_kernels::ops::elementwise::{
 };
 use oxtune_kernels::ops::embedding::embedding_gpu_bf16w;
 use oxtune_kernels::ops::gemm::{
-    grouped_gemm_f32, grouped_gemm_f32_mxfp4w, mxfp4_scratch_elems, Grouped, GroupedGemm, Mxfp4Weight, Strides,
+    grouped_gemm_f32, grouped_gemm_f32_mxfp4w, mxfp4_scratch_elems, Grouped, GroupedGemm, LoraUp, Mxfp4Epilogue,
+    Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_gpu, rmsnorm_gpu};
 use oxtune_kernels::ops::rope::rope_gpu;
@@ -772,31 +773,30 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// `y [S, out] += s · (x_e A_eᵀ) B_eᵀ` per expert (PEFT's expert LoRA layout).
-    fn lora_experts_fwd(
-        gpu: &Gpu,
-        p: &GpuLoraPair,
-        acts: &Groups,
-        u: &mut CudaSlice<f32>,
-        x: &CudaView<f32>,
-        y: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        let SiteLayout { n_out, rank: r, experts: e, scaling, .. } = p.site;
-        Self::lora_experts_down(gpu, p, acts, x, u)?;
-        let st = |row, col, group| Strides { row, col, group };
-        let cfg = GroupedGemm {
-            groups: e,
-            grouped: Grouped::M,
-            m: acts.max_rows(),
-            n: n_out,
-            k: r,
-            alpha: scaling,
-            beta: 1.0,
-            a: st(r, 1, 0),
-            b: st(e, r * e, 1),
-            c: st(n_out, 1, 0),
-        };
-        Self::grouped(gpu, cfg, acts, &v(u, acts.total() * r), &p.b.as_view(), y)
+    /// The second product of the expert LoRA forward, `y += s · u B_eᵀ` (PEFT's expert LoRA layout:
+    /// `B_e(j, n) = lora_B[n, j·E + e]`), as an expert product's epilogue term.
+    fn lora_up<'a>(p: &'a GpuLoraPair, u: &'a CudaSlice<f32>, slots: usize) -> LoraUp<'a> {
+        let SiteLayout { rank: r, experts: e, scaling, .. } = p.site;
+        LoraUp {
+            u: v(u, slots * r),
+            b: p.b.as_view(),
+            b_strides: Strides { row: e, col: r * e, group: 1 },
+            rank: r,
+            scaling,
+        }
+    }
+
+    /// The input-gradient term of the expert LoRA backward, `dx += du A_e` (`A_e(j, n) =
+    /// lora_A[e·r + j, n]`), as an expert product's epilogue term.
+    fn lora_dx<'a>(p: &'a GpuLoraPair, du: &'a CudaSlice<f32>, slots: usize) -> LoraUp<'a> {
+        let SiteLayout { n_in, rank: r, .. } = p.site;
+        LoraUp {
+            u: v(du, slots * r),
+            b: p.a.as_view(),
+            b_strides: Strides { row: n_in, col: 1, group: r * n_in },
+            rank: r,
+            scaling: 1.0,
+        }
     }
 
     /// `u [S, r] = x_e A_eᵀ` per expert: the first product of the expert LoRA, forward and backward.
@@ -824,37 +824,62 @@ impl GpuEngine {
         Self::grouped(gpu, cfg, acts, x, &p.a.as_view(), &mut vm(u, acts.total() * r))
     }
 
-    /// Backward of [`Self::lora_experts_fwd`]: gradients `+=`, `dx += ∂/∂x`.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_experts_bwd(
+    /// The expert LoRA backward before the expert product's input gradient: `u = x_e A_eᵀ`
+    /// (recomputed) and `du = s · dy B_e`; that product then adds `du A_e` ([`Self::lora_dx`]) and
+    /// [`Self::lora_experts_grads`] takes the parameter gradients.
+    fn lora_experts_bwd_u(
         gpu: &Gpu,
-        p: &mut GpuLoraPair,
+        p: &GpuLoraPair,
         acts: &Groups,
         u: &mut CudaSlice<f32>,
         du: &mut CudaSlice<f32>,
         x: &CudaView<f32>,
         dy: &CudaView<f32>,
-        dx: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let SiteLayout { n_out, rank: r, experts: e, scaling, .. } = p.site;
+        let st = |row, col, group| Strides { row, col, group };
+        Self::lora_experts_down(gpu, p, acts, x, u)?;
+        let cfg = GroupedGemm {
+            groups: e,
+            grouped: Grouped::M,
+            m: acts.max_rows(),
+            n: r,
+            k: n_out,
+            alpha: scaling,
+            beta: 0.0,
+            a: st(n_out, 1, 0),
+            b: st(r * e, e, 1),
+            c: st(r, 1, 0),
+        };
+        Self::grouped(gpu, cfg, acts, dy, &p.b.as_view(), &mut vm(du, acts.total() * r))
+    }
+
+    /// The expert LoRA's parameter gradients from [`Self::lora_experts_bwd_u`]'s u and du:
+    /// `dB_e += s · dy_eᵀ u_e`, `dA_e += du_eᵀ x_e`.
+    fn lora_experts_grads(
+        gpu: &Gpu,
+        p: &mut GpuLoraPair,
+        acts: &Groups,
+        u: &CudaSlice<f32>,
+        du: &CudaSlice<f32>,
+        x: &CudaView<f32>,
+        dy: &CudaView<f32>,
     ) -> Result<()> {
         let SiteLayout { n_in, n_out, rank: r, experts: e, scaling, .. } = p.site;
-        let (groups, m) = (e, acts.max_rows());
         let slots = acts.total();
         let st = |row, col, group| Strides { row, col, group };
-        let gm =
-            |n, k, alpha, beta, a, b, c| GroupedGemm { groups, grouped: Grouped::M, m, n, k, alpha, beta, a, b, c };
-        let gk =
-            |m, n, alpha, a, b, c| GroupedGemm { groups, grouped: Grouped::K, m, n, k: 0, alpha, beta: 1.0, a, b, c };
-        // u = x_e A_eᵀ (recomputed), du = s · dy B_e
-        Self::lora_experts_down(gpu, p, acts, x, u)?;
-        Self::grouped(
-            gpu,
-            gm(r, n_out, scaling, 0.0, st(n_out, 1, 0), st(r * e, e, 1), st(r, 1, 0)),
-            acts,
-            dy,
-            &p.b.as_view(),
-            &mut vm(du, slots * r),
-        )?;
-        // dB_e += s · dy_eᵀ u_e ; dA_e += du_eᵀ x_e ; dx += du A_e
+        let gk = |m, n, alpha, a, b, c| GroupedGemm {
+            groups: e,
+            grouped: Grouped::K,
+            m,
+            n,
+            k: 0,
+            alpha,
+            beta: 1.0,
+            a,
+            b,
+            c,
+        };
         Self::grouped(
             gpu,
             gk(n_out, r, scaling, st(1, n_out, 0), st(r, 1, 0), st(r * e, e, 1)),
@@ -870,19 +895,12 @@ impl GpuEngine {
             &v(du, slots * r),
             x,
             &mut p.ga.as_view_mut(),
-        )?;
-        Self::grouped(
-            gpu,
-            gm(n_in, r, 1.0, 1.0, st(r, 1, 0), st(n_in, 1, r * n_in), st(n_in, 1, 0)),
-            acts,
-            &v(du, slots * r),
-            &p.a.as_view(),
-            dx,
-        )?;
-        Ok(())
+        )
     }
 
-    /// Frozen expert weight: `y [S, out] = x [S, in] · W_eᵀ` (forward) or `dx [S, in] = dy [S, out] · W_e`.
+    /// Frozen expert weight: `y [S, out] = x [S, in] · W_eᵀ` (forward) or `dx [S, in] = dy [S, out] · W_e`,
+    /// plus the epilogue's terms (the experts' bias, a LoRA term), which the MXFP4 kernels add as
+    /// they store `y`; dense experts add them in passes of their own (the bias by `slot_expert`).
     #[allow(clippy::too_many_arguments)]
     fn expert_gemm(
         gpu: &Gpu,
@@ -894,6 +912,8 @@ impl GpuEngine {
         x: &CudaView<f32>,
         backward: bool,
         mma: Mma,
+        epi: &Mxfp4Epilogue,
+        slot_expert: &CudaView<u32>,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let m = acts.max_rows();
@@ -921,12 +941,26 @@ impl GpuEngine {
                     rows: n_out,
                     cols: n_in,
                 };
-                grouped_gemm_f32_mxfp4w(gpu, &cfg(st(0, 0, 0)), &acts.offsets, total, x, &wt, backward, mma, y)?;
+                grouped_gemm_f32_mxfp4w(gpu, &cfg(st(0, 0, 0)), &acts.offsets, total, x, &wt, backward, mma, epi, y)?;
             }
             ExpertW::Dense(wd) => {
                 // `[E, in, out]`: forward B(k = in, n = out), backward B(k = out, n = in).
                 let b = if backward { st(1, n_out, n_in * n_out) } else { st(n_out, 1, n_in * n_out) };
                 grouped_gemm_f32(gpu, &cfg(b), &acts.offsets, total, x, &wd.as_view(), y)?;
+                if let Some(bias) = &epi.bias {
+                    add_expert_bias_gpu(gpu, y, bias, &slot_expert.slice(..total), n)?;
+                }
+                if let Some(l) = &epi.lora {
+                    let up = GroupedGemm {
+                        k: l.rank,
+                        alpha: l.scaling,
+                        beta: 1.0,
+                        a: st(l.rank, 1, 0),
+                        b: l.b_strides,
+                        ..cfg(l.b_strides)
+                    };
+                    grouped_gemm_f32(gpu, &up, &acts.offsets, total, &l.u, &l.b, y)?;
+                }
             }
         }
         Ok(())
@@ -1183,6 +1217,18 @@ impl GpuEngine {
         gather_rows_gpu(gpu, &a.bn.slice(c0 * h..c1 * h), &v(&m.token, slots), h, &mut vm(&mut m.xs, slots * h))?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         let grp = Groups { offsets: m.offsets.as_view(), host: &m.host_offsets };
+        let slot_expert = v(&m.slot_expert, slots);
+        // Each projection: its LoRA's u = x A_eᵀ first, then the expert product, which adds the
+        // bias and s · u B_eᵀ as it stores its output.
+        let lora_gu = at(Target::Experts(Proj::GateUp));
+        if let Some(p) = lora_gu {
+            Self::lora_experts_down(gpu, p, &grp, &v(&m.xs, slots * h), &mut s.u)?;
+        }
+        prof.mark(gpu, "LoRA on experts, forward")?;
+        let epi = Mxfp4Epilogue {
+            bias: Some(layer.gate_up_bias.as_view()),
+            lora: lora_gu.map(|p| Self::lora_up(p, &s.u, slots)),
+        };
         Self::expert_gemm(
             gpu,
             &layer.gate_up,
@@ -1193,25 +1239,25 @@ impl GpuEngine {
             &v(&m.xs, slots * h),
             false,
             mma,
+            &epi,
+            &slot_expert,
             &mut vm(&mut m.hh, slots * i2),
         )?;
-        add_expert_bias_gpu(
-            gpu,
-            &mut vm(&mut m.hh, slots * i2),
-            &layer.gate_up_bias.as_view(),
-            &v(&m.slot_expert, slots),
-            i2,
-        )?;
-        prof.mark(gpu, "expert GEMMs (MXFP4) and bias, forward")?;
-        if let Some(p) = at(Target::Experts(Proj::GateUp)) {
-            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&m.xs, slots * h), &mut vm(&mut m.hh, slots * i2))?;
-        }
-        prof.mark(gpu, "LoRA on experts, forward")?;
+        prof.mark(gpu, "expert GEMMs (MXFP4) with bias and LoRA, forward")?;
         swiglu_gpu(gpu, &v(&m.hh, slots * i2), *swiglu, &mut vm(&mut m.z, slots * i2 / 2))?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         if !combine {
             return Ok(());
         }
+        let lora_down = at(Target::Experts(Proj::Down));
+        if let Some(p) = lora_down {
+            Self::lora_experts_down(gpu, p, &grp, &v(&m.z, slots * i2 / 2), &mut s.u)?;
+        }
+        prof.mark(gpu, "LoRA on experts, forward")?;
+        let epi = Mxfp4Epilogue {
+            bias: Some(layer.down_bias.as_view()),
+            lora: lora_down.map(|p| Self::lora_up(p, &s.u, slots)),
+        };
         Self::expert_gemm(
             gpu,
             &layer.down,
@@ -1222,20 +1268,11 @@ impl GpuEngine {
             &v(&m.z, slots * i2 / 2),
             false,
             mma,
+            &epi,
+            &slot_expert,
             &mut vm(&mut m.y, slots * h),
         )?;
-        add_expert_bias_gpu(
-            gpu,
-            &mut vm(&mut m.y, slots * h),
-            &layer.down_bias.as_view(),
-            &v(&m.slot_expert, slots),
-            h,
-        )?;
-        prof.mark(gpu, "expert GEMMs (MXFP4) and bias, forward")?;
-        if let Some(p) = at(Target::Experts(Proj::Down)) {
-            Self::lora_experts_fwd(gpu, p, &grp, &mut s.u, &v(&m.z, slots * i2 / 2), &mut vm(&mut m.y, slots * h))?;
-        }
-        prof.mark(gpu, "LoRA on experts, forward")?;
+        prof.mark(gpu, "expert GEMMs (MXFP4) with bias and LoRA, forward")?;
         combine_gpu(
             gpu,
             &v(&m.y, slots * h),
@@ -1370,6 +1407,16 @@ impl GpuEngine {
             &mut vm(&mut s.dys, slots * h),
         )?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), backward")?;
+        let slot_expert = v(&m.slot_expert, slots);
+        // Each projection: its LoRA's u and du first, then the expert product's input gradient,
+        // which adds du A_e as it stores it, then the LoRA's parameter gradients.
+        let (z, dys) = (v(&m.z, slots * i2 / 2), v(&s.dys, slots * h));
+        let lora_down = idx(Target::Experts(Proj::Down));
+        if let Some(i) = lora_down {
+            Self::lora_experts_bwd_u(gpu, &lora[i], &grp, &mut s.u, &mut s.du, &z, &dys)?;
+        }
+        prof.mark(gpu, "LoRA on experts, backward")?;
+        let epi = Mxfp4Epilogue { bias: None, lora: lora_down.map(|i| Self::lora_dx(&lora[i], &s.du, slots)) };
         Self::expert_gemm(
             gpu,
             &layer.down,
@@ -1377,23 +1424,16 @@ impl GpuEngine {
             i2 / 2,
             h,
             &grp,
-            &v(&s.dys, slots * h),
+            &dys,
             true,
             mma,
+            &epi,
+            &slot_expert,
             &mut vm(&mut s.dz, slots * i2 / 2),
         )?;
-        prof.mark(gpu, "expert GEMMs (MXFP4), backward")?;
-        if let Some(i) = idx(Target::Experts(Proj::Down)) {
-            Self::lora_experts_bwd(
-                gpu,
-                &mut lora[i],
-                &grp,
-                &mut s.u,
-                &mut s.du,
-                &v(&m.z, slots * i2 / 2),
-                &v(&s.dys, slots * h),
-                &mut vm(&mut s.dz, slots * i2 / 2),
-            )?;
+        prof.mark(gpu, "expert GEMMs (MXFP4) with LoRA, backward")?;
+        if let Some(i) = lora_down {
+            Self::lora_experts_grads(gpu, &mut lora[i], &grp, &s.u, &s.du, &z, &dys)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
         // dz is now weight · (W_downᵀ + LoRA)ᵀ dy: the whole down projection's input gradient.
@@ -1419,6 +1459,13 @@ impl GpuEngine {
             &mut vm(&mut s.dh, slots * i2),
         )?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), backward")?;
+        let (xs, dh) = (v(&m.xs, slots * h), v(&s.dh, slots * i2));
+        let lora_gu = idx(Target::Experts(Proj::GateUp));
+        if let Some(i) = lora_gu {
+            Self::lora_experts_bwd_u(gpu, &lora[i], &grp, &mut s.u, &mut s.du, &xs, &dh)?;
+        }
+        prof.mark(gpu, "LoRA on experts, backward")?;
+        let epi = Mxfp4Epilogue { bias: None, lora: lora_gu.map(|i| Self::lora_dx(&lora[i], &s.du, slots)) };
         Self::expert_gemm(
             gpu,
             &layer.gate_up,
@@ -1426,23 +1473,16 @@ impl GpuEngine {
             h,
             i2,
             &grp,
-            &v(&s.dh, slots * i2),
+            &dh,
             true,
             mma,
+            &epi,
+            &slot_expert,
             &mut vm(&mut s.dxs, slots * h),
         )?;
-        prof.mark(gpu, "expert GEMMs (MXFP4), backward")?;
-        if let Some(i) = idx(Target::Experts(Proj::GateUp)) {
-            Self::lora_experts_bwd(
-                gpu,
-                &mut lora[i],
-                &grp,
-                &mut s.u,
-                &mut s.du,
-                &v(&m.xs, slots * h),
-                &v(&s.dh, slots * i2),
-                &mut vm(&mut s.dxs, slots * h),
-            )?;
+        prof.mark(gpu, "expert GEMMs (MXFP4) with LoRA, backward")?;
+        if let Some(i) = lora_gu {
+            Self::lora_experts_grads(gpu, &mut lora[i], &grp, &s.u, &s.du, &xs, &dh)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
         unpermute_sum_gpu(

@@ -565,15 +565,146 @@ extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
     }
 }
 
+// The MXFP4 products' epilogue terms (mod.rs: Mxfp4Epilogue; must match `Epi` there field for
+// field): C(s, n) = alpha acc + beta C + bias[g N + n] + scaling Σ_{j<rank} u[s rank + j] B_g(j, n),
+// s the absolute row of A (the slot), B_g(j, n) = lb[g lb_group + j lb_j + n lb_n]. A null bias
+// adds nothing; rank 0 no LoRA term (the launcher passes rank ≤ EPI_RANK only).
+struct Epi {
+    const float* bias;
+    const float* u;
+    const float* lb;
+    unsigned long long lb_j, lb_n, lb_group;
+    unsigned int rank;
+    float scaling;
+};
+constexpr int EPI_RANK = 16;
+
+// Shared-memory row of one column's staged terms: bias, then B_g(j, n) for j < EPI_RANK (odd: a
+// warp reading 32 consecutive columns hits distinct banks).
+constexpr int EPI_LD = EPI_RANK + 1;
+
+// Bytes of shared memory a tile of tm rows x tn columns stages its epilogue terms in.
+__host__ __device__ constexpr int epi_smem_bytes(int tm, int tn) { return (tm * EPI_RANK + tn * EPI_LD) * 4; }
+
+__device__ __forceinline__ bool epi_any(const Epi& e) { return e.bias != nullptr || e.rank != 0; }
+
+// 4 bytes global -> shared without registers; pred false writes zero (src is not read but must be
+// a valid address).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((unsigned int)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(pred ? 4 : 0)
+                 : "memory");
+}
+
+// The row stride of the staged u: 8 for ranks up to 8, else EPI_RANK (zero-padded past the rank,
+// so that the sums run over a fixed count without a branch per term).
+__device__ __forceinline__ int epi_u_stride(const Epi& e) { return e.rank <= 8 ? 8 : EPI_RANK; }
+
+// Starts copying the epilogue terms of the tile at rows m0.., columns n0.. of group g (rows
+// relative to the group's first row `start`) into shared memory, by all `threads` threads, with
+// cp.async (no registers held, so that it costs the accumulators nothing): eu[r us + j] =
+// u[start + m0 + r, j] with us = epi_u_stride (zeros past the rank and past the group),
+// ec[c EPI_LD] = the bias of column n0 + c and ec[c EPI_LD + 1 + j] = B_g(j, n0 + c) (zeros past
+// the rank and past N; epi_col applies the scaling). Global memory is read once per tile instead
+// of once per stored element. The copies join the caller's next commit group.
+template <int TM_, int TN_>
+__device__ __forceinline__ void epi_stage(const Epi& e, const Params& p, float* eu, float* ec, unsigned int g,
+                                          unsigned int start, unsigned int m0, unsigned int rows, unsigned int n0,
+                                          int tid, int threads) {
+    const int rank = (int)e.rank, us = epi_u_stride(e);
+    const float* const dummy = e.bias != nullptr ? e.bias : e.lb;  // read by no copy
+    if (rank > 0) {
+        for (int i = tid; i < TM_ * us; i += threads) {
+            const unsigned int gm = m0 + i / us;
+            const int j = i % us;
+            const bool ok = gm < rows && j < rank;
+            cp_async4(eu + i, ok ? e.u + ((size_t)start + gm) * rank + j : e.u, ok);
+        }
+    }
+    for (int i = tid; i < TN_ * EPI_LD; i += threads) {
+        const int c = i / EPI_LD, j = i % EPI_LD - 1;
+        const unsigned int n = n0 + c;
+        const float* src = dummy;
+        bool ok = false;
+        if (n < p.n) {
+            if (j < 0) {
+                ok = e.bias != nullptr;
+                if (ok) src = e.bias + (size_t)g * p.n + n;
+            } else if (j < rank) {
+                ok = true;
+                src = e.lb + (size_t)g * e.lb_group + (size_t)j * e.lb_j + (size_t)n * e.lb_n;
+            }
+        }
+        cp_async4(ec + i, src, ok);
+    }
+}
+
+// One output column's staged terms, in registers: its bias and scaling B_g(j, n).
+struct EpiCol {
+    float bias;
+    float b[EPI_RANK];
+};
+
+__device__ __forceinline__ void epi_col(const Epi& e, const float* ec, int c, EpiCol& col) {
+    col.bias = ec[c * EPI_LD];
+#pragma unroll
+    for (int j = 0; j < EPI_RANK; ++j) col.b[j] = e.scaling * ec[c * EPI_LD + 1 + j];
+}
+
+// The epilogue terms of a column at staged row r: bias + Σ_j u[r, j] (scaling B_g(j, n)), over 8
+// or 16 terms (the staged zeros past the rank add nothing), in two chains of dependent FMAs.
+template <int N>
+__device__ __forceinline__ float epi_dot(const EpiCol& col, const float* ur) {
+    float v = col.bias, w = 0.0f;
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(ur + j);
+        v = fmaf(q.x, col.b[j], v);
+        w = fmaf(q.y, col.b[j + 1], w);
+        v = fmaf(q.z, col.b[j + 2], v);
+        w = fmaf(q.w, col.b[j + 3], w);
+    }
+    return v + w;
+}
+
+__device__ __forceinline__ float epi_value(const Epi& e, const EpiCol& col, const float* eu, int r) {
+    if (e.rank == 0) return col.bias;
+    return e.rank <= 8 ? epi_dot<8>(col, eu + r * 8) : epi_dot<EPI_RANK>(col, eu + r * EPI_RANK);
+}
+
+// C = alpha acc + beta C + the epilogue terms `extra` (beta = 0 overwrites: old C may hold NaN and
+// is never read).
+__device__ __forceinline__ void store_c_epi(float* cp, float acc, float extra, const Params& p) {
+    const float v = p.alpha * acc;
+    *cp = (p.beta == 0.0f ? v : fmaf(p.beta, *cp, v)) + extra;
+}
+
 // Writes 16 rows of one 32-column slab of C from a warp's scratch ([16][ld] f32): lane l writes
-// column gn (its own), rows row0 .. row0 + 15 below `rows`, C = alpha acc + beta C (beta = 0
-// overwrites: old C may hold NaN and is never read).
+// column gn (its own), rows row0 .. row0 + 15 below `rows`, adding the epilogue terms staged for
+// the tile at (m0, n0) (eu, ec; not read when the epilogue adds nothing). The column's terms are
+// read once per slab; the mma.sync kernels (at most 128 registers, their accumulators still live)
+// read them per row instead (COL_IN_REGS false), which keeps them from spilling.
+template <bool COL_IN_REGS>
 __device__ __forceinline__ void write_c_slab(float* cg, const float* scratch, int ld, unsigned int row0,
-                                             unsigned int gn, unsigned int rows, const Params& p, int lane) {
-#pragma unroll 1  // unrolled, the 16 rows' addresses would take ~70 registers
+                                             unsigned int gn, unsigned int rows, const Params& p, int lane,
+                                             const Epi& e, const float* eu, const float* ec, unsigned int m0,
+                                             unsigned int n0) {
+    const bool any = epi_any(e);
+    EpiCol col;
+    if (COL_IN_REGS && any) epi_col(e, ec, (int)(gn - n0), col);
+    // Fully unrolled, the 16 rows' addresses would take ~70 registers; the wgmma kernels (with
+    // registers to spare in the epilogue) keep four rows' epilogue terms in flight together.
+#pragma unroll(COL_IN_REGS ? 4 : 1)
     for (int r = 0; r < 16; ++r) {
         const unsigned int gm = row0 + r;
-        if (gm < rows && gn < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scratch[r * ld + lane], p);
+        if (gm < rows && gn < p.n) {
+            float extra = 0.0f;
+            if (any) {
+                if (!COL_IN_REGS) epi_col(e, ec, (int)(gn - n0), col);
+                extra = epi_value(e, col, eu, (int)(gm - m0));
+            }
+            store_c_epi(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scratch[r * ld + lane], extra, p);
+        }
     }
 }
 
@@ -678,10 +809,24 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// epi_stage, then waits for the copies (no others in flight) and for the whole block, when the
+// epilogue adds anything: the kernels that stage their terms after the main loop, in idle stages.
+template <int TM_, int TN_>
+__device__ __forceinline__ void epi_stage_now(const Epi& e, const Params& p, float* eu, float* ec, unsigned int g,
+                                              unsigned int start, unsigned int m0, unsigned int rows,
+                                              unsigned int n0, int tid, int threads) {
+    if (!epi_any(e)) return;
+    epi_stage<TM_, TN_>(e, p, eu, ec, g, start, m0, rows, n0, tid, threads);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
 template <bool TRANSPOSED>
 __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
                               const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
-                              const Params& p, unsigned int w_rows, unsigned int w_cols, unsigned int kp) {
+                              const Params& p, unsigned int w_rows, unsigned int w_cols, unsigned int kp,
+                              const Epi& epi) {
     using namespace tc;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -823,6 +968,12 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
                 cp_async_wait<0>();
                 __syncthreads();
                 float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
+                // The epilogue's terms follow every warp's scratch.
+                static_assert(TTHREADS / 32 * 16 * SC_LD * 4 + epi_smem_bytes(TM, TN) <= SMEM_ELEMS * 2,
+                              "the scratch and the epilogue's terms fit in the tiles");
+                float* const eu = reinterpret_cast<float*>(sm) + TTHREADS / 32 * 16 * SC_LD;
+                float* const ec = eu + TM * EPI_RANK;
+                epi_stage_now<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, TTHREADS);
                 const int gr = lane / 4, tq = lane % 4;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
@@ -834,7 +985,8 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
                             make_float2(acc[i][j][2], acc[i][j][3]);
                     }
                     __syncwarp();
-                    write_c_slab(cg, scratch, SC_LD, m0 + wm * 64 + 16 * i, n0 + wn * 32 + lane, rows, p, lane);
+                    write_c_slab<false>(cg, scratch, SC_LD, m0 + wm * 64 + 16 * i, n0 + wn * 32 + lane, rows, p, lane,
+                                        epi, eu, ec, m0, n0);
                     __syncwarp();
                 }
                 __syncthreads();  // the next tile's first copies overwrite the scratch
@@ -998,7 +1150,8 @@ __device__ __forceinline__ void copy_a_slice(unsigned char* stage, const __nv_bf
 template <bool TRANSPOSED>
 __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
                               const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
-                              const Params& p, unsigned int w_rows, unsigned int w_cols, unsigned int kp) {
+                              const Params& p, unsigned int w_rows, unsigned int w_cols, unsigned int kp,
+                              const Epi& epi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace wg;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wgi = tid / 128;
@@ -1141,6 +1294,12 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                 cp_async_wait<0>();
                 __syncthreads();
                 float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
+                // The epilogue's terms follow every warp's scratch.
+                static_assert(WG_THREADS / 32 * 16 * SC_LD * 4 + epi_smem_bytes(TM, TN) <= SMEM,
+                              "the scratch and the epilogue's terms fit in the stages");
+                float* const eu = reinterpret_cast<float*>(sm) + WG_THREADS / 32 * 16 * SC_LD;
+                float* const ec = eu + TM * EPI_RANK;
+                epi_stage_now<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, WG_THREADS);
                 const int gr = lane / 4, tq = lane % 4;
                 const unsigned int row0 = m0 + 64 * wgi + 16 * (warp % 4);
 #pragma unroll
@@ -1152,7 +1311,7 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
                         *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) = make_float2(d[2], d[3]);
                     }
                     __syncwarp();
-                    write_c_slab(cg, scratch, SC_LD, row0, n0 + 32 * cc + lane, rows, p, lane);
+                    write_c_slab<true>(cg, scratch, SC_LD, row0, n0 + 32 * cc + lane, rows, p, lane, epi, eu, ec, m0, n0);
                     __syncwarp();
                 }
                 __syncthreads();  // the next tile's first copies overwrite the scratch
@@ -1168,9 +1327,9 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
     extern "C" __global__ void __launch_bounds__(wg::WG_THREADS, 1)                                         \
         name(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo, const unsigned char* blocks, \
              const unsigned char* scales, const unsigned int* offsets, Params p, unsigned int w_rows,     \
-             unsigned int w_cols, unsigned int kp) {                                                      \
+             unsigned int w_cols, unsigned int kp, Epi epi) {                                               \
         extern __shared__ __align__(128) unsigned char wg_smem[];                                        \
-        mxfp4_wg_gemm<transposed>(wg_smem, c, a_hi, a_lo, blocks, scales, offsets, p, w_rows, w_cols, kp); \
+        mxfp4_wg_gemm<transposed>(wg_smem, c, a_hi, a_lo, blocks, scales, offsets, p, w_rows, w_cols, kp, epi); \
     }
 
 MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg, false)
@@ -1201,15 +1360,19 @@ MXFP4W_WG_KERNEL(grouped_gemm_bf16a_mxfp4w_wg_transposed, true)
 //   s + 1, wait for slice s's products.
 // - Epilogue: lane (g, t) holds C rows (tokens) 8 j + 2 t, +1 of C columns g and g + 8 of its
 //   warp's 16; 32 rows at a time go through a per-warp scratch in the idle stages, from which each
-//   store instruction writes two rows of 16 consecutive columns.
+//   store instruction writes two rows of 16 consecutive columns, adding the epilogue terms (bias,
+//   LoRA up-projection: Epi), which were copied with slice 0 into a region of their own past the
+//   stages.
 namespace rs {
 // The k slice, the swizzled 128-byte rows and the hi/lo parts are wgmma's (namespace wg).
 using wg::A_TILES, wg::ROW, wg::SW_SBO, wg::TK;
 constexpr int TM = 256, TN = 128, THREADS_RS = 256, STAGES_RS = 3;
 constexpr int A_TILE = TM * ROW;  // 32 KiB
 constexpr int A_STAGE = A_TILES * A_TILE;
-constexpr int SMEM = STAGES_RS * A_STAGE;  // mod.rs (rs_smem_bytes) computes the same bytes
-static_assert(SMEM == STAGES_RS * A_TILES * 32768 && SMEM <= 232448, "rs_smem_bytes in mod.rs");
+constexpr int SMEM = STAGES_RS * A_STAGE;
+// The stages and then the tile's epilogue terms: mod.rs (rs_smem_bytes) computes the same bytes.
+constexpr int SMEM_EPI = SMEM + epi_smem_bytes(TM, TN);
+static_assert(SMEM_EPI == STAGES_RS * A_TILES * 32768 + 25088 && SMEM_EPI <= 232448, "rs_smem_bytes in mod.rs");
 static_assert(TM * TK / 8 % THREADS_RS == 0 && TN == 2 * 64 && TK == 64, "A chunks; two 64-row warpgroups");
 constexpr int RS_LD = 17;  // epilogue scratch row (f32)
 static_assert(THREADS_RS / 32 * 32 * RS_LD * 4 <= A_TILE, "the epilogue scratch fits in a stage");
@@ -1239,7 +1402,7 @@ __device__ __forceinline__ unsigned int rs_gather(const uint4& x, const uint4& y
 extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
     grouped_gemm_bf16a_mxfp4w_rs(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
                                  const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
-                                 Params p, unsigned int w_rows, unsigned int w_cols, unsigned int kp) {
+                                 Params p, unsigned int w_rows, unsigned int w_cols, unsigned int kp, Epi epi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace rs;
     extern __shared__ __align__(1024) unsigned char rs_smem[];
@@ -1254,6 +1417,10 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
     (void)a_lo;
     // This thread's two W rows within the tile.
     const int wr_lo = 64 * wgi + 16 * (warp % 4) + gq;
+    // The epilogue's terms, past the stages (SMEM_EPI).
+    float* const eu = reinterpret_cast<float*>(sm + SMEM);
+    float* const ec = eu + TM * EPI_RANK;
+    const bool any = epi_any(epi);
 
     for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
         unsigned int start, rows;
@@ -1338,6 +1505,9 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
                     if (s + 1 < slices) decode_w(fn);
                     wgmma_wait<0>();
                 };
+                // The tile's epilogue terms, in slice 0's commit group: they land long before the
+                // epilogue, in a region of their own past the stages.
+                if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, THREADS_RS);
                 copy_a(0, 0);
                 copy_a(1, 1);
                 load_w(0);
@@ -1355,6 +1525,12 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
                 __syncthreads();  // every warpgroup done with the stages
                 float* const scr = reinterpret_cast<float*>(sm) + warp * 32 * RS_LD;
                 const unsigned int col0 = n0 + 64 * wgi + 16 * (warp % 4);
+                // The epilogue's terms follow every warp's scratch; every store of this lane is in
+                // column col0 + lane % 16.
+                // The epilogue's terms were copied with slice 0's A (landed since cp_async_wait<0>);
+                // a chunk's column terms are read after its accumulators went to the scratch, when
+                // their registers are free.
+                EpiCol ecol;
 #pragma unroll
                 for (int cc = 0; cc < TM / 32; ++cc) {
                     if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
@@ -1366,12 +1542,14 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
                             for (int e = 0; e < 2; ++e)
                                 scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
                     __syncwarp();
-#pragma unroll 1
+                    if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
+#pragma unroll 4  // four rows' epilogue terms in flight together
                     for (int i = 0; i < 16; ++i) {
                         const int idx = 32 * i + lane, r = idx / 16, col = idx % 16;
                         const unsigned int gm = m0 + 32 * cc + r, gn = col0 + col;
                         if (gm < rows && gn < p.n)
-                            store_c(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scr[r * RS_LD + col], p);
+                            store_c_epi(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scr[r * RS_LD + col],
+                                        any ? epi_value(epi, ecol, eu, (int)(gm - m0)) : 0.0f, p);
                     }
                     __syncwarp();
                 }
@@ -1391,10 +1569,10 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
     extern "C" __global__ void __launch_bounds__(tc::TTHREADS, 1)                                        \
         name(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo, const unsigned char* blocks, \
              const unsigned char* scales, const unsigned int* offsets, Params p, unsigned int w_rows,     \
-             unsigned int w_cols, unsigned int kp) {                                                      \
+             unsigned int w_cols, unsigned int kp, Epi epi) {                                               \
         extern __shared__ __align__(128) unsigned char tc_smem[];                                        \
         mxfp4_tc_gemm<transposed>(reinterpret_cast<__nv_bfloat16*>(tc_smem), c, a_hi, a_lo, blocks, scales, \
-                                  offsets, p, w_rows, w_cols, kp);                                        \
+                                  offsets, p, w_rows, w_cols, kp, epi);                                     \
     }
 
 MXFP4W_KERNEL(grouped_gemm_bf16a_mxfp4w, false)

@@ -25,7 +25,7 @@
 //! ([`Mxfp4Path`]); gemm.cu describes the kernels.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::Mma;
@@ -104,6 +104,87 @@ pub struct Mxfp4HostWeight<'a> {
     pub cols: usize,
 }
 
+/// Terms that the MXFP4 products add to every output as they store it, so that an expert's bias
+/// and its LoRA up-projection take no pass over C of their own:
+/// `C(s, n) = α·acc + β·C + bias[g·N + n] + scaling · Σ_{j<rank} u[s, j] · B_g(j, n)`, with `s`
+/// the absolute row of A and C (the slot) and `g` its group. The default adds nothing.
+#[derive(Default)]
+pub struct Mxfp4Epilogue<'a> {
+    /// `[groups, N]` row-major (at least `groups · N` elements).
+    pub bias: Option<CudaView<'a, f32>>,
+    pub lora: Option<LoraUp<'a>>,
+}
+
+/// The LoRA term of an [`Mxfp4Epilogue`]: `u [total_rows, rank]` row-major (the down-projection
+/// already applied to A's rows) and `B_g(j, n) = b[g·b_strides.group + j·b_strides.row +
+/// n·b_strides.col]`. Ranks up to [`EPILOGUE_RANK`] are added in the product's store; a larger
+/// rank runs one [`grouped_gemm_f32`] after it (the same sum, rounded differently).
+pub struct LoraUp<'a> {
+    pub u: CudaView<'a, f32>,
+    pub b: CudaView<'a, f32>,
+    pub b_strides: Strides,
+    pub rank: usize,
+    pub scaling: f32,
+}
+
+/// The largest LoRA rank the MXFP4 kernels add in their store (`EPI_RANK` in gemm.cu).
+pub const EPILOGUE_RANK: usize = 16;
+
+/// Host copy of an [`Mxfp4Epilogue`], for [`mxfp4_epilogue_ref`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostEpilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub lora: Option<HostLoraUp<'a>>,
+}
+
+/// Host copy of a [`LoraUp`].
+#[derive(Clone, Copy, Debug)]
+pub struct HostLoraUp<'a> {
+    pub u: &'a [f32],
+    pub b: &'a [f32],
+    pub b_strides: Strides,
+    pub rank: usize,
+    pub scaling: f32,
+}
+
+/// CPU reference of the epilogue terms: adds them (in f64, rounded once) to every row of `c` that
+/// a group owns, as [`grouped_gemm_f32_mxfp4w`] does after the product.
+pub fn mxfp4_epilogue_ref(cfg: &GroupedGemm, offsets: &[u32], epi: &HostEpilogue, c: &mut [f32]) {
+    for g in 0..cfg.groups {
+        for s in offsets[g] as usize..offsets[g + 1] as usize {
+            for n in 0..cfg.n {
+                let mut add = epi.bias.map_or(0.0, |b| b[g * cfg.n + n] as f64);
+                if let Some(HostLoraUp { u, b, b_strides: st, rank, scaling }) = epi.lora {
+                    let dot: f64 = (0..rank)
+                        .map(|j| u[s * rank + j] as f64 * b[g * st.group + j * st.row + n * st.col] as f64)
+                        .sum();
+                    add += scaling as f64 * dot;
+                }
+                let i = g * cfg.c.group + s * cfg.c.row + n * cfg.c.col;
+                c[i] = (c[i] as f64 + add) as f32;
+            }
+        }
+    }
+}
+
+/// The epilogue as gemm.cu's `struct Epi` takes it (device addresses, 0 for none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Epi {
+    bias: u64,
+    u: u64,
+    lb: u64,
+    lb_j: u64,
+    lb_n: u64,
+    lb_group: u64,
+    rank: u32,
+    scaling: f32,
+}
+
+// SAFETY: #[repr(C)] plain data whose layout matches the CUDA struct (6 u64 (pointers are 8 bytes
+// on every CUDA target), u32, f32: no padding on either side).
+unsafe impl DeviceRepr for Epi {}
+
 /// Kernel parameters; must match `struct Params` in gemm.cu field for field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -156,10 +237,11 @@ const fn wg_smem_bytes(mma: Mma) -> u32 {
     4 * mma.parts() as u32 * 16384 + 3 * 33792
 }
 /// The register-operand forward kernel's C tile (activation rows, weight rows) and its dynamic
-/// shared memory: three stages of A (32 KiB per tile of 256 x 64 bf16, hi and lo or hi alone).
+/// shared memory: three stages of A (32 KiB per tile of 256 x 64 bf16, hi and lo or hi alone),
+/// then the tile's epilogue terms (256 rows of u and 128 columns of bias and B, up to rank 16).
 const RS_TILE: (usize, usize) = (256, 128);
 const fn rs_smem_bytes(mma: Mma) -> u32 {
-    3 * mma.parts() as u32 * 32768
+    3 * mma.parts() as u32 * 32768 + (256 * 16 + 128 * 17) * 4
 }
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
@@ -518,7 +600,9 @@ pub fn grouped_gemm_f32(
 /// `offsets` and `total_rows` as in [`grouped_gemm_f32`]. A is first written once in bf16 (hi and
 /// lo, or hi alone) as `total_rows` rows of K rounded up to 64 into the [`Gpu`]'s scratch
 /// ([`mxfp4_scratch_elems`]: with [`Mma::Split`] the size of A in f32, half that with
-/// [`Mma::Bf16`]), which grows if it is smaller.
+/// [`Mma::Bf16`]), which grows if it is smaller. The terms of `epi` (an expert's bias, its LoRA
+/// up-projection; [`Mxfp4Epilogue::default`] for none) are added to every output as it is stored.
+#[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32_mxfp4w(
     gpu: &Gpu,
     cfg: &GroupedGemm,
@@ -528,10 +612,11 @@ pub fn grouped_gemm_f32_mxfp4w(
     w: &Mxfp4Weight<'_>,
     transposed: bool,
     mma: Mma,
+    epi: &Mxfp4Epilogue<'_>,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let path = Mxfp4Path::for_gpu(gpu, mma);
-    grouped_gemm_f32_mxfp4w_on(gpu, cfg, offsets, total_rows, a, w, transposed, mma, path, c)
+    grouped_gemm_f32_mxfp4w_on(gpu, cfg, offsets, total_rows, a, w, transposed, mma, path, epi, c)
 }
 
 /// Elements (u16) of [`Gpu`] scratch an MXFP4 product over `total_rows` rows of A with reduction
@@ -581,8 +666,8 @@ impl Mxfp4Path {
     }
 }
 
-/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare them); `Wgmma` or
-/// `WgmmaRs` on a GPU that is not sm_90a is an error.
+/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare them); `Wgmma`
+/// or `WgmmaRs` on a GPU that is not sm_90a is an error.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32_mxfp4w_on(
     gpu: &Gpu,
@@ -594,6 +679,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     transposed: bool,
     mma: Mma,
     path: Mxfp4Path,
+    epi: &Mxfp4Epilogue<'_>,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let op = "grouped_gemm_f32_mxfp4w";
@@ -602,8 +688,32 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
     check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
     check_shapes(op, cfg, offsets.len(), total_rows, a.len(), None, c.len())?;
+    let lens = EpiLens {
+        bias: epi.bias.as_ref().map(|b| b.len()),
+        lora: epi.lora.as_ref().map(|l| (l.u.len(), l.b.len(), l.b_strides, l.rank)),
+    };
+    check_epilogue(op, cfg, total_rows, &lens)?;
     if is_empty(cfg) || total_rows == 0 {
         return Ok(());
+    }
+    // The epilogue's device addresses; the guards keep the buffers' streams in order until the
+    // launch is enqueued.
+    let bias = epi.bias.as_ref().map(|b| b.device_ptr(&gpu.stream));
+    let lora = epi.lora.as_ref().map(|l| (l.u.device_ptr(&gpu.stream), l.b.device_ptr(&gpu.stream), l));
+    // In the store: ranks up to EPILOGUE_RANK; otherwise one product after the kernel.
+    let fused = lora.as_ref().is_some_and(|(_, _, l)| l.rank <= EPILOGUE_RANK);
+    let mut e = Epi { bias: bias.as_ref().map_or(0, |(p, _)| *p), ..Epi::default() };
+    if let (true, Some(((pu, _), (pb, _), l))) = (fused, lora.as_ref()) {
+        e = Epi {
+            u: *pu,
+            lb: *pb,
+            lb_j: l.b_strides.row as u64,
+            lb_n: l.b_strides.col as u64,
+            lb_group: l.b_strides.group as u64,
+            rank: l.rank as u32,
+            scaling: l.scaling,
+            ..e
+        };
     }
     // The two mma.sync paths are one kernel compiled with three or two A stages (TC_STAGES).
     let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
@@ -653,6 +763,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         .ok_or_else(|| shape_err(format!("{op}: {total_rows} rows x {kp} exceeds {DIM_MAX} elements")))?;
     let kp32 = kp as u32;
     // split_a_bf16 writes every element of both parts before the GEMM (same stream) reads them.
+    let c_product = &mut *c;
     gpu.with_scratch(parts * part, |mut a16| {
         {
             let (mut hi, mut lo) = a16.split_at_mut(part);
@@ -693,7 +804,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         unsafe {
             gpu.stream
                 .launch_builder(&f)
-                .arg(c)
+                .arg(c_product)
                 .arg(&hi)
                 .arg(&lo)
                 .arg(&w.blocks)
@@ -703,6 +814,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
                 .arg(&rows)
                 .arg(&cols)
                 .arg(&kp32)
+                .arg(&e)
                 .launch(LaunchConfig {
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: smem,
@@ -710,7 +822,53 @@ pub fn grouped_gemm_f32_mxfp4w_on(
                 })
         }?;
         Ok(())
-    })
+    })?;
+    drop(bias);
+    match (fused, lora) {
+        (false, Some((gu, gb, l))) => {
+            drop((gu, gb));
+            let up = GroupedGemm {
+                groups: cfg.groups,
+                grouped: Grouped::M,
+                m: cfg.m,
+                n: cfg.n,
+                k: l.rank,
+                alpha: l.scaling,
+                beta: 1.0,
+                a: Strides::row_major(l.rank),
+                b: l.b_strides,
+                c: cfg.c,
+            };
+            grouped_gemm_f32(gpu, &up, offsets, total_rows, &l.u, &l.b, c)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An epilogue's buffer lengths: the bias's, and the LoRA term's `(u, b, b_strides, rank)`.
+struct EpiLens {
+    bias: Option<usize>,
+    lora: Option<(usize, usize, Strides, usize)>,
+}
+
+/// Checks an epilogue's buffers against the product: the bias holds `groups · N`, u `total_rows ·
+/// rank` and B every `(g, j, n)` its strides address.
+fn check_epilogue(op: &str, cfg: &GroupedGemm, total_rows: usize, epi: &EpiLens) -> Result<()> {
+    if let Some(len) = epi.bias {
+        let want = cfg.groups.checked_mul(cfg.n).ok_or_else(|| shape_err(format!("{op}: bias size overflows")))?;
+        check_len(op, "the epilogue's bias", len, want)?;
+    }
+    if let Some((u_len, b_len, b_strides, rank)) = epi.lora {
+        if rank == 0 {
+            return Err(shape_err(format!("{op}: the epilogue's LoRA rank is 0")));
+        }
+        check_dim(op, "the epilogue's LoRA rank", rank)?;
+        let want =
+            total_rows.checked_mul(rank).ok_or_else(|| shape_err(format!("{op}: the epilogue's u overflows")))?;
+        check_len(op, "the epilogue's u", u_len, want)?;
+        check_len(op, "the epilogue's LoRA B", b_len, extent(op, "LoRA B", cfg.groups, b_strides, rank, cfg.n)?)?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

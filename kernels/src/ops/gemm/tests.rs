@@ -607,6 +607,60 @@ fn more_row_tiles_than_grid_y() {
     assert_close("4.2M rows", &got, &want, atol(k, 1.0, 1.0), 1e-4);
 }
 
+/// The epilogue reference's LoRA term is use (2) of the LoRA definitions (`y += s u B_eᵀ`) as the
+/// general reference computes it, and its bias goes to each group's own rows.
+#[test]
+fn epilogue_reference_is_the_lora_up_product_plus_the_bias() {
+    let (e, r, n) = (3, 5, 7);
+    let sizes = [4usize, 0, 6];
+    let offsets = offsets_of(&sizes);
+    let total = offsets[e] as usize;
+    let lora = Lora { e, r, inp: 1, out: n, s: 1.5 };
+    let (cfg, _) = lora.use_cfg(1, &offsets);
+    let (u, b, c0) = (randn(60, total * r, 1.0), randn(61, n * r * e, 1.0), randn(62, total * n, 1.0));
+    let mut want = c0.clone();
+    grouped_gemm_ref(&cfg, &offsets, &u, &b, &mut want);
+    let mut got = c0.clone();
+    let lora_up = HostLoraUp { u: &u, b: &b, b_strides: cfg.b, rank: r, scaling: 1.5 };
+    let host = HostEpilogue { bias: None, lora: Some(lora_up) };
+    mxfp4_epilogue_ref(&cfg, &offsets, &host, &mut got);
+    assert_close("epilogue LoRA term vs use (2)", &got, &want, 1e-5, 1e-5);
+    let bias = randn(63, e * n, 1.0);
+    let mut with_bias = c0.clone();
+    mxfp4_epilogue_ref(&cfg, &offsets, &HostEpilogue { bias: Some(&bias), lora: None }, &mut with_bias);
+    for (g, w) in offsets.windows(2).enumerate() {
+        for s in w[0] as usize..w[1] as usize {
+            for j in 0..n {
+                assert_eq!(with_bias[s * n + j], c0[s * n + j] + bias[g * n + j], "row {s} column {j}");
+            }
+        }
+    }
+}
+
+#[test]
+fn epilogue_shapes_are_checked_with_clear_errors() {
+    let cfg = GroupedGemm {
+        groups: 2,
+        grouped: Grouped::M,
+        m: 4,
+        n: 6,
+        k: 32,
+        alpha: 1.0,
+        beta: 0.0,
+        a: Strides::row_major(32),
+        b: Strides::row_major(0),
+        c: Strides::row_major(6),
+    };
+    let b_st = Strides { row: 2, col: 4 * 2, group: 1 };
+    let ok = |bias, lora| check_epilogue("op", &cfg, 7, &EpiLens { bias, lora });
+    assert!(ok(Some(12), Some((28, 48, b_st, 4))).is_ok());
+    let err = |bias, lora| ok(bias, lora).unwrap_err().to_string();
+    assert!(err(Some(11), None).contains("bias has 11 elements, expected at least 12"));
+    assert!(err(None, Some((27, 48, b_st, 4))).contains("u has 27 elements, expected at least 28"));
+    assert!(err(None, Some((28, 47, b_st, 4))).contains("LoRA B has 47 elements, expected at least 48"));
+    assert!(err(None, Some((0, 48, b_st, 0))).contains("LoRA rank is 0"));
+}
+
 /// MXFP4 expert weights `[experts, rows, cols]`, forward (`y = x W_gᵀ`, beta 0) and transposed
 /// (`dx += dy W_g`, beta 1), GPU vs CPU reference; `time` prints the kernel's wall time.
 /// The MXFP4 kernels this GPU runs: mma.sync with three and with two A stages everywhere (where
@@ -624,7 +678,32 @@ fn mxfp4_paths(gpu: &Gpu) -> Vec<Mxfp4Path> {
     paths
 }
 
+/// The epilogue a [`check_mxfp4_gpu`] case adds: an expert bias and a LoRA term of `rank`, its u
+/// starting `u_shift` elements into its buffer (1: u is not 16-byte aligned). Past
+/// [`EPILOGUE_RANK`] the LoRA term runs as a product of its own. B is laid out as the trainer's:
+/// PEFT's `lora_B [n, rank·experts]` (column `j·experts + g`) forward, `lora_A [rank·experts, n]`
+/// (row `g·rank + j`) transposed.
+#[derive(Clone, Copy, Debug)]
+struct EpiCase {
+    rank: usize,
+    u_shift: usize,
+}
+
 fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usize, sizes: &[usize], time: bool) {
+    check_mxfp4_gpu_epi(gpu, seed, experts, rows, cols, sizes, time, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_mxfp4_gpu_epi(
+    gpu: &Gpu,
+    seed: u64,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    sizes: &[usize],
+    time: bool,
+    epi: Option<EpiCase>,
+) {
     let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
     let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
     let bmax = max_abs(&dequantize(&hw));
@@ -652,7 +731,41 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
         let s = seed * 10 + transposed as u64;
         let (a, c0) = (randn(s + 1, total * k, 1.0), randn(s + 2, total * n, 1.0));
         let (ad, mut cd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&c0).unwrap());
+        // The epilogue's operands (fresh per case), on the host and the device.
+        let (bias, u, lb, b_strides) = match epi {
+            Some(EpiCase { rank, u_shift }) => {
+                let b_strides = if transposed {
+                    Strides { row: n, col: 1, group: rank * n }
+                } else {
+                    Strides { row: experts, col: rank * experts, group: 1 }
+                };
+                (
+                    randn(s + 3, experts * n, 1.0),
+                    randn(s + 4, u_shift + total * rank, 1.0),
+                    randn(s + 5, experts * rank * n, 0.3),
+                    b_strides,
+                )
+            }
+            None => (vec![], vec![], vec![], Strides::row_major(0)),
+        };
+        // One spare element each: cudarc does not allocate empty buffers.
+        let up = |v: &[f32]| st.clone_htod(&[v, &[0.0]].concat()).unwrap();
+        let (biasd, ud, lbd) = (up(&bias), up(&u), up(&lb));
+        let scaling = 2.0 - 0.25 * (seed % 3) as f32;
         let launch = |cd: &mut cudarc::driver::CudaSlice<f32>| {
+            let e = match epi {
+                Some(EpiCase { rank, u_shift }) => Mxfp4Epilogue {
+                    bias: Some(biasd.slice(..bias.len())),
+                    lora: Some(LoraUp {
+                        u: ud.slice(u_shift..u_shift + total * rank),
+                        b: lbd.slice(..lb.len()),
+                        b_strides,
+                        rank,
+                        scaling,
+                    }),
+                },
+                None => Mxfp4Epilogue::default(),
+            };
             grouped_gemm_f32_mxfp4w_on(
                 gpu,
                 &cfg,
@@ -663,6 +776,7 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
                 transposed,
                 mma,
                 path,
+                &e,
                 &mut cd.as_view_mut(),
             )
             .unwrap()
@@ -677,8 +791,14 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
             Mma::Bf16 => a.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
         };
         grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a_ref, &hw, transposed, &mut want);
-        let what =
-            format!("mxfp4 {path:?} [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?}");
+        if let Some(EpiCase { rank, u_shift }) = epi {
+            let lora = HostLoraUp { u: &u[u_shift..], b: &lb, b_strides, rank, scaling };
+            let host = HostEpilogue { bias: Some(&bias), lora: Some(lora) };
+            mxfp4_epilogue_ref(&cfg, &offsets, &host, &mut want);
+        }
+        let what = format!(
+            "mxfp4 {path:?} [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?} epilogue {epi:?}"
+        );
         assert_close(&what, &got, &want, atol(k, 1.0, bmax), 1e-4);
         if time {
             let ms = median_ms(gpu, || launch(&mut cd));
@@ -690,7 +810,10 @@ fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usiz
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
 fn mxfp4_tiny_with_an_expert_with_zero_tokens() {
-    check_mxfp4_gpu(&gpu(), 20, 4, 128, 64, &[9, 0, 70, 3], false);
+    let gpu = gpu();
+    check_mxfp4_gpu(&gpu, 20, 4, 128, 64, &[9, 0, 70, 3], false);
+    // With bias and LoRA in the store: an odd rank (scalar reads of u).
+    check_mxfp4_gpu_epi(&gpu, 40, 4, 128, 64, &[9, 0, 70, 3], false, Some(EpiCase { rank: 3, u_shift: 0 }));
 }
 
 #[test]
@@ -698,7 +821,9 @@ fn mxfp4_tiny_with_an_expert_with_zero_tokens() {
 fn mxfp4_partial_tiles() {
     // rows 100: a partial 64-row n tile (forward) and a partial 32-deep k slice (transposed);
     // cols 96: the transposed product's second n tile holds one block and one missing one.
-    check_mxfp4_gpu(&gpu(), 21, 3, 100, 96, &[0, 65, 1], false);
+    let gpu = gpu();
+    check_mxfp4_gpu(&gpu, 21, 3, 100, 96, &[0, 65, 1], false);
+    check_mxfp4_gpu_epi(&gpu, 41, 3, 100, 96, &[0, 65, 1], false, Some(EpiCase { rank: 8, u_shift: 0 }));
 }
 
 #[test]
@@ -708,6 +833,9 @@ fn mxfp4_gpt_oss_20b_shapes() {
     let gpu = gpu();
     check_mxfp4_gpu(&gpu, 22, 4, 5760, 2880, &[100, 0, 173, 41], true);
     check_mxfp4_gpu(&gpu, 23, 4, 2880, 2880, &[100, 0, 173, 41], true);
+    // The trainer's case: bias and LoRA r 8 in the store (timed beside the plain product above).
+    let lora = Some(EpiCase { rank: 8, u_shift: 0 });
+    check_mxfp4_gpu_epi(&gpu, 42, 4, 5760, 2880, &[100, 0, 173, 41], true, lora);
 }
 
 #[test]
@@ -715,9 +843,14 @@ fn mxfp4_gpt_oss_20b_shapes() {
 fn mxfp4_groups_longer_than_one_tile_and_partial_n_tiles() {
     // Groups of 300 and 129 rows (three and two 128-row tiles, the last nearly empty); rows 200
     // (forward: one partial 256-wide n tile) and cols 160 (transposed: 5 of a tile's 8 blocks).
-    check_mxfp4_gpu(&gpu(), 24, 4, 200, 160, &[300, 0, 129, 1], false);
+    let gpu = gpu();
+    check_mxfp4_gpu(&gpu, 24, 4, 200, 160, &[300, 0, 129, 1], false);
     // Five and four row tiles beside a group of one row.
-    check_mxfp4_gpu(&gpu(), 27, 3, 200, 160, &[520, 1, 400], false);
+    check_mxfp4_gpu(&gpu, 27, 3, 200, 160, &[520, 1, 400], false);
+    // Rank 16 and a misaligned u in the store; rank 20 as a product after it.
+    check_mxfp4_gpu_epi(&gpu, 43, 4, 200, 160, &[300, 0, 129, 1], false, Some(EpiCase { rank: 16, u_shift: 0 }));
+    check_mxfp4_gpu_epi(&gpu, 44, 3, 200, 160, &[520, 1, 400], false, Some(EpiCase { rank: 20, u_shift: 0 }));
+    check_mxfp4_gpu_epi(&gpu, 45, 3, 200, 160, &[33, 0, 200], false, Some(EpiCase { rank: 4, u_shift: 1 }));
 }
 
 #[test]
@@ -806,6 +939,7 @@ fn check_mxfp4_views(
             transposed,
             Mma::Split,
             path,
+            &Mxfp4Epilogue::default(),
             &mut c_view,
         )
         .unwrap();

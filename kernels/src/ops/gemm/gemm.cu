@@ -1525,11 +1525,9 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
                 __syncthreads();  // every warpgroup done with the stages
                 float* const scr = reinterpret_cast<float*>(sm) + warp * 32 * RS_LD;
                 const unsigned int col0 = n0 + 64 * wgi + 16 * (warp % 4);
-                // The epilogue's terms follow every warp's scratch; every store of this lane is in
-                // column col0 + lane % 16.
-                // The epilogue's terms were copied with slice 0's A (landed since cp_async_wait<0>);
-                // a chunk's column terms are read after its accumulators went to the scratch, when
-                // their registers are free.
+                // Every store of this lane is in column col0 + lane % 16. The epilogue's terms were
+                // copied with slice 0's A (landed since cp_async_wait<0>); a chunk's column terms are
+                // read after its accumulators went to the scratch, when their registers are free.
                 EpiCol ecol;
 #pragma unroll
                 for (int cc = 0; cc < TM / 32; ++cc) {

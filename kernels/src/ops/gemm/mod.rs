@@ -794,13 +794,17 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }
         let a16 = a16.as_view();
         let (hi, lo) = a16.split_at(part);
-        // SAFETY: grouped_gemm_bf16a_mxfp4w{,_transposed}(float* c, const bf16* a_hi, const bf16* a_lo,
-        // const unsigned char* blocks, const unsigned char* scales, const unsigned* offsets, Params p,
-        // unsigned w_rows, unsigned w_cols, unsigned kp): blocks/scales hold experts·rows·cols/2 and
-        // experts·rows·cols/32 bytes, groups ≤ experts, and (K, N) match the weight's orientation
-        // (check_mxfp4), so every decoded block lies inside them; A hi/lo hold total_rows rows of kp
-        // (rows read only below the clamped offsets, k below kp); C as in grouped_gemm_f32; the block
-        // gets the dynamic shared memory its stages use, and the wgmma kernels run only on sm_90a.
+        // SAFETY: every MXFP4 kernel (grouped_gemm_bf16a_mxfp4w{,_transposed}, _wg{,_transposed},
+        // _rs) is (float* c, const bf16* a_hi, const bf16* a_lo, const unsigned char* blocks, const
+        // unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows, unsigned w_cols,
+        // unsigned kp, Epi epi): blocks/scales hold experts·rows·cols/2 and experts·rows·cols/32
+        // bytes, groups ≤ experts, and (K, N) match the weight's orientation (check_mxfp4), so every
+        // decoded block lies inside them; A hi/lo hold total_rows rows of kp (rows read only below
+        // the clamped offsets, k below kp); C as in grouped_gemm_f32; the epilogue reads the bias at
+        // g·N + n (< groups·N), u at (start + row)·rank + j (< total_rows·rank, offsets clamped) and B
+        // inside extent(groups, b_strides, rank, N), all checked by check_epilogue, and only with a
+        // nonzero address and rank ≤ EPILOGUE_RANK; the block gets the dynamic shared memory its
+        // stages (and, for _rs, its epilogue region) use, and the wgmma kernels run only on sm_90a.
         unsafe {
             gpu.stream
                 .launch_builder(&f)

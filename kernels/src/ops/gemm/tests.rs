@@ -679,7 +679,8 @@ fn mxfp4_paths(gpu: &Gpu) -> Vec<Mxfp4Path> {
 }
 
 /// The epilogue a [`check_mxfp4_gpu`] case adds: an expert bias and a LoRA term of `rank`, its u
-/// starting `u_shift` elements into its buffer (1: u is not 16-byte aligned). Past
+/// starting `u_shift` elements into its buffer (a u that does not start at its buffer's start; the
+/// kernels copy it 4 bytes at a time, so no alignment is needed). Past
 /// [`EPILOGUE_RANK`] the LoRA term runs as a product of its own. B is laid out as the trainer's:
 /// PEFT's `lora_B [n, rank·experts]` (column `j·experts + g`) forward, `lora_A [rank·experts, n]`
 /// (row `g·rank + j`) transposed.
@@ -812,7 +813,7 @@ fn check_mxfp4_gpu_epi(
 fn mxfp4_tiny_with_an_expert_with_zero_tokens() {
     let gpu = gpu();
     check_mxfp4_gpu(&gpu, 20, 4, 128, 64, &[9, 0, 70, 3], false);
-    // With bias and LoRA in the store: an odd rank (scalar reads of u).
+    // With bias and LoRA in the store: an odd rank (the staged u's zero padding past the rank).
     check_mxfp4_gpu_epi(&gpu, 40, 4, 128, 64, &[9, 0, 70, 3], false, Some(EpiCase { rank: 3, u_shift: 0 }));
 }
 

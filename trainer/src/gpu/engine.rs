@@ -951,15 +951,7 @@ impl GpuEngine {
                     add_expert_bias_gpu(gpu, y, bias, &slot_expert.slice(..total), n)?;
                 }
                 if let Some(l) = &epi.lora {
-                    let up = GroupedGemm {
-                        k: l.rank,
-                        alpha: l.scaling,
-                        beta: 1.0,
-                        a: st(l.rank, 1, 0),
-                        b: l.b_strides,
-                        ..cfg(l.b_strides)
-                    };
-                    grouped_gemm_f32(gpu, &up, &acts.offsets, total, &l.u, &l.b, y)?;
+                    l.add_to(gpu, &cfg(b), &acts.offsets, total, y)?;
                 }
             }
         }

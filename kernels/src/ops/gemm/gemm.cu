@@ -143,11 +143,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // loop grid-stride the same way, and sum every output in an order fixed by the shape alone (never
 // by the grid), without atomics: results are bitwise reproducible.
 
-// C = α acc + β C; β = 0 overwrites (old C may hold NaN and is never read).
-__device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) {
+// α acc + β C; β = 0 overwrites (old C may hold NaN and is never read).
+__device__ __forceinline__ float c_value(const float* cp, float acc, const Params& p) {
     const float v = p.alpha * acc;
-    *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
+    return p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
 }
+
+// C = α acc + β C.
+__device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) { *cp = c_value(cp, acc, p); }
 
 // Rows [start, start + len) of group g, offsets clamped to total_rows.
 __device__ __forceinline__ void group_rows(const unsigned int* offsets, const Params& p, unsigned int g,
@@ -672,11 +675,9 @@ __device__ __forceinline__ float epi_value(const Epi& e, const EpiCol& col, cons
     return e.rank <= 8 ? epi_dot<8>(col, eu + r * 8) : epi_dot<EPI_RANK>(col, eu + r * EPI_RANK);
 }
 
-// C = alpha acc + beta C + the epilogue terms `extra` (beta = 0 overwrites: old C may hold NaN and
-// is never read).
+// C = alpha acc + beta C + the epilogue terms `extra`.
 __device__ __forceinline__ void store_c_epi(float* cp, float acc, float extra, const Params& p) {
-    const float v = p.alpha * acc;
-    *cp = (p.beta == 0.0f ? v : fmaf(p.beta, *cp, v)) + extra;
+    *cp = c_value(cp, acc, p) + extra;
 }
 
 // Writes 16 rows of one 32-column slab of C from a warp's scratch ([16][ld] f32): lane l writes

@@ -127,6 +127,34 @@ pub struct LoraUp<'a> {
     pub scaling: f32,
 }
 
+impl LoraUp<'_> {
+    /// Adds the term as a product of its own, `C += scaling · u B_g` over the rows and columns of
+    /// the grouped product `cfg` (its groups, row bound, N and C strides): the MXFP4 launcher's path
+    /// past [`EPILOGUE_RANK`], and the dense experts' path.
+    pub fn add_to(
+        &self,
+        gpu: &Gpu,
+        cfg: &GroupedGemm,
+        offsets: &CudaView<'_, u32>,
+        total_rows: usize,
+        c: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let up = GroupedGemm {
+            groups: cfg.groups,
+            grouped: Grouped::M,
+            m: cfg.m,
+            n: cfg.n,
+            k: self.rank,
+            alpha: self.scaling,
+            beta: 1.0,
+            a: Strides::row_major(self.rank),
+            b: self.b_strides,
+            c: cfg.c,
+        };
+        grouped_gemm_f32(gpu, &up, offsets, total_rows, &self.u, &self.b, c)
+    }
+}
+
 /// The largest LoRA rank the MXFP4 kernels add in their store (`EPI_RANK` in gemm.cu).
 pub const EPILOGUE_RANK: usize = 16;
 
@@ -831,19 +859,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     match (fused, lora) {
         (false, Some((gu, gb, l))) => {
             drop((gu, gb));
-            let up = GroupedGemm {
-                groups: cfg.groups,
-                grouped: Grouped::M,
-                m: cfg.m,
-                n: cfg.n,
-                k: l.rank,
-                alpha: l.scaling,
-                beta: 1.0,
-                a: Strides::row_major(l.rank),
-                b: l.b_strides,
-                c: cfg.c,
-            };
-            grouped_gemm_f32(gpu, &up, offsets, total_rows, &l.u, &l.b, c)
+            l.add_to(gpu, cfg, offsets, total_rows, c)
         }
         _ => Ok(()),
     }

@@ -222,46 +222,72 @@ fn lora_use(
 }
 
 /// The six LoRA products on the experts of one gpt-oss-20b layer at 2048 tokens (8192 routed slots
-/// over 32 experts, r 8, in 2880), for gate_up (out 5760) and down (out 2880): all bound by memory,
-/// so reported against HBM bandwidth (each operand read once, C read too when beta ≠ 0).
+/// over 32 experts, spread evenly, then unevenly as in a training step; r 8, in 2880), for gate_up
+/// (out 5760) and down (out 2880): all bound by memory, so reported against HBM bandwidth (each
+/// operand read once, C read too when beta ≠ 0).
 fn lora_experts(gpu: &Arc<Gpu>) {
     let s = &gpu.stream;
     let (e, r, inp, slots, scale) = (32usize, 8usize, 2880usize, 8192usize, 2.0f32);
-    let offsets: Vec<u32> = (0..=e).map(|g| (g * slots / e) as u32).collect();
-    let off = s.clone_htod(&offsets).unwrap();
-    for out in [5760usize, 2880] {
-        let mut all_ms = 0.0;
-        for u in 0..6 {
-            let (name, cfg, [la, lb, lc]) = lora_use(u, e, r, inp, out, scale, slots / e, slots);
-            let seed = 20 + 3 * u as u64;
-            let (a, b, c0) = (randn(seed, la, 1.0), randn(seed + 1, lb, 1.0), randn(seed + 2, lc, 1.0));
-            let (ad, bd) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
-            let mut cd = s.clone_htod(&c0).unwrap();
-            let run = |cd: &mut CudaSlice<f32>| {
-                grouped_gemm_f32(gpu, &cfg, &off.as_view(), slots, &ad.as_view(), &bd.as_view(), &mut cd.as_view_mut())
+    let even: Vec<u32> = (0..=e).map(|g| (g * slots / e) as u32).collect();
+    // Uneven routing, as random router weights give (bench-train's plans hold up to ~680 rows for
+    // one expert where the mean is 256): group sizes ∝ exp(0.6 z), z standard normal.
+    let w: Vec<f64> = randn(77, e, 1.0).iter().map(|&z| (0.6 * z as f64).exp()).collect();
+    let sum: f64 = w.iter().sum();
+    let mut sizes: Vec<usize> = w.iter().map(|x| (x / sum * slots as f64) as usize).collect();
+    sizes[0] += slots - sizes.iter().sum::<usize>();
+    let uneven: Vec<u32> = std::iter::once(0)
+        .chain(sizes.iter().scan(0u32, |acc, &n| {
+            *acc += n as u32;
+            Some(*acc)
+        }))
+        .collect();
+    for (routing, offsets) in [("even", even), ("uneven", uneven)] {
+        let largest = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let off = s.clone_htod(&offsets).unwrap();
+        for out in [5760usize, 2880] {
+            let mut all_ms = 0.0;
+            for u in 0..6 {
+                let (name, cfg, [la, lb, lc]) = lora_use(u, e, r, inp, out, scale, largest, slots);
+                let seed = 20 + 3 * u as u64;
+                let (a, b, c0) = (randn(seed, la, 1.0), randn(seed + 1, lb, 1.0), randn(seed + 2, lc, 1.0));
+                let (ad, bd) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
+                let mut cd = s.clone_htod(&c0).unwrap();
+                let run = |cd: &mut CudaSlice<f32>| {
+                    grouped_gemm_f32(
+                        gpu,
+                        &cfg,
+                        &off.as_view(),
+                        slots,
+                        &ad.as_view(),
+                        &bd.as_view(),
+                        &mut cd.as_view_mut(),
+                    )
                     .unwrap()
-            };
-            run(&mut cd);
-            let got = s.clone_dtoh(&cd).unwrap();
-            let mut want = c0;
-            grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
-            // The gemm tests' tolerance: f32 FMA sums of `depth` products of values in [-1, 1).
-            let depth = if cfg.grouped == Grouped::K { slots / e } else { cfg.k };
-            let atol = (1e-5 * (depth as f32).sqrt() + 1e-6) * cfg.alpha.abs();
-            assert_close(&format!("LoRA {name}, out {out}"), &got, &want, atol, 1e-4);
-            let ms = time_ms(gpu, || run(&mut cd));
-            all_ms += ms;
-            let bytes = 4.0 * (la + lb + lc * (1 + (cfg.beta != 0.0) as usize)) as f64;
-            let flops = 2.0 * (if cfg.grouped == Grouped::K { cfg.m * slots } else { slots * cfg.k } * cfg.n) as f64;
-            let gbs = bytes / (ms * 1e-3) / 1e9;
-            println!(
-                "LoRA experts out {out} {name:<24} {:<30} {ms:>7.3} ms {gbs:>6.0} GB/s {:>5.1}% of HBM {:>6.2} TFLOP/s",
+                };
+                run(&mut cd);
+                let got = s.clone_dtoh(&cd).unwrap();
+                let mut want = c0;
+                grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
+                // The gemm tests' tolerance: f32 FMA sums of `depth` products of values in [-1, 1).
+                let depth = if cfg.grouped == Grouped::K { largest } else { cfg.k };
+                let atol = (1e-5 * (depth as f32).sqrt() + 1e-6) * cfg.alpha.abs();
+                assert_close(&format!("LoRA {name}, out {out}"), &got, &want, atol, 1e-4);
+                let ms = time_ms(gpu, || run(&mut cd));
+                all_ms += ms;
+                let bytes = 4.0 * (la + lb + lc * (1 + (cfg.beta != 0.0) as usize)) as f64;
+                let flops =
+                    2.0 * (if cfg.grouped == Grouped::K { cfg.m * slots } else { slots * cfg.k } * cfg.n) as f64;
+                let gbs = bytes / (ms * 1e-3) / 1e9;
+                println!(
+                "LoRA experts {routing:<6} out {out} {name:<24} {:<30} {ms:>7.3} ms {gbs:>6.0} GB/s {:>5.1}% of HBM \
+                 {:>6.2} TFLOP/s",
                 grouped_gemm_f32_kernel(&cfg).to_string(),
                 100.0 * gbs * 1e9 / HBM,
                 flops / (ms * 1e-3) / 1e12
             );
+            }
+            println!("LoRA experts {routing} (largest group {largest}) out {out}: the six uses take {all_ms:.3} ms");
         }
-        println!("LoRA experts out {out}: the six uses take {all_ms:.3} ms");
     }
 }
 
@@ -339,7 +365,9 @@ fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>, mma: Mma) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing to parse.
+    // `cargo bench` passes `--bench`; a word (experts, lora, attention) runs only those sections.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let run = |section: &str| only.is_empty() || only.iter().any(|w| section.contains(w.as_str()));
     let gpu = match Gpu::new(0) {
         Ok(g) => Arc::new(g),
         Err(e) => {
@@ -349,11 +377,17 @@ fn main() {
     };
     println!("{} ({}); ceiling {:.0} TFLOP/s dense bf16", gpu.ctx.name().unwrap_or_default(), gpu.arch, PEAK / 1e12);
     let blas = Blas::new(&gpu).unwrap();
-    experts(&gpu, &blas);
-    lora_experts(&gpu);
-    for mma in [Mma::Split, Mma::Bf16] {
-        for (t, w) in [(2048, Some(128)), (2048, None), (8192, None)] {
-            attention(&gpu, t, w, mma);
+    if run("experts") {
+        experts(&gpu, &blas);
+    }
+    if run("lora") {
+        lora_experts(&gpu);
+    }
+    if run("attention") {
+        for mma in [Mma::Split, Mma::Bf16] {
+            for (t, w) in [(2048, Some(128)), (2048, None), (8192, None)] {
+                attention(&gpu, t, w, mma);
+            }
         }
     }
 }

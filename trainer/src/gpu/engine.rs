@@ -172,6 +172,9 @@ struct Scratch {
     dlogits: CudaSlice<f32>,
     u: CudaSlice<f32>,
     du: CudaSlice<f32>,
+    /// The experts' gate_up LoRA `u = x A_eᵀ` of the chunk last run forward: the recomputation
+    /// just before a chunk's backward leaves it there for the backward.
+    u_gu: CudaSlice<f32>,
 }
 
 /// Device time per phase of the passes, when the `OXTUNE_PROFILE` environment variable is set:
@@ -319,7 +322,8 @@ fn activation_f32s(
         + t * (2 * qw + 2 * kw + nq + k + 2 * e)
         + chunk * (2 * h + cfg.vocab_size)
         + sc * (2 * h + 3 * i)
-        + 2 * sc.max(t) * max_rank;
+        + 2 * sc.max(t) * max_rank
+        + sc * max_rank;
     let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
     let layers = cfg.num_hidden_layers;
     let inputs = if offload { 0 } else { layers * t * cfg.hidden_size };
@@ -515,6 +519,7 @@ impl GpuEngine {
             dlogits: al.zeros("scratch", t * e)?,
             u: al.zeros("LoRA scratch", sc.max(t) * max_rank)?,
             du: al.zeros("LoRA scratch", sc.max(t) * max_rank)?,
+            u_gu: al.zeros("LoRA scratch", sc * max_rank)?,
         };
         let norm_scratch = al.zeros("gradient norm scratch", oxtune_optim::cuda::NORM_SCRATCH)?;
         let bytes = al.bytes;
@@ -672,18 +677,42 @@ impl GpuEngine {
         beta: f32,
         split: bool,
     ) -> Result<()> {
+        Self::split_x(gpu, bf, x, m * k, split)?;
+        Self::gemm_split(blas, bf, m, n, k, w, trans_w, c, beta, split)
+    }
+
+    /// Writes `x` (`len` values) into `bf` as [`Self::gemm_split`] reads it: its bf16 halves hi then
+    /// lo (`split`), or x rounded to bf16 once (Precision::Bf16).
+    fn split_x(gpu: &Gpu, bf: &mut CudaSlice<bf16>, x: &CudaView<f32>, len: usize, split: bool) -> Result<()> {
         if !split {
-            // Precision::Bf16: x rounded to bf16 once, one GEMM.
-            let mut xb = bf.slice_mut(0..m * k);
-            cast_f32_to_bf16_gpu(gpu, x, &mut xb)?;
-            blas.matmul_bf16(m, n, k, &xb.as_view(), false, w, trans_w, c, 1.0, beta)?;
+            cast_f32_to_bf16_gpu(gpu, x, &mut bf.slice_mut(0..len))?;
             return Ok(());
         }
-        let mut buf = bf.slice_mut(0..2 * m * k);
-        let (mut hi, mut lo) = buf.split_at_mut(m * k);
+        let mut buf = bf.slice_mut(0..2 * len);
+        let (mut hi, mut lo) = buf.split_at_mut(len);
         split_f32_to_bf16x2_gpu(gpu, x, &mut hi, &mut lo)?;
-        blas.matmul_bf16(m, n, k, &hi.as_view(), false, w, trans_w, c, 1.0, beta)?;
-        blas.matmul_bf16(m, n, k, &lo.as_view(), false, w, trans_w, c, 1.0, 1.0)?;
+        Ok(())
+    }
+
+    /// [`Self::gemm_xw`] on an `x` already written into `bf` by [`Self::split_x`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_split(
+        blas: &Blas,
+        bf: &CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        w: &CudaView<bf16>,
+        trans_w: bool,
+        c: &mut CudaViewMut<f32>,
+        beta: f32,
+        split: bool,
+    ) -> Result<()> {
+        let len = m * k;
+        blas.matmul_bf16(m, n, k, &bf.slice(0..len), false, w, trans_w, c, 1.0, beta)?;
+        if split {
+            blas.matmul_bf16(m, n, k, &bf.slice(len..2 * len), false, w, trans_w, c, 1.0, 1.0)?;
+        }
         Ok(())
     }
 
@@ -701,10 +730,27 @@ impl GpuEngine {
         accumulate: bool,
         split: bool,
     ) -> Result<()> {
+        Self::split_x(gpu, bf, x, t * lin.n_in, split)?;
+        Self::linear_fwd_split(blas, bf, ones, lin, t, y, accumulate, split)
+    }
+
+    /// [`Self::linear_fwd`] on an `x` already written into `bf` by [`Self::split_x`] (one split
+    /// serves the q, k and v projections of the same input).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd_split(
+        blas: &Blas,
+        bf: &CudaSlice<bf16>,
+        ones: &CudaSlice<f32>,
+        lin: &GpuLinear,
+        t: usize,
+        y: &mut CudaViewMut<f32>,
+        accumulate: bool,
+        split: bool,
+    ) -> Result<()> {
         // Bias as a rank-1 product: ones [t, 1] · b [1, out].
         let beta = if accumulate { 1.0 } else { 0.0 };
         blas.matmul_f32(t, lin.n_out, 1, &v(ones, t), false, &lin.b.as_view(), false, y, 1.0, beta)?;
-        Self::gemm_xw(blas, gpu, bf, t, lin.n_out, lin.n_in, x, &lin.w.as_view(), true, y, 1.0, split)
+        Self::gemm_split(blas, bf, t, lin.n_out, lin.n_in, &lin.w.as_view(), true, y, 1.0, split)
     }
 
     /// `dx [t, in] (= or +=) dy [t, out] · W`.
@@ -824,21 +870,18 @@ impl GpuEngine {
         Self::grouped(gpu, cfg, acts, x, &p.a.as_view(), &mut vm(u, acts.total() * r))
     }
 
-    /// The expert LoRA backward before the expert product's input gradient: `u = x_e A_eᵀ`
-    /// (recomputed) and `du = s · dy B_e`; that product then adds `du A_e` ([`Self::lora_dx`]) and
-    /// [`Self::lora_experts_grads`] takes the parameter gradients.
-    fn lora_experts_bwd_u(
+    /// The expert LoRA backward before the expert product's input gradient, with `u = x_e A_eᵀ`
+    /// already computed ([`Self::lora_experts_down`]): `du = s · dy B_e`; that product then adds
+    /// `du A_e` ([`Self::lora_dx`]) and [`Self::lora_experts_grads`] takes the parameter gradients.
+    fn lora_experts_du(
         gpu: &Gpu,
         p: &GpuLoraPair,
         acts: &Groups,
-        u: &mut CudaSlice<f32>,
         du: &mut CudaSlice<f32>,
-        x: &CudaView<f32>,
         dy: &CudaView<f32>,
     ) -> Result<()> {
         let SiteLayout { n_out, rank: r, experts: e, scaling, .. } = p.site;
         let st = |row, col, group| Strides { row, col, group };
-        Self::lora_experts_down(gpu, p, acts, x, u)?;
         let cfg = GroupedGemm {
             groups: e,
             grouped: Grouped::M,
@@ -854,8 +897,8 @@ impl GpuEngine {
         Self::grouped(gpu, cfg, acts, dy, &p.b.as_view(), &mut vm(du, acts.total() * r))
     }
 
-    /// The expert LoRA's parameter gradients from [`Self::lora_experts_bwd_u`]'s u and du:
-    /// `dB_e += s · dy_eᵀ u_e`, `dA_e += du_eᵀ x_e`.
+    /// The expert LoRA's parameter gradients from u ([`Self::lora_experts_down`]) and du
+    /// ([`Self::lora_experts_du`]): `dB_e += s · dy_eᵀ u_e`, `dA_e += du_eᵀ x_e`.
     fn lora_experts_grads(
         gpu: &Gpu,
         p: &mut GpuLoraPair,
@@ -1047,22 +1090,13 @@ impl GpuEngine {
             &mut vm(&mut a.a, t * h),
             &mut vm(&mut a.rstd1, t),
         )?;
+        // q, k and v of one input: split into bf16 once.
+        Self::split_x(gpu, &mut s.bf, &v(&a.a, t * h), t * h, split)?;
         for (m, lin, out) in
             [(Dense::Q, &layer.q, &mut a.q), (Dense::K, &layer.k, &mut a.k), (Dense::V, &layer.v, &mut a.v)]
         {
             let n_out = lin.n_out;
-            Self::linear_fwd(
-                blas,
-                gpu,
-                &mut s.bf,
-                &s.ones,
-                lin,
-                &v(&a.a, t * h),
-                t,
-                &mut vm(out, t * n_out),
-                false,
-                split,
-            )?;
+            Self::linear_fwd_split(blas, &s.bf, &s.ones, lin, t, &mut vm(out, t * n_out), false, split)?;
             if let Some(p) = at(Target::Dense(m)) {
                 Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.a, t * h), t, &mut vm(out, t * n_out))?;
             }
@@ -1214,12 +1248,12 @@ impl GpuEngine {
         // bias and s · u B_eᵀ as it stores its output.
         let lora_gu = at(Target::Experts(Proj::GateUp));
         if let Some(p) = lora_gu {
-            Self::lora_experts_down(gpu, p, &grp, &v(&m.xs, slots * h), &mut s.u)?;
+            Self::lora_experts_down(gpu, p, &grp, &v(&m.xs, slots * h), &mut s.u_gu)?;
         }
         prof.mark(gpu, "LoRA on experts, forward")?;
         let epi = Mxfp4Epilogue {
             bias: Some(layer.gate_up_bias.as_view()),
-            lora: lora_gu.map(|p| Self::lora_up(p, &s.u, slots)),
+            lora: lora_gu.map(|p| Self::lora_up(p, &s.u_gu, slots)),
         };
         Self::expert_gemm(
             gpu,
@@ -1375,7 +1409,9 @@ impl GpuEngine {
     /// chunk plan and activations are those of this chunk): `s.dys..` scratch, the routing
     /// weights' gradient into rows `c0..c1` of `s.dweights`, the input gradient into rows
     /// `c0..c1` of `s.db` (assigned), expert LoRA gradients `+=`.
-    fn moe_backward(&mut self, l: usize, set: usize, c0: usize, c1: usize) -> Result<()> {
+    /// The backward of [`Self::moe_forward`] on tokens `c0..c1`; `recomputed`: that chunk's forward
+    /// (the recomputation) ran just before, so its gate_up LoRA's u is still in `u_gu`.
+    fn moe_backward(&mut self, l: usize, set: usize, c0: usize, c1: usize, recomputed: bool) -> Result<()> {
         let Self { gpu, cfg, w, lora, lora_at, acts, s, swiglu, split, prof, .. } = self;
         let mma = if *split { Mma::Split } else { Mma::Bf16 };
         let gpu = &**gpu;
@@ -1405,7 +1441,8 @@ impl GpuEngine {
         let (z, dys) = (v(&m.z, slots * i2 / 2), v(&s.dys, slots * h));
         let lora_down = idx(Target::Experts(Proj::Down));
         if let Some(i) = lora_down {
-            Self::lora_experts_bwd_u(gpu, &lora[i], &grp, &mut s.u, &mut s.du, &z, &dys)?;
+            Self::lora_experts_down(gpu, &lora[i], &grp, &z, &mut s.u)?;
+            Self::lora_experts_du(gpu, &lora[i], &grp, &mut s.du, &dys)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
         let epi = Mxfp4Epilogue { bias: None, lora: lora_down.map(|i| Self::lora_dx(&lora[i], &s.du, slots)) };
@@ -1454,7 +1491,10 @@ impl GpuEngine {
         let (xs, dh) = (v(&m.xs, slots * h), v(&s.dh, slots * i2));
         let lora_gu = idx(Target::Experts(Proj::GateUp));
         if let Some(i) = lora_gu {
-            Self::lora_experts_bwd_u(gpu, &lora[i], &grp, &mut s.u, &mut s.du, &xs, &dh)?;
+            if !recomputed {
+                Self::lora_experts_down(gpu, &lora[i], &grp, &xs, &mut s.u_gu)?;
+            }
+            Self::lora_experts_du(gpu, &lora[i], &grp, &mut s.du, &dh)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
         let epi = Mxfp4Epilogue { bias: None, lora: lora_gu.map(|i| Self::lora_dx(&lora[i], &s.du, slots)) };
@@ -1474,7 +1514,7 @@ impl GpuEngine {
         )?;
         prof.mark(gpu, "expert GEMMs (MXFP4) with LoRA, backward")?;
         if let Some(i) = lora_gu {
-            Self::lora_experts_grads(gpu, &mut lora[i], &grp, &s.u, &s.du, &xs, &dh)?;
+            Self::lora_experts_grads(gpu, &mut lora[i], &grp, &s.u_gu, &s.du, &xs, &dh)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
         unpermute_sum_gpu(
@@ -1499,7 +1539,7 @@ impl GpuEngine {
             if self.checkpointing {
                 self.moe_forward(l, set, c0, c1, false)?;
             }
-            self.moe_backward(l, set, c0, c1)?;
+            self.moe_backward(l, set, c0, c1, self.checkpointing)?;
         }
         let cfg = &self.cfg;
         let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);

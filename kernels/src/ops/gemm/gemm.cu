@@ -152,6 +152,12 @@ __device__ __forceinline__ float c_value(const float* cp, float acc, const Param
 // C = α acc + β C.
 __device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) { *cp = c_value(cp, acc, p); }
 
+// c_value reading C only where `readable` (a predicated load; the value is then not stored).
+__device__ __forceinline__ float c_value(const float* cp, float acc, const Params& p, bool readable) {
+    const float v = p.alpha * acc;
+    return p.beta == 0.0f ? v : fmaf(p.beta, readable ? *cp : 0.0f, v);
+}
+
 // Rows [start, start + len) of group g, offsets clamped to total_rows.
 __device__ __forceinline__ void group_rows(const unsigned int* offsets, const Params& p, unsigned int g,
                                            unsigned int& start, unsigned int& len) {
@@ -373,22 +379,27 @@ __device__ void tiny_k(float* c, const float* a, const float* b, const unsigned 
 
 // Grouped::K with a small output dimension (n ≤ NP ∈ {8, 16}; mod.rs passes a small m as n by
 // transposing the product, and requires A's m stride ≤ its k stride): C_g [M, n] =
-// Σ_{t<len} A(m, o+t) B(o+t, n) with M large, bound by the reads of A. A block owns 256 values of m,
-// one per thread (a warp reads 32 consecutive m of one row t: one 128-byte line when A's m stride is
-// 1), and each thread sums over the group's rows in order t = 0, 1, … for all n outputs of its m.
-// B's rows come through shared memory TT at a time (loaded walking its smaller stride) and are read
-// as broadcasts; U reads of A are issued together. Grid: (m tiles, 1, groups).
+// Σ_{t<len} A(m, o+t) B(o+t, n) with M large, bound by the reads of A. A block owns MW = 64 values
+// of m (lane l of every warp: m0 + l and m0 + 32 + l, so a warp reads 32 consecutive m of one row
+// t twice: one 128-byte line each when A's m stride is 1), and its 8 warps split the group's rows:
+// B's rows come through shared memory TT at a time (loaded walking its smaller stride, read as
+// broadcasts) and warp w sums rows w TT/8 .. (w + 1) TT/8 of each chunk in order, U reads of A in
+// flight. The warps' partial sums then meet in shared memory and are added in the order w = 0, 1,
+// …: every output is summed in an order fixed by the group's length alone. Many small blocks (not
+// one thread per m walking all of a long group) keep the work even when the groups are not.
+// Grid: (m tiles, 1, groups).
 namespace sk {
-constexpr int TT = 128, U = 8;
-static_assert(TT % U == 0, "row groups never cross the chunk");
+constexpr int TT = 128, U = 4, MW = 64, WARPS = THREADS / 32, TW = TT / WARPS;
+static_assert(TW % U == 0 && MW == 64, "row groups never cross a warp's rows; two m per lane");
 }  // namespace sk
 
 template <int NP>
 __device__ void small_out(float* c, const float* a, const float* b, const unsigned int* offsets, const Params& p) {
     using namespace sk;
-    static_assert(NP % 4 == 0 && TT * NP * 4 <= 48 * 1024, "float4 rows, static shared memory");
+    static_assert(NP % 4 == 0 && (TT * NP + WARPS * NP * MW) * 4 <= 48 * 1024, "float4 rows, static shared memory");
     __shared__ __align__(16) float Bs[TT][NP];
-    const int tid = threadIdx.x;
+    __shared__ float red[WARPS][NP][MW];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const bool b_n_fast = p.b_col <= p.b_row;
     for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
         unsigned int start, len;
@@ -396,13 +407,16 @@ __device__ void small_out(float* c, const float* a, const float* b, const unsign
         const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_col;
         const float* bg = b + (size_t)g * p.b_group + (size_t)start * p.b_row;
         float* cg = c + (size_t)g * p.c_group;
-        for (unsigned int it = blockIdx.x; (size_t)it * THREADS < p.m; it += gridDim.x) {
-            const unsigned int gm = it * THREADS + tid;
-            const bool own = gm < p.m;
-            const float* am = ag + (size_t)(own ? gm : 0u) * p.a_row;
-            float acc[NP];
+        for (unsigned int it = blockIdx.x; (size_t)it * MW < p.m; it += gridDim.x) {
+            const unsigned int gm[2] = {it * MW + lane, it * MW + 32 + lane};
+            const bool own[2] = {gm[0] < p.m, gm[1] < p.m};
+            const float* am[2] = {ag + (size_t)(own[0] ? gm[0] : 0u) * p.a_row,
+                                  ag + (size_t)(own[1] ? gm[1] : 0u) * p.a_row};
+            float acc[2][NP];
 #pragma unroll
-            for (int j = 0; j < NP; ++j) acc[j] = 0.0f;
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < NP; ++j) acc[h][j] = 0.0f;
             for (unsigned int t0 = 0; t0 < len; t0 += TT) {
                 const unsigned int cnt = min(len - t0, (unsigned int)TT);
                 __syncthreads();  // every thread is past its reads of the previous chunk
@@ -413,29 +427,47 @@ __device__ void small_out(float* c, const float* a, const float* b, const unsign
                                      : 0.0f;
                 }
                 __syncthreads();
-                if (!own) continue;  // the chunk loop's barriers are still reached
-                for (unsigned int tt = 0; tt < cnt; tt += U) {
-                    float av[U];
+                const unsigned int t_end = min(cnt, (unsigned int)(warp + 1) * TW);
+                for (unsigned int tt = warp * TW; tt < t_end; tt += U) {
+                    float av[U][2];
 #pragma unroll
-                    for (int u = 0; u < U; ++u) av[u] = tt + u < cnt ? am[(size_t)(t0 + tt + u) * p.a_col] : 0.0f;
+                    for (int u = 0; u < U; ++u)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            av[u][h] = own[h] && tt + u < t_end ? am[h][(size_t)(t0 + tt + u) * p.a_col] : 0.0f;
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
                         const float4* brow = reinterpret_cast<const float4*>(&Bs[tt + u][0]);
 #pragma unroll
                         for (int j4 = 0; j4 < NP / 4; ++j4) {
                             const float4 x = brow[j4];
-                            acc[4 * j4] = fmaf(av[u], x.x, acc[4 * j4]);
-                            acc[4 * j4 + 1] = fmaf(av[u], x.y, acc[4 * j4 + 1]);
-                            acc[4 * j4 + 2] = fmaf(av[u], x.z, acc[4 * j4 + 2]);
-                            acc[4 * j4 + 3] = fmaf(av[u], x.w, acc[4 * j4 + 3]);
+#pragma unroll
+                            for (int h = 0; h < 2; ++h) {
+                                acc[h][4 * j4] = fmaf(av[u][h], x.x, acc[h][4 * j4]);
+                                acc[h][4 * j4 + 1] = fmaf(av[u][h], x.y, acc[h][4 * j4 + 1]);
+                                acc[h][4 * j4 + 2] = fmaf(av[u][h], x.z, acc[h][4 * j4 + 2]);
+                                acc[h][4 * j4 + 3] = fmaf(av[u][h], x.w, acc[h][4 * j4 + 3]);
+                            }
                         }
                     }
                 }
             }
-            if (!own) continue;
 #pragma unroll
-            for (int j = 0; j < NP; ++j)
-                if (j < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)j * p.c_col, acc[j], p);
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < NP; ++j) red[warp][j][32 * h + lane] = acc[h][j];
+            __syncthreads();
+            // Thread t adds the warps' partials of outputs o = t + THREADS i: column o % MW, n = o / MW.
+#pragma unroll
+            for (int i = 0; i < NP * MW / THREADS; ++i) {
+                const int o = tid + THREADS * i, mm = o % MW, j = o / MW;
+                float sum = red[0][j][mm];
+#pragma unroll
+                for (int w = 1; w < WARPS; ++w) sum += red[w][j][mm];
+                const unsigned int m = it * MW + mm;
+                if (m < p.m && j < p.n) store_c(cg + (size_t)m * p.c_row + (size_t)j * p.c_col, sum, p);
+            }
+            __syncthreads();  // every thread is past its reads of `red` before the next tile writes it
         }
     }
 }
@@ -443,7 +475,8 @@ __device__ void small_out(float* c, const float* a, const float* b, const unsign
 // One entry point per shape class and padded width, with the general kernel's arguments. narrow_n
 // keeps 64 sums and two chunks of A per lane within 128 registers so that two blocks share an SM
 // (its launches have few more blocks than SMs); the others need fewer than 80 unconstrained (three
-// or four blocks per SM; a cap of 64 makes ptxas spill, and a stated minimum of 1 lets it take 160).
+// or four blocks per SM; a cap of 64 makes ptxas spill), except small_out16 (two m and 16 sums per
+// lane: ~124, two blocks per SM).
 #define GEMM_F32_KERNEL(name, impl, ...)                                                                 \
     extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                            \
         name(float* c, const float* a, const float* b, const unsigned int* offsets, Params p) {          \
@@ -680,6 +713,49 @@ __device__ __forceinline__ void store_c_epi(float* cp, float acc, float extra, c
     *cp = c_value(cp, acc, p) + extra;
 }
 
+// The epilogue's case, uniform over a launch: EPI_NONE (a plain store), EPI_BIAS (the bias alone),
+// else the count of staged LoRA terms per row (epi_u_stride: 8 or EPI_RANK).
+constexpr int EPI_NONE = -1, EPI_BIAS = 0;
+__device__ __forceinline__ int epi_terms(const Epi& e) {
+    return !epi_any(e) ? EPI_NONE : e.rank == 0 ? EPI_BIAS : epi_u_stride(e);
+}
+
+// Stores COUNT values of one column of C: value i from s[i s_step] at cp + i c_step, row gm0 + i
+// row_step of the group (stored only below `rows`, and only when col_ok), as alpha acc + beta C
+// plus, by the case N: nothing (EPI_NONE), the column's bias (EPI_BIAS), or the bias and the dot of
+// its N staged B terms with the row's staged u (eu + i eu_step). The values are computed for every
+// row (the staged rows past the group hold zeros) and only the stores and C's reads are predicated;
+// the address steps by a pointer increment instead of a 64-bit product per element.
+template <int N, int COUNT, int UNROLL>
+__device__ __forceinline__ void store_column(float* cp, size_t c_step, const float* s, int s_step, unsigned int gm0,
+                                             int row_step, unsigned int rows, bool col_ok, const EpiCol& col,
+                                             const float* eu, int eu_step, const Params& p) {
+#pragma unroll(UNROLL)
+    for (int i = 0; i < COUNT; ++i) {
+        float v = c_value(cp, s[i * s_step], p, col_ok && gm0 + i * row_step < rows);
+        if (N == EPI_BIAS) v += col.bias;
+        if (N > 0) v += epi_dot<(N > 0 ? N : 8)>(col, eu + i * eu_step);
+        if (col_ok && gm0 + i * row_step < rows) *cp = v;
+        cp += c_step;
+    }
+}
+
+// store_column with the epilogue's case chosen once (a uniform branch), not per element.
+template <int COUNT, int UNROLL>
+__device__ __forceinline__ void store_column_epi(int terms, float* cp, size_t c_step, const float* s, int s_step,
+                                                 unsigned int gm0, int row_step, unsigned int rows, bool col_ok,
+                                                 const EpiCol& col, const float* eu, int eu_step, const Params& p) {
+    if (terms == EPI_NONE)
+        store_column<EPI_NONE, COUNT, UNROLL>(cp, c_step, s, s_step, gm0, row_step, rows, col_ok, col, eu, 0, p);
+    else if (terms == EPI_BIAS)
+        store_column<EPI_BIAS, COUNT, UNROLL>(cp, c_step, s, s_step, gm0, row_step, rows, col_ok, col, eu, 0, p);
+    else if (terms == 8)
+        store_column<8, COUNT, UNROLL>(cp, c_step, s, s_step, gm0, row_step, rows, col_ok, col, eu, 8 * eu_step, p);
+    else
+        store_column<EPI_RANK, COUNT, UNROLL>(cp, c_step, s, s_step, gm0, row_step, rows, col_ok, col, eu,
+                                              EPI_RANK * eu_step, p);
+}
+
 // Writes 16 rows of one 32-column slab of C from a warp's scratch ([16][ld] f32): lane l writes
 // column gn (its own), rows row0 .. row0 + 15 below `rows`, adding the epilogue terms staged for
 // the tile at (m0, n0) (eu, ec; not read when the epilogue adds nothing). The column's terms are
@@ -692,16 +768,23 @@ __device__ __forceinline__ void write_c_slab(float* cg, const float* scratch, in
                                              unsigned int n0) {
     const bool any = epi_any(e);
     EpiCol col;
-    if (COL_IN_REGS && any) epi_col(e, ec, (int)(gn - n0), col);
-    // Fully unrolled, the 16 rows' addresses would take ~70 registers; the wgmma kernels (with
-    // registers to spare in the epilogue) keep four rows' epilogue terms in flight together.
-#pragma unroll(COL_IN_REGS ? 4 : 1)
+    if (COL_IN_REGS) {
+        // The wgmma kernels, with registers to spare in the epilogue: the column's terms in
+        // registers, the case chosen once per slab, four rows in flight together.
+        if (any) epi_col(e, ec, (int)(gn - n0), col);
+        const int terms = epi_terms(e), us = epi_u_stride(e);
+        float* cp = cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col;
+        store_column_epi<16, 4>(terms, cp, p.c_row, scratch + lane, ld, row0, 1, rows, gn < p.n, col,
+                                eu + (row0 - m0) * us, 1, p);
+        return;
+    }
+#pragma unroll 1
     for (int r = 0; r < 16; ++r) {
         const unsigned int gm = row0 + r;
         if (gm < rows && gn < p.n) {
             float extra = 0.0f;
             if (any) {
-                if (!COL_IN_REGS) epi_col(e, ec, (int)(gn - n0), col);
+                epi_col(e, ec, (int)(gn - n0), col);
                 extra = epi_value(e, col, eu, (int)(gm - m0));
             }
             store_c_epi(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scratch[r * ld + lane], extra, p);
@@ -1530,6 +1613,7 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
                 // copied with slice 0's A (landed since cp_async_wait<0>); a chunk's column terms are
                 // read after its accumulators went to the scratch, when their registers are free.
                 EpiCol ecol;
+                const int terms = epi_terms(epi), us = epi_u_stride(epi);
 #pragma unroll
                 for (int cc = 0; cc < TM / 32; ++cc) {
                     if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
@@ -1542,14 +1626,11 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
                                 scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
                     __syncwarp();
                     if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
-#pragma unroll 4  // four rows' epilogue terms in flight together
-                    for (int i = 0; i < 16; ++i) {
-                        const int idx = 32 * i + lane, r = idx / 16, col = idx % 16;
-                        const unsigned int gm = m0 + 32 * cc + r, gn = col0 + col;
-                        if (gm < rows && gn < p.n)
-                            store_c_epi(cg + (size_t)gm * p.c_row + (size_t)gn * p.c_col, scr[r * RS_LD + col],
-                                        any ? epi_value(epi, ecol, eu, (int)(gm - m0)) : 0.0f, p);
-                    }
+                    // Lane l stores column col0 + l % 16 of rows row0 + l / 16 + 2 i, i < 16.
+                    const unsigned int row0 = m0 + 32 * cc + lane / 16, gn = col0 + lane % 16;
+                    store_column_epi<16, 4>(terms, cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col, 2 * p.c_row,
+                                            scr + (lane / 16) * RS_LD + lane % 16, 2 * RS_LD, row0, 2, rows, gn < p.n,
+                                            ecol, eu + (row0 - m0) * us, 2, p);
                     __syncwarp();
                 }
                 __syncthreads();  // the next tile's first copies overwrite the scratch

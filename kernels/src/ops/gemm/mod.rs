@@ -280,6 +280,8 @@ const NARROW: usize = 16;
 const fn narrow_n_rows(np: usize) -> usize {
     8 * 64 / np
 }
+/// Values of the large output dimension per block of the small-output kernel.
+const SMALL_OUT_M: usize = 64;
 /// C tile `[m, n]` of the tiny-K kernel (one column per thread).
 const TINY_K_TILE: (usize, usize) = (128, THREADS as usize);
 /// Dimensions stay below 2^31 so the kernels' u32 tile arithmetic cannot wrap.
@@ -401,8 +403,9 @@ pub enum F32Kernel {
     /// registers (LoRA `y += s u B_eᵀ`, `dx += du A_e`).
     TinyK { kp: usize },
     /// Grouped::K with `n ≤ 16` and A read along m (`a.row ≤ a.col`), or, `transposed`, `m ≤ 16`
-    /// and B read along n (`b.col ≤ b.row`), run as `Cᵀ = Bᵀ Aᵀ`: one thread per index of the large
-    /// dimension sums over the group's rows (LoRA `dB_e += s dy_eᵀ u_e`, `dA_e += du_eᵀ x_e`).
+    /// and B read along n (`b.col ≤ b.row`), run as `Cᵀ = Bᵀ Aᵀ`: a block owns 64 indices of the
+    /// large dimension, its warps split the group's rows (LoRA `dB_e += s dy_eᵀ u_e`,
+    /// `dA_e += du_eᵀ x_e`).
     SmallOut { np: usize, transposed: bool },
 }
 
@@ -436,7 +439,7 @@ impl F32Kernel {
             Self::General => launch_config(cfg, TILE_M, TILE_N),
             Self::NarrowN { np } => grid(1, cfg.m.div_ceil(narrow_n_rows(np)), cfg.groups),
             Self::TinyK { .. } => launch_config(cfg, TINY_K_TILE.0, TINY_K_TILE.1),
-            Self::SmallOut { .. } => grid(cfg.m.div_ceil(THREADS as usize), 1, cfg.groups),
+            Self::SmallOut { .. } => grid(cfg.m.div_ceil(SMALL_OUT_M), 1, cfg.groups),
         }
     }
 }

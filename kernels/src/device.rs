@@ -33,13 +33,20 @@ impl Gpu {
     /// Provokes a sticky CUDA error (an illegal address) and returns it. Testing hook: after this
     /// every call on this context fails, as after a real fault.
     pub fn inject_fault(&self) -> Result<()> {
+        self.queue_fault()?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Queues the kernel of [`Gpu::inject_fault`] on the stream without waiting: the error
+    /// surfaces at a later call. Testing hook.
+    pub fn queue_fault(&self) -> Result<()> {
         use cudarc::driver::LaunchConfig;
         let f = self.function("fault", FAULT_SRC, "oxtune_illegal_address")?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: it is not: the kernel writes to address 8 on purpose, which the driver reports
         // as an illegal address (the context is poisoned, host memory is untouched).
         unsafe { self.stream.launch_builder(&f).launch(cfg) }?;
-        self.stream.synchronize()?;
         Ok(())
     }
 

@@ -132,7 +132,7 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
     };
     let counted = batch.counted().max(1);
     let cpu_opt = AdamW8bit::new(AdamW8bitConfig::default()).map_err(|e| Error::Input(e.to_string()))?;
-    let mut dev = DeviceStep::new(&gpu, &Opt::AdamW8bit(cpu_opt))?;
+    let mut dev = DeviceStep::<()>::new(&gpu, &Opt::AdamW8bit(cpu_opt))?;
     let names: Vec<String> = adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
     let (mut times, mut losses) = (vec![], vec![]);
     let warm = b.warmup;
@@ -147,7 +147,7 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
         // As `oxtune train` on a GPU: clip and step on the device, then the host's copy of the
         // adapter and optimizer state (what a checkpoint after a GPU fault saves).
         eng.clip_grads(false, 1.0)?;
-        dev.step(&mut eng, &names, false, 1e-4)?;
+        dev.step(&mut eng, &names, false, 1e-4, ())?;
         if step == 0 {
             log(&format!(
                 "host copy of each step: {:.2} GiB pinned (two sets)",

@@ -428,8 +428,11 @@ pub struct Trainer {
     opt: Opt,
     /// The optimizer on the device when the run uses a GPU, with the host's copy of each
     /// completed step (`adapter`, the sinks and `opt` are refreshed from it when a checkpoint is
-    /// written: see [`Trainer::sync_host`]).
-    dev: Option<DeviceStep>,
+    /// written: see [`Trainer::sync_host`]). Declared before `engine`, so dropped first: it waits
+    /// for its copies, which read the engine's buffers.
+    dev: Option<DeviceStep<StepMark>>,
+    /// Where the run stood when `dev` was made: what the host holds until a step's copy lands.
+    dev_start: Option<StepMark>,
     /// Whether `dev` holds a step that `adapter` / `opt` do not have yet.
     host_stale: bool,
     schedule: LrSchedule,
@@ -450,6 +453,16 @@ pub struct Trainer {
     device: String,
     /// A GPU call failed: the device may be unusable (a sticky error); the host state is intact.
     gpu_failed: bool,
+}
+
+/// Where a run stood after a step (the tag of the host copy of a GPU update): what the run goes
+/// back to when a GPU fault leaves the host holding that step.
+#[derive(Clone)]
+struct StepMark {
+    step: u64,
+    batcher: BatcherState,
+    skipped_steps: u64,
+    bad_in_row: u32,
 }
 
 fn optimizer(cfg: &TrainConfig) -> Result<Opt> {
@@ -523,6 +536,7 @@ impl Trainer {
             host_stale: false,
             device: String::new(),
             gpu_failed: false,
+            dev_start: None,
         };
         if resume {
             t.resume(log)?;
@@ -534,6 +548,7 @@ impl Trainer {
                 let budget = t.cfg.micro_batch * t.cfg.max_len;
                 let ckpt = t.cfg.activation_checkpointing;
                 t.dev = Some(DeviceStep::new(&gpu, &t.opt)?);
+                t.dev_start = Some(t.mark());
                 let opts = EngineOptions {
                     checkpointing: ckpt,
                     precision: t.cfg.precision,
@@ -703,28 +718,44 @@ impl Trainer {
     }
 
     /// The optimizer step on the device, then the host's copy of the result (adapter values,
-    /// sinks, optimizer state), which becomes current only once complete: the host always holds
-    /// the last completed step, which is what a checkpoint after a GPU fault saves.
+    /// sinks, optimizer state) beside the next step's work, tagged with where the run stands
+    /// after this step: [`Trainer::sync_host`] takes the last step whose copy completed, which is
+    /// what a checkpoint after a GPU fault saves.
     fn gpu_update(&mut self, lr: f64, sink_names: &[String]) -> Result<()> {
+        let mark = self.mark();
         let eng = self.engine.as_mut().expect("called with an engine");
         let trains_sinks = self.sinks.is_some();
         let mut names: Vec<String> = self.adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
         if trains_sinks {
             names.extend(sink_names.iter().cloned());
         }
-        self.dev.as_mut().expect("a device optimizer with the engine").step(eng, &names, trains_sinks, lr)?;
+        self.dev.as_mut().expect("a device optimizer with the engine").step(eng, &names, trains_sinks, lr, mark)?;
         self.host_stale = true;
         Ok(())
     }
 
+    /// Where the run stands now, as a host copy of a step records it.
+    fn mark(&self) -> StepMark {
+        StepMark {
+            step: self.step,
+            batcher: self.batcher.state().clone(),
+            skipped_steps: self.skipped_steps,
+            bad_in_row: self.bad_in_row,
+        }
+    }
+
     /// Brings the adapter, the sinks and the optimizer state up to the last completed step from
     /// the host's copy of it (a GPU run; a no-op on the CPU). Needs no GPU call, so it works after
-    /// a GPU fault.
+    /// a GPU fault. When a fault stopped the copy of the last update (it overlaps the next step),
+    /// the host holds the update before it: the run goes back to that step (its step count, data
+    /// order and metrics), so that a checkpoint saved now resumes exactly.
     pub fn sync_host(&mut self) -> Result<()> {
         if !self.host_stale {
             return Ok(());
         }
-        let Some(dev) = &self.dev else { return Ok(()) };
+        let Some(dev) = &mut self.dev else { return Ok(()) };
+        let (held, latest) = dev.settle();
+        let back_to = if latest { None } else { held.cloned().or_else(|| self.dev_start.clone()) };
         if let Some(vals) = dev.host_params() {
             let n_lora = self.adapter.tensors().len();
             for ((_, dst, _), src) in self.adapter.params().into_iter().zip(&vals) {
@@ -736,6 +767,13 @@ impl Trainer {
         }
         if let Some(opt) = dev.host_opt() {
             self.opt = opt?;
+        }
+        if let Some(m) = back_to {
+            self.batcher.restore(m.batcher).map_err(|e| Error::Input(format!("restoring the data order: {e}")))?;
+            self.step = m.step;
+            self.skipped_steps = m.skipped_steps;
+            self.bad_in_row = m.bad_in_row;
+            self.metrics.retain(|x| x.step <= m.step);
         }
         self.host_stale = false;
         Ok(())

@@ -408,26 +408,35 @@ fn a_sticky_gpu_error_saves_the_last_step_and_the_run_resumes() {
     let _ = gpu();
     let base = std::env::temp_dir().join(format!("oxtune-gpu-fault-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
-    // The child's third forward-backward hits an illegal address (a sticky error).
-    let o = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process_of_the_sticky_error_test", "--include-ignored", "--nocapture"])
-        .env("OXTUNE_FAULT_AT_STEP", "3")
-        .env("OXTUNE_FAULT_TEST_OUT", base.join("faulted"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    println!("{}", stdout.lines().filter(|l| l.starts_with("CHILD")).collect::<Vec<_>>().join("\n"));
-    assert!(
-        o.status.success() && stdout.contains("1 passed"),
-        "child failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(base.join("faulted/checkpoint-2/adapter_model.safetensors").exists());
-    // Resume here (a fresh CUDA context) and compare with a run that never failed.
-    train(fault_config(&base.join("faulted")), true).unwrap();
+    // The child's third forward-backward hits an illegal address (a sticky error), after every
+    // stream is idle: the host holds step 2. Then the fault comes right after step 3's update,
+    // before its host copy (which overlaps the next step) can run: the host still holds step 2,
+    // and the run must go back to it (step count, data order) so that it resumes exactly.
+    for (hook, run) in [("OXTUNE_FAULT_AT_STEP", "faulted"), ("OXTUNE_FAULT_IN_COPY_AT_STEP", "faulted-in-copy")] {
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_process_of_the_sticky_error_test", "--include-ignored", "--nocapture"])
+            .env(hook, "3")
+            .env("OXTUNE_FAULT_TEST_OUT", base.join(run))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        println!("{hook}: {}", stdout.lines().filter(|l| l.starts_with("CHILD")).collect::<Vec<_>>().join("\n"));
+        assert!(
+            o.status.success() && stdout.contains("1 passed"),
+            "{hook}: child failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(base.join(run).join("checkpoint-2/adapter_model.safetensors").exists(), "{hook}");
+        assert!(!base.join(run).join("checkpoint-3").exists(), "{hook}: step 3 never reached the host");
+        // Resume here (a fresh CUDA context).
+        train(fault_config(&base.join(run)), true).unwrap();
+    }
+    // A run that never failed.
     train(fault_config(&base.join("clean")), false).unwrap();
     let read = |run: &str| std::fs::read(base.join(run).join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(read("faulted") == read("clean"), "the resumed run's adapter differs from the uninterrupted one");
-    println!("resumed after the fault: final adapter bit-identical to an uninterrupted GPU run");
+    for run in ["faulted", "faulted-in-copy"] {
+        assert!(read(run) == read("clean"), "{run}: the resumed run's adapter differs from the uninterrupted one");
+    }
+    println!("resumed after either fault: final adapter bit-identical to an uninterrupted GPU run");
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use oxtune_kernels::pinned::CopyStream;
 use oxtune_kernels::Gpu;
 
 use super::mirror::{Cursor, Entry, StateMirror};
@@ -115,6 +116,23 @@ impl AdamWGpu {
     /// waits: the host then holds them at the cost of one PCIe copy; [`AdamWGpu::cpu_from_mirror`]
     /// turns them into a CPU [`AdamW`] when a checkpoint needs one.
     pub fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> Result<()> {
+        let (views, entries) = self.mirror_views();
+        m.fill(gpu, &views, &[], entries)
+    }
+
+    /// [`Self::mirror`] queued on `copy` without waiting.
+    ///
+    /// # Safety
+    /// [`CopyStream::download`]'s contract for `m`'s buffers and these states: the next
+    /// [`Self::step`] waits for the copies ([`CopyStream::compute_waits`]).
+    pub unsafe fn mirror_on(&self, gpu: &Gpu, m: &mut StateMirror, copy: &mut CopyStream) -> Result<()> {
+        let (views, entries) = self.mirror_views();
+        // SAFETY: the caller's contract.
+        unsafe { m.fill_on(gpu, copy, &views, &[], entries) }
+    }
+
+    /// The moments' device views as a mirror copies them.
+    fn mirror_views(&self) -> (Vec<CudaView<'_, f32>>, Vec<Entry>) {
         let mut views = vec![];
         let mut entries = vec![];
         for (name, st) in &self.states {
@@ -122,7 +140,7 @@ impl AdamWGpu {
             views.push(st.exp_avg_sq.as_view());
             entries.push(Entry { name: name.clone(), step: st.step, n: st.len(), blockwise: false });
         }
-        m.fill(gpu, &views, &[], entries)
+        (views, entries)
     }
 
     /// The CPU [`AdamW`] of the states `m` holds (this optimizer's configuration).

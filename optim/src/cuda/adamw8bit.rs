@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use oxtune_kernels::pinned::CopyStream;
 use oxtune_kernels::Gpu;
 
 use super::adamw::DeviceAdamState;
@@ -189,6 +190,23 @@ impl AdamW8bitGpu {
     /// Copies the states into `m`'s pinned host buffers (after the work queued on the stream) and
     /// waits; [`AdamW8bitGpu::cpu_from_mirror`] turns them into a CPU [`AdamW8bit`] when needed.
     pub fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> Result<()> {
+        let (f32s, u8s, entries) = self.mirror_views();
+        m.fill(gpu, &f32s, &u8s, entries)
+    }
+
+    /// [`Self::mirror`] queued on `copy` without waiting.
+    ///
+    /// # Safety
+    /// [`CopyStream::download`]'s contract for `m`'s buffers and these states: the next
+    /// [`Self::step`] waits for the copies ([`CopyStream::compute_waits`]).
+    pub unsafe fn mirror_on(&self, gpu: &Gpu, m: &mut StateMirror, copy: &mut CopyStream) -> Result<()> {
+        let (f32s, u8s, entries) = self.mirror_views();
+        // SAFETY: the caller's contract.
+        unsafe { m.fill_on(gpu, copy, &f32s, &u8s, entries) }
+    }
+
+    /// The states' device views as a mirror copies them (f32 moments / absmax, 8-bit moments).
+    fn mirror_views(&self) -> (Vec<CudaView<'_, f32>>, Vec<CudaView<'_, u8>>, Vec<Entry>) {
         let (mut f32s, mut u8s, mut entries) = (vec![], vec![], vec![]);
         for (name, st) in &self.states {
             let (step, blockwise) = match st {
@@ -207,7 +225,7 @@ impl AdamW8bitGpu {
             };
             entries.push(Entry { name: name.clone(), step, n: st.len(), blockwise });
         }
-        m.fill(gpu, &f32s, &u8s, entries)
+        (f32s, u8s, entries)
     }
 
     /// The CPU [`AdamW8bit`] of the states `m` holds (this optimizer's configuration).

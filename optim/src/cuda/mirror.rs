@@ -3,7 +3,7 @@
 //! (whose `save_state` writes checkpoints) only when one is saved.
 
 use cudarc::driver::CudaView;
-use oxtune_kernels::pinned::PinnedBuf;
+use oxtune_kernels::pinned::{CopyStream, PinnedBuf};
 use oxtune_kernels::Gpu;
 
 use crate::Result;
@@ -43,25 +43,53 @@ impl StateMirror {
         entries: Vec<Entry>,
     ) -> Result<()> {
         self.entries.clear();
-        download(gpu, &mut self.f32s, f32s)?;
-        download(gpu, &mut self.u8s, u8s)?;
+        grown(gpu, &mut self.f32s, f32s, None)?.download(gpu, f32s)?;
+        grown(gpu, &mut self.u8s, u8s, None)?.download(gpu, u8s)?;
+        self.entries = entries;
+        Ok(())
+    }
+
+    /// [`StateMirror::fill`] queued on `copy` without waiting (growing a buffer first waits for
+    /// the copies already queued there).
+    ///
+    /// # Safety
+    /// [`CopyStream::download`]'s contract, for this mirror's buffers and the sources.
+    pub(crate) unsafe fn fill_on(
+        &mut self,
+        gpu: &Gpu,
+        copy: &mut CopyStream,
+        f32s: &[CudaView<'_, f32>],
+        u8s: &[CudaView<'_, u8>],
+        entries: Vec<Entry>,
+    ) -> Result<()> {
+        self.entries.clear();
+        // SAFETY: the caller's contract.
+        unsafe {
+            copy.download(gpu, grown(gpu, &mut self.f32s, f32s, Some(copy))?, f32s)?;
+            copy.download(gpu, grown(gpu, &mut self.u8s, u8s, Some(copy))?, u8s)?;
+        }
         self.entries = entries;
         Ok(())
     }
 }
 
-fn download<T: cudarc::driver::DeviceRepr + Copy + Default>(
+/// `buf`, replaced by a larger one when it cannot hold `srcs` (after the copies queued on `copy`,
+/// which may still write into the old one).
+fn grown<'a, T: cudarc::driver::DeviceRepr + Copy + Default>(
     gpu: &Gpu,
-    buf: &mut Option<PinnedBuf<T>>,
+    buf: &'a mut Option<PinnedBuf<T>>,
     srcs: &[CudaView<'_, T>],
-) -> Result<()> {
+    copy: Option<&CopyStream>,
+) -> Result<&'a mut PinnedBuf<T>> {
     let need: usize = srcs.iter().map(|s| s.len()).sum();
     if buf.as_ref().is_none_or(|b| b.len() < need) {
+        if let Some(c) = copy {
+            c.synchronize()?;
+        }
         *buf = None; // free the old pages first
         *buf = Some(PinnedBuf::new(gpu, need)?);
     }
-    buf.as_mut().expect("allocated above").download(gpu, srcs)?;
-    Ok(())
+    Ok(buf.as_mut().expect("allocated above"))
 }
 
 /// Reads consecutive runs of a flat buffer.

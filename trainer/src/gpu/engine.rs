@@ -1707,6 +1707,9 @@ impl GpuEngine {
         b.validate(self.cfg.vocab_size)?;
         self.passes += 1;
         if self.fault_at == Some(self.passes) {
+            // Every stream first (the host copy of the last step included), so that the fault
+            // hits this step's work alone.
+            self.gpu.ctx.synchronize()?;
             self.gpu.inject_fault()?;
         }
         self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;

@@ -29,9 +29,10 @@
 //! layer.
 //!
 //! After each optimizer step (`step::DeviceStep`) the trainable values and the optimizer state
-//! are copied into page-locked host buffers allocated once (two sets, so the last completed step
-//! survives a copy that fails half-way); they become the CPU adapter and optimizer only when a
-//! checkpoint is written.
+//! are copied into page-locked host buffers allocated once, on a second stream while the next
+//! step runs (two sets, so a complete step survives a copy that a fault stops half-way: the last
+//! step or the one before); they become the CPU adapter and optimizer only when a checkpoint is
+//! written.
 
 mod engine;
 pub(crate) mod step;

@@ -97,6 +97,15 @@ struct LayerActs {
     moe: MoeActs,
 }
 
+/// One layer's routing from the forward pass of a checkpointed step: every token's top-k experts
+/// and routing weights `[t, k]`, on the device and on the host.
+struct Route {
+    experts: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    host_experts: Vec<u32>,
+    host_weights: Vec<f32>,
+}
+
 /// The routing plan and expert activations of one chunk of a MoE layer's tokens (the whole
 /// micro-batch when it fits in [`MOE_CHUNK`] tokens).
 struct MoeActs {
@@ -249,6 +258,10 @@ pub struct GpuEngine {
     /// With checkpointing: each layer's input `[t, H]`, the only activation kept per layer, on
     /// the device or (offloaded) in page-locked host memory.
     layer_inputs: Vec<CudaSlice<f32>>,
+    /// With checkpointing, each layer's routing from the forward pass: the recomputation before
+    /// the layer's backward reuses it (the router would give the same bits: every kernel is
+    /// deterministic) instead of running the router and synchronising with the host again.
+    routes: Vec<Route>,
     host_inputs: Vec<PinnedBuf<f32>>,
     checkpointing: bool,
     /// Tensor-core products split their f32 activations into bf16 halves ([`Precision::Exact`]).
@@ -327,7 +340,8 @@ fn activation_f32s(
     let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
     let layers = cfg.num_hidden_layers;
     let inputs = if offload { 0 } else { layers * t * cfg.hidden_size };
-    let saved = if checkpointing { per_layer + inputs } else { per_layer * layers };
+    let routes = if checkpointing { layers * t * k * 2 } else { 0 };
+    let saved = if checkpointing { per_layer + inputs + routes } else { per_layer * layers };
     4 * (saved + scratch + bf)
 }
 
@@ -437,6 +451,16 @@ impl GpuEngine {
         let layer_inputs = (0..if checkpointing && !offload { cfg.num_hidden_layers } else { 0 })
             .map(|_| al.zeros("layer inputs (checkpoints)", t * cfg.hidden_size))
             .collect::<Result<Vec<_>>>()?;
+        let routes = (0..if checkpointing { cfg.num_hidden_layers } else { 0 })
+            .map(|_| {
+                Ok(Route {
+                    experts: al.zeros::<u32>("routing", t * k)?,
+                    weights: al.zeros::<f32>("routing", t * k)?,
+                    host_experts: vec![],
+                    host_weights: vec![],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let host_inputs = (0..if offload { cfg.num_hidden_layers } else { 0 })
             .map(|_| PinnedBuf::new(&gpu, t * cfg.hidden_size).map_err(Error::from))
             .collect::<Result<Vec<_>>>()?;
@@ -534,6 +558,7 @@ impl GpuEngine {
             dsinks,
             acts,
             layer_inputs,
+            routes,
             host_inputs,
             checkpointing,
             moe_chunk: tc,
@@ -1146,6 +1171,17 @@ impl GpuEngine {
             &mut vm(&mut a.bn, t * h),
             &mut vm(&mut a.rstd2, t),
         )?;
+        if !moe {
+            if let Some(r) = self.routes.get(l) {
+                // The recomputation: this layer's routing from the forward pass.
+                gpu.stream.memcpy_dtod(&v(&r.experts, t * k), &mut vm(&mut a.experts, t * k))?;
+                gpu.stream.memcpy_dtod(&v(&r.weights, t * k), &mut vm(&mut a.weights, t * k))?;
+                a.host_experts.clone_from(&r.host_experts);
+                a.host_weights.clone_from(&r.host_weights);
+                prof.mark(gpu, "router and routing plan (host sync), forward")?;
+                return Ok(());
+            }
+        }
         blas.matmul_f32(
             t,
             ne,
@@ -1184,6 +1220,12 @@ impl GpuEngine {
         gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), a.host_experts.as_mut_slice())?;
         gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), a.host_weights.as_mut_slice())?;
         gpu.stream.synchronize()?;
+        if let Some(r) = self.routes.get_mut(l) {
+            gpu.stream.memcpy_dtod(&v(&a.experts, t * k), &mut vm(&mut r.experts, t * k))?;
+            gpu.stream.memcpy_dtod(&v(&a.weights, t * k), &mut vm(&mut r.weights, t * k))?;
+            r.host_experts.clone_from(&a.host_experts);
+            r.host_weights.clone_from(&a.host_weights);
+        }
         prof.mark(gpu, "router and routing plan (host sync), forward")?;
         if !moe {
             return Ok(());

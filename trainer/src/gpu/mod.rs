@@ -26,7 +26,8 @@
 //!
 //! Routing is decided on the device; each MoE layer copies the chosen experts (4 bytes per token
 //! and choice) to the host to build each chunk's expert-sorted plan, the one synchronisation per
-//! layer.
+//! layer. With checkpointing the forward pass keeps each layer's routing, and the recomputation
+//! before the layer's backward reuses it: no router and no synchronisation there.
 //!
 //! After each optimizer step (`step::DeviceStep`) the trainable values and the optimizer state
 //! are copied into page-locked host buffers allocated once, on a second stream while the next

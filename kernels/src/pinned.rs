@@ -1,6 +1,6 @@
 //! [`PinnedBuf`]: page-locked host memory that device buffers are copied into at full PCIe speed
-//! (a pageable copy goes through the driver's staging buffer at a fraction of it), readable at any
-//! time without a CUDA call: every copy into it has completed when the copying method returns, so
+//! (a pageable copy goes through the driver's staging buffer at a fraction of it), readable
+//! without a CUDA call: every copy by its own methods has completed when the method returns, so
 //! its contents stay readable after the context has failed (a sticky error), which is what a
 //! checkpoint saved after a GPU fault needs. [`CopyStream`] queues such copies on a second stream
 //! instead, so that they overlap the compute stream's work.
@@ -185,8 +185,14 @@ impl CopyStream {
         gpu.ctx.bind_to_thread()?;
         let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)?;
-        let ready = result::event::create(flags)?;
-        let done = result::event::create(flags)?;
+        // SAFETY (both cleanups): handles just created here and not yet shared.
+        let ready = result::event::create(flags).inspect_err(|_| unsafe {
+            let _ = result::stream::destroy(stream);
+        })?;
+        let done = result::event::create(flags).inspect_err(|_| unsafe {
+            let _ = result::event::destroy(ready);
+            let _ = result::stream::destroy(stream);
+        })?;
         let mut version = 0;
         // SAFETY: an out-parameter for the driver's CUDA version.
         let batch = unsafe { sys::cuDriverGetVersion(&mut version) }.result().is_ok() && version >= 13000;
@@ -302,11 +308,20 @@ impl CopyStream {
     }
 
     /// Waits for every copy queued on this stream; fails when one failed (or the context did).
+    /// The wait happens even when binding the context reports an error recorded earlier, so that
+    /// an `Err` never leaves copies running.
     pub fn synchronize(&self) -> Result<()> {
-        self.ctx.bind_to_thread()?;
-        // SAFETY: a live stream of this context.
-        unsafe { result::stream::synchronize(self.stream) }?;
+        let bound = self.ctx.bind_to_thread();
+        // SAFETY: a live stream of this context (the handle carries its context).
+        let synced = unsafe { result::stream::synchronize(self.stream) };
+        bound?;
+        synced?;
         Ok(())
+    }
+
+    /// Drops the copies queued and not yet submitted (after an error while queueing them).
+    pub fn discard_queued(&mut self) {
+        self.queued.clear();
     }
 }
 

@@ -347,7 +347,9 @@ proptest! {
         std::fs::remove_file(&path).unwrap();
     }
 
-    /// Blockwise quantization picks the nearest code: the error is at most half the gap to the neighbouring code.
+    /// Blockwise quantization picks the nearest code: the error is at most half the gap to the neighbouring code,
+    /// up to the rounding of the f32 midpoints between codes that it compares with (as bitsandbytes does): a few
+    /// ulps of the value at a near-tie.
     #[test]
     fn blockwise_quantization_is_nearest_code(x in proptest::collection::vec(-1e3f32..1e3, 1..700), signed in any::<bool>()) {
         let map = if signed { DynamicMap::Signed } else { DynamicMap::Unsigned };
@@ -361,7 +363,8 @@ proptest! {
             if am == 0.0 { continue; }
             let r = v / am;
             let best = table.iter().map(|t| (t - r).abs()).fold(f32::INFINITY, f32::min);
-            prop_assert!((table[c as usize] - r).abs() <= best * (1.0 + 1e-6) + 1e-12, "element {i}: {r} -> code {c}");
+            let ulps = 4.0 * f32::EPSILON * r.abs().max(table[c as usize].abs());
+            prop_assert!((table[c as usize] - r).abs() <= best * (1.0 + 1e-6) + ulps + 1e-12, "element {i}: {r} -> code {c}");
         }
     }
 }

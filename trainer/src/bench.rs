@@ -188,8 +188,9 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
     }
     let (free1, total) = gpu.ctx.mem_get_info()?;
     let engine_bytes = eng.bytes;
-    drop(eng);
+    // The optimizer first: it waits for its last host copy, which reads the engine's buffers.
     drop(dev);
+    drop(eng);
     gpu.release_cached_memory()?;
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (step_s, fwd_bwd_s) = times[times.len() / 2];

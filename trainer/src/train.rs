@@ -804,7 +804,9 @@ impl Trainer {
         }
         let t0 = Instant::now();
         // A GPU fault during the step leaves the host state (adapter, optimizer) at the last
-        // completed step; the data order is put back too so a checkpoint taken then resumes exactly.
+        // step whose host copy completed (this one's predecessor, or the one before it when the
+        // fault stopped that copy: sync_host then goes back to it); the data order is put back too
+        // so a checkpoint taken then resumes exactly.
         let batcher_before = self.engine.as_ref().map(|_| self.batcher.state().clone());
         let micro: Vec<TrainBatch> =
             (0..self.cfg.grad_accum).map(|_| to_train_batch(&self.batcher.next_batch())).collect();
@@ -977,9 +979,11 @@ impl Trainer {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    // Keep what the run measured (the losses before a divergence, say).
+                    // Keep what the run measured (the losses before a divergence, say), after the
+                    // checkpoint: going back to the last step the host holds trims the metrics.
+                    let e = self.after_failure(e, log);
                     let _ = self.write_metrics();
-                    return Err(self.after_failure(e, log));
+                    return Err(e);
                 }
             }
             let last = self.step == self.steps;

@@ -1,6 +1,7 @@
 //! [`StateMirror`]: a host copy of a device optimizer's states in page-locked memory, taken after
-//! every step at full PCIe speed into buffers allocated once, and turned into the CPU optimizer
-//! (whose `save_state` writes checkpoints) only when one is saved.
+//! every step at full PCIe speed into buffers allocated once (waiting for it, or queued on a
+//! [`CopyStream`] and readable only once that stream is synchronised), and turned into the CPU
+//! optimizer (whose `save_state` writes checkpoints) only when one is saved.
 
 use cudarc::driver::CudaView;
 use oxtune_kernels::pinned::{CopyStream, PinnedBuf};

@@ -2,7 +2,8 @@
 //! of the result (trainable values and optimizer state) into page-locked buffers allocated once,
 //! on a second stream that overlaps the next step's work, double-buffered so that the host always
 //! holds a complete step, even when a GPU fault stops a copy half-way: the last step, or the one
-//! before it when the fault came while the last one was still being copied. The copy becomes the
+//! before it when the fault came while the last one was still being copied (or, when the first
+//! step's copy was stopped, what it held before the first step). The copy becomes the
 //! CPU adapter and optimizer only when a checkpoint is written.
 
 use cudarc::driver::{sys, CudaSlice, DevicePtrMut};
@@ -147,14 +148,25 @@ impl<T> DeviceStep<T> {
         }
         self.seq += 1;
         let next = self.latest.map_or(0, |l| 1 - l);
-        if self.sets[next].params.is_none() {
-            // Both sets allocated on the first step (page-locking hundreds of MB takes a while).
-            for i in 0..2 {
+        // Both sets allocated on the first step (page-locking hundreds of MB takes a while).
+        for i in 0..2 {
+            if self.sets[i].params.is_none() || self.sets[i].mark.is_none() {
                 self.alloc(&gpu, eng, sinks, i)?;
             }
         }
+        let queued = self.queue_copy(&gpu, eng, sinks, next, tag);
+        if queued.is_err() {
+            // Never complete (whatever its mark says), and nothing left to submit into it.
+            self.sets[next].seq = 0;
+            self.copy.discard_queued();
+        }
+        queued
+    }
+
+    /// Queues the host copy of the step just taken into set `next` (see [`DeviceStep::step`]).
+    fn queue_copy(&mut self, gpu: &Gpu, eng: &GpuEngine, sinks: bool, next: usize, tag: T) -> Result<()> {
         // SAFETY: cuMemsetD32Async(dptr, value, n, stream): word 1 of `marks` (2 u32) on the
-        // compute stream, after the last copy read it (compute_waits above).
+        // compute stream, after the last copy read it (step's compute_waits).
         unsafe {
             let (p, _g) = self.marks.device_ptr_mut(&gpu.stream);
             sys::cuMemsetD32Async(p + 4, self.seq, 1, gpu.stream.cu_stream()).result()?;
@@ -163,7 +175,7 @@ impl<T> DeviceStep<T> {
             self.copy.synchronize()?; // the last step's copy lands first
             gpu.queue_fault()?;
         }
-        self.copy.after_compute(&gpu)?;
+        self.copy.after_compute(gpu)?;
         let set = &mut self.sets[next];
         set.seq = self.seq;
         set.tag = Some(tag);
@@ -176,22 +188,22 @@ impl<T> DeviceStep<T> {
         // synchronises the copy stream (or finds the context failed), dropped only after it
         // (DeviceStep's drop waits for the copy stream first), and grown only after waiting; the
         // sources (the engine's trainables, the optimizer's states and `marks`) are rewritten only
-        // by the next step's update, which waits for `copy.finish()` (compute_waits above), and
+        // by the next step's update, which waits for `copy.finish()` (step's compute_waits), and
         // freed only after this DeviceStep (the engine outlives it in every caller).
         unsafe {
             // The mark first, alone (the copies of one flush may run in any order), then the data,
             // then the mark again.
-            self.copy.download(&gpu, mark, &[self.marks.slice(0..1)])?;
+            self.copy.download(gpu, mark, &[self.marks.slice(0..1)])?;
             self.copy.flush()?;
             let params = set.params.as_mut().expect("allocated with the set");
-            self.copy.download(&gpu, params, &views)?;
+            self.copy.download(gpu, params, &views)?;
             match &self.opt {
-                GpuOpt::AdamW(o) => o.mirror_on(&gpu, &mut set.state, &mut self.copy),
-                GpuOpt::AdamW8bit(o) => o.mirror_on(&gpu, &mut set.state, &mut self.copy),
+                GpuOpt::AdamW(o) => o.mirror_on(gpu, &mut set.state, &mut self.copy),
+                GpuOpt::AdamW8bit(o) => o.mirror_on(gpu, &mut set.state, &mut self.copy),
             }
             .map_err(gpu_err)?;
             self.copy.flush()?;
-            self.copy.download(&gpu, mark, &[self.marks.slice(1..2)])?;
+            self.copy.download(gpu, mark, &[self.marks.slice(1..2)])?;
         }
         self.copy.finish()?;
         Ok(())

@@ -84,9 +84,8 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
     unsafe fn queue_download(&mut self, gpu: &Gpu, srcs: &[CudaView<'_, T>], stream: sys::CUstream) -> Result<usize> {
         let (copies, total) = self.copies(gpu, srcs)?;
         for c in &copies {
-            // SAFETY: a device range and a range of our allocation of `c.bytes` each (copies), on
-            // this context; the caller keeps both from other users until the stream is synchronised.
-            unsafe { sys::cuMemcpyDtoHAsync_v2(c.dst as *mut std::ffi::c_void, c.src, c.bytes, stream) }.result()?;
+            // SAFETY: the caller keeps both ranges from other users until the stream is synchronised.
+            unsafe { c.queue(stream) }?;
         }
         Ok(total)
     }
@@ -117,6 +116,21 @@ struct HostCopy {
     dst: u64,
     src: sys::CUdeviceptr,
     bytes: usize,
+}
+
+impl HostCopy {
+    /// Queues the copy on `stream`.
+    ///
+    /// # Safety
+    /// The copy came from [`PinnedBuf::copies`] (a device range and a range of that buffer's
+    /// allocation, `bytes` each, on the stream's context); neither range is used by anything else
+    /// until the stream is synchronised.
+    unsafe fn queue(&self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(self.dst as *mut std::ffi::c_void, self.src, self.bytes, stream) }
+            .result()?;
+        Ok(())
+    }
 }
 
 impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
@@ -277,8 +291,7 @@ impl CopyStream {
         }
         for c in &copies {
             // SAFETY: as above, one copy at a time.
-            unsafe { sys::cuMemcpyDtoHAsync_v2(c.dst as *mut std::ffi::c_void, c.src, c.bytes, self.stream) }
-                .result()?;
+            unsafe { c.queue(self.stream) }?;
         }
         Ok(())
     }

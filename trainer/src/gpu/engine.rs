@@ -87,23 +87,39 @@ struct LayerActs {
     x_mid: CudaSlice<f32>,
     bn: CudaSlice<f32>,
     rstd2: CudaSlice<f32>,
-    /// Every token's top-k experts and routing weights `[t, k]`, on the device and on the host
-    /// (where each chunk's expert-sorted plan is built).
-    experts: CudaSlice<u32>,
-    weights: CudaSlice<f32>,
-    host_experts: Vec<u32>,
-    host_weights: Vec<f32>,
+    /// The layer's routing (the host copy is where each chunk's expert-sorted plan is built).
+    route: Route,
     /// The experts' activations of one chunk of tokens.
     moe: MoeActs,
 }
 
-/// One layer's routing from the forward pass of a checkpointed step: every token's top-k experts
-/// and routing weights `[t, k]`, on the device and on the host.
+/// Every token's top-k experts and routing weights `[t, k]`, on the device and on the host.
 struct Route {
     experts: CudaSlice<u32>,
     weights: CudaSlice<f32>,
     host_experts: Vec<u32>,
     host_weights: Vec<f32>,
+}
+
+impl Route {
+    /// Room for `n` routed slots on the device (the host copies grow when filled).
+    fn new(al: &mut Alloc, n: usize) -> Result<Self> {
+        Ok(Route {
+            experts: al.zeros("routing", n)?,
+            weights: al.zeros("routing", n)?,
+            host_experts: vec![],
+            host_weights: vec![],
+        })
+    }
+
+    /// Copies the first `n` slots of `src`'s device routing (in stream order) and its host copy.
+    fn copy_from(&mut self, gpu: &Gpu, src: &Route, n: usize) -> Result<()> {
+        gpu.stream.memcpy_dtod(&v(&src.experts, n), &mut vm(&mut self.experts, n))?;
+        gpu.stream.memcpy_dtod(&v(&src.weights, n), &mut vm(&mut self.weights, n))?;
+        self.host_experts.clone_from(&src.host_experts);
+        self.host_weights.clone_from(&src.host_weights);
+        Ok(())
+    }
 }
 
 /// The routing plan and expert activations of one chunk of a MoE layer's tokens (the whole
@@ -452,23 +468,17 @@ impl GpuEngine {
             .map(|_| al.zeros("layer inputs (checkpoints)", t * cfg.hidden_size))
             .collect::<Result<Vec<_>>>()?;
         let routes = (0..if checkpointing { cfg.num_hidden_layers } else { 0 })
-            .map(|_| {
-                Ok(Route {
-                    experts: al.zeros::<u32>("routing", t * k)?,
-                    weights: al.zeros::<f32>("routing", t * k)?,
-                    host_experts: vec![],
-                    host_weights: vec![],
-                })
-            })
+            .map(|_| Route::new(&mut al, t * k))
             .collect::<Result<Vec<_>>>()?;
         let host_inputs = (0..if offload { cfg.num_hidden_layers } else { 0 })
             .map(|_| PinnedBuf::new(&gpu, t * cfg.hidden_size).map_err(Error::from))
             .collect::<Result<Vec<_>>>()?;
         for _ in 0..sets {
+            let route = Route::new(&mut al, t * k)?;
             let mut z = |n: usize| al.zeros::<f32>("saved activations", n);
             let (x_in, a, rstd1, q, kk, vv, o, lse) =
                 (z(t * h)?, z(t * h)?, z(t)?, z(t * qw)?, z(t * kw)?, z(t * kw)?, z(t * qw)?, z(t * nq)?);
-            let (x_mid, bn, rstd2, weights, pweight) = (z(t * h)?, z(t * h)?, z(t)?, z(t * k)?, z(sc)?);
+            let (x_mid, bn, rstd2, pweight) = (z(t * h)?, z(t * h)?, z(t)?, z(sc)?);
             let (xs, hh, zz, y) = (z(sc * h)?, z(sc * i2)?, z(sc * i2 / 2)?, z(sc * h)?);
             let mut zu = |n: usize| al.zeros::<u32>("routing plan", n);
             acts.push(LayerActs {
@@ -483,10 +493,7 @@ impl GpuEngine {
                 x_mid,
                 bn,
                 rstd2,
-                experts: zu(t * k)?,
-                weights,
-                host_experts: vec![],
-                host_weights: vec![],
+                route,
                 moe: MoeActs {
                     token: zu(sc)?,
                     choice: zu(sc)?,
@@ -1174,10 +1181,7 @@ impl GpuEngine {
         if !moe {
             if let Some(r) = self.routes.get(l) {
                 // The recomputation: this layer's routing from the forward pass.
-                gpu.stream.memcpy_dtod(&v(&r.experts, t * k), &mut vm(&mut a.experts, t * k))?;
-                gpu.stream.memcpy_dtod(&v(&r.weights, t * k), &mut vm(&mut a.weights, t * k))?;
-                a.host_experts.clone_from(&r.host_experts);
-                a.host_weights.clone_from(&r.host_weights);
+                a.route.copy_from(gpu, r, t * k)?;
                 prof.mark(gpu, "router and routing plan (host sync), forward")?;
                 return Ok(());
             }
@@ -1211,20 +1215,18 @@ impl GpuEngine {
             &v(&s.router_logits, t * ne),
             ne,
             k,
-            &mut vm(&mut a.experts, t * k),
-            &mut vm(&mut a.weights, t * k),
+            &mut vm(&mut a.route.experts, t * k),
+            &mut vm(&mut a.route.weights, t * k),
         )?;
         // Each chunk's expert-sorted plan is built on the host (one small copy per layer).
-        a.host_experts.resize(t * k, 0);
-        a.host_weights.resize(t * k, 0.0);
-        gpu.stream.memcpy_dtoh(&v(&a.experts, t * k), a.host_experts.as_mut_slice())?;
-        gpu.stream.memcpy_dtoh(&v(&a.weights, t * k), a.host_weights.as_mut_slice())?;
+        let rt = &mut a.route;
+        rt.host_experts.resize(t * k, 0);
+        rt.host_weights.resize(t * k, 0.0);
+        gpu.stream.memcpy_dtoh(&v(&rt.experts, t * k), rt.host_experts.as_mut_slice())?;
+        gpu.stream.memcpy_dtoh(&v(&rt.weights, t * k), rt.host_weights.as_mut_slice())?;
         gpu.stream.synchronize()?;
         if let Some(r) = self.routes.get_mut(l) {
-            gpu.stream.memcpy_dtod(&v(&a.experts, t * k), &mut vm(&mut r.experts, t * k))?;
-            gpu.stream.memcpy_dtod(&v(&a.weights, t * k), &mut vm(&mut r.weights, t * k))?;
-            r.host_experts.clone_from(&a.host_experts);
-            r.host_weights.clone_from(&a.host_weights);
+            r.copy_from(gpu, &a.route, t * k)?;
         }
         prof.mark(gpu, "router and routing plan (host sync), forward")?;
         if !moe {
@@ -1263,8 +1265,8 @@ impl GpuEngine {
         let plan = RoutingPlan::new(&Routing {
             k,
             num_experts: ne,
-            experts: a.host_experts[c0 * k..c1 * k].to_vec(),
-            weights: a.host_weights[c0 * k..c1 * k].to_vec(),
+            experts: a.route.host_experts[c0 * k..c1 * k].to_vec(),
+            weights: a.route.host_weights[c0 * k..c1 * k].to_vec(),
         });
         if prof.on {
             prof.routing.add(&plan.offsets);
@@ -1598,8 +1600,8 @@ impl GpuEngine {
         let prof = &mut self.prof;
         route_backward_gpu(
             gpu,
-            &v(&a.experts, t * k),
-            &v(&a.weights, t * k),
+            &v(&a.route.experts, t * k),
+            &v(&a.route.weights, t * k),
             &v(&s.dweights, t * k),
             ne,
             k,

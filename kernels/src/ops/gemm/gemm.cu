@@ -143,20 +143,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // loop grid-stride the same way, and sum every output in an order fixed by the shape alone (never
 // by the grid), without atomics: results are bitwise reproducible.
 
-// α acc + β C; β = 0 overwrites (old C may hold NaN and is never read).
-__device__ __forceinline__ float c_value(const float* cp, float acc, const Params& p) {
+// α acc + β C, reading C only where `readable` (a predicated load; the value is then not stored);
+// β = 0 overwrites (old C may hold NaN and is never read).
+__device__ __forceinline__ float c_value(const float* cp, float acc, const Params& p, bool readable = true) {
     const float v = p.alpha * acc;
-    return p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
+    return p.beta == 0.0f ? v : fmaf(p.beta, readable ? *cp : 0.0f, v);
 }
 
 // C = α acc + β C.
 __device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) { *cp = c_value(cp, acc, p); }
-
-// c_value reading C only where `readable` (a predicated load; the value is then not stored).
-__device__ __forceinline__ float c_value(const float* cp, float acc, const Params& p, bool readable) {
-    const float v = p.alpha * acc;
-    return p.beta == 0.0f ? v : fmaf(p.beta, readable ? *cp : 0.0f, v);
-}
 
 // Rows [start, start + len) of group g, offsets clamped to total_rows.
 __device__ __forceinline__ void group_rows(const unsigned int* offsets, const Params& p, unsigned int g,

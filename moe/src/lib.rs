@@ -2,7 +2,8 @@
 //!
 //! - [`router`]: linear router with bias, top-k selection (ties to the lower expert index), softmax
 //!   over the selected k logits only, and its backward.
-//! - [`plan`]: the routing plan: token slots sorted by expert, per-expert offsets and weights.
+//! - [`plan`]: the routing plan: token slots sorted by expert, per-expert offsets and weights (and,
+//!   with `cuda`, built on the device from the router's output).
 //! - [`permute`]: rows between token order and slot order (gather, combine and their backwards)
 //!   and the per-expert bias.
 //! - [`swiglu`]: gpt-oss's clamped SwiGLU on interleaved gate/up columns, and its backward.
@@ -32,7 +33,7 @@ pub use swiglu::{swiglu, swiglu_backward, SwigluParams};
 /// compile check that CI runs without a GPU.
 #[cfg(feature = "cuda")]
 pub const SOURCES: &[(&str, &str)] =
-    &[("moe_router", router::SRC), ("moe_permute", permute::SRC), ("moe_swiglu", swiglu::SRC)];
+    &[("moe_router", router::SRC), ("moe_plan", plan::SRC), ("moe_permute", permute::SRC), ("moe_swiglu", swiglu::SRC)];
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Error {

@@ -44,8 +44,8 @@
 //! - [`LrSchedule`] / [`ScheduleKind`]: constant, linear, cosine and cosine-with-min-lr, each with warmup.
 //! - [`quant8`]: the dynamic 8-bit maps and blockwise (de)quantization.
 //! - With feature `cuda`, the same updates on the GPU (`cuda::AdamWGpu`, `cuda::AdamW8bitGpu`, states on the
-//!   device, exchanged with the CPU optimizers for the state file) and the global gradient norm
-//!   (`cuda::global_grad_norm_gpu`, `cuda::clip_grad_norm_gpu`).
+//!   device, exchanged with the CPU optimizers for the state file) and the global gradient norm and
+//!   clipping over every tensor in one launch per pass (`cuda::GradClip`).
 
 mod adamw;
 mod adamw8bit;

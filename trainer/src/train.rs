@@ -876,13 +876,16 @@ impl Trainer {
             }
             return Ok(true);
         }
-        self.bad_in_row = 0;
+        // Reset before the update: the host copy of this step records the counters after it.
+        let bad_before = std::mem::take(&mut self.bad_in_row);
         let sink_names: Vec<String> =
             (0..self.model.w.layers.len()).map(|l| format!("model.layers.{l}.self_attn.sinks")).collect();
         let grad_norm = match gpu_norm {
             Some(norm) => {
                 if let Err(e) = self.gpu_update(lr, &sink_names) {
+                    // The step did not happen: the counters go back with the step count.
                     self.step -= 1;
+                    self.bad_in_row = bad_before;
                     return Err(self.gpu_step_failed(e, batcher_before));
                 }
                 norm

@@ -1,88 +1,154 @@
-//! Global-norm gradient clipping on the device ([`crate::clip_grad_norm`]'s semantics).
+//! Global-norm gradient clipping on the device ([`crate::clip_grad_norm`]'s semantics), every tensor
+//! in one launch per pass.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 use oxtune_kernels::{Error, Gpu};
 
-use super::{elementwise_config, CLIP_SRC, THREADS};
+use super::{CLIP_SRC, THREADS};
 use crate::clip::{check_max_norm, clip_coef};
 
-/// Blocks of the sum-of-squares kernel at most: enough to fill an H100 several times over while keeping the
-/// f32 atomic additions (one per block) few.
-const MAX_SUM_BLOCKS: usize = 1024;
+/// Elements per chunk of the multi-tensor kernels (`CHUNK` in clip.cu): one block's share, and one
+/// partial sum of the norm.
+const CHUNK: usize = 32768;
+/// Blocks of the multi-tensor kernels at most (they stride over the chunks).
+const MAX_BLOCKS: usize = 8192;
 
-/// Length of the f64 scratch [`global_grad_norm_gpu`] and [`clip_grad_norm_gpu`] take: one
-/// partial sum per block and the accumulator.
-pub const NORM_SCRATCH: usize = MAX_SUM_BLOCKS + 1;
+/// The gradient norm and scaling over many tensors, each pass one launch whatever the number of
+/// tensors (a LoRA adapter of gpt-oss-20b has ~300): the tensors' table (address, length, first
+/// chunk) and the per-chunk partial sums live in device buffers allocated by the first call, grown
+/// when a later call has more chunks or tensors, and the table is uploaded only when it changes.
+pub struct GradClip {
+    /// `[count, 3]` rows of the table last uploaded, as on the device.
+    table: Vec<u64>,
+    table_dev: Option<CudaSlice<u64>>,
+    /// One f64 per chunk, then the accumulator.
+    partials: Option<CudaSlice<f64>>,
+}
 
-/// The global L2 norm over all `grads`: squares summed on the device in f64 into `scratch`
-/// (`[NORM_SCRATCH]` f64, overwritten), one host read. Blocks write partial sums that one more
-/// kernel adds in a fixed order, so the result is the same bits on every run (no atomics).
-pub fn global_grad_norm_gpu(
-    gpu: &Gpu,
-    grads: &[CudaView<'_, f32>],
-    scratch: &mut CudaViewMut<'_, f64>,
-) -> oxtune_kernels::Result<f32> {
-    if scratch.len() != NORM_SCRATCH {
-        return Err(Error::Shape(format!(
-            "global_grad_norm: scratch has {} elements, expected {NORM_SCRATCH}",
-            scratch.len()
-        )));
+impl Default for GradClip {
+    fn default() -> Self {
+        Self::new()
     }
-    gpu.stream.memset_zeros(scratch)?;
-    let squares = gpu.function("optim_clip", CLIP_SRC, "sum_squares_f32")?;
-    let gather = gpu.function("optim_clip", CLIP_SRC, "sum_partials_f64")?;
-    let (mut partials, mut acc) = scratch.split_at_mut(MAX_SUM_BLOCKS);
+}
+
+/// The table of `grads` (empty ones left out) and its chunk count.
+fn table_of(gpu: &Gpu, grads: &[CudaView<'_, f32>]) -> (Vec<u64>, usize) {
+    let mut table = Vec::with_capacity(3 * grads.len());
+    let mut chunks = 0usize;
     for g in grads.iter().filter(|g| !g.is_empty()) {
-        let n = g.len();
-        let blocks = n.div_ceil(THREADS as usize).min(MAX_SUM_BLOCKS) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let n64 = n as u64;
-        // SAFETY: sum_squares_f32(double* partials, const float* x, unsigned long long n): partials
-        // holds MAX_SUM_BLOCKS >= blocks doubles, x n floats; blockDim.x = 256 is a multiple of 32.
-        unsafe { gpu.stream.launch_builder(&squares).arg(&mut partials).arg(g).arg(&n64).launch(cfg) }?;
-        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (ptr, _sync) = g.device_ptr(&gpu.stream);
+        table.extend([ptr, g.len() as u64, chunks as u64]);
+        chunks += g.len().div_ceil(CHUNK);
+    }
+    (table, chunks)
+}
+
+impl GradClip {
+    /// No device memory yet: the first call allocates it.
+    pub fn new() -> Self {
+        Self { table: vec![], table_dev: None, partials: None }
+    }
+
+    /// Uploads the table of `grads` if it differs from the last one and makes room for its chunks'
+    /// partial sums; returns (tensors, chunks).
+    fn prepare(&mut self, gpu: &Gpu, grads: &[CudaView<'_, f32>]) -> oxtune_kernels::Result<(u32, u32)> {
+        let (table, chunks) = table_of(gpu, grads);
+        let count = table.len() / 3;
+        let too_many = |what: &str, n: usize| Error::Shape(format!("gradient clipping: {n} {what} exceed 2^32"));
+        let chunks32 = u32::try_from(chunks).map_err(|_| too_many("chunks", chunks))?;
+        let count32 = u32::try_from(count).map_err(|_| too_many("tensors", count))?;
+        if self.partials.as_ref().is_none_or(|p| p.len() < chunks + 1) {
+            self.partials = Some(gpu.stream.alloc_zeros::<f64>(chunks + 1)?);
+        }
+        if table != self.table || self.table_dev.is_none() {
+            if self.table_dev.as_ref().is_none_or(|t| t.len() < table.len()) {
+                self.table_dev = Some(gpu.stream.alloc_zeros::<u64>(table.len().max(3))?);
+            }
+            if let Some(dev) = self.table_dev.as_mut() {
+                gpu.stream.memcpy_htod(&table, &mut dev.slice_mut(..table.len()))?;
+            }
+            self.table = table;
+        }
+        Ok((count32, chunks32))
+    }
+
+    /// The global L2 norm over all `grads`: squares summed in f64, one partial sum per chunk of
+    /// 32,768 elements, then added in a fixed order by one block (no atomics: the same bits on every
+    /// run), and one host read.
+    pub fn norm(&mut self, gpu: &Gpu, grads: &[CudaView<'_, f32>]) -> oxtune_kernels::Result<f32> {
+        let (count, chunks) = self.prepare(gpu, grads)?;
+        if chunks == 0 {
+            return Ok(0.0);
+        }
+        let squares = gpu.function("optim_clip", CLIP_SRC, "sum_squares_multi_f32")?;
+        let gather = gpu.function("optim_clip", CLIP_SRC, "sum_partials_f64")?;
+        let (Some(partials), Some(table)) = (self.partials.as_mut(), self.table_dev.as_ref()) else {
+            unreachable!("prepare allocates both")
+        };
+        let n = chunks as usize;
+        let (mut parts, mut acc) = partials.split_at_mut(n);
+        let mut acc = acc.slice_mut(..1);
+        gpu.stream.memset_zeros(&mut acc)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.min(MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: sum_squares_multi_f32(double* partials, const TensorRef* t, unsigned count, unsigned
+        // chunks): the table holds `count` rows (address, length, first chunk) of live f32 device
+        // buffers of this stream's context, borrowed by `grads` for this call (stream order keeps them
+        // alive until the kernel ran: their memory is freed on the stream), their chunks numbered
+        // 0..chunks in order; partials holds `chunks` doubles; blockDim 256, a multiple of 32.
+        unsafe { gpu.stream.launch_builder(&squares).arg(&mut parts).arg(table).arg(&count).arg(&chunks).launch(cfg) }?;
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: sum_partials_f64(double* acc, const double* partials, unsigned count): acc holds 1
-        // double, partials at least `blocks` written just before on the same stream.
-        unsafe { gpu.stream.launch_builder(&gather).arg(&mut acc).arg(&partials.as_view()).arg(&blocks).launch(one) }?;
+        // double, partials `chunks`, written just before on the same stream.
+        unsafe { gpu.stream.launch_builder(&gather).arg(&mut acc).arg(&parts.as_view()).arg(&chunks).launch(one) }?;
+        let mut total = [0.0f64];
+        gpu.stream.memcpy_dtoh(&acc, &mut total)?;
+        // A copy into pageable memory has completed when it returns; the sync makes that explicit.
+        gpu.stream.synchronize()?;
+        Ok(total[0].sqrt() as f32)
     }
-    let mut total = [0.0f64];
-    gpu.stream.memcpy_dtoh(&acc, &mut total)?;
-    // A copy into pageable memory has completed when it returns; the sync makes that explicit.
-    gpu.stream.synchronize()?;
-    Ok(total[0].sqrt() as f32)
-}
 
-/// `g *= s` for every gradient.
-pub fn scale_grads_gpu(gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>], s: f32) -> oxtune_kernels::Result<()> {
-    let f = gpu.function("optim_clip", CLIP_SRC, "scale_f32")?;
-    for g in grads.iter_mut().filter(|g| !g.is_empty()) {
-        let n = g.len();
-        let n64 = n as u64;
-        // SAFETY: scale_f32(float* x, unsigned long long n, float s): x holds n floats; grid-stride loop.
-        unsafe { gpu.stream.launch_builder(&f).arg(g).arg(&n64).arg(&s).launch(elementwise_config(n)) }?;
+    /// `g *= s` for every gradient, in one launch.
+    pub fn scale(&mut self, gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>], s: f32) -> oxtune_kernels::Result<()> {
+        let views: Vec<CudaView<'_, f32>> = grads.iter().map(|g| g.as_view()).collect();
+        let (count, chunks) = self.prepare(gpu, &views)?;
+        drop(views);
+        if chunks == 0 {
+            return Ok(());
+        }
+        let f = gpu.function("optim_clip", CLIP_SRC, "scale_multi_f32")?;
+        let Some(table) = self.table_dev.as_ref() else { unreachable!("prepare allocates it") };
+        let cfg = LaunchConfig {
+            grid_dim: ((chunks as usize).min(MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: scale_multi_f32(const TensorRef* t, unsigned count, unsigned chunks, float s): the
+        // table rows are the f32 buffers of `grads`, mutably borrowed for this call (stream order
+        // keeps them alive until the kernel ran), each written only below its length; distinct
+        // tensors do not overlap (each view is a separate &mut borrow).
+        unsafe { gpu.stream.launch_builder(&f).arg(table).arg(&count).arg(&chunks).arg(&s).launch(cfg) }?;
+        Ok(())
     }
-    Ok(())
-}
 
-/// [`crate::clip_grad_norm`] on the device: scales every gradient by `min(1, max_norm / (total + 1e-6))` and
-/// returns the pre-clip global norm. `scratch` is `[NORM_SCRATCH]` f64 (see [`global_grad_norm_gpu`]); gradients are
-/// left untouched when the coefficient is 1.
-pub fn clip_grad_norm_gpu(
-    gpu: &Gpu,
-    grads: &mut [CudaViewMut<'_, f32>],
-    scratch: &mut CudaViewMut<'_, f64>,
-    max_norm: f32,
-) -> crate::Result<f32> {
-    check_max_norm(max_norm)?;
-    let views: Vec<CudaView<'_, f32>> = grads.iter().map(|g| g.as_view()).collect();
-    let total = global_grad_norm_gpu(gpu, &views, scratch)?;
-    drop(views);
-    let coef = clip_coef(total, max_norm);
-    // x * 1 is x: skip the pass (a NaN coefficient is not 1 and still poisons the gradients, as in torch).
-    if coef != 1.0 {
-        scale_grads_gpu(gpu, grads, coef)?;
+    /// [`crate::clip_grad_norm`] on the device: scales every gradient by `min(1, max_norm / (total +
+    /// 1e-6))` and returns the pre-clip global norm; gradients are left untouched when the
+    /// coefficient is 1.
+    pub fn clip(&mut self, gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>], max_norm: f32) -> crate::Result<f32> {
+        check_max_norm(max_norm)?;
+        let views: Vec<CudaView<'_, f32>> = grads.iter().map(|g| g.as_view()).collect();
+        let total = self.norm(gpu, &views)?;
+        drop(views);
+        let coef = clip_coef(total, max_norm);
+        // x * 1 is x: skip the pass (a NaN coefficient is not 1 and still poisons the gradients, as in torch).
+        if coef != 1.0 {
+            self.scale(gpu, grads, coef)?;
+        }
+        Ok(total)
     }
-    Ok(total)
 }
 
 #[cfg(test)]
@@ -92,9 +158,8 @@ mod tests {
 
     use super::*;
 
-    /// A gpt-oss LoRA pair (rank 8), odd and single-element tensors, and one long enough that the sum kernel's
-    /// 1024 blocks loop.
-    const LENGTHS: [usize; 5] = [8 * 2880, 2880 * 8, 17, 1, 1024 * 256 * 3 + 5];
+    /// A gpt-oss LoRA pair (rank 8), odd, empty and single-element tensors, and one of many chunks.
+    const LENGTHS: [usize; 6] = [8 * 2880, 2880 * 8, 17, 0, 1, 1024 * 256 * 3 + 5];
 
     fn grads(seed: u64, scale: f32) -> Vec<Vec<f32>> {
         LENGTHS.iter().enumerate().map(|(i, &n)| randn(seed + i as u64, n, scale)).collect()
@@ -104,28 +169,46 @@ mod tests {
     #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
     fn global_norm_matches_cpu() {
         let gpu = Gpu::new(0).expect("a GPU");
-        let host = grads(1, 0.3);
+        let mut host = grads(1, 0.3);
+        // And one of more chunks than the kernels' 8,192 blocks (they loop), uniform in [-1, 1) from a
+        // xorshift (268M values: faster than normal draws).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        host.push(
+            (0..8192 * 32768 + 77)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect(),
+        );
         let dev: Vec<CudaSlice<f32>> = host.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
-        let mut scratch = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH).unwrap();
+        let mut clip = GradClip::new();
         let views: Vec<CudaView<'_, f32>> = dev.iter().map(|g| g.as_view()).collect();
-        let got = global_grad_norm_gpu(&gpu, &views, &mut scratch.as_view_mut()).unwrap();
+        let got = clip.norm(&gpu, &views).unwrap();
         let want = crate::global_grad_norm(&host.iter().map(|g| g.as_slice()).collect::<Vec<_>>());
         // f64 sums on both sides in different orders; the f32 result rounds once.
         assert_close("global norm", &[got], &[want], 0.0, 1e-6);
-        // The scratch is overwritten, not accumulated into, and the sum is deterministic: a second
-        // call gives the same bits.
-        let again = global_grad_norm_gpu(&gpu, &views, &mut scratch.as_view_mut()).unwrap();
+        // The accumulator is reset, not accumulated into, and the sum is deterministic: a second
+        // call (the table already on the device) and a new GradClip give the same bits.
+        let again = clip.norm(&gpu, &views).unwrap();
         assert_eq!(again.to_bits(), got.to_bits(), "global norm, second call");
+        assert_eq!(GradClip::new().norm(&gpu, &views).unwrap().to_bits(), got.to_bits(), "global norm, new buffers");
+        // Fewer tensors after more: the table is replaced, the partial sums' room kept.
+        let first = clip.norm(&gpu, &views[..1]).unwrap();
+        let want1 = crate::global_grad_norm(&[host[0].as_slice()]);
+        assert_close("global norm of the first tensor", &[first], &[want1], 0.0, 1e-6);
     }
 
     #[test]
     #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
     fn no_gradients_have_norm_zero() {
         let gpu = Gpu::new(0).expect("a GPU");
-        let mut scratch = gpu.stream.clone_htod(&vec![5.0f64; NORM_SCRATCH]).unwrap();
-        assert_eq!(global_grad_norm_gpu(&gpu, &[], &mut scratch.as_view_mut()).unwrap(), 0.0);
-        let mut long = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH + 1).unwrap();
-        assert!(matches!(global_grad_norm_gpu(&gpu, &[], &mut long.as_view_mut()), Err(Error::Shape(_))));
+        let empty = gpu.stream.alloc_zeros::<f32>(0).unwrap();
+        let mut clip = GradClip::new();
+        assert_eq!(clip.norm(&gpu, &[]).unwrap(), 0.0);
+        assert_eq!(clip.norm(&gpu, &[empty.as_view()]).unwrap(), 0.0);
     }
 
     #[test]
@@ -136,9 +219,8 @@ mod tests {
         for (seed, max_norm) in [(2u64, 1.0f32), (3, 1e6)] {
             let mut host = grads(seed, 0.3);
             let mut dev: Vec<CudaSlice<f32>> = host.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
-            let mut scratch = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH).unwrap();
             let mut views: Vec<CudaViewMut<'_, f32>> = dev.iter_mut().map(|g| g.as_view_mut()).collect();
-            let got = clip_grad_norm_gpu(&gpu, &mut views, &mut scratch.as_view_mut(), max_norm).unwrap();
+            let got = GradClip::new().clip(&gpu, &mut views, max_norm).unwrap();
             drop(views);
             let want =
                 crate::clip_grad_norm(&mut host.iter_mut().map(|g| g.as_mut_slice()).collect::<Vec<_>>(), max_norm)
@@ -150,8 +232,7 @@ mod tests {
                 assert_close(&what, &gpu.stream.clone_dtoh(d).unwrap(), h, 1e-12, 1e-5);
             }
         }
-        let mut scratch = gpu.stream.alloc_zeros::<f64>(NORM_SCRATCH).unwrap();
-        let e = clip_grad_norm_gpu(&gpu, &mut [], &mut scratch.as_view_mut(), 0.0);
+        let e = GradClip::new().clip(&gpu, &mut [], 0.0);
         assert!(matches!(e, Err(crate::Error::Config(_))), "{e:?}");
     }
 
@@ -162,7 +243,7 @@ mod tests {
         let host = grads(4, 1.0);
         let mut dev: Vec<CudaSlice<f32>> = host.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
         let mut views: Vec<CudaViewMut<'_, f32>> = dev.iter_mut().map(|g| g.as_view_mut()).collect();
-        scale_grads_gpu(&gpu, &mut views, 0.37).unwrap();
+        GradClip::new().scale(&gpu, &mut views, 0.37).unwrap();
         drop(views);
         for (d, h) in dev.iter().zip(&host) {
             // One correctly rounded multiply on both sides: exact.

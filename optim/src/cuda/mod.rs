@@ -19,7 +19,7 @@ use oxtune_kernels::Gpu;
 
 pub use adamw::AdamWGpu;
 pub use adamw8bit::AdamW8bitGpu;
-pub use clip::{clip_grad_norm_gpu, global_grad_norm_gpu, scale_grads_gpu, NORM_SCRATCH};
+pub use clip::GradClip;
 pub use mirror::StateMirror;
 
 pub(crate) const ADAMW_SRC: &str = include_str!("../adamw.cu");

@@ -26,9 +26,10 @@ use oxtune_kernels::Gpu;
 use oxtune_moe::permute::{
     add_expert_bias_gpu, combine_gpu, unpermute_sum_gpu, weight_grad_from_input_gpu, weighted_gather_rows_gpu,
 };
+use oxtune_moe::plan::{routing_plan_gpu, PlanGpu};
 use oxtune_moe::router::{route_backward_gpu, topk_softmax_gpu};
 use oxtune_moe::swiglu::{swiglu_backward_gpu, swiglu_gpu};
-use oxtune_moe::{Proj, Routing, RoutingPlan, SwigluParams};
+use oxtune_moe::{Proj, SwigluParams};
 
 use super::weights::{Alloc, ExpertW, GpuLinear, GpuWeights};
 use super::{EngineOptions, Precision};
@@ -87,37 +88,28 @@ struct LayerActs {
     x_mid: CudaSlice<f32>,
     bn: CudaSlice<f32>,
     rstd2: CudaSlice<f32>,
-    /// The layer's routing (the host copy is where each chunk's expert-sorted plan is built).
+    /// The layer's routing (each chunk's expert-sorted plan is built from it on the device).
     route: Route,
     /// The experts' activations of one chunk of tokens.
     moe: MoeActs,
 }
 
-/// Every token's top-k experts and routing weights `[t, k]`, on the device and on the host.
+/// Every token's top-k experts and routing weights `[t, k]`, on the device.
 struct Route {
     experts: CudaSlice<u32>,
     weights: CudaSlice<f32>,
-    host_experts: Vec<u32>,
-    host_weights: Vec<f32>,
 }
 
 impl Route {
-    /// Room for `n` routed slots on the device (the host copies grow when filled).
+    /// Room for `n` routed slots.
     fn new(al: &mut Alloc, n: usize) -> Result<Self> {
-        Ok(Route {
-            experts: al.zeros("routing", n)?,
-            weights: al.zeros("routing", n)?,
-            host_experts: vec![],
-            host_weights: vec![],
-        })
+        Ok(Route { experts: al.zeros("routing", n)?, weights: al.zeros("routing", n)? })
     }
 
-    /// Copies the first `n` slots of `src`'s device routing (in stream order) and its host copy.
+    /// Copies the first `n` slots of `src` (in stream order).
     fn copy_from(&mut self, gpu: &Gpu, src: &Route, n: usize) -> Result<()> {
         gpu.stream.memcpy_dtod(&v(&src.experts, n), &mut vm(&mut self.experts, n))?;
         gpu.stream.memcpy_dtod(&v(&src.weights, n), &mut vm(&mut self.weights, n))?;
-        self.host_experts.clone_from(&src.host_experts);
-        self.host_weights.clone_from(&src.host_weights);
         Ok(())
     }
 }
@@ -131,31 +123,23 @@ struct MoeActs {
     slot_of: CudaSlice<u32>,
     slot_expert: CudaSlice<u32>,
     offsets: CudaSlice<u32>,
-    /// Host copy of the expert offsets of the current chunk.
-    host_offsets: Vec<usize>,
+    /// Slots of the current chunk (its tokens · k).
+    slots: usize,
     xs: CudaSlice<f32>,
     hh: CudaSlice<f32>,
     z: CudaSlice<f32>,
     y: CudaSlice<f32>,
 }
 
-/// The expert groups of a chunk's routing plan: offsets on the device and on the host.
+/// The expert groups of a chunk's routing plan: the offsets (on the device only) and the slot count.
 struct Groups<'a> {
     offsets: CudaView<'a, u32>,
-    host: &'a [usize],
+    total: usize,
 }
 
 impl Groups<'_> {
     fn of(a: &MoeActs) -> Groups<'_> {
-        Groups { offsets: a.offsets.as_view(), host: &a.host_offsets }
-    }
-
-    fn total(&self) -> usize {
-        *self.host.last().unwrap_or(&0)
-    }
-
-    fn max_rows(&self) -> usize {
-        self.host.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+        Groups { offsets: a.offsets.as_view(), total: a.slots }
     }
 }
 
@@ -200,6 +184,10 @@ struct Scratch {
     /// The experts' gate_up LoRA `u = x A_eᵀ` of the chunk last run forward: the recomputation
     /// just before a chunk's backward leaves it there for the backward.
     u_gu: CudaSlice<f32>,
+    /// The attention LoRA's `u = x Aᵀ` of q, k, v and o (`[t, r]` each) from the layer last run
+    /// forward: with checkpointing, the recomputation just before a layer's backward leaves them
+    /// there for the backward.
+    u_attn: [CudaSlice<f32>; 4],
 }
 
 /// Device time per phase of the passes, when the `OXTUNE_PROFILE` environment variable is set:
@@ -276,7 +264,7 @@ pub struct GpuEngine {
     layer_inputs: Vec<CudaSlice<f32>>,
     /// With checkpointing, each layer's routing from the forward pass: the recomputation before
     /// the layer's backward reuses it (the router would give the same bits: every kernel is
-    /// deterministic) instead of running the router and synchronising with the host again.
+    /// deterministic) instead of running the router again.
     routes: Vec<Route>,
     host_inputs: Vec<PinnedBuf<f32>>,
     checkpointing: bool,
@@ -299,7 +287,7 @@ pub struct GpuEngine {
     fault_at: Option<u64>,
     passes: u64,
     /// Partial sums of the global gradient norm.
-    norm_scratch: CudaSlice<f64>,
+    grad_clip: oxtune_optim::cuda::GradClip,
     prof: Profile,
 }
 
@@ -501,7 +489,7 @@ impl GpuEngine {
                     slot_of: zu(sc)?,
                     slot_expert: zu(sc)?,
                     offsets: zu(e + 1)?,
-                    host_offsets: vec![0; e + 1],
+                    slots: 0,
                     xs,
                     hh,
                     z: zz,
@@ -551,8 +539,13 @@ impl GpuEngine {
             u: al.zeros("LoRA scratch", sc.max(t) * max_rank)?,
             du: al.zeros("LoRA scratch", sc.max(t) * max_rank)?,
             u_gu: al.zeros("LoRA scratch", sc * max_rank)?,
+            u_attn: [
+                al.zeros("LoRA scratch", t * max_rank)?,
+                al.zeros("LoRA scratch", t * max_rank)?,
+                al.zeros("LoRA scratch", t * max_rank)?,
+                al.zeros("LoRA scratch", t * max_rank)?,
+            ],
         };
-        let norm_scratch = al.zeros("gradient norm scratch", oxtune_optim::cuda::NORM_SCRATCH)?;
         let bytes = al.bytes;
         Ok(Self {
             blas,
@@ -577,7 +570,7 @@ impl GpuEngine {
             gpu,
             fault_at: std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok()),
             passes: 0,
-            norm_scratch,
+            grad_clip: oxtune_optim::cuda::GradClip::new(),
             prof: Profile {
                 on: std::env::var_os("OXTUNE_PROFILE").is_some(),
                 last: std::time::Instant::now(),
@@ -658,12 +651,12 @@ impl GpuEngine {
             grads.extend(self.dsinks.iter_mut().map(|d| d.as_view_mut()));
         }
         let views: Vec<CudaView<f32>> = grads.iter().map(|g| g.as_view()).collect();
-        let norm = oxtune_optim::cuda::global_grad_norm_gpu(&gpu, &views, &mut self.norm_scratch.as_view_mut())?;
+        let norm = self.grad_clip.norm(&gpu, &views)?;
         drop(views);
         if norm.is_finite() {
             let coef = oxtune_optim::clip_coef(norm, max_norm);
             if coef != 1.0 {
-                oxtune_optim::cuda::scale_grads_gpu(&gpu, &mut grads, coef)?;
+                self.grad_clip.scale(&gpu, &mut grads, coef)?;
             }
         }
         Ok(norm)
@@ -817,12 +810,14 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Backward of [`Self::lora_dense_fwd`]: gradients `+=`, `dx += ∂/∂x`.
+    /// Backward of [`Self::lora_dense_fwd`]: gradients `+=`, `dx += ∂/∂x`. `u` holds `x Aᵀ` already
+    /// when `u_ready` (the forward left it), else it is computed first.
     #[allow(clippy::too_many_arguments)]
     fn lora_dense_bwd(
         blas: &Blas,
         p: &mut GpuLoraPair,
         u: &mut CudaSlice<f32>,
+        u_ready: bool,
         du: &mut CudaSlice<f32>,
         x: &CudaView<f32>,
         dy: &CudaView<f32>,
@@ -830,7 +825,9 @@ impl GpuEngine {
         dx: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let SiteLayout { n_in, n_out, rank: r, scaling, .. } = p.site;
-        blas.matmul_f32(t, r, n_in, x, false, &p.a.as_view(), true, &mut vm(u, t * r), 1.0, 0.0)?;
+        if !u_ready {
+            blas.matmul_f32(t, r, n_in, x, false, &p.a.as_view(), true, &mut vm(u, t * r), 1.0, 0.0)?;
+        }
         blas.matmul_f32(n_out, r, t, dy, true, &v(u, t * r), false, &mut p.gb.as_view_mut(), scaling, 1.0)?;
         blas.matmul_f32(t, r, n_out, dy, false, &p.b.as_view(), false, &mut vm(du, t * r), scaling, 0.0)?;
         blas.matmul_f32(r, n_in, t, &v(du, t * r), true, x, false, &mut p.ga.as_view_mut(), 1.0, 1.0)?;
@@ -847,7 +844,7 @@ impl GpuEngine {
         b: &CudaView<f32>,
         c: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        grouped_gemm_f32(gpu, &cfg, &g.offsets, g.total(), a, b, c)?;
+        grouped_gemm_f32(gpu, &cfg, &g.offsets, g.total, a, b, c)?;
         Ok(())
     }
 
@@ -890,7 +887,7 @@ impl GpuEngine {
         let cfg = GroupedGemm {
             groups: e,
             grouped: Grouped::M,
-            m: acts.max_rows(),
+            m: acts.total,
             n: r,
             k: n_in,
             alpha: 1.0,
@@ -899,7 +896,7 @@ impl GpuEngine {
             b: st(1, n_in, r * n_in),
             c: st(r, 1, 0),
         };
-        Self::grouped(gpu, cfg, acts, x, &p.a.as_view(), &mut vm(u, acts.total() * r))
+        Self::grouped(gpu, cfg, acts, x, &p.a.as_view(), &mut vm(u, acts.total * r))
     }
 
     /// The expert LoRA backward before the expert product's input gradient, with `u = x_e A_eᵀ`
@@ -917,7 +914,7 @@ impl GpuEngine {
         let cfg = GroupedGemm {
             groups: e,
             grouped: Grouped::M,
-            m: acts.max_rows(),
+            m: acts.total,
             n: r,
             k: n_out,
             alpha: scaling,
@@ -926,7 +923,7 @@ impl GpuEngine {
             b: st(r * e, e, 1),
             c: st(r, 1, 0),
         };
-        Self::grouped(gpu, cfg, acts, dy, &p.b.as_view(), &mut vm(du, acts.total() * r))
+        Self::grouped(gpu, cfg, acts, dy, &p.b.as_view(), &mut vm(du, acts.total * r))
     }
 
     /// The expert LoRA's parameter gradients from u ([`Self::lora_experts_down`]) and du
@@ -941,7 +938,7 @@ impl GpuEngine {
         dy: &CudaView<f32>,
     ) -> Result<()> {
         let SiteLayout { n_in, n_out, rank: r, experts: e, scaling, .. } = p.site;
-        let slots = acts.total();
+        let slots = acts.total;
         let st = |row, col, group| Strides { row, col, group };
         let gk = |m, n, alpha, a, b, c| GroupedGemm {
             groups: e,
@@ -991,8 +988,8 @@ impl GpuEngine {
         slot_expert: &CudaView<u32>,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        let m = acts.max_rows();
-        let total = acts.total();
+        let total = acts.total;
+        let m = total;
         let (n, k) = if backward { (n_in, n_out) } else { (n_out, n_in) };
         let st = |row, col, group| Strides { row, col, group };
         let cfg = |b| GroupedGemm {
@@ -1124,13 +1121,14 @@ impl GpuEngine {
         )?;
         // q, k and v of one input: split into bf16 once.
         Self::split_x(gpu, &mut s.bf, &v(&a.a, t * h), t * h, split)?;
-        for (m, lin, out) in
-            [(Dense::Q, &layer.q, &mut a.q), (Dense::K, &layer.k, &mut a.k), (Dense::V, &layer.v, &mut a.v)]
+        let [uq, uk, uv, uo] = &mut s.u_attn;
+        for (m, lin, out, u) in
+            [(Dense::Q, &layer.q, &mut a.q, uq), (Dense::K, &layer.k, &mut a.k, uk), (Dense::V, &layer.v, &mut a.v, uv)]
         {
             let n_out = lin.n_out;
             Self::linear_fwd_split(blas, &s.bf, &s.ones, lin, t, &mut vm(out, t * n_out), false, split)?;
             if let Some(p) = at(Target::Dense(m)) {
-                Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.a, t * h), t, &mut vm(out, t * n_out))?;
+                Self::lora_dense_fwd(blas, p, u, &v(&a.a, t * h), t, &mut vm(out, t * n_out))?;
             }
         }
         let inv = self.w.inv_freq.as_view();
@@ -1164,7 +1162,7 @@ impl GpuEngine {
             split,
         )?;
         if let Some(p) = at(Target::Dense(Dense::O)) {
-            Self::lora_dense_fwd(blas, p, &mut s.u, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h))?;
+            Self::lora_dense_fwd(blas, p, uo, &v(&a.o, t * qw), t, &mut vm(&mut s.x, t * h))?;
         }
 
         prof.mark(gpu, "attention block, forward (with recomputation)")?;
@@ -1182,7 +1180,7 @@ impl GpuEngine {
             if let Some(r) = self.routes.get(l) {
                 // The recomputation: this layer's routing from the forward pass.
                 a.route.copy_from(gpu, r, t * k)?;
-                prof.mark(gpu, "router and routing plan (host sync), forward")?;
+                prof.mark(gpu, "router, forward")?;
                 return Ok(());
             }
         }
@@ -1218,17 +1216,11 @@ impl GpuEngine {
             &mut vm(&mut a.route.experts, t * k),
             &mut vm(&mut a.route.weights, t * k),
         )?;
-        // Each chunk's expert-sorted plan is built on the host (one small copy per layer).
-        let rt = &mut a.route;
-        rt.host_experts.resize(t * k, 0);
-        rt.host_weights.resize(t * k, 0.0);
-        gpu.stream.memcpy_dtoh(&v(&rt.experts, t * k), rt.host_experts.as_mut_slice())?;
-        gpu.stream.memcpy_dtoh(&v(&rt.weights, t * k), rt.host_weights.as_mut_slice())?;
-        gpu.stream.synchronize()?;
+        // Each chunk's expert-sorted plan is built from it on the device (moe_forward).
         if let Some(r) = self.routes.get_mut(l) {
             r.copy_from(gpu, &a.route, t * k)?;
         }
-        prof.mark(gpu, "router and routing plan (host sync), forward")?;
+        prof.mark(gpu, "router, forward")?;
         if !moe {
             return Ok(());
         }
@@ -1248,7 +1240,7 @@ impl GpuEngine {
     }
 
     /// The experts of layer `l` on tokens `c0..c1` (activation set `set`, whose router outputs
-    /// are computed): builds and uploads the chunk's plan, runs the experts and their LoRA, and
+    /// are computed): builds the chunk's plan on the device, runs the experts and their LoRA, and
     /// with `combine` writes the weighted sum into rows `c0..c1` of the mix buffer. Without
     /// `combine` (the recomputation before the backward) it stops after the SwiGLU: the backward
     /// needs the experts' inputs and `hh`, not their outputs (`weight_grad_from_input`).
@@ -1262,31 +1254,33 @@ impl GpuEngine {
         let at = |tg: Target| lora_at.get(&(l, tg)).map(|&i| &lora[i]);
         let a = &mut acts[set];
         let tc = c1 - c0;
-        let plan = RoutingPlan::new(&Routing {
-            k,
-            num_experts: ne,
-            experts: a.route.host_experts[c0 * k..c1 * k].to_vec(),
-            weights: a.route.host_weights[c0 * k..c1 * k].to_vec(),
-        });
-        if prof.on {
-            prof.routing.add(&plan.offsets);
-        }
         let m = &mut a.moe;
-        let slots = plan.token.len();
-        let slot_expert: Vec<u32> = (0..ne).flat_map(|e| std::iter::repeat_n(e as u32, plan.range(e).len())).collect();
-        let slot_of: Vec<u32> = plan.slot_of(k).into_iter().map(|x| x as u32).collect();
-        let offsets: Vec<u32> = plan.offsets.iter().map(|&x| x as u32).collect();
-        gpu.stream.memcpy_htod(&plan.token, &mut vm(&mut m.token, slots))?;
-        gpu.stream.memcpy_htod(&plan.choice, &mut vm(&mut m.choice, slots))?;
-        gpu.stream.memcpy_htod(&plan.weight, &mut vm(&mut m.pweight, slots))?;
-        gpu.stream.memcpy_htod(&slot_of, &mut vm(&mut m.slot_of, tc * k))?;
-        gpu.stream.memcpy_htod(&slot_expert, &mut vm(&mut m.slot_expert, slots))?;
-        gpu.stream.memcpy_htod(&offsets, &mut m.offsets)?;
-        m.host_offsets = plan.offsets;
+        let slots = tc * k;
+        routing_plan_gpu(
+            gpu,
+            &a.route.experts.slice(c0 * k..c1 * k),
+            &a.route.weights.slice(c0 * k..c1 * k),
+            ne,
+            k,
+            &mut PlanGpu {
+                offsets: m.offsets.as_view_mut(),
+                token: vm(&mut m.token, slots),
+                choice: vm(&mut m.choice, slots),
+                weight: vm(&mut m.pweight, slots),
+                slot_of: vm(&mut m.slot_of, slots),
+                slot_expert: vm(&mut m.slot_expert, slots),
+            },
+        )?;
+        m.slots = slots;
+        if prof.on {
+            // Profiling synchronises anyway: the plan's offsets to the host for the tile statistics.
+            let offsets: Vec<usize> = gpu.stream.clone_dtoh(&m.offsets)?.into_iter().map(|x| x as usize).collect();
+            prof.routing.add(&offsets);
+        }
 
         gather_rows_gpu(gpu, &a.bn.slice(c0 * h..c1 * h), &v(&m.token, slots), h, &mut vm(&mut m.xs, slots * h))?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
-        let grp = Groups { offsets: m.offsets.as_view(), host: &m.host_offsets };
+        let grp = Groups { offsets: m.offsets.as_view(), total: slots };
         let slot_expert = v(&m.slot_expert, slots);
         // Each projection: its LoRA's u = x A_eᵀ first, then the expert product, which adds the
         // bias and s · u B_eᵀ as it stores its output.
@@ -1358,8 +1352,9 @@ impl GpuEngine {
 
     /// Final norm, then the LM head and cross-entropy over the positions with a target, in chunks
     /// of [`HEAD_CHUNK`] rows (full-vocabulary logits exist for one chunk at a time). With
-    /// `grad_scale`, leaves `∂(grad_scale · Σ loss)/∂x` in `s.dx`. Returns `(sum, count)`.
-    fn head(&mut self, t: usize, targets: &[i64], grad_scale: Option<f32>) -> Result<(f64, usize)> {
+    /// `grad_scale`, leaves `∂(grad_scale · Σ loss)/∂x` in `s.dx`. Returns the count of positions
+    /// with a target, whose losses it leaves in `s.losses` ([`Self::loss_sum`] reads them).
+    fn head(&mut self, t: usize, targets: &[i64], grad_scale: Option<f32>) -> Result<usize> {
         let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let eps = self.cfg.rms_norm_eps as f32;
         let gpu = &*self.gpu;
@@ -1430,9 +1425,7 @@ impl GpuEngine {
             }
             c0 += c;
         }
-        let losses = self.dtoh(&self.s.losses, n)?;
         self.prof.mark(gpu, "LM head and loss")?;
-        let sum: f64 = losses.iter().map(|&x| x as f64).sum();
         if grad_scale.is_some() {
             let s = &mut self.s;
             rmsnorm_backward_gpu(
@@ -1444,7 +1437,12 @@ impl GpuEngine {
                 &mut vm(&mut s.dx, t * h),
             )?;
         }
-        Ok((sum, n))
+        Ok(n)
+    }
+
+    /// The sum of the `n` per-position losses [`Self::head`] left on the device (waits for them).
+    fn loss_sum(&self, n: usize) -> Result<f64> {
+        Ok(self.dtoh(&self.s.losses, n)?.iter().map(|&x| x as f64).sum())
     }
 
     // ---- backward --------------------------------------------------------------------------
@@ -1464,7 +1462,7 @@ impl GpuEngine {
         let layer = &w.layers[l];
         let m = &acts[set].moe;
         let tc = c1 - c0;
-        let slots = *m.host_offsets.last().unwrap_or(&0);
+        let slots = m.slots;
         let grp = Groups::of(m);
         let idx = |tg: Target| lora_at.get(&(l, tg)).copied();
         prof.mark(gpu, "MoE block, backward")?;
@@ -1642,11 +1640,15 @@ impl GpuEngine {
             false,
             split,
         )?;
+        // With checkpointing the layer's recomputation just left the attention LoRA's u in u_attn.
+        let u_ready = self.checkpointing;
+        let [uq, uk, uv, uo] = &mut s.u_attn;
         if let Some(i) = idx(Target::Dense(Dense::O)) {
             Self::lora_dense_bwd(
                 blas,
                 &mut lora[i],
-                &mut s.u,
+                uo,
+                u_ready,
                 &mut s.du,
                 &v(&a.o, t * qw),
                 &v(&s.dx, t * h),
@@ -1680,7 +1682,8 @@ impl GpuEngine {
         let inv = self.w.inv_freq.as_view();
         rope_gpu(gpu, &mut vm(&mut s.dq, t * qw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
         rope_gpu(gpu, &mut vm(&mut s.dk, t * kw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
-        for (j, (m, lin)) in [(Dense::Q, &layer.q), (Dense::K, &layer.k), (Dense::V, &layer.v)].into_iter().enumerate()
+        for (j, (m, lin, u)) in
+            [(Dense::Q, &layer.q, uq), (Dense::K, &layer.k, uk), (Dense::V, &layer.v, uv)].into_iter().enumerate()
         {
             let g = match m {
                 Dense::Q => &s.dq,
@@ -1693,7 +1696,8 @@ impl GpuEngine {
                 Self::lora_dense_bwd(
                     blas,
                     &mut lora[i],
-                    &mut s.u,
+                    u,
+                    u_ready,
                     &mut s.du,
                     &v(&a.a, t * h),
                     &v(g, t * n_out),
@@ -1742,7 +1746,8 @@ impl GpuEngine {
         self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;
         let t = b.ids.len();
         self.forward_layers(t, false)?;
-        self.head(t, &b.targets, None)
+        let n = self.head(t, &b.targets, None)?;
+        Ok((self.loss_sum(n)?, n))
     }
 
     /// Forward and backward over one micro-batch; LoRA (and sink) gradients of
@@ -1759,7 +1764,8 @@ impl GpuEngine {
         self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;
         let t = b.ids.len();
         self.forward_layers(t, true)?;
-        let out = self.head(t, &b.targets, Some(grad_scale))?;
+        // The losses stay on the device until the backward is queued: no wait between the passes.
+        let n = self.head(t, &b.targets, Some(grad_scale))?;
         let h = self.cfg.hidden_size;
         for l in (0..self.cfg.num_hidden_layers).rev() {
             if self.checkpointing {
@@ -1774,8 +1780,9 @@ impl GpuEngine {
             }
             self.layer_backward(l, t)?;
         }
+        let sum = self.loss_sum(n)?;
         self.sync()?;
-        Ok(out)
+        Ok((sum, n))
     }
 
     /// Logits `[t, V]` of every position of one sequence (positions `0..t`), for tests and tools.

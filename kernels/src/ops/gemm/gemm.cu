@@ -12,10 +12,12 @@
 // f32 B, narrow shapes (grouped_gemm_f32_narrow_n*, _tiny_k*, _small_out*): see their section
 // after the general kernel. MXFP4 B (grouped_gemm_f32_mxfp4w): see the section above that kernel.
 //
-// Grid: x = n tiles, y = m tiles (at most 65535), z = groups (at most 65535) (the narrow kernels
-// state theirs); every level loops grid-stride, and a Grouped::M block loops over the row tiles of
-// its own group's length, so the result never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets
-// array cannot make the kernel read or write outside the bounds the launcher checked.
+// Grid: x = n tiles, y = row tiles (at most 65535), z = 1 (small_out states its own). The row tiles
+// of all groups are numbered in group order (RowTiles: under Grouped::M each group has as many as its
+// rows need, so no block is launched for a tile past a group's rows, and the host needs only the
+// total row count, not the plan, to size the grid); every level loops grid-stride, so the result
+// never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets array cannot
+// make the kernel read or write outside the bounds the launcher checked.
 
 #include <cuda_bf16.h>
 
@@ -40,6 +42,81 @@ struct Params {
     unsigned int total_rows;
     float alpha, beta;
 };
+
+// Rows [start, start + len) of group g, offsets clamped to total_rows.
+__device__ __forceinline__ void group_rows(const unsigned int* offsets, const Params& p, unsigned int g,
+                                           unsigned int& start, unsigned int& len) {
+    const unsigned int end = min(offsets[g + 1], p.total_rows);
+    start = min(offsets[g], end);
+    len = end - start;
+}
+
+// The row tiles of TM rows of every group, numbered group by group: group g has ceil(rows / TM)
+// tiles, rows being its own row count (Grouped::M) or p.m (Grouped::K, whose groups split K). A
+// block takes tiles blockIdx.y, blockIdx.y + gridDim.y, ... (blocks with blockIdx.z > 0 take none);
+// each next() moves to the block's next tile and says whether there is one. Every warp finds the
+// tile's group itself, 32 groups at a time (a prefix sum of their tile counts over the lanes: one
+// step for up to 32 experts), keeping only the tile's index between tiles (the kernels' loops are
+// short of registers). next() must be called by all 32 lanes of every warp of the block together.
+// Finds row tile t: its group g, the group's rows [start, start + len) and the tile's index mt in
+// them; false past the last tile. Every warp of the block looks, 32 groups at a time (a prefix sum
+// of their tile counts over the lanes; one step for up to 32 experts); all 32 lanes of every warp
+// must call it together.
+template <unsigned int TM>
+__device__ __forceinline__ bool row_tile(const unsigned int* offsets, const Params& p, unsigned int t,
+                                         unsigned int& g, unsigned int& start, unsigned int& len,
+                                         unsigned int& mt) {
+    const unsigned int lane = threadIdx.x % 32;
+    unsigned int first = 0;  // tiles before group g
+    for (g = 0; g < p.groups; g += 32) {
+        unsigned int n = 0;
+        if (g + lane < p.groups) {
+            unsigned int s, l;
+            group_rows(offsets, p, g + lane, s, l);
+            n = ((p.grouped_k ? p.m : l) + TM - 1) / TM;
+        }
+        unsigned int incl = n;  // tiles of groups g..=g + lane
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+            const unsigned int up = __shfl_up_sync(0xffffffffu, incl, d);
+            if ((int)lane >= d) incl += up;
+        }
+        const unsigned int hit = __ballot_sync(0xffffffffu, t - first < incl);
+        if (hit != 0u) {
+            const int j = __ffs(hit) - 1;
+            first += __shfl_sync(0xffffffffu, incl - n, j);
+            g += j;
+            group_rows(offsets, p, g, start, len);
+            mt = t - first;
+            return true;
+        }
+        first += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return false;
+}
+
+// row_tile one group at a time: every value stays warp-uniform (which the shuffles above are not to
+// the compiler), so a kernel at its register limit keeps them out of its vector registers, at the
+// cost of a serial walk (a dependent load of the offsets per group, from L1 after the first block).
+template <unsigned int TM>
+__device__ __forceinline__ bool row_tile_serial(const unsigned int* offsets, const Params& p, unsigned int t,
+                                                unsigned int& g, unsigned int& start, unsigned int& len,
+                                                unsigned int& mt) {
+    unsigned int first = 0;  // tiles before group g
+    for (g = 0; g < p.groups; ++g) {
+        group_rows(offsets, p, g, start, len);
+        const unsigned int n = ((p.grouped_k ? p.m : len) + TM - 1) / TM;
+        if (t - first < n) {
+            mt = t - first;
+            return true;
+        }
+        first += n;
+    }
+    return false;
+}
+
+// The first row tile of this block (blocks with blockIdx.z > 0 take none).
+__device__ __forceinline__ unsigned int first_tile() { return blockIdx.z == 0 ? blockIdx.y : ~0u; }
 
 struct StridedB {
     const float* b;
@@ -67,17 +144,15 @@ __device__ void grouped_gemm(const float* a, float* c, const unsigned int* offse
     __shared__ float Bs[BK][LDS];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     const bool a_k_fast = p.a_col <= p.a_row;
-    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        const unsigned int end = min(offsets[g + 1], p.total_rows);
-        const unsigned int start = min(offsets[g], end);
-        const unsigned int len = end - start;
+    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<BM>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
         const unsigned int rows = p.grouped_k ? p.m : len;   // rows of C_g
         const unsigned int depth = p.grouped_k ? len : p.k;  // inner dimension of group g
         const unsigned int row0 = p.grouped_k ? 0u : start;  // first row of A and C
         const unsigned int kbase = p.grouped_k ? start : 0u; // first k of A's columns and B's rows
         const float* ag = a + (size_t)g * p.a_group;
         float* cg = c + (size_t)g * p.c_group;
-        for (unsigned int mt = blockIdx.y; (size_t)mt * BM < rows; mt += gridDim.y) {
+        {
             for (unsigned int nt = blockIdx.x; (size_t)nt * BN < p.n; nt += gridDim.x) {
                 const unsigned int m0 = mt * BM, n0 = nt * BN;
                 float acc[4][4];
@@ -153,14 +228,6 @@ __device__ __forceinline__ float c_value(const float* cp, float acc, const Param
 // C = α acc + β C.
 __device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) { *cp = c_value(cp, acc, p); }
 
-// Rows [start, start + len) of group g, offsets clamped to total_rows.
-__device__ __forceinline__ void group_rows(const unsigned int* offsets, const Params& p, unsigned int g,
-                                           unsigned int& start, unsigned int& len) {
-    const unsigned int end = min(offsets[g + 1], p.total_rows);
-    start = min(offsets[g], end);
-    len = end - start;
-}
-
 // One step of a warp-wide reduce-scatter, 2H values per lane down to H: lanes with bit H/2 set keep
 // the upper half, the others the lower half, each adding its partner (lane ^ H/2)'s copy of it.
 template <int H>
@@ -184,7 +251,9 @@ __device__ __forceinline__ void halve(float (&v)[64], int lane) {
 // chunk c + 1 are loaded into registers while chunk c is multiplied (two B stages, one barrier per
 // chunk). At the end a warp-wide reduce-scatter (62 shuffles) leaves lane l the sums of the warp's
 // outputs 2l and 2l + 1 (row-major in its RPW x NP block): every output is summed in a fixed order.
-// Grid: (1, row tiles, groups).
+// Grid: (1, row tiles, 1); each tile's group is found one group at a time (row_tile_serial: at
+// 126 registers, the warp-wide search's values would spill, and so would the pointer to a copy of
+// the offsets in shared memory: both measured slower), so the launcher sends at most 256 groups here.
 namespace nn {
 constexpr int KC = 64;
 constexpr int KQ = KC / 32;  // k per lane per chunk
@@ -201,13 +270,12 @@ __device__ void narrow_n(float* c, const float* a, const float* b, const unsigne
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const bool b_n_fast = p.b_col <= p.b_row;
     const unsigned int depth = p.k;
-    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        unsigned int start, len;
-        group_rows(offsets, p, g, start, len);
+    for (unsigned int t = first_tile(), g, start, len, mt; row_tile_serial<NR>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
         const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
         const float* bg = b + (size_t)g * p.b_group;
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
-        for (unsigned int mt = blockIdx.y; (size_t)mt * NR < len; mt += gridDim.y) {
+        {
             const unsigned int m0 = mt * NR + warp * RPW;  // the warp's first row
             const int rows = m0 < len ? (int)min(len - m0, (unsigned int)RPW) : 0;  // of the warp's RPW
             float av[KQ][RPW], an[KQ][RPW], bn[BPT];
@@ -301,7 +369,7 @@ __device__ void narrow_n(float* c, const float* a, const float* b, const unsigne
 // K values of B in registers (read once per tile); the tile's rows of A, zero-padded to KP, are
 // staged in shared memory (loaded walking A's smaller stride) and read as broadcasts. Each thread
 // walks the rows RU at a time, so that RU reads of old C are in flight; a warp reads and writes 32
-// consecutive words of a row when C is row-major. Grid: (n tiles, row tiles, groups).
+// consecutive words of a row when C is row-major. Grid: (n tiles, row tiles, 1).
 namespace tk {
 constexpr int TM = 128, TN = THREADS, RU = 4;
 static_assert(TM % RU == 0, "row groups never cross the tile");
@@ -315,13 +383,12 @@ __device__ void tiny_k(float* c, const float* a, const float* b, const unsigned 
     const int tid = threadIdx.x;
     const bool a_k_fast = p.a_col <= p.a_row;
     const unsigned int depth = p.k;
-    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        unsigned int start, len;
-        group_rows(offsets, p, g, start, len);
+    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
         const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
         const float* bg = b + (size_t)g * p.b_group;
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
-        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < len; mt += gridDim.y) {
+        {
             const unsigned int m0 = mt * TM, rows = min(len - m0, (unsigned int)TM);
             for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
                 const unsigned int gn = nt * TN + tid;
@@ -923,13 +990,13 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
     __nv_bfloat16* const decoded = sm + STAGES * A_STAGE;  // two decoded B tiles
     (void)a_lo;
 
-    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        unsigned int start, rows;
-        group_rows(offsets, p, g, start, rows);
+    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
+        const unsigned int rows = len;
         const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
-        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
+        {
             for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
                 const unsigned int m0 = mt * TM, n0 = nt * TN;
                 // Slice s of A into stage st, as one commit group (empty past the last slice, so
@@ -1242,13 +1309,13 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
     const int kg = tid / 32, nq = tid % 32;
     (void)a_lo;
 
-    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        unsigned int start, rows;
-        group_rows(offsets, p, g, start, rows);
+    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
+        const unsigned int rows = len;
         const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
-        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
+        {
             for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
                 const unsigned int m0 = mt * TM, n0 = nt * TN;
                 // Slice s of A into stage st: 16-byte chunk tid % 8 (k 8 (tid % 8)..) of rows
@@ -1501,13 +1568,13 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
     float* const ec = eu + TM * EPI_RANK;
     const bool any = epi_any(epi);
 
-    for (unsigned int g = blockIdx.z; g < p.groups; g += gridDim.z) {
-        unsigned int start, rows;
-        group_rows(offsets, p, g, start, rows);
+    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
+        const unsigned int rows = len;
         const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
-        for (unsigned int mt = blockIdx.y; (size_t)mt * TM < rows; mt += gridDim.y) {
+        {
             for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
                 const unsigned int m0 = mt * TM, n0 = nt * TN;
                 // The tile's rows in 64-row steps (1..4): the products' width.

@@ -68,9 +68,9 @@ pub enum Grouped {
 pub struct GroupedGemm {
     pub groups: usize,
     pub grouped: Grouped,
-    /// Grouped::M: the largest group's row count (grid sizing only: every block walks the rows of
-    /// its own group, so a smaller value costs speed, never correctness). Grouped::K: the row count
-    /// of every group.
+    /// Grouped::K: the row count of every group. Grouped::M: unused (each group's rows come from
+    /// the offsets; the kernels size their grid from the total row count alone, so a plan built on
+    /// the device needs no copy to the host).
     pub m: usize,
     pub n: usize,
     /// Grouped::M: the inner dimension of every group. Grouped::K: ignored (inner dim of group g is
@@ -276,6 +276,10 @@ const GRID_YZ_MAX: usize = 65535;
 /// The largest N, K or Grouped::K output dimension that the narrow-shape kernels take (padded to 8
 /// or 16 in registers: LoRA ranks 1 to 16).
 const NARROW: usize = 16;
+/// The most groups the narrow-N kernel takes: it finds each row tile's group one group at a time
+/// (gemm.cu, `row_tile_serial`), cheap for a model's experts and slow for many thousands of groups,
+/// which go to the general kernel.
+const NARROW_N_MAX_GROUPS: usize = 256;
 /// Rows of C per block of the narrow-N kernel: 64 sums per lane, 8 warps.
 const fn narrow_n_rows(np: usize) -> usize {
     8 * 64 / np
@@ -377,10 +381,25 @@ fn params(cfg: &GroupedGemm, total_rows: usize) -> Params {
     }
 }
 
-/// Grid `(n tiles, m tiles ≤ 65535, groups ≤ 65535)` of `tile_m x tile_n` C tiles; the kernel
-/// loops over whatever is left.
-fn launch_config(cfg: &GroupedGemm, tile_m: usize, tile_n: usize) -> LaunchConfig {
-    grid(cfg.n.div_ceil(tile_n), cfg.m.div_ceil(tile_m), cfg.groups)
+/// Grid `(n tiles, row tiles ≤ 65535, 1)` of `tile_m x tile_n` C tiles; the kernel loops over
+/// whatever is left.
+fn launch_config(cfg: &GroupedGemm, total_rows: usize, tile_m: usize, tile_n: usize) -> LaunchConfig {
+    grid(cfg.n.div_ceil(tile_n), row_tiles(cfg, total_rows, tile_m), 1)
+}
+
+/// How many row tiles of `tile_m` rows the kernels walk (`RowTiles` in gemm.cu numbers them group
+/// by group), at most: under Grouped::M, `Σ_g ⌈rows_g / tile_m⌉ ≤ ⌊(total_rows + groups · (tile_m −
+/// 1)) / tile_m⌋` whatever the offsets, so the host needs the total alone (no copy of the plan);
+/// under Grouped::K, `groups · ⌈m / tile_m⌉`.
+fn row_tiles(cfg: &GroupedGemm, total_rows: usize, tile_m: usize) -> usize {
+    match cfg.grouped {
+        Grouped::M => {
+            let most = total_rows.saturating_add(cfg.groups.saturating_mul(tile_m - 1)) / tile_m;
+            // No more tiles than rows (a tile holds at least one).
+            most.min(total_rows)
+        }
+        Grouped::K => cfg.groups.saturating_mul(cfg.m.div_ceil(tile_m)),
+    }
 }
 
 /// A grid of `(x, y ≤ 65535, z ≤ 65535)` blocks of [`THREADS`], every level at least 1 (x, at
@@ -396,8 +415,8 @@ fn grid(x: usize, y: usize, z: usize) -> LaunchConfig {
 pub enum F32Kernel {
     /// 64x64 tiles of C, K in slices of 32: every other shape.
     General,
-    /// Grouped::M, `n ≤ 16`, A read along k (`a.col ≤ a.row`): a block owns 512/np rows, its warps
-    /// own rows and their lanes split K (LoRA `u = x A_eᵀ`, `du = s dy B_e`).
+    /// Grouped::M, `n ≤ 16`, A read along k (`a.col ≤ a.row`), at most 256 groups: a block owns
+    /// 512/np rows, its warps own rows and their lanes split K (LoRA `u = x A_eᵀ`, `du = s dy B_e`).
     NarrowN { np: usize },
     /// Grouped::M, `k ≤ 16`: a block owns 128 x 256 of C, one column per thread with its B column in
     /// registers (LoRA `y += s u B_eᵀ`, `dx += du A_e`).
@@ -434,11 +453,11 @@ impl F32Kernel {
     }
 
     /// The grid for `cfg`, already transposed for a transposed [`F32Kernel::SmallOut`].
-    fn launch_config(self, cfg: &GroupedGemm) -> LaunchConfig {
+    fn launch_config(self, cfg: &GroupedGemm, total_rows: usize) -> LaunchConfig {
         match self {
-            Self::General => launch_config(cfg, TILE_M, TILE_N),
-            Self::NarrowN { np } => grid(1, cfg.m.div_ceil(narrow_n_rows(np)), cfg.groups),
-            Self::TinyK { .. } => launch_config(cfg, TINY_K_TILE.0, TINY_K_TILE.1),
+            Self::General => launch_config(cfg, total_rows, TILE_M, TILE_N),
+            Self::NarrowN { np } => grid(1, row_tiles(cfg, total_rows, narrow_n_rows(np)), 1),
+            Self::TinyK { .. } => launch_config(cfg, total_rows, TINY_K_TILE.0, TINY_K_TILE.1),
             Self::SmallOut { .. } => grid(cfg.m.div_ceil(SMALL_OUT_M), 1, cfg.groups),
         }
     }
@@ -450,7 +469,9 @@ impl F32Kernel {
 pub fn grouped_gemm_f32_kernel(cfg: &GroupedGemm) -> F32Kernel {
     let pad = |x: usize| if x <= 8 { 8 } else { 16 };
     match cfg.grouped {
-        Grouped::M if cfg.n <= NARROW && cfg.a.col <= cfg.a.row => F32Kernel::NarrowN { np: pad(cfg.n) },
+        Grouped::M if cfg.n <= NARROW && cfg.a.col <= cfg.a.row && cfg.groups <= NARROW_N_MAX_GROUPS => {
+            F32Kernel::NarrowN { np: pad(cfg.n) }
+        }
         Grouped::M if cfg.k <= NARROW => F32Kernel::TinyK { kp: pad(cfg.k) },
         Grouped::K if cfg.n <= NARROW && cfg.a.row <= cfg.a.col => {
             F32Kernel::SmallOut { np: pad(cfg.n), transposed: false }
@@ -617,7 +638,14 @@ pub fn grouped_gemm_f32(
     // swaps A and B and the roles of every stride pair, which leaves each operand's extent as it
     // was); Params matches the CUDA struct.
     unsafe {
-        gpu.stream.launch_builder(&f).arg(c).arg(a).arg(b).arg(offsets).arg(&p).launch(kernel.launch_config(&cfg))
+        gpu.stream
+            .launch_builder(&f)
+            .arg(c)
+            .arg(a)
+            .arg(b)
+            .arg(offsets)
+            .arg(&p)
+            .launch(kernel.launch_config(&cfg, total_rows))
     }?;
     Ok(())
 }
@@ -853,7 +881,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
                 .launch(LaunchConfig {
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: smem,
-                    ..launch_config(cfg, tile.0, tile.1)
+                    ..launch_config(cfg, total_rows, tile.0, tile.1)
                 })
         }?;
         Ok(())

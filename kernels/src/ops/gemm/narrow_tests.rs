@@ -152,6 +152,12 @@ fn narrow_kernels_need_the_large_operand_read_along_its_contiguous_dimension() {
     assert_eq!(kind(Grouped::K, 8, 8, 0, (Cm, Cm, Rm, 1.0, 1.0)), out8);
     assert_eq!(kind(Grouped::K, 8, 8, 0, (Rm, Rm, Rm, 1.0, 1.0)), out8t);
     assert_eq!(kind(Grouped::K, 8, 8, 0, (Rm, Cm, Rm, 1.0, 1.0)), gen);
+    // Narrow N walks the groups one at a time to find a tile's: up to 256 groups.
+    for (groups, want) in [(256, narrow8), (257, gen)] {
+        let offsets = offsets_of(&vec![3; groups]);
+        let cfg = cfg_of(Grouped::M, 0, 8, 2880, (Rm, Rm, Rm, 1.0, 0.0), &offsets);
+        assert_eq!(grouped_gemm_f32_kernel(&cfg), want, "{groups} groups");
+    }
 }
 
 #[test]
@@ -243,7 +249,7 @@ impl Dev {
             F32Kernel::SmallOut { transposed: true, .. } => (transposed(cfg), &self.bd, &self.ad),
             _ => (*cfg, &self.ad, &self.bd),
         };
-        let mut lc = kernel.launch_config(&cfg);
+        let mut lc = kernel.launch_config(&cfg, self.total);
         if let Some((x, y, z)) = grid {
             // The narrow-N kernel has no x loop and small-out no y loop: extra blocks there would
             // compute the same outputs twice.
@@ -524,7 +530,7 @@ fn narrow_kernels_repeat_bit_for_bit_whatever_the_grid() {
         // The same launch on other grids: fewer blocks than tiles (the kernel loops), more blocks
         // than tiles (some idle), and the launcher's own grid again.
         let t = if let F32Kernel::SmallOut { transposed: true, .. } = kernel { transposed(&cfg) } else { cfg };
-        let (x, y, z) = kernel.launch_config(&t).grid_dim;
+        let (x, y, z) = kernel.launch_config(&t, d.total).grid_dim;
         let (ux, uy) = match kernel {
             F32Kernel::NarrowN { .. } => (0, 1),
             F32Kernel::SmallOut { .. } => (1, 0),

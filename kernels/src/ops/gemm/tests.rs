@@ -557,9 +557,11 @@ fn grouped_k_expert_with_zero_tokens_scales_c_by_beta() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
-fn more_groups_than_grid_z() {
-    // 70,000 groups of 0, 1 or 2 rows: grid z is capped at 65,535 and the kernel loops.
-    let sizes: Vec<usize> = (0..70_000).map(|g| g % 3).collect();
+fn more_row_tiles_of_small_groups_than_grid_y() {
+    // 100,000 groups of 1 or 2 rows (and some empty): a row tile each, more than grid y's 65,535
+    // blocks, so blocks walk on to a second tile, 65,535 tiles further (the walk finds a tile's
+    // group 32 groups at a time from the first).
+    let sizes: Vec<usize> = (0..110_000).map(|g| if g % 11 == 5 { 0 } else { 1 + g % 2 }).collect();
     let offsets = offsets_of(&sizes);
     let total = offsets[sizes.len()] as usize;
     let (n, k) = (5, 3);
@@ -579,7 +581,7 @@ fn more_groups_than_grid_z() {
     let got = run_f32(&gpu(), &cfg, &offsets, &a, &b, &c0);
     let mut want = c0.clone();
     grouped_gemm_ref(&cfg, &offsets, &a, &b, &mut want);
-    assert_close("70,000 groups", &got, &want, atol(k, 1.0, 1.0), 1e-4);
+    assert_close("110,000 groups", &got, &want, atol(k, 1.0, 1.0), 1e-4);
 }
 
 #[test]
@@ -976,3 +978,33 @@ fn mxfp4_unaligned_and_strided_views_alpha_beta() {
 /// The narrow-shape kernels' tests, sharing this file's helpers.
 #[path = "narrow_tests.rs"]
 mod narrow;
+
+proptest::proptest! {
+    /// The grid the launcher sizes from the total row count covers every group's row tiles,
+    /// however the rows split (the kernels stride over tiles past the grid, but a grid that
+    /// covers them all runs each tile in a block of its own).
+    #[test]
+    fn the_row_tile_bound_covers_any_split(
+        sizes in proptest::collection::vec(0usize..700, 1..200),
+        tile_m in proptest::sample::select(vec![1usize, 32, 64, 128, 256]),
+    ) {
+        let total: usize = sizes.iter().sum();
+        let cfg = GroupedGemm {
+            groups: sizes.len(),
+            grouped: Grouped::M,
+            m: 0,
+            n: 1,
+            k: 1,
+            alpha: 1.0,
+            beta: 0.0,
+            a: Strides::row_major(1),
+            b: Strides::row_major(1),
+            c: Strides::row_major(1),
+        };
+        let tiles: usize = sizes.iter().map(|s| s.div_ceil(tile_m)).sum();
+        let bound = row_tiles(&cfg, total, tile_m);
+        proptest::prop_assert!(tiles <= bound, "{tiles} tiles, bound {bound}");
+        // And not much more: one partial tile per group at most.
+        proptest::prop_assert!(bound <= total.div_ceil(tile_m) + sizes.len());
+    }
+}

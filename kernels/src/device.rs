@@ -25,28 +25,43 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// A kernel that writes to an invalid address: CUDA_ERROR_ILLEGAL_ADDRESS, a sticky error that
-/// poisons the context. Only for testing how callers survive a GPU fault ([`Gpu::inject_fault`]).
-pub const FAULT_SRC: &str = "extern \"C\" __global__ void oxtune_illegal_address() { *(volatile int*)8 = 1; }\n";
+/// A kernel that writes to an invalid address (after a delay it is given): CUDA_ERROR_ILLEGAL_ADDRESS,
+/// a sticky error that poisons the context. Only for testing how callers survive a GPU fault
+/// ([`Gpu::inject_fault`], [`Gpu::queue_fault`]).
+pub const FAULT_SRC: &str = r#"
+// Waits delay_ns of GPU time (the global timer), then writes to address 8, which the driver
+// reports as an illegal address: a sticky error, as after a real fault.
+extern "C" __global__ void oxtune_illegal_address(unsigned long long delay_ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < delay_ns);
+    *(volatile int*)8 = 1;
+}
+"#;
 
 impl Gpu {
     /// Provokes a sticky CUDA error (an illegal address) and returns it. Testing hook: after this
     /// every call on this context fails, as after a real fault.
     pub fn inject_fault(&self) -> Result<()> {
-        self.queue_fault()?;
+        self.queue_fault(std::time::Duration::ZERO)?;
         self.stream.synchronize()?;
         Ok(())
     }
 
-    /// Queues the kernel of [`Gpu::inject_fault`] on the stream without waiting: the error
-    /// surfaces at a later call. Testing hook.
-    pub fn queue_fault(&self) -> Result<()> {
-        use cudarc::driver::LaunchConfig;
+    /// Queues the kernel of [`Gpu::inject_fault`] on the stream without waiting; it faults `delay`
+    /// after it starts (the stream's later work waits behind it), so the error surfaces at a later
+    /// call: with a delay longer than the calls that follow take to queue their work, at the first
+    /// call that waits for the stream. Testing hook.
+    pub fn queue_fault(&self, delay: std::time::Duration) -> Result<()> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
         let f = self.function("fault", FAULT_SRC, "oxtune_illegal_address")?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
         // SAFETY: it is not: the kernel writes to address 8 on purpose, which the driver reports
         // as an illegal address (the context is poisoned, host memory is untouched).
-        unsafe { self.stream.launch_builder(&f).launch(cfg) }?;
+        unsafe { self.stream.launch_builder(&f).arg(&ns).launch(cfg) }?;
         Ok(())
     }
 

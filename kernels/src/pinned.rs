@@ -393,27 +393,51 @@ mod tests {
         let gpu = Gpu::new(0).expect("a GPU");
         let mut copy = CopyStream::new(&gpu).unwrap();
         println!("cuMemcpyBatchAsync: {}", if copy.batch { "used" } else { "not available (one copy at a time)" });
-        let (host, mut dev) = tensors(&gpu, 10);
+        // The small tensors and one of 64 MB, whose copy over PCIe (milliseconds) outlasts the
+        // device-to-device rewrite of every tensor (microseconds) many times over.
+        let (mut host, mut dev) = tensors(&gpu, 10);
+        host.push(randn(20, 1 << 24, 1.0));
+        dev.push(gpu.stream.clone_htod(&host[host.len() - 1]).unwrap());
         let total: usize = host.iter().map(Vec::len).sum();
-        let mut bufs = [PinnedBuf::new(&gpu, total).unwrap(), PinnedBuf::new(&gpu, total).unwrap()];
-        for round in 0..3u64 {
-            // The compute stream rewrites the tensors (after the last round's copies, on the
-            // device), then the copies of this round wait for it.
-            let want: Vec<Vec<f32>> = host.iter().map(|h| h.iter().map(|x| x + round as f32).collect()).collect();
+        // Each round's values, on the device beforehand: the compute stream rewrites the tensors
+        // with device copies.
+        let rounds = 3;
+        let want: Vec<Vec<f32>> =
+            (0..rounds).map(|r| host.iter().flat_map(|h| h.iter().map(move |x| x + r as f32)).collect()).collect();
+        let srcs: Vec<Vec<CudaSlice<f32>>> = want
+            .iter()
+            .map(|w| {
+                let mut at = 0;
+                host.iter()
+                    .map(|h| {
+                        at += h.len();
+                        gpu.stream.clone_htod(&w[at - h.len()..at]).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        gpu.stream.synchronize().unwrap();
+        let mut bufs: Vec<PinnedBuf<f32>> = (0..rounds).map(|_| PinnedBuf::new(&gpu, total).unwrap()).collect();
+        // No host wait between the rounds: only the device-side orderings keep them apart. Round
+        // r + 1's rewrite waits for round r's copies (compute_waits), and round r's copies wait for
+        // round r's rewrite (after_compute); without the first, the rewrite would change the
+        // tensors while the 64 MB copy still reads them.
+        for (r, buf) in bufs.iter_mut().enumerate() {
             copy.compute_waits(&gpu).unwrap();
-            for (d, w) in dev.iter_mut().zip(&want) {
-                gpu.stream.memcpy_htod(w, d).unwrap();
+            for (d, s) in dev.iter_mut().zip(&srcs[r]) {
+                gpu.stream.memcpy_dtod(s, d).unwrap();
             }
             copy.after_compute(&gpu).unwrap();
             let views: Vec<CudaView<'_, f32>> = dev.iter().map(|d| d.as_view()).collect();
-            let buf = &mut bufs[round as usize % 2];
-            // SAFETY: the buffer is read only after synchronize below; the tensors are rewritten
-            // only after compute_waits.
+            // SAFETY: the buffers are read only after synchronize below; the tensors are rewritten
+            // only after compute_waits, the sources never.
             let n = unsafe { copy.download(&gpu, buf, &views) }.unwrap();
             assert_eq!(n, total);
             copy.finish().unwrap();
-            copy.synchronize().unwrap();
-            assert_eq!(buf.as_slice(), want.concat().as_slice(), "round {round}");
+        }
+        copy.synchronize().unwrap();
+        for (r, buf) in bufs.iter().enumerate() {
+            assert!(buf.as_slice() == want[r].as_slice(), "round {r}: the copy does not hold the round's values");
         }
     }
 }

@@ -453,6 +453,9 @@ pub struct Trainer {
     device: String,
     /// A GPU call failed: the device may be unusable (a sticky error); the host state is intact.
     gpu_failed: bool,
+    /// Set by [`Trainer::sync_host`] when the last step's host copy had not completed: (that
+    /// step, the step the run went back to).
+    went_back: Option<(u64, u64)>,
 }
 
 /// Where a run stood after a step (the tag of the host copy of a GPU update): what the run goes
@@ -536,6 +539,7 @@ impl Trainer {
             host_stale: false,
             device: String::new(),
             gpu_failed: false,
+            went_back: None,
             dev_start: None,
         };
         if resume {
@@ -770,6 +774,7 @@ impl Trainer {
         }
         if let Some(m) = back_to {
             self.batcher.restore(m.batcher).map_err(|e| Error::Input(format!("restoring the data order: {e}")))?;
+            self.went_back = Some((self.step, m.step));
             self.step = m.step;
             self.skipped_steps = m.skipped_steps;
             self.bad_in_row = m.bad_in_row;
@@ -1041,9 +1046,17 @@ impl Trainer {
         match self.save_checkpoint() {
             Ok(p) => {
                 log(Event::Checkpoint { step: self.step, path: p.clone() });
+                let back = match self.went_back {
+                    Some((lost, to)) => {
+                        format!(
+                            " (step {lost}'s copy to the host had not completed, so the run went back to step {to})"
+                        )
+                    }
+                    None => String::new(),
+                };
                 Error::Gpu(format!(
-                    "{cause}\nThe GPU failed after step {}; the run stopped after saving that step to {}. Continue \
-                     it with --resume (on this or another GPU, or with --device cpu).",
+                    "{cause}\nThe GPU failed after step {}{back}; the run stopped after saving that step to {}. \
+                     Continue it with --resume (on this or another GPU, or with --device cpu).",
                     self.step,
                     p.display()
                 ))

@@ -399,6 +399,14 @@ fn child_process_of_the_sticky_error_test() {
     let e = train(fault_config(Path::new(&out)), false).expect_err("the injected fault must stop the run");
     println!("CHILD ERROR: {e}");
     assert!(e.contains("GPU failed after step 2") && e.contains("checkpoint-2") && e.contains("--resume"), "{e}");
+    // Faulted right after step 3's update, the run went back from step 3 (in sync_host, as its
+    // copy never landed); faulted at step 3's start, it never left step 2.
+    let in_copy = std::env::var("OXTUNE_FAULT_IN_COPY_AT_STEP").is_ok();
+    assert_eq!(
+        e.contains("step 3's copy to the host had not completed, so the run went back to step 2"),
+        in_copy,
+        "{e}"
+    );
     assert!(e.contains("ILLEGAL_ADDRESS") || e.contains("illegal"), "the CUDA error is named: {e}");
 }
 
@@ -409,9 +417,10 @@ fn a_sticky_gpu_error_saves_the_last_step_and_the_run_resumes() {
     let base = std::env::temp_dir().join(format!("oxtune-gpu-fault-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     // The child's third forward-backward hits an illegal address (a sticky error), after every
-    // stream is idle: the host holds step 2. Then the fault comes right after step 3's update,
-    // before its host copy (which overlaps the next step) can run: the host still holds step 2,
-    // and the run must go back to it (step count, data order) so that it resumes exactly.
+    // stream is idle: the host holds step 2. Then the fault comes right after step 3's update
+    // (200 ms later on the device: the host has moved on to step 4), before its host copy (which
+    // overlaps the next step) can run: the host still holds step 2, and the run must go back to
+    // it (step count, data order) so that it resumes exactly (the child checks it said so).
     for (hook, run) in [("OXTUNE_FAULT_AT_STEP", "faulted"), ("OXTUNE_FAULT_IN_COPY_AT_STEP", "faulted-in-copy")] {
         let o = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_process_of_the_sticky_error_test", "--include-ignored", "--nocapture"])

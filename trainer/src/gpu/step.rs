@@ -89,9 +89,10 @@ pub(crate) struct DeviceStep<T> {
     marks: CudaSlice<u32>,
     /// Steps taken (the sets' `seq`: 1, 2, ...).
     seq: u32,
-    /// Testing hook (`OXTUNE_FAULT_IN_COPY_AT_STEP=N`): step N's update is followed by a sticky
-    /// CUDA error that the host copy of the step waits behind, so the copy never lands and the
-    /// fault surfaces during the next step: the host must fall back to step N − 1.
+    /// Testing hook (`OXTUNE_FAULT_IN_COPY_AT_STEP=N`): step N's update is followed by a kernel
+    /// that faults (a sticky CUDA error) 200 ms after it starts, which the host copy of the step
+    /// waits behind: the step's remaining calls only queue work and return, the copy never lands
+    /// and the fault surfaces during the next step: the host must go back to step N − 1.
     fault_in_copy_at: Option<u32>,
 }
 
@@ -173,7 +174,7 @@ impl<T> DeviceStep<T> {
         }
         if self.fault_in_copy_at == Some(self.seq) {
             self.copy.synchronize()?; // the last step's copy lands first
-            gpu.queue_fault()?;
+            gpu.queue_fault(std::time::Duration::from_millis(200))?;
         }
         self.copy.after_compute(gpu)?;
         let set = &mut self.sets[next];

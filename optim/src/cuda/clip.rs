@@ -1,7 +1,7 @@
 //! Global-norm gradient clipping on the device ([`crate::clip_grad_norm`]'s semantics), every tensor
 //! in one launch per pass.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use oxtune_kernels::{Error, Gpu};
 
 use super::{CLIP_SRC, THREADS};
@@ -31,14 +31,14 @@ impl Default for GradClip {
     }
 }
 
-/// The table of `grads` (empty ones left out) and its chunk count.
-fn table_of(gpu: &Gpu, grads: &[CudaView<'_, f32>]) -> (Vec<u64>, usize) {
-    let mut table = Vec::with_capacity(3 * grads.len());
+/// The table rows of tensors given as (device address, length), empty ones left out, and their
+/// chunk count.
+fn table_of(tensors: &[(u64, usize)]) -> (Vec<u64>, usize) {
+    let mut table = Vec::with_capacity(3 * tensors.len());
     let mut chunks = 0usize;
-    for g in grads.iter().filter(|g| !g.is_empty()) {
-        let (ptr, _sync) = g.device_ptr(&gpu.stream);
-        table.extend([ptr, g.len() as u64, chunks as u64]);
-        chunks += g.len().div_ceil(CHUNK);
+    for &(ptr, n) in tensors.iter().filter(|t| t.1 > 0) {
+        table.extend([ptr, n as u64, chunks as u64]);
+        chunks += n.div_ceil(CHUNK);
     }
     (table, chunks)
 }
@@ -49,10 +49,10 @@ impl GradClip {
         Self { table: vec![], table_dev: None, partials: None }
     }
 
-    /// Uploads the table of `grads` if it differs from the last one and makes room for its chunks'
-    /// partial sums; returns (tensors, chunks).
-    fn prepare(&mut self, gpu: &Gpu, grads: &[CudaView<'_, f32>]) -> oxtune_kernels::Result<(u32, u32)> {
-        let (table, chunks) = table_of(gpu, grads);
+    /// Uploads the table of `tensors` (device address, length) if it differs from the last one and
+    /// makes room for their chunks' partial sums; returns (tensors, chunks).
+    fn prepare(&mut self, gpu: &Gpu, tensors: &[(u64, usize)]) -> oxtune_kernels::Result<(u32, u32)> {
+        let (table, chunks) = table_of(tensors);
         let count = table.len() / 3;
         let too_many = |what: &str, n: usize| Error::Shape(format!("gradient clipping: {n} {what} exceed 2^32"));
         let chunks32 = u32::try_from(chunks).map_err(|_| too_many("chunks", chunks))?;
@@ -76,7 +76,11 @@ impl GradClip {
     /// 32,768 elements, then added in a fixed order by one block (no atomics: the same bits on every
     /// run), and one host read.
     pub fn norm(&mut self, gpu: &Gpu, grads: &[CudaView<'_, f32>]) -> oxtune_kernels::Result<f32> {
-        let (count, chunks) = self.prepare(gpu, grads)?;
+        // The addresses with their guards, held until the kernel is queued (they record its use of
+        // the buffers when cudarc tracks streams).
+        let guarded: Vec<_> = grads.iter().map(|g| (g.device_ptr(&gpu.stream), g.len())).collect();
+        let tensors: Vec<(u64, usize)> = guarded.iter().map(|((p, _), n)| (*p, *n)).collect();
+        let (count, chunks) = self.prepare(gpu, &tensors)?;
         if chunks == 0 {
             return Ok(0.0);
         }
@@ -100,6 +104,7 @@ impl GradClip {
         // alive until the kernel ran: their memory is freed on the stream), their chunks numbered
         // 0..chunks in order; partials holds `chunks` doubles; blockDim 256, a multiple of 32.
         unsafe { gpu.stream.launch_builder(&squares).arg(&mut parts).arg(table).arg(&count).arg(&chunks).launch(cfg) }?;
+        drop(guarded);
         let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: sum_partials_f64(double* acc, const double* partials, unsigned count): acc holds 1
         // double, partials `chunks`, written just before on the same stream.
@@ -113,9 +118,16 @@ impl GradClip {
 
     /// `g *= s` for every gradient, in one launch.
     pub fn scale(&mut self, gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>], s: f32) -> oxtune_kernels::Result<()> {
-        let views: Vec<CudaView<'_, f32>> = grads.iter().map(|g| g.as_view()).collect();
-        let (count, chunks) = self.prepare(gpu, &views)?;
-        drop(views);
+        // As in norm, with write guards.
+        let guarded: Vec<_> = grads
+            .iter_mut()
+            .map(|g| {
+                let n = g.len();
+                (g.device_ptr_mut(&gpu.stream), n)
+            })
+            .collect();
+        let tensors: Vec<(u64, usize)> = guarded.iter().map(|((p, _), n)| (*p, *n)).collect();
+        let (count, chunks) = self.prepare(gpu, &tensors)?;
         if chunks == 0 {
             return Ok(());
         }
@@ -131,6 +143,7 @@ impl GradClip {
         // keeps them alive until the kernel ran), each written only below its length; distinct
         // tensors do not overlap (each view is a separate &mut borrow).
         unsafe { gpu.stream.launch_builder(&f).arg(table).arg(&count).arg(&chunks).arg(&s).launch(cfg) }?;
+        drop(guarded);
         Ok(())
     }
 

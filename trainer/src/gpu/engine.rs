@@ -287,6 +287,9 @@ pub struct GpuEngine {
     fault_at: Option<u64>,
     passes: u64,
     /// Partial sums of the global gradient norm.
+    /// The gradient norm and clipping; its device buffers (a table row per tensor and a partial
+    /// sum per 32,768 gradients: ~30 KB for gpt-oss-20b) come with the first step, outside the
+    /// engine's allocation count.
     grad_clip: oxtune_optim::cuda::GradClip,
     prof: Profile,
 }
@@ -340,7 +343,8 @@ fn activation_f32s(
         + chunk * (2 * h + cfg.vocab_size)
         + sc * (2 * h + 3 * i)
         + 2 * sc.max(t) * max_rank
-        + sc * max_rank;
+        + sc * max_rank
+        + 4 * t * max_rank; // u, du, u_gu, u_attn
     let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
     let layers = cfg.num_hidden_layers;
     let inputs = if offload { 0 } else { layers * t * cfg.hidden_size };

@@ -51,17 +51,17 @@ __device__ __forceinline__ void group_rows(const unsigned int* offsets, const Pa
     len = end - start;
 }
 
-// The row tiles of TM rows of every group, numbered group by group: group g has ceil(rows / TM)
+// The row tiles of TM rows of every group are numbered group by group: group g has ceil(rows / TM)
 // tiles, rows being its own row count (Grouped::M) or p.m (Grouped::K, whose groups split K). A
-// block takes tiles blockIdx.y, blockIdx.y + gridDim.y, ... (blocks with blockIdx.z > 0 take none);
-// each next() moves to the block's next tile and says whether there is one. Every warp finds the
-// tile's group itself, 32 groups at a time (a prefix sum of their tile counts over the lanes: one
-// step for up to 32 experts), keeping only the tile's index between tiles (the kernels' loops are
-// short of registers). next() must be called by all 32 lanes of every warp of the block together.
-// Finds row tile t: its group g, the group's rows [start, start + len) and the tile's index mt in
-// them; false past the last tile. Every warp of the block looks, 32 groups at a time (a prefix sum
-// of their tile counts over the lanes; one step for up to 32 experts); all 32 lanes of every warp
-// must call it together.
+// block takes tiles blockIdx.y, blockIdx.y + gridDim.y, ... (first_tile; blocks with blockIdx.z > 0
+// take none), keeping only the tile's index between tiles (the kernels' loops are short of
+// registers). With nondecreasing offsets (the launchers' contract) there are fewer than 2^31 tiles
+// (check_shapes), so the index never wraps.
+//
+// row_tile finds tile t: its group g, the group's rows [start, start + len) and the tile's index mt
+// in them; false past the last tile. Every warp of the block looks, 32 groups at a time (a prefix
+// sum of their tile counts over the lanes; one step for up to 32 experts); all 32 lanes of every
+// warp must call it together.
 template <unsigned int TM>
 __device__ __forceinline__ bool row_tile(const unsigned int* offsets, const Params& p, unsigned int t,
                                          unsigned int& g, unsigned int& start, unsigned int& len,

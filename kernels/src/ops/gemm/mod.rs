@@ -350,6 +350,11 @@ fn check_shapes(
     for (what, v) in [("groups", cfg.groups), ("m", cfg.m), ("n", cfg.n), ("k", cfg.k), ("total_rows", total_rows)] {
         check_dim(op, what, v)?;
     }
+    if cfg.grouped == Grouped::K {
+        // The kernels number the row tiles of all groups in 32 bits (under Grouped::M there are at
+        // most total_rows of them).
+        check_dim(op, "groups · m", cfg.groups.saturating_mul(cfg.m))?;
+    }
     let [(ar, ac), (br, bc), (cr, cc)] = operand_dims(cfg, total_rows);
     check_len(op, "a", a_len, extent(op, "a", cfg.groups, cfg.a, ar, ac)?)?;
     if let Some(b_len) = b_len {
@@ -387,10 +392,10 @@ fn launch_config(cfg: &GroupedGemm, total_rows: usize, tile_m: usize, tile_n: us
     grid(cfg.n.div_ceil(tile_n), row_tiles(cfg, total_rows, tile_m), 1)
 }
 
-/// How many row tiles of `tile_m` rows the kernels walk (`RowTiles` in gemm.cu numbers them group
+/// How many row tiles of `tile_m` rows the kernels walk (`row_tile` in gemm.cu numbers them group
 /// by group), at most: under Grouped::M, `Σ_g ⌈rows_g / tile_m⌉ ≤ ⌊(total_rows + groups · (tile_m −
-/// 1)) / tile_m⌋` whatever the offsets, so the host needs the total alone (no copy of the plan);
-/// under Grouped::K, `groups · ⌈m / tile_m⌉`.
+/// 1)) / tile_m⌋` however nondecreasing offsets split the rows, so the host needs the total alone
+/// (no copy of the plan); under Grouped::K, `groups · ⌈m / tile_m⌉`.
 fn row_tiles(cfg: &GroupedGemm, total_rows: usize, tile_m: usize) -> usize {
     match cfg.grouped {
         Grouped::M => {

@@ -266,7 +266,8 @@ impl Dev {
         // SAFETY: as in grouped_gemm_f32 (same kernel, operands, Params and block size): the
         // shapes were checked against these buffers, the kernel is one that grouped_gemm_f32 may
         // run for `cfg`, and every kernel loops grid-stride over each grid dimension it uses (the
-        // others were checked to be 1 above), so any grid reaches only the same elements.
+        // row-tile kernels' blocks with z > 0 take no tile, and the dimensions the others do not
+        // use were checked to be 1 above), so any grid reaches only the same elements.
         unsafe { gpu.stream.launch_builder(&f).arg(&mut self.cd).arg(a).arg(b).arg(&self.od).arg(&p).launch(lc) }
             .unwrap();
     }

@@ -352,6 +352,13 @@ fn short_buffers_and_bad_configs_are_shape_errors() {
         GroupedGemm { grouped: Grouped::K, a: Strides { row: 1, col: 4, group: 0 }, c: Strides::row_major(3), ..cfg };
     assert!(check_shapes(op, &k, 3, 0, 0, Some(0), 12).is_ok());
     assert!(check_shapes(op, &k, 3, 0, 0, Some(0), 11).is_err());
+    // The row tiles of all groups are numbered in 32 bits: groups · m must fit (C's group stride 0
+    // lets every group write the same rows, so the buffers alone would not catch it).
+    let many = GroupedGemm { groups: 1 << 16, m: 1 << 16, c: Strides { row: 3, col: 1, group: 0 }, ..k };
+    assert_eq!(
+        err(check_shapes(op, &many, (1 << 16) + 1, 0, 0, Some(0), 3 << 16)),
+        format!("t: groups · m = {} exceeds {}", 1u64 << 32, i32::MAX)
+    );
 
     let mx = GroupedGemm { n: 6, k: 64, ..cfg };
     assert!(check_mxfp4(op, &mx, 2, 6, 64, 2 * 6 * 2 * 16, 2 * 6 * 2, false).is_ok());

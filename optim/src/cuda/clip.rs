@@ -43,6 +43,11 @@ fn table_of(tensors: &[(u64, usize)]) -> (Vec<u64>, usize) {
     (table, chunks)
 }
 
+/// The multi-tensor kernels' grid: a block per chunk, at most [`MAX_BLOCKS`] (they stride).
+fn chunk_grid(chunks: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (chunks.min(MAX_BLOCKS as u32), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 impl GradClip {
     /// No device memory yet: the first call allocates it.
     pub fn new() -> Self {
@@ -93,11 +98,7 @@ impl GradClip {
         let (mut parts, mut acc) = partials.split_at_mut(n);
         let mut acc = acc.slice_mut(..1);
         gpu.stream.memset_zeros(&mut acc)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.min(MAX_BLOCKS) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = chunk_grid(chunks);
         // SAFETY: sum_squares_multi_f32(double* partials, const TensorRef* t, unsigned count, unsigned
         // chunks): the table holds `count` rows (address, length, first chunk) of live f32 device
         // buffers of this stream's context, borrowed by `grads` for this call (stream order keeps them
@@ -133,11 +134,7 @@ impl GradClip {
         }
         let f = gpu.function("optim_clip", CLIP_SRC, "scale_multi_f32")?;
         let Some(table) = self.table_dev.as_ref() else { unreachable!("prepare allocates it") };
-        let cfg = LaunchConfig {
-            grid_dim: ((chunks as usize).min(MAX_BLOCKS) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = chunk_grid(chunks);
         // SAFETY: scale_multi_f32(const TensorRef* t, unsigned count, unsigned chunks, float s): the
         // table rows are the f32 buffers of `grads`, mutably borrowed for this call (stream order
         // keeps them alive until the kernel ran), each written only below its length; distinct

@@ -286,7 +286,6 @@ pub struct GpuEngine {
     /// sticky CUDA error, to test that a run survives a GPU fault.
     fault_at: Option<u64>,
     passes: u64,
-    /// Partial sums of the global gradient norm.
     /// The gradient norm and clipping; its device buffers (a table row per tensor and a partial
     /// sum per 32,768 gradients: ~30 KB for gpt-oss-20b) come with the first step, outside the
     /// engine's allocation count.
@@ -342,9 +341,9 @@ fn activation_f32s(
         + t * (2 * qw + 2 * kw + nq + k + 2 * e)
         + chunk * (2 * h + cfg.vocab_size)
         + sc * (2 * h + 3 * i)
-        + 2 * sc.max(t) * max_rank
-        + sc * max_rank
-        + 4 * t * max_rank; // u, du, u_gu, u_attn
+        + 2 * sc.max(t) * max_rank // u, du
+        + sc * max_rank // u_gu
+        + 4 * t * max_rank; // u_attn
     let bf = (t * h.max(qw)).max(chunk * cfg.vocab_size); // two bf16 halves = one f32
     let layers = cfg.num_hidden_layers;
     let inputs = if offload { 0 } else { layers * t * cfg.hidden_size };
@@ -993,13 +992,12 @@ impl GpuEngine {
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let total = acts.total;
-        let m = total;
         let (n, k) = if backward { (n_in, n_out) } else { (n_out, n_in) };
         let st = |row, col, group| Strides { row, col, group };
         let cfg = |b| GroupedGemm {
             groups: experts,
             grouped: Grouped::M,
-            m,
+            m: total,
             n,
             k,
             alpha: 1.0,

@@ -13,8 +13,8 @@
 // after the general kernel. MXFP4 B (grouped_gemm_f32_mxfp4w): see the section above that kernel.
 //
 // Grid: x = n tiles, y = row tiles (at most 65535), z = 1 (small_out states its own). The row tiles
-// of all groups are numbered in group order (RowTiles: under Grouped::M each group has as many as its
-// rows need, so no block is launched for a tile past a group's rows, and the host needs only the
+// of all groups are numbered in group order (row_tile: under Grouped::M each group has as many as
+// its rows need, so no block is launched for a tile past a group's rows, and the host needs only the
 // total row count, not the plan, to size the grid); every level loops grid-stride, so the result
 // never depends on the grid size. Offsets are clamped to total_rows, so a bad offsets array cannot
 // make the kernel read or write outside the bounds the launcher checked.
@@ -62,6 +62,12 @@ __device__ __forceinline__ void group_rows(const unsigned int* offsets, const Pa
 // in them; false past the last tile. Every warp of the block looks, 32 groups at a time (a prefix
 // sum of their tile counts over the lanes; one step for up to 32 experts); all 32 lanes of every
 // warp must call it together.
+// Row tiles of TM rows in a group of len rows (Grouped::M) or of p.m rows (Grouped::K).
+template <unsigned int TM>
+__device__ __forceinline__ unsigned int tiles_of(const Params& p, unsigned int len) {
+    return ((p.grouped_k ? p.m : len) + TM - 1) / TM;
+}
+
 template <unsigned int TM>
 __device__ __forceinline__ bool row_tile(const unsigned int* offsets, const Params& p, unsigned int t,
                                          unsigned int& g, unsigned int& start, unsigned int& len,
@@ -73,7 +79,7 @@ __device__ __forceinline__ bool row_tile(const unsigned int* offsets, const Para
         if (g + lane < p.groups) {
             unsigned int s, l;
             group_rows(offsets, p, g + lane, s, l);
-            n = ((p.grouped_k ? p.m : l) + TM - 1) / TM;
+            n = tiles_of<TM>(p, l);
         }
         unsigned int incl = n;  // tiles of groups g..=g + lane
 #pragma unroll
@@ -105,7 +111,7 @@ __device__ __forceinline__ bool row_tile_serial(const unsigned int* offsets, con
     unsigned int first = 0;  // tiles before group g
     for (g = 0; g < p.groups; ++g) {
         group_rows(offsets, p, g, start, len);
-        const unsigned int n = ((p.grouped_k ? p.m : len) + TM - 1) / TM;
+        const unsigned int n = tiles_of<TM>(p, len);
         if (t - first < n) {
             mt = t - first;
             return true;
@@ -152,52 +158,50 @@ __device__ void grouped_gemm(const float* a, float* c, const unsigned int* offse
         const unsigned int kbase = p.grouped_k ? start : 0u; // first k of A's columns and B's rows
         const float* ag = a + (size_t)g * p.a_group;
         float* cg = c + (size_t)g * p.c_group;
-        {
-            for (unsigned int nt = blockIdx.x; (size_t)nt * BN < p.n; nt += gridDim.x) {
-                const unsigned int m0 = mt * BM, n0 = nt * BN;
-                float acc[4][4];
+        for (unsigned int nt = blockIdx.x; (size_t)nt * BN < p.n; nt += gridDim.x) {
+            const unsigned int m0 = mt * BM, n0 = nt * BN;
+            float acc[4][4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < 4; ++i)
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
-                for (unsigned int k0 = 0; k0 < depth; k0 += BK) {
-                    for (int i = tid; i < BM * BK; i += THREADS) {
-                        const int kk = a_k_fast ? i % BK : i / BM;
-                        const int mm = a_k_fast ? i / BK : i % BM;
-                        const unsigned int gm = m0 + mm, gk = k0 + kk;
-                        As[kk][mm] = (gm < rows && gk < depth)
-                                         ? ag[(size_t)(row0 + gm) * p.a_row + (size_t)(kbase + gk) * p.a_col]
-                                         : 0.0f;
-                    }
-                    load_b(Bs, g, k0, n0, depth, kbase);
-                    __syncthreads();
-#pragma unroll 8
-                    for (int kk = 0; kk < BK; ++kk) {
-                        float av[4], bv[4];
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) av[i] = As[kk][ty + 16 * i];
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-                        for (int i = 0; i < 4; ++i)
-#pragma unroll
-                            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-                    }
-                    __syncthreads();
+                for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+            for (unsigned int k0 = 0; k0 < depth; k0 += BK) {
+                for (int i = tid; i < BM * BK; i += THREADS) {
+                    const int kk = a_k_fast ? i % BK : i / BM;
+                    const int mm = a_k_fast ? i / BK : i % BM;
+                    const unsigned int gm = m0 + mm, gk = k0 + kk;
+                    As[kk][mm] = (gm < rows && gk < depth)
+                                     ? ag[(size_t)(row0 + gm) * p.a_row + (size_t)(kbase + gk) * p.a_col]
+                                     : 0.0f;
                 }
+                load_b(Bs, g, k0, n0, depth, kbase);
+                __syncthreads();
+#pragma unroll 8
+                for (int kk = 0; kk < BK; ++kk) {
+                    float av[4], bv[4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const unsigned int gm = m0 + ty + 16 * i;
-                    if (gm >= rows) continue;
+                    for (int i = 0; i < 4; ++i) av[i] = As[kk][ty + 16 * i];
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const unsigned int gn = n0 + tx + 16 * j;
-                        if (gn >= p.n) continue;
-                        float* cp = cg + (size_t)(row0 + gm) * p.c_row + (size_t)gn * p.c_col;
-                        // beta = 0 overwrites: old C may hold NaN and is never read.
-                        const float v = p.alpha * acc[i][j];
-                        *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
-                    }
+                    for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i)
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                }
+                __syncthreads();
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const unsigned int gm = m0 + ty + 16 * i;
+                if (gm >= rows) continue;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const unsigned int gn = n0 + tx + 16 * j;
+                    if (gn >= p.n) continue;
+                    float* cp = cg + (size_t)(row0 + gm) * p.c_row + (size_t)gn * p.c_col;
+                    // beta = 0 overwrites: old C may hold NaN and is never read.
+                    const float v = p.alpha * acc[i][j];
+                    *cp = p.beta == 0.0f ? v : fmaf(p.beta, *cp, v);
                 }
             }
         }
@@ -275,91 +279,89 @@ __device__ void narrow_n(float* c, const float* a, const float* b, const unsigne
         const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
         const float* bg = b + (size_t)g * p.b_group;
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
-        {
-            const unsigned int m0 = mt * NR + warp * RPW;  // the warp's first row
-            const int rows = m0 < len ? (int)min(len - m0, (unsigned int)RPW) : 0;  // of the warp's RPW
-            float av[KQ][RPW], an[KQ][RPW], bn[BPT];
-            // A(m0 + r, k0 + lane + 32 q) into dst, this thread's share of B's chunk into bn; zeros
-            // past the group's rows, past K and past n.
-            auto load = [&](unsigned int k0, float (&dst)[KQ][RPW]) {
+        const unsigned int m0 = mt * NR + warp * RPW;  // the warp's first row
+        const int rows = m0 < len ? (int)min(len - m0, (unsigned int)RPW) : 0;  // of the warp's RPW
+        float av[KQ][RPW], an[KQ][RPW], bn[BPT];
+        // A(m0 + r, k0 + lane + 32 q) into dst, this thread's share of B's chunk into bn; zeros
+        // past the group's rows, past K and past n.
+        auto load = [&](unsigned int k0, float (&dst)[KQ][RPW]) {
 #pragma unroll
-                for (int q = 0; q < KQ; ++q) {
-                    const unsigned int gk = k0 + lane + 32 * q;
-                    // One pointer stepped down the rows: fewer live 64-bit addresses than r · a_row.
-                    const float* ap = ag + (size_t)m0 * p.a_row + (size_t)gk * p.a_col;
+            for (int q = 0; q < KQ; ++q) {
+                const unsigned int gk = k0 + lane + 32 * q;
+                // One pointer stepped down the rows: fewer live 64-bit addresses than r · a_row.
+                const float* ap = ag + (size_t)m0 * p.a_row + (size_t)gk * p.a_col;
 #pragma unroll
-                    for (int r = 0; r < RPW; ++r, ap += p.a_row)
-                        dst[q][r] = (r < rows && gk < depth) ? *ap : 0.0f;
+                for (int r = 0; r < RPW; ++r, ap += p.a_row)
+                    dst[q][r] = (r < rows && gk < depth) ? *ap : 0.0f;
+            }
+#pragma unroll
+            for (int e = 0; e < BPT; ++e) {
+                const int i = tid + THREADS * e;
+                const int kk = b_n_fast ? i / NP : i % KC, jn = b_n_fast ? i % NP : i / KC;
+                const unsigned int gk = k0 + kk;
+                bn[e] = (gk < depth && jn < p.n) ? bg[(size_t)gk * p.b_row + (size_t)jn * p.b_col] : 0.0f;
+            }
+        };
+        auto stash = [&](float (*bs)[LDB]) {
+#pragma unroll
+            for (int e = 0; e < BPT; ++e) {
+                const int i = tid + THREADS * e;
+                bs[b_n_fast ? i / NP : i % KC][b_n_fast ? i % NP : i / KC] = bn[e];
+            }
+        };
+        float acc[RPW][NP];
+#pragma unroll
+        for (int r = 0; r < RPW; ++r)
+#pragma unroll
+            for (int j = 0; j < NP; ++j) acc[r][j] = 0.0f;
+        // Bs[0] is free: every thread passed the barrier after its last read of the previous tile.
+        load(0, av);
+        stash(Bs[0]);
+        __syncthreads();
+        int st = 0;
+        for (unsigned int k0 = 0; k0 < depth; k0 += KC, st ^= 1) {
+            const bool more = k0 + KC < depth;
+            if (more) load(k0 + KC, an);
+#pragma unroll
+            for (int q = 0; q < KQ; ++q) {
+                float bv[NP];
+                const float4* brow = reinterpret_cast<const float4*>(&Bs[st][lane + 32 * q][0]);
+#pragma unroll
+                for (int j4 = 0; j4 < NP / 4; ++j4) {
+                    const float4 t = brow[j4];
+                    bv[4 * j4] = t.x, bv[4 * j4 + 1] = t.y, bv[4 * j4 + 2] = t.z, bv[4 * j4 + 3] = t.w;
                 }
 #pragma unroll
-                for (int e = 0; e < BPT; ++e) {
-                    const int i = tid + THREADS * e;
-                    const int kk = b_n_fast ? i / NP : i % KC, jn = b_n_fast ? i % NP : i / KC;
-                    const unsigned int gk = k0 + kk;
-                    bn[e] = (gk < depth && jn < p.n) ? bg[(size_t)gk * p.b_row + (size_t)jn * p.b_col] : 0.0f;
-                }
-            };
-            auto stash = [&](float (*bs)[LDB]) {
+                for (int r = 0; r < RPW; ++r)
 #pragma unroll
-                for (int e = 0; e < BPT; ++e) {
-                    const int i = tid + THREADS * e;
-                    bs[b_n_fast ? i / NP : i % KC][b_n_fast ? i % NP : i / KC] = bn[e];
-                }
-            };
-            float acc[RPW][NP];
-#pragma unroll
-            for (int r = 0; r < RPW; ++r)
-#pragma unroll
-                for (int j = 0; j < NP; ++j) acc[r][j] = 0.0f;
-            // Bs[0] is free: every thread passed the barrier after its last read of the previous tile.
-            load(0, av);
-            stash(Bs[0]);
+                    for (int j = 0; j < NP; ++j) acc[r][j] = fmaf(av[q][r], bv[j], acc[r][j]);
+            }
+            // The other stage was last read before the previous barrier: fill it now, and one
+            // barrier per chunk both publishes it and frees this one.
+            if (more) stash(Bs[st ^ 1]);
             __syncthreads();
-            int st = 0;
-            for (unsigned int k0 = 0; k0 < depth; k0 += KC, st ^= 1) {
-                const bool more = k0 + KC < depth;
-                if (more) load(k0 + KC, an);
+            if (more) {
 #pragma unroll
-                for (int q = 0; q < KQ; ++q) {
-                    float bv[NP];
-                    const float4* brow = reinterpret_cast<const float4*>(&Bs[st][lane + 32 * q][0]);
+                for (int q = 0; q < KQ; ++q)
 #pragma unroll
-                    for (int j4 = 0; j4 < NP / 4; ++j4) {
-                        const float4 t = brow[j4];
-                        bv[4 * j4] = t.x, bv[4 * j4 + 1] = t.y, bv[4 * j4 + 2] = t.z, bv[4 * j4 + 3] = t.w;
-                    }
-#pragma unroll
-                    for (int r = 0; r < RPW; ++r)
-#pragma unroll
-                        for (int j = 0; j < NP; ++j) acc[r][j] = fmaf(av[q][r], bv[j], acc[r][j]);
-                }
-                // The other stage was last read before the previous barrier: fill it now, and one
-                // barrier per chunk both publishes it and frees this one.
-                if (more) stash(Bs[st ^ 1]);
-                __syncthreads();
-                if (more) {
-#pragma unroll
-                    for (int q = 0; q < KQ; ++q)
-#pragma unroll
-                        for (int r = 0; r < RPW; ++r) av[q][r] = an[q][r];
-                }
+                    for (int r = 0; r < RPW; ++r) av[q][r] = an[q][r];
             }
-            float v[64];
+        }
+        float v[64];
 #pragma unroll
-            for (int r = 0; r < RPW; ++r)
+        for (int r = 0; r < RPW; ++r)
 #pragma unroll
-                for (int j = 0; j < NP; ++j) v[r * NP + j] = acc[r][j];
-            halve<32>(v, lane);
-            halve<16>(v, lane);
-            halve<8>(v, lane);
-            halve<4>(v, lane);
-            halve<2>(v, lane);
+            for (int j = 0; j < NP; ++j) v[r * NP + j] = acc[r][j];
+        halve<32>(v, lane);
+        halve<16>(v, lane);
+        halve<8>(v, lane);
+        halve<4>(v, lane);
+        halve<2>(v, lane);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int o = 2 * lane + h, r = o / NP, j = o % NP;
-                const unsigned int gm = m0 + r;
-                if (gm < len && j < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)j * p.c_col, v[h], p);
-            }
+        for (int h = 0; h < 2; ++h) {
+            const int o = 2 * lane + h, r = o / NP, j = o % NP;
+            const unsigned int gm = m0 + r;
+            if (gm < len && j < p.n) store_c(cg + (size_t)gm * p.c_row + (size_t)j * p.c_col, v[h], p);
         }
     }
 }
@@ -388,52 +390,50 @@ __device__ void tiny_k(float* c, const float* a, const float* b, const unsigned 
         const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
         const float* bg = b + (size_t)g * p.b_group;
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
-        {
-            const unsigned int m0 = mt * TM, rows = min(len - m0, (unsigned int)TM);
-            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
-                const unsigned int gn = nt * TN + tid;
-                __syncthreads();  // every thread is past its reads of the previous tile's As
-                for (int i = tid; i < TM * KP; i += THREADS) {
-                    const int kk = a_k_fast ? i % KP : i / TM, mm = a_k_fast ? i / KP : i % TM;
-                    As[mm][kk] = (mm < rows && kk < depth)
-                                     ? ag[(size_t)(m0 + mm) * p.a_row + (size_t)kk * p.a_col]
-                                     : 0.0f;
-                }
-                float bv[KP];
+        const unsigned int m0 = mt * TM, rows = min(len - m0, (unsigned int)TM);
+        for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+            const unsigned int gn = nt * TN + tid;
+            __syncthreads();  // every thread is past its reads of the previous tile's As
+            for (int i = tid; i < TM * KP; i += THREADS) {
+                const int kk = a_k_fast ? i % KP : i / TM, mm = a_k_fast ? i / KP : i % TM;
+                As[mm][kk] = (mm < rows && kk < depth)
+                                 ? ag[(size_t)(m0 + mm) * p.a_row + (size_t)kk * p.a_col]
+                                 : 0.0f;
+            }
+            float bv[KP];
 #pragma unroll
-                for (int kk = 0; kk < KP; ++kk)
-                    bv[kk] = (kk < depth && gn < p.n) ? bg[(size_t)kk * p.b_row + (size_t)gn * p.b_col] : 0.0f;
-                __syncthreads();
-                if (gn >= p.n) continue;  // no barrier before the next tile's first one
-                float* cn = cg + (size_t)m0 * p.c_row + (size_t)gn * p.c_col;
+            for (int kk = 0; kk < KP; ++kk)
+                bv[kk] = (kk < depth && gn < p.n) ? bg[(size_t)kk * p.b_row + (size_t)gn * p.b_col] : 0.0f;
+            __syncthreads();
+            if (gn >= p.n) continue;  // no barrier before the next tile's first one
+            float* cn = cg + (size_t)m0 * p.c_row + (size_t)gn * p.c_col;
 #pragma unroll 2
-                for (unsigned int r0 = 0; r0 < rows; r0 += RU) {
-                    float v[RU], old[RU];
+            for (unsigned int r0 = 0; r0 < rows; r0 += RU) {
+                float v[RU], old[RU];
 #pragma unroll
-                    for (int u = 0; u < RU; ++u) {
-                        const float4* ar = reinterpret_cast<const float4*>(&As[r0 + u][0]);
-                        float s = 0.0f;
+                for (int u = 0; u < RU; ++u) {
+                    const float4* ar = reinterpret_cast<const float4*>(&As[r0 + u][0]);
+                    float s = 0.0f;
 #pragma unroll
-                        for (int k4 = 0; k4 < KP / 4; ++k4) {
-                            const float4 x = ar[k4];
-                            s = fmaf(x.x, bv[4 * k4], s);
-                            s = fmaf(x.y, bv[4 * k4 + 1], s);
-                            s = fmaf(x.z, bv[4 * k4 + 2], s);
-                            s = fmaf(x.w, bv[4 * k4 + 3], s);
-                        }
-                        v[u] = p.alpha * s;
+                    for (int k4 = 0; k4 < KP / 4; ++k4) {
+                        const float4 x = ar[k4];
+                        s = fmaf(x.x, bv[4 * k4], s);
+                        s = fmaf(x.y, bv[4 * k4 + 1], s);
+                        s = fmaf(x.z, bv[4 * k4 + 2], s);
+                        s = fmaf(x.w, bv[4 * k4 + 3], s);
                     }
-                    // All RU reads of old C before any write: they are independent.
-                    if (p.beta != 0.0f) {
-#pragma unroll
-                        for (int u = 0; u < RU; ++u) old[u] = r0 + u < rows ? cn[(size_t)(r0 + u) * p.c_row] : 0.0f;
-#pragma unroll
-                        for (int u = 0; u < RU; ++u) v[u] = fmaf(p.beta, old[u], v[u]);
-                    }
-#pragma unroll
-                    for (int u = 0; u < RU; ++u)
-                        if (r0 + u < rows) cn[(size_t)(r0 + u) * p.c_row] = v[u];
+                    v[u] = p.alpha * s;
                 }
+                // All RU reads of old C before any write: they are independent.
+                if (p.beta != 0.0f) {
+#pragma unroll
+                    for (int u = 0; u < RU; ++u) old[u] = r0 + u < rows ? cn[(size_t)(r0 + u) * p.c_row] : 0.0f;
+#pragma unroll
+                    for (int u = 0; u < RU; ++u) v[u] = fmaf(p.beta, old[u], v[u]);
+                }
+#pragma unroll
+                for (int u = 0; u < RU; ++u)
+                    if (r0 + u < rows) cn[(size_t)(r0 + u) * p.c_row] = v[u];
             }
         }
     }
@@ -990,153 +990,150 @@ __device__ void mxfp4_tc_gemm(__nv_bfloat16* sm, float* c, const __nv_bfloat16* 
     __nv_bfloat16* const decoded = sm + STAGES * A_STAGE;  // two decoded B tiles
     (void)a_lo;
 
-    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+    for (unsigned int t = first_tile(), g, start, rows, mt; row_tile<TM>(offsets, p, t, g, start, rows, mt);
          t += gridDim.y) {
-        const unsigned int rows = len;
         const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
-        {
-            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
-                const unsigned int m0 = mt * TM, n0 = nt * TN;
-                // Slice s of A into stage st, as one commit group (empty past the last slice, so
-                // that the group count stays one per slice).
-                auto copy_a = [&](int s, int st) {
-                    if (s < slices) {
-                        __nv_bfloat16* dst = sm + st * A_STAGE + a_r * LDA + 8 * a_ch;
-                        const size_t k = (size_t)s * TK + 8 * a_ch;
+        for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+            const unsigned int m0 = mt * TM, n0 = nt * TN;
+            // Slice s of A into stage st, as one commit group (empty past the last slice, so
+            // that the group count stays one per slice).
+            auto copy_a = [&](int s, int st) {
+                if (s < slices) {
+                    __nv_bfloat16* dst = sm + st * A_STAGE + a_r * LDA + 8 * a_ch;
+                    const size_t k = (size_t)s * TK + 8 * a_ch;
 #pragma unroll
-                        for (int j = 0; j < TM / A_ROWS; ++j) {
-                            const unsigned int gm = m0 + a_r + A_ROWS * j;
-                            const bool ok = gm < rows;
-                            const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
-                            cp_async16(dst + A_ROWS * j * LDA, a_hi + src, ok);
+                    for (int j = 0; j < TM / A_ROWS; ++j) {
+                        const unsigned int gm = m0 + a_r + A_ROWS * j;
+                        const bool ok = gm < rows;
+                        const size_t src = (size_t)(start + (ok ? gm : 0u)) * kp + k;
+                        cp_async16(dst + A_ROWS * j * LDA, a_hi + src, ok);
 #ifndef MMA_ONE_PASS
-                            cp_async16(dst + A_ELEMS + A_ROWS * j * LDA, a_lo + src, ok);
+                        cp_async16(dst + A_ELEMS + A_ROWS * j * LDA, a_lo + src, ok);
 #endif
-                        }
                     }
-                    cp_async_commit();
-                };
-                uint4 bq;
-                unsigned int bsc;
-                auto load_b = [&](int s) {
-                    const unsigned int k0 = (unsigned int)s * TK;
-                    bool ok;
-                    size_t blk;
-                    if (TRANSPOSED) {
-                        const unsigned int wr = k0 + b_x, wc = n0 + 32 * b_y;
-                        ok = wr < w_rows && wc < w_cols;
-                        blk = (w_row0 + wr) * nblk + wc / 32;
-                    } else {
-                        const unsigned int wr = n0 + b_x, wc = k0 + 32 * b_y;
-                        ok = wr < w_rows && wc < w_cols;
-                        blk = (w_row0 + wr) * nblk + wc / 32;
-                    }
-                    bq = make_uint4(0u, 0u, 0u, 0u);
-                    bsc = 127u;
-                    if (ok) {
-                        bsc = scales[blk];
-                        bq = load_codes16(blocks + blk * 16, b_vec);
-                    }
-                };
-                auto decode_b = [&](int buf) {
-                    const unsigned int s2 = e8m0_bf16x2(bsc);
-                    __nv_bfloat16* d = decoded + buf * B_ELEMS + b_dst;
-                    *reinterpret_cast<uint4*>(d) = decode8_bf16(bq.x, s2);
-                    *reinterpret_cast<uint4*>(d + 8) = decode8_bf16(bq.y, s2);
-                    *reinterpret_cast<uint4*>(d + 16) = decode8_bf16(bq.z, s2);
-                    *reinterpret_cast<uint4*>(d + 24) = decode8_bf16(bq.w, s2);
-                };
+                }
+                cp_async_commit();
+            };
+            uint4 bq;
+            unsigned int bsc;
+            auto load_b = [&](int s) {
+                const unsigned int k0 = (unsigned int)s * TK;
+                bool ok;
+                size_t blk;
+                if (TRANSPOSED) {
+                    const unsigned int wr = k0 + b_x, wc = n0 + 32 * b_y;
+                    ok = wr < w_rows && wc < w_cols;
+                    blk = (w_row0 + wr) * nblk + wc / 32;
+                } else {
+                    const unsigned int wr = n0 + b_x, wc = k0 + 32 * b_y;
+                    ok = wr < w_rows && wc < w_cols;
+                    blk = (w_row0 + wr) * nblk + wc / 32;
+                }
+                bq = make_uint4(0u, 0u, 0u, 0u);
+                bsc = 127u;
+                if (ok) {
+                    bsc = scales[blk];
+                    bq = load_codes16(blocks + blk * 16, b_vec);
+                }
+            };
+            auto decode_b = [&](int buf) {
+                const unsigned int s2 = e8m0_bf16x2(bsc);
+                __nv_bfloat16* d = decoded + buf * B_ELEMS + b_dst;
+                *reinterpret_cast<uint4*>(d) = decode8_bf16(bq.x, s2);
+                *reinterpret_cast<uint4*>(d + 8) = decode8_bf16(bq.y, s2);
+                *reinterpret_cast<uint4*>(d + 16) = decode8_bf16(bq.z, s2);
+                *reinterpret_cast<uint4*>(d + 24) = decode8_bf16(bq.w, s2);
+            };
 
-                float acc[4][4][4];  // [m16 fragment][n8 fragment][mma C register]
+            float acc[4][4][4];  // [m16 fragment][n8 fragment][mma C register]
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < 4; ++i)
 #pragma unroll
-                    for (int j = 0; j < 4; ++j)
+                for (int j = 0; j < 4; ++j)
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-                // Prologue: A slices 0 .. STAGES - 2 in flight, B slice 0 decoded, slice 1 loading.
-                // The previous tile's last barrier freed every buffer.
+                    for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+            // Prologue: A slices 0 .. STAGES - 2 in flight, B slice 0 decoded, slice 1 loading.
+            // The previous tile's last barrier freed every buffer.
 #pragma unroll
-                for (int s = 0; s < STAGES - 1; ++s) copy_a(s, s);
-                load_b(0);
-                decode_b(0);
-                if (slices > 1) load_b(1);
-                for (int s = 0; s < slices; ++s) {
-                    // Groups committed: STAGES - 1 + s; at most STAGES - 2 pending: slice s landed.
-                    cp_async_wait<STAGES - 2>();
-                    // Every thread's copies of slice s and its decoded B are visible, and every warp
-                    // is past slice s - 1's products: its A stage and decoded tile are free.
-                    __syncthreads();
-                    copy_a(s + STAGES - 1, (s + STAGES - 1) % STAGES);
-                    const __nv_bfloat16* const ah_s = sm + (s % STAGES) * A_STAGE;
-                    const __nv_bfloat16* const bs = decoded + (s & 1) * B_ELEMS;
-#pragma unroll
-                    for (int kk = 0; kk < TK; kk += 16) {
-                        // Slice s + 1's B is decoded (and slice s + 2's loaded) once the first
-                        // products are queued, so that the ALU work overlaps the tensor pipe.
-                        if (kk == 16 && s + 1 < slices) {
-                            decode_b((s + 1) & 1);
-                            if (s + 2 < slices) load_b(s + 2);
-                        }
-                        unsigned int bf[2][4];  // [n16 pair]: b0, b1 of n8 fragment 2p, then of 2p + 1
-#pragma unroll
-                        for (int q = 0; q < 2; ++q) {
-                            const int mi = lane / 8, r = lane % 8, n = wn * 32 + 16 * q;
-                            if (TRANSPOSED)
-                                ldsm_x4_trans(bf[q], bs + (kk + (mi % 2) * 8 + r) * LDB_KN + n + (mi / 2) * 8);
-                            else
-                                ldsm_x4(bf[q], bs + (n + (mi / 2) * 8 + r) * LDB_NK + kk + (mi % 2) * 8);
-                        }
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            unsigned int ah[4];
-                            const int o = (wm * 64 + 16 * i + lane % 16) * LDA + kk + (lane / 16) * 8;
-#ifndef MMA_ONE_PASS
-                            unsigned int al[4];
-                            ldsm_x4(al, ah_s + A_ELEMS + o);
-#endif
-                            ldsm_x4(ah, ah_s + o);
-#pragma unroll
-                            for (int j = 0; j < 4; ++j) {
-#ifndef MMA_ONE_PASS
-                                mma_bf16_16816(acc[i][j], al, &bf[j / 2][2 * (j % 2)]);
-#endif
-                                mma_bf16_16816(acc[i][j], ah, &bf[j / 2][2 * (j % 2)]);
-                            }
-                        }
-                    }
-                }
-                // No copy in flight (the groups past the last slice are empty) and every warp past
-                // its last read of the tiles: the tiles become each warp's [16][SC_LD] f32 scratch,
-                // so that C is written one 32-column row per instruction.
-                cp_async_wait<0>();
+            for (int s = 0; s < STAGES - 1; ++s) copy_a(s, s);
+            load_b(0);
+            decode_b(0);
+            if (slices > 1) load_b(1);
+            for (int s = 0; s < slices; ++s) {
+                // Groups committed: STAGES - 1 + s; at most STAGES - 2 pending: slice s landed.
+                cp_async_wait<STAGES - 2>();
+                // Every thread's copies of slice s and its decoded B are visible, and every warp
+                // is past slice s - 1's products: its A stage and decoded tile are free.
                 __syncthreads();
-                float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
-                // The epilogue's terms follow every warp's scratch.
-                static_assert(TTHREADS / 32 * 16 * SC_LD * 4 + epi_smem_bytes(TM, TN) <= SMEM_ELEMS * 2,
-                              "the scratch and the epilogue's terms fit in the tiles");
-                float* const eu = reinterpret_cast<float*>(sm) + TTHREADS / 32 * 16 * SC_LD;
-                float* const ec = eu + TM * EPI_RANK;
-                epi_stage_now<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, TTHREADS);
-                const int gr = lane / 4, tq = lane % 4;
+                copy_a(s + STAGES - 1, (s + STAGES - 1) % STAGES);
+                const __nv_bfloat16* const ah_s = sm + (s % STAGES) * A_STAGE;
+                const __nv_bfloat16* const bs = decoded + (s & 1) * B_ELEMS;
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        *reinterpret_cast<float2*>(scratch + gr * SC_LD + 8 * j + 2 * tq) =
-                            make_float2(acc[i][j][0], acc[i][j][1]);
-                        *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) =
-                            make_float2(acc[i][j][2], acc[i][j][3]);
+                for (int kk = 0; kk < TK; kk += 16) {
+                    // Slice s + 1's B is decoded (and slice s + 2's loaded) once the first
+                    // products are queued, so that the ALU work overlaps the tensor pipe.
+                    if (kk == 16 && s + 1 < slices) {
+                        decode_b((s + 1) & 1);
+                        if (s + 2 < slices) load_b(s + 2);
                     }
-                    __syncwarp();
-                    write_c_slab<false>(cg, scratch, SC_LD, m0 + wm * 64 + 16 * i, n0 + wn * 32 + lane, rows, p, lane,
-                                        epi, eu, ec, m0, n0);
-                    __syncwarp();
+                    unsigned int bf[2][4];  // [n16 pair]: b0, b1 of n8 fragment 2p, then of 2p + 1
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        const int mi = lane / 8, r = lane % 8, n = wn * 32 + 16 * q;
+                        if (TRANSPOSED)
+                            ldsm_x4_trans(bf[q], bs + (kk + (mi % 2) * 8 + r) * LDB_KN + n + (mi / 2) * 8);
+                        else
+                            ldsm_x4(bf[q], bs + (n + (mi / 2) * 8 + r) * LDB_NK + kk + (mi % 2) * 8);
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        unsigned int ah[4];
+                        const int o = (wm * 64 + 16 * i + lane % 16) * LDA + kk + (lane / 16) * 8;
+#ifndef MMA_ONE_PASS
+                        unsigned int al[4];
+                        ldsm_x4(al, ah_s + A_ELEMS + o);
+#endif
+                        ldsm_x4(ah, ah_s + o);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+#ifndef MMA_ONE_PASS
+                            mma_bf16_16816(acc[i][j], al, &bf[j / 2][2 * (j % 2)]);
+#endif
+                            mma_bf16_16816(acc[i][j], ah, &bf[j / 2][2 * (j % 2)]);
+                        }
+                    }
                 }
-                __syncthreads();  // the next tile's first copies overwrite the scratch
             }
+            // No copy in flight (the groups past the last slice are empty) and every warp past
+            // its last read of the tiles: the tiles become each warp's [16][SC_LD] f32 scratch,
+            // so that C is written one 32-column row per instruction.
+            cp_async_wait<0>();
+            __syncthreads();
+            float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
+            // The epilogue's terms follow every warp's scratch.
+            static_assert(TTHREADS / 32 * 16 * SC_LD * 4 + epi_smem_bytes(TM, TN) <= SMEM_ELEMS * 2,
+                          "the scratch and the epilogue's terms fit in the tiles");
+            float* const eu = reinterpret_cast<float*>(sm) + TTHREADS / 32 * 16 * SC_LD;
+            float* const ec = eu + TM * EPI_RANK;
+            epi_stage_now<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, TTHREADS);
+            const int gr = lane / 4, tq = lane % 4;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    *reinterpret_cast<float2*>(scratch + gr * SC_LD + 8 * j + 2 * tq) =
+                        make_float2(acc[i][j][0], acc[i][j][1]);
+                    *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) =
+                        make_float2(acc[i][j][2], acc[i][j][3]);
+                }
+                __syncwarp();
+                write_c_slab<false>(cg, scratch, SC_LD, m0 + wm * 64 + 16 * i, n0 + wn * 32 + lane, rows, p, lane,
+                                    epi, eu, ec, m0, n0);
+                __syncwarp();
+            }
+            __syncthreads();  // the next tile's first copies overwrite the scratch
         }
     }
 }
@@ -1309,159 +1306,156 @@ __device__ void mxfp4_wg_gemm(unsigned char* sm, float* c, const __nv_bfloat16* 
     const int kg = tid / 32, nq = tid % 32;
     (void)a_lo;
 
-    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+    for (unsigned int t = first_tile(), g, start, rows, mt; row_tile<TM>(offsets, p, t, g, start, rows, mt);
          t += gridDim.y) {
-        const unsigned int rows = len;
         const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
-        {
-            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
-                const unsigned int m0 = mt * TM, n0 = nt * TN;
-                // Slice s of A into stage st: 16-byte chunk tid % 8 (k 8 (tid % 8)..) of rows
-                // tid / 8 + 32 j; one commit group per call (empty past the last slice).
-                auto copy_a = [&](int s, int st) {
-                    copy_a_slice<TM, WG_THREADS, A_TILE>(sm + st * A_STAGE, a_hi, a_lo, s, slices, start, m0, rows, kp,
-                                                         tid);
-                };
-                // MXFP4 bytes of slice s in registers: forward, W row n0 + tid's two blocks (q[0..3],
-                // q[4..7], scales sc[0], sc[1]); transposed, 4 bytes (8 n) of 8 W rows (q[r], sc[r]).
-                unsigned int q[8], sc[8];
-                auto load_b = [&](int s) {
-                    const unsigned int k0 = (unsigned int)s * TK;
-                    if (TRANSPOSED) {
-                        const unsigned int wc = n0 + 8 * nq;
+        for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+            const unsigned int m0 = mt * TM, n0 = nt * TN;
+            // Slice s of A into stage st: 16-byte chunk tid % 8 (k 8 (tid % 8)..) of rows
+            // tid / 8 + 32 j; one commit group per call (empty past the last slice).
+            auto copy_a = [&](int s, int st) {
+                copy_a_slice<TM, WG_THREADS, A_TILE>(sm + st * A_STAGE, a_hi, a_lo, s, slices, start, m0, rows, kp,
+                                                     tid);
+            };
+            // MXFP4 bytes of slice s in registers: forward, W row n0 + tid's two blocks (q[0..3],
+            // q[4..7], scales sc[0], sc[1]); transposed, 4 bytes (8 n) of 8 W rows (q[r], sc[r]).
+            unsigned int q[8], sc[8];
+            auto load_b = [&](int s) {
+                const unsigned int k0 = (unsigned int)s * TK;
+                if (TRANSPOSED) {
+                    const unsigned int wc = n0 + 8 * nq;
 #pragma unroll
-                        for (int r = 0; r < 8; ++r) {
-                            const unsigned int wr = k0 + 8 * kg + r;
-                            q[r] = 0u;
-                            sc[r] = 127u;
-                            if (wr < w_rows && wc < w_cols) {
-                                const size_t row = (w_row0 + wr) * nblk;
-                                sc[r] = scales[row + wc / 32];
-                                q[r] = load_codes4(blocks + row * 16 + wc / 2, b_vec);
-                            }
-                        }
-                    } else {
-                        const unsigned int wr = n0 + tid;
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            const unsigned int wc = k0 + 32 * h;
-                            q[4 * h] = q[4 * h + 1] = q[4 * h + 2] = q[4 * h + 3] = 0u;
-                            sc[h] = 127u;
-                            if (wr < w_rows && wc < w_cols) {
-                                const size_t blk = (w_row0 + wr) * nblk + wc / 32;
-                                sc[h] = scales[blk];
-                                const uint4 v = load_codes16(blocks + blk * 16, b_vec);
-                                q[4 * h] = v.x, q[4 * h + 1] = v.y, q[4 * h + 2] = v.z, q[4 * h + 3] = v.w;
-                            }
+                    for (int r = 0; r < 8; ++r) {
+                        const unsigned int wr = k0 + 8 * kg + r;
+                        q[r] = 0u;
+                        sc[r] = 127u;
+                        if (wr < w_rows && wc < w_cols) {
+                            const size_t row = (w_row0 + wr) * nblk;
+                            sc[r] = scales[row + wc / 32];
+                            q[r] = load_codes4(blocks + row * 16 + wc / 2, b_vec);
                         }
                     }
-                };
-                auto decode_b = [&](int buf) {
-                    unsigned char* tile = sm + B_OFF + buf * B_TILE;
-                    if (TRANSPOSED) {
-                        uint4 d[8];  // d[r]: n pairs (0,1) (2,3) (4,5) (6,7) of W row 8 kg + r
+                } else {
+                    const unsigned int wr = n0 + tid;
 #pragma unroll
-                        for (int r = 0; r < 8; ++r) d[r] = decode8_bf16(q[r], e8m0_bf16x2(sc[r]));
-                        unsigned char* dst = tile + nq * BT_SBO + kg * 128;
-#pragma unroll
-                        for (int n = 0; n < 8; ++n) {
-                            // Row n of the core matrix: k pairs (2j, 2j + 1) = element n of rows 2j, 2j + 1.
-                            const unsigned int sel = n % 2 ? 0x7632u : 0x5410u;
-                            auto word = [&](const uint4& v) {
-                                const int w = n / 2;
-                                return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
-                            };
-                            *reinterpret_cast<uint4*>(dst + n * 16) =
-                                make_uint4(__byte_perm(word(d[0]), word(d[1]), sel), __byte_perm(word(d[2]), word(d[3]), sel),
-                                           __byte_perm(word(d[4]), word(d[5]), sel), __byte_perm(word(d[6]), word(d[7]), sel));
-                        }
-                    } else {
-                        // Row n = tid, swizzled: k group c at chunk c ^ (n % 8).
-                        unsigned char* dst = tile + tid * ROW;
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            const unsigned int s2 = e8m0_bf16x2(sc[h]);
-#pragma unroll
-                            for (int j = 0; j < 4; ++j)
-                                *reinterpret_cast<uint4*>(dst + (((4 * h + j) ^ (tid % 8)) * 16)) =
-                                    decode8_bf16(q[4 * h + j], s2);
+                    for (int h = 0; h < 2; ++h) {
+                        const unsigned int wc = k0 + 32 * h;
+                        q[4 * h] = q[4 * h + 1] = q[4 * h + 2] = q[4 * h + 3] = 0u;
+                        sc[h] = 127u;
+                        if (wr < w_rows && wc < w_cols) {
+                            const size_t blk = (w_row0 + wr) * nblk + wc / 32;
+                            sc[h] = scales[blk];
+                            const uint4 v = load_codes16(blocks + blk * 16, b_vec);
+                            q[4 * h] = v.x, q[4 * h + 1] = v.y, q[4 * h + 2] = v.z, q[4 * h + 3] = v.w;
                         }
                     }
-                };
+                }
+            };
+            auto decode_b = [&](int buf) {
+                unsigned char* tile = sm + B_OFF + buf * B_TILE;
+                if (TRANSPOSED) {
+                    uint4 d[8];  // d[r]: n pairs (0,1) (2,3) (4,5) (6,7) of W row 8 kg + r
+#pragma unroll
+                    for (int r = 0; r < 8; ++r) d[r] = decode8_bf16(q[r], e8m0_bf16x2(sc[r]));
+                    unsigned char* dst = tile + nq * BT_SBO + kg * 128;
+#pragma unroll
+                    for (int n = 0; n < 8; ++n) {
+                        // Row n of the core matrix: k pairs (2j, 2j + 1) = element n of rows 2j, 2j + 1.
+                        const unsigned int sel = n % 2 ? 0x7632u : 0x5410u;
+                        auto word = [&](const uint4& v) {
+                            const int w = n / 2;
+                            return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+                        };
+                        *reinterpret_cast<uint4*>(dst + n * 16) =
+                            make_uint4(__byte_perm(word(d[0]), word(d[1]), sel), __byte_perm(word(d[2]), word(d[3]), sel),
+                                       __byte_perm(word(d[4]), word(d[5]), sel), __byte_perm(word(d[6]), word(d[7]), sel));
+                    }
+                } else {
+                    // Row n = tid, swizzled: k group c at chunk c ^ (n % 8).
+                    unsigned char* dst = tile + tid * ROW;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const unsigned int s2 = e8m0_bf16x2(sc[h]);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j)
+                            *reinterpret_cast<uint4*>(dst + (((4 * h + j) ^ (tid % 8)) * 16)) =
+                                decode8_bf16(q[4 * h + j], s2);
+                    }
+                }
+            };
 
-                float acc[128];
+            float acc[128];
 #pragma unroll
-                for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-                // Prologue: A slice 0 landed and slice 1 in flight, B slice 0 decoded, slice 1 in
-                // registers, all fenced. The previous tile's last barrier freed every buffer.
-                copy_a(0, 0);
-                copy_a(1, 1);
-                load_b(0);
-                decode_b(0);
-                cp_async_wait<1>();
-                fence_proxy_async();
-                if (slices > 1) load_b(1);
-                for (int s = 0; s < slices; ++s) {
-                    // Slice s's A and decoded B are visible to every warpgroup's tensor cores, and
-                    // every warpgroup has finished slice s - 2's products.
-                    __syncthreads();
-                    wgmma_fence();
-                    const unsigned int a_addr = sbase + (s % STAGES) * A_STAGE + wgi * 64 * ROW;
-                    const unsigned int b_addr = sbase + B_OFF + (s % BBUF) * B_TILE;
-#pragma unroll
-                    for (int kk = 0; kk < TK / 16; ++kk) {
-                        const unsigned long long db = TRANSPOSED ? wg_desc(b_addr + kk * 256, BT_SBO, false)
-                                                                 : wg_desc(b_addr + kk * 32, SW_SBO, true);
-#ifndef MMA_ONE_PASS
-                        wgmma_m64n256k16(acc, wg_desc(a_addr + A_TILE + kk * 32, SW_SBO, true), db);
-#endif
-                        wgmma_m64n256k16(acc, wg_desc(a_addr + kk * 32, SW_SBO, true), db);
-                    }
-                    wgmma_commit();
-                    // This warpgroup's slice s - 1 products are done (slice s's run on).
-                    wgmma_wait<1>();
-                    if (s + 1 < slices) decode_b((s + 1) % BBUF);
-                    // Slice s + 1's A landed (the one group in flight) and, with the decoded B, is
-                    // made visible to the tensor cores. The proxy fence waits for every memory
-                    // access of this thread in flight, so it comes before the next copies and loads
-                    // are issued (after them it would wait for those too).
-                    cp_async_wait<0>();
-                    fence_proxy_async();
-                    copy_a(s + 2, (s + 2) % STAGES);
-                    if (s + 2 < slices) load_b(s + 2);
-                }
-                wgmma_wait<0>();
-#pragma unroll
-                for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-                // No copy in flight (the groups past the last slice are empty) and every warpgroup
-                // done with the tiles: the A stages become each warp's [16][SC_LD] f32 scratch.
-                cp_async_wait<0>();
+            for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+            // Prologue: A slice 0 landed and slice 1 in flight, B slice 0 decoded, slice 1 in
+            // registers, all fenced. The previous tile's last barrier freed every buffer.
+            copy_a(0, 0);
+            copy_a(1, 1);
+            load_b(0);
+            decode_b(0);
+            cp_async_wait<1>();
+            fence_proxy_async();
+            if (slices > 1) load_b(1);
+            for (int s = 0; s < slices; ++s) {
+                // Slice s's A and decoded B are visible to every warpgroup's tensor cores, and
+                // every warpgroup has finished slice s - 2's products.
                 __syncthreads();
-                float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
-                // The epilogue's terms follow every warp's scratch.
-                static_assert(WG_THREADS / 32 * 16 * SC_LD * 4 + epi_smem_bytes(TM, TN) <= SMEM,
-                              "the scratch and the epilogue's terms fit in the stages");
-                float* const eu = reinterpret_cast<float*>(sm) + WG_THREADS / 32 * 16 * SC_LD;
-                float* const ec = eu + TM * EPI_RANK;
-                epi_stage_now<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, WG_THREADS);
-                const int gr = lane / 4, tq = lane % 4;
-                const unsigned int row0 = m0 + 64 * wgi + 16 * (warp % 4);
+                wgmma_fence();
+                const unsigned int a_addr = sbase + (s % STAGES) * A_STAGE + wgi * 64 * ROW;
+                const unsigned int b_addr = sbase + B_OFF + (s % BBUF) * B_TILE;
 #pragma unroll
-                for (int cc = 0; cc < TN / 32; ++cc) {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const float* d = acc + 4 * (4 * cc + j);
-                        *reinterpret_cast<float2*>(scratch + gr * SC_LD + 8 * j + 2 * tq) = make_float2(d[0], d[1]);
-                        *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) = make_float2(d[2], d[3]);
-                    }
-                    __syncwarp();
-                    write_c_slab<true>(cg, scratch, SC_LD, row0, n0 + 32 * cc + lane, rows, p, lane, epi, eu, ec, m0, n0);
-                    __syncwarp();
+                for (int kk = 0; kk < TK / 16; ++kk) {
+                    const unsigned long long db = TRANSPOSED ? wg_desc(b_addr + kk * 256, BT_SBO, false)
+                                                             : wg_desc(b_addr + kk * 32, SW_SBO, true);
+#ifndef MMA_ONE_PASS
+                    wgmma_m64n256k16(acc, wg_desc(a_addr + A_TILE + kk * 32, SW_SBO, true), db);
+#endif
+                    wgmma_m64n256k16(acc, wg_desc(a_addr + kk * 32, SW_SBO, true), db);
                 }
-                __syncthreads();  // the next tile's first copies overwrite the scratch
+                wgmma_commit();
+                // This warpgroup's slice s - 1 products are done (slice s's run on).
+                wgmma_wait<1>();
+                if (s + 1 < slices) decode_b((s + 1) % BBUF);
+                // Slice s + 1's A landed (the one group in flight) and, with the decoded B, is
+                // made visible to the tensor cores. The proxy fence waits for every memory
+                // access of this thread in flight, so it comes before the next copies and loads
+                // are issued (after them it would wait for those too).
+                cp_async_wait<0>();
+                fence_proxy_async();
+                copy_a(s + 2, (s + 2) % STAGES);
+                if (s + 2 < slices) load_b(s + 2);
             }
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+            // No copy in flight (the groups past the last slice are empty) and every warpgroup
+            // done with the tiles: the A stages become each warp's [16][SC_LD] f32 scratch.
+            cp_async_wait<0>();
+            __syncthreads();
+            float* const scratch = reinterpret_cast<float*>(sm) + warp * 16 * SC_LD;
+            // The epilogue's terms follow every warp's scratch.
+            static_assert(WG_THREADS / 32 * 16 * SC_LD * 4 + epi_smem_bytes(TM, TN) <= SMEM,
+                          "the scratch and the epilogue's terms fit in the stages");
+            float* const eu = reinterpret_cast<float*>(sm) + WG_THREADS / 32 * 16 * SC_LD;
+            float* const ec = eu + TM * EPI_RANK;
+            epi_stage_now<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, WG_THREADS);
+            const int gr = lane / 4, tq = lane % 4;
+            const unsigned int row0 = m0 + 64 * wgi + 16 * (warp % 4);
+#pragma unroll
+            for (int cc = 0; cc < TN / 32; ++cc) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float* d = acc + 4 * (4 * cc + j);
+                    *reinterpret_cast<float2*>(scratch + gr * SC_LD + 8 * j + 2 * tq) = make_float2(d[0], d[1]);
+                    *reinterpret_cast<float2*>(scratch + (gr + 8) * SC_LD + 8 * j + 2 * tq) = make_float2(d[2], d[3]);
+                }
+                __syncwarp();
+                write_c_slab<true>(cg, scratch, SC_LD, row0, n0 + 32 * cc + lane, rows, p, lane, epi, eu, ec, m0, n0);
+                __syncwarp();
+            }
+            __syncthreads();  // the next tile's first copies overwrite the scratch
         }
     }
 #else
@@ -1568,135 +1562,132 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
     float* const ec = eu + TM * EPI_RANK;
     const bool any = epi_any(epi);
 
-    for (unsigned int t = first_tile(), g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+    for (unsigned int t = first_tile(), g, start, rows, mt; row_tile<TM>(offsets, p, t, g, start, rows, mt);
          t += gridDim.y) {
-        const unsigned int rows = len;
         const int slices = (int)((p.k + TK - 1) / TK);
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
         const size_t w_row0 = (size_t)g * w_rows;
-        {
-            for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
-                const unsigned int m0 = mt * TM, n0 = nt * TN;
-                // The tile's rows in 64-row steps (1..4): the products' width.
-                const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
-                auto copy_a = [&](int s, int st) {
-                    copy_a_slice<TM, THREADS_RS, A_TILE>(sm + st * A_STAGE, a_hi, a_lo, s, slices, start, m0, rows, kp,
-                                                         tid);
-                };
-                // MXFP4 blocks 2 s, 2 s + 1 of rows wr_lo (x) and wr_lo + 8 (y), and their scales.
-                uint4 x[2], y[2];
-                unsigned int sx[2], sy[2];
-                auto load_w = [&](int s) {
+        for (unsigned int nt = blockIdx.x; (size_t)nt * TN < p.n; nt += gridDim.x) {
+            const unsigned int m0 = mt * TM, n0 = nt * TN;
+            // The tile's rows in 64-row steps (1..4): the products' width.
+            const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
+            auto copy_a = [&](int s, int st) {
+                copy_a_slice<TM, THREADS_RS, A_TILE>(sm + st * A_STAGE, a_hi, a_lo, s, slices, start, m0, rows, kp,
+                                                     tid);
+            };
+            // MXFP4 blocks 2 s, 2 s + 1 of rows wr_lo (x) and wr_lo + 8 (y), and their scales.
+            uint4 x[2], y[2];
+            unsigned int sx[2], sy[2];
+            auto load_w = [&](int s) {
 #pragma unroll
-                    for (int b = 0; b < 2; ++b) {
-                        const unsigned int wc = (unsigned int)s * TK + 32 * b;
+                for (int b = 0; b < 2; ++b) {
+                    const unsigned int wc = (unsigned int)s * TK + 32 * b;
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const unsigned int wr = n0 + wr_lo + 8 * e;
-                            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                            unsigned int sc = 127u;
-                            if (wr < w_rows && wc < w_cols) {
-                                const size_t blk = (w_row0 + wr) * nblk + wc / 32;
-                                sc = scales[blk];
-                                v = load_codes16(blocks + blk * 16, b_vec);
-                            }
-                            if (e == 0) {
-                                x[b] = v;
-                                sx[b] = sc;
-                            } else {
-                                y[b] = v;
-                                sy[b] = sc;
-                            }
+                    for (int e = 0; e < 2; ++e) {
+                        const unsigned int wr = n0 + wr_lo + 8 * e;
+                        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                        unsigned int sc = 127u;
+                        if (wr < w_rows && wc < w_cols) {
+                            const size_t blk = (w_row0 + wr) * nblk + wc / 32;
+                            sc = scales[blk];
+                            v = load_codes16(blocks + blk * 16, b_vec);
+                        }
+                        if (e == 0) {
+                            x[b] = v;
+                            sx[b] = sc;
+                        } else {
+                            y[b] = v;
+                            sy[b] = sc;
                         }
                     }
-                };
-                // The slice's four k16 fragments (4 words each) from the registers load_w filled.
-                auto decode_w = [&](unsigned int (&f)[4][4]) {
+                }
+            };
+            // The slice's four k16 fragments (4 words each) from the registers load_w filled.
+            auto decode_w = [&](unsigned int (&f)[4][4]) {
 #pragma unroll
-                    for (int b = 0; b < 2; ++b) {
-                        const unsigned int s2x = e8m0_bf16x2(sx[b]), s2y = e8m0_bf16x2(sy[b]);
+                for (int b = 0; b < 2; ++b) {
+                    const unsigned int s2x = e8m0_bf16x2(sx[b]), s2y = e8m0_bf16x2(sy[b]);
 #pragma unroll
-                        for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x[b], y[b], h, sel), s2x, s2y, f[2 * b + h]);
-                    }
-                };
+                    for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x[b], y[b], h, sel), s2x, s2y, f[2 * b + h]);
+                }
+            };
 
-                float acc[128];
+            float acc[128];
 #pragma unroll
-                for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-                unsigned int fa[4][4], fb[4][4];
-                // One slice: f holds slice s's fragments, fn receives slice s + 1's.
-                auto step = [&](int s, unsigned int (&f)[4][4], unsigned int (&fn)[4][4]) {
-                    // Groups committed: 2 + s; at most one pending: slice s landed.
-                    cp_async_wait<1>();
-                    fence_proxy_async();
-                    // Slice s's A is visible to every warpgroup's tensor cores; every warpgroup is
-                    // done with slice s - 1 (it waited for its products), whose stage is refilled.
-                    __syncthreads();
-                    if (s + 1 < slices) load_w(s + 1);
-                    wgmma_fence();
-                    const unsigned int a_addr = sbase + (s % STAGES_RS) * A_STAGE;
-                    // Only as many activation rows as the tile holds, in steps of 64 (a group's
-                    // last tile is often short): one of four instruction widths, uniform per tile.
-                    if (width64 == 4) {
-                        rs_issue<256>(acc, f, a_addr);
-                    } else if (width64 == 3) {
-                        rs_issue<192>(acc, f, a_addr);
-                    } else if (width64 == 2) {
-                        rs_issue<128>(acc, f, a_addr);
-                    } else {
-                        rs_issue<64>(acc, f, a_addr);
-                    }
-                    wgmma_commit();
-                    copy_a(s + 2, (s + 2) % STAGES_RS);
-                    if (s + 1 < slices) decode_w(fn);
-                    wgmma_wait<0>();
-                };
-                // The tile's epilogue terms, in slice 0's commit group: they land long before the
-                // epilogue, in a region of their own past the stages.
-                if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, THREADS_RS);
-                copy_a(0, 0);
-                copy_a(1, 1);
-                load_w(0);
-                decode_w(fa);
-                for (int s = 0; s < slices; s += 2) {
-                    step(s, fa, fb);
-                    if (s + 1 < slices) step(s + 1, fb, fa);
+            for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+            unsigned int fa[4][4], fb[4][4];
+            // One slice: f holds slice s's fragments, fn receives slice s + 1's.
+            auto step = [&](int s, unsigned int (&f)[4][4], unsigned int (&fn)[4][4]) {
+                // Groups committed: 2 + s; at most one pending: slice s landed.
+                cp_async_wait<1>();
+                fence_proxy_async();
+                // Slice s's A is visible to every warpgroup's tensor cores; every warpgroup is
+                // done with slice s - 1 (it waited for its products), whose stage is refilled.
+                __syncthreads();
+                if (s + 1 < slices) load_w(s + 1);
+                wgmma_fence();
+                const unsigned int a_addr = sbase + (s % STAGES_RS) * A_STAGE;
+                // Only as many activation rows as the tile holds, in steps of 64 (a group's
+                // last tile is often short): one of four instruction widths, uniform per tile.
+                if (width64 == 4) {
+                    rs_issue<256>(acc, f, a_addr);
+                } else if (width64 == 3) {
+                    rs_issue<192>(acc, f, a_addr);
+                } else if (width64 == 2) {
+                    rs_issue<128>(acc, f, a_addr);
+                } else {
+                    rs_issue<64>(acc, f, a_addr);
                 }
-#pragma unroll
-                for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-                // Epilogue: acc[4 j + 2 hf + e] = C(row m0 + 8 j + 2 tq + e, column n0 + wr_lo + 8 hf),
-                // through a per-warp [32][17] f32 scratch in the (now idle) stages, 32 rows at a time,
-                // so that the stores' addresses are computed in a loop, not held for all 256 rows.
-                cp_async_wait<0>();
-                __syncthreads();  // every warpgroup done with the stages
-                float* const scr = reinterpret_cast<float*>(sm) + warp * 32 * RS_LD;
-                const unsigned int col0 = n0 + 64 * wgi + 16 * (warp % 4);
-                // Every store of this lane is in column col0 + lane % 16. The epilogue's terms were
-                // copied with slice 0's A (landed since cp_async_wait<0>); a chunk's column terms are
-                // read after its accumulators went to the scratch, when their registers are free.
-                EpiCol ecol;
-                const int terms = epi_terms(epi), us = epi_u_stride(epi);
-#pragma unroll
-                for (int cc = 0; cc < TM / 32; ++cc) {
-                    if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e)
-                                scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
-                    __syncwarp();
-                    if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
-                    // Lane l stores column col0 + l % 16 of rows row0 + l / 16 + 2 i, i < 16.
-                    const unsigned int row0 = m0 + 32 * cc + lane / 16, gn = col0 + lane % 16;
-                    store_column_epi<16, 4>(terms, cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col, 2 * p.c_row,
-                                            scr + (lane / 16) * RS_LD + lane % 16, 2 * RS_LD, row0, 2, rows, gn < p.n,
-                                            ecol, eu + (row0 - m0) * us, 2, p);
-                    __syncwarp();
-                }
-                __syncthreads();  // the next tile's first copies overwrite the scratch
+                wgmma_commit();
+                copy_a(s + 2, (s + 2) % STAGES_RS);
+                if (s + 1 < slices) decode_w(fn);
+                wgmma_wait<0>();
+            };
+            // The tile's epilogue terms, in slice 0's commit group: they land long before the
+            // epilogue, in a region of their own past the stages.
+            if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, THREADS_RS);
+            copy_a(0, 0);
+            copy_a(1, 1);
+            load_w(0);
+            decode_w(fa);
+            for (int s = 0; s < slices; s += 2) {
+                step(s, fa, fb);
+                if (s + 1 < slices) step(s + 1, fb, fa);
             }
+#pragma unroll
+            for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+            // Epilogue: acc[4 j + 2 hf + e] = C(row m0 + 8 j + 2 tq + e, column n0 + wr_lo + 8 hf),
+            // through a per-warp [32][17] f32 scratch in the (now idle) stages, 32 rows at a time,
+            // so that the stores' addresses are computed in a loop, not held for all 256 rows.
+            cp_async_wait<0>();
+            __syncthreads();  // every warpgroup done with the stages
+            float* const scr = reinterpret_cast<float*>(sm) + warp * 32 * RS_LD;
+            const unsigned int col0 = n0 + 64 * wgi + 16 * (warp % 4);
+            // Every store of this lane is in column col0 + lane % 16. The epilogue's terms were
+            // copied with slice 0's A (landed since cp_async_wait<0>); a chunk's column terms are
+            // read after its accumulators went to the scratch, when their registers are free.
+            EpiCol ecol;
+            const int terms = epi_terms(epi), us = epi_u_stride(epi);
+#pragma unroll
+            for (int cc = 0; cc < TM / 32; ++cc) {
+                if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
+                __syncwarp();
+                if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
+                // Lane l stores column col0 + l % 16 of rows row0 + l / 16 + 2 i, i < 16.
+                const unsigned int row0 = m0 + 32 * cc + lane / 16, gn = col0 + lane % 16;
+                store_column_epi<16, 4>(terms, cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col, 2 * p.c_row,
+                                        scr + (lane / 16) * RS_LD + lane % 16, 2 * RS_LD, row0, 2, rows, gn < p.n,
+                                        ecol, eu + (row0 - m0) * us, 2, p);
+                __syncwarp();
+            }
+            __syncthreads();  // the next tile's first copies overwrite the scratch
         }
     }
 #else

@@ -371,7 +371,8 @@ impl GpuEngine {
 
     /// As [`GpuEngine::new`]; with `checkpointing` the forward pass keeps only each layer's input
     /// and the backward pass recomputes the layer first (one more forward pass of compute for the
-    /// activations of one layer instead of all), without it every layer's activations are kept.
+    /// activations of one layer instead of all; the last layer's are still there from the forward
+    /// pass), without it every layer's activations are kept.
     pub fn with_checkpointing(
         gpu: Arc<Gpu>,
         model: &Model,
@@ -1573,16 +1574,19 @@ impl GpuEngine {
         Ok(())
     }
 
-    fn layer_backward(&mut self, l: usize, t: usize) -> Result<()> {
+    /// The backward of layer `l`; `kept_moe`: with checkpointing, its one MoE chunk's forward
+    /// activations are still in set 0 (the last layer's), so they are not recomputed.
+    fn layer_backward(&mut self, l: usize, t: usize, kept_moe: bool) -> Result<()> {
         let set = if self.checkpointing { 0 } else { l };
         let split = self.split;
         let mma = if split { Mma::Split } else { Mma::Bf16 };
         self.prof.mark(&self.gpu, "other")?;
         // MoE block, chunk by chunk: with checkpointing each chunk's experts are recomputed first.
         for (c0, c1) in self.moe_chunks(t) {
-            if self.checkpointing {
+            if self.checkpointing && !kept_moe {
                 self.moe_forward(l, set, c0, c1, false)?;
             }
+            // With kept_moe the forward pass left u_gu (and the rest) as the recomputation would.
             self.moe_backward(l, set, c0, c1, self.checkpointing)?;
         }
         let cfg = &self.cfg;
@@ -1642,7 +1646,8 @@ impl GpuEngine {
             false,
             split,
         )?;
-        // With checkpointing the layer's recomputation just left the attention LoRA's u in u_attn.
+        // With checkpointing the layer's recomputation (the last layer: its forward pass) just left
+        // the attention LoRA's u in u_attn.
         let u_ready = self.checkpointing;
         let [uq, uk, uv, uo] = &mut s.u_attn;
         if let Some(i) = idx(Target::Dense(Dense::O)) {
@@ -1769,8 +1774,15 @@ impl GpuEngine {
         // The losses stay on the device until the backward is queued: no wait between the passes.
         let n = self.head(t, &b.targets, Some(grad_scale))?;
         let h = self.cfg.hidden_size;
+        let last = self.cfg.num_hidden_layers - 1;
+        let one_chunk = self.moe_chunks(t).len() == 1;
         for l in (0..self.cfg.num_hidden_layers).rev() {
-            if self.checkpointing {
+            // The last layer's activations are still in set 0 from the forward pass (only the head
+            // ran since, and it writes none of them), and so are its experts' when the micro-batch
+            // is one MoE chunk: recomputing them would write the same bits again.
+            let kept = self.checkpointing && l == last;
+            let kept_moe = kept && one_chunk;
+            if self.checkpointing && !kept {
                 // Recompute layer l from its input (the residual stream is free after the head).
                 if let Some(host) = self.host_inputs.get(l) {
                     host.upload(&self.gpu, &mut vm(&mut self.s.x, t * h))?;
@@ -1780,7 +1792,7 @@ impl GpuEngine {
                 }
                 self.layer_forward(l, t, false, false)?;
             }
-            self.layer_backward(l, t)?;
+            self.layer_backward(l, t, kept_moe)?;
         }
         let sum = self.loss_sum(n)?;
         self.sync()?;

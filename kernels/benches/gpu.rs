@@ -1,7 +1,8 @@
 //! GPU benchmarks of the hot kernels at gpt-oss-20b shapes: the grouped expert GEMM with MXFP4
 //! weights (forward and input gradient) against cuBLAS bf16 on the same FLOPs, the six LoRA products
-//! on the experts against the H100's HBM bandwidth, and attention forward and backward against the
-//! H100's dense bf16 ceiling. Each kernel is first checked against its CPU reference (on a slice of
+//! on the experts against the H100's HBM bandwidth, the dense LoRA's low-rank products (one layer's
+//! attention LoRA, t = 2048) against the cuBLAS f32 products they replace, and attention forward and
+//! backward against the H100's dense bf16 ceiling. Each kernel is first checked against its CPU reference (on a slice of
 //! the problem where the whole is slow on the CPU), then timed with CUDA events after warm-up
 //! (median of 20).
 //!
@@ -18,6 +19,9 @@ use oxtune_kernels::ops::gemm::{
     grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_on,
     grouped_gemm_mxfp4w_ref, grouped_gemm_ref, Grouped, GroupedGemm, Mxfp4Epilogue, Mxfp4HostWeight, Mxfp4Path,
     Mxfp4Weight, Strides,
+};
+use oxtune_kernels::ops::lowrank::{
+    down_ref, grad_ref, lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, up_ref, DownPart, GradPart, Layout, UpPart,
 };
 use oxtune_kernels::ops::Mma;
 use oxtune_kernels::testing::{assert_close, randn};
@@ -291,6 +295,166 @@ fn lora_experts(gpu: &Arc<Gpu>) {
     }
 }
 
+/// One layer's attention LoRA at rank 8 over t = 2048 tokens (hidden 2880, q 4096, k and v 512):
+/// each low-rank product against the cuBLAS f32 products it replaces (the engine's earlier path),
+/// after a check of each against its CPU reference.
+fn lowrank(gpu: &Arc<Gpu>, blas: &Blas) {
+    let s = &gpu.stream;
+    let (t, h, q, kv, r, sc) = (2048usize, 2880usize, 4096usize, 512usize, 8usize, 2.0f32);
+    let up = |v: &[f32]| s.clone_htod(v).unwrap();
+    let x = randn(1, t * h, 1.0);
+    let a: Vec<Vec<f32>> = (0..3).map(|i| randn(2 + i, r * h, 0.05)).collect();
+    let (xd, ad) = (up(&x), a.iter().map(|v| up(v)).collect::<Vec<_>>());
+    let mut u: Vec<CudaSlice<f32>> = (0..3).map(|_| s.alloc_zeros(t * r).unwrap()).collect();
+    let report_pair = |what: &str, ours: f64, theirs: f64, bytes: f64| {
+        println!(
+            "lowrank {what:<44} {ours:>7.4} ms ({:>5.0} GB/s) vs cuBLAS f32 {theirs:>7.4} ms: {:.2}x",
+            bytes / (ours * 1e-3) / 1e9,
+            theirs / ours
+        );
+    };
+    // u = x Aᵀ for q, k and v: one pass over x against three products.
+    let run_down = |u: &mut [CudaSlice<f32>]| {
+        let mut parts: Vec<DownPart> = ad
+            .iter()
+            .zip(u.iter_mut())
+            .map(|(a, u)| DownPart {
+                factor: a.as_view(),
+                rows: u.as_view_mut(),
+                layout: Layout::rows_major(r, h, 1.0),
+            })
+            .collect();
+        lowrank_down_gpu(gpu, &xd.as_view(), t, h, &mut parts).unwrap();
+    };
+    run_down(&mut u);
+    let mut want = vec![0f32; t * r];
+    down_ref(&x, t, h, &a[2], &Layout::rows_major(r, h, 1.0), &mut want);
+    assert_close("lowrank u_v = x A_vᵀ", &s.clone_dtoh(&u[2]).unwrap(), &want, 1e-4, 1e-4);
+    let ours = time_ms(gpu, || run_down(&mut u));
+    let theirs = time_ms(gpu, || {
+        for (a, u) in ad.iter().zip(u.iter_mut()) {
+            blas.matmul_f32(t, r, h, &xd.as_view(), false, &a.as_view(), true, &mut u.as_view_mut(), 1.0, 0.0).unwrap();
+        }
+    });
+    report_pair("u = x Aᵀ, q k v [2048, 2880] x 3 x 8", ours, theirs, 4.0 * (t * h) as f64);
+    // y_q = b + s u Bᵀ (assigned; the projection adds x Wᵀ after): against the bias as a rank-1
+    // product and the LoRA product.
+    let (b, bias) = (randn(10, q * r, 0.05), randn(11, q, 1.0));
+    let (bd, biasd, ones) = (up(&b), up(&bias), up(&vec![1.0f32; t]));
+    let mut y: CudaSlice<f32> = s.alloc_zeros(t * q).unwrap();
+    let run_up = |y: &mut CudaSlice<f32>| {
+        let parts = [UpPart { factor: bd.as_view(), rows: u[0].as_view(), layout: Layout::cols_major(r, sc) }];
+        lowrank_up_gpu(gpu, &mut y.as_view_mut(), t, q, false, Some(&biasd.as_view()), &parts).unwrap();
+    };
+    run_up(&mut y);
+    let u0 = s.clone_dtoh(&u[0]).unwrap();
+    let mut want = vec![0f32; t * q];
+    up_ref(&mut want, t, q, false, Some(&bias), &[(&b, &u0, Layout::cols_major(r, sc))]);
+    assert_close("lowrank y_q = b + s u Bᵀ", &s.clone_dtoh(&y).unwrap(), &want, 1e-4, 1e-4);
+    let ours = time_ms(gpu, || run_up(&mut y));
+    let theirs = time_ms(gpu, || {
+        let mut yv = y.as_view_mut();
+        blas.matmul_f32(t, q, 1, &ones.as_view(), false, &biasd.as_view(), false, &mut yv, 1.0, 0.0).unwrap();
+        blas.matmul_f32(t, q, r, &u[0].as_view(), false, &bd.as_view(), true, &mut yv, sc, 1.0).unwrap();
+    });
+    report_pair("y_q = b + s u Bᵀ [2048, 4096]", ours, theirs, 4.0 * (t * q) as f64);
+    // dB_q += s dy_qᵀ u and du_q = s dy_q B (the output side), dy_q [2048, 4096].
+    let dy = randn(12, t * q, 1.0);
+    let dyd = up(&dy);
+    let mut gb: CudaSlice<f32> = s.alloc_zeros(q * r).unwrap();
+    let mut du: CudaSlice<f32> = s.alloc_zeros(t * r).unwrap();
+    let run_out = |gb: &mut CudaSlice<f32>, du: &mut CudaSlice<f32>| {
+        let l = Layout::cols_major(r, sc);
+        lowrank_grad_gpu(
+            gpu,
+            &dyd.as_view(),
+            t,
+            q,
+            &mut [GradPart { factor: gb.as_view_mut(), rows: u[0].as_view(), layout: l }],
+        )
+        .unwrap();
+        lowrank_down_gpu(
+            gpu,
+            &dyd.as_view(),
+            t,
+            q,
+            &mut [DownPart { factor: bd.as_view(), rows: du.as_view_mut(), layout: l }],
+        )
+        .unwrap();
+    };
+    run_out(&mut gb, &mut du);
+    let mut want_gb = vec![0f32; q * r];
+    grad_ref(&dy, t, q, &u0, &Layout::cols_major(r, sc), &mut want_gb);
+    assert_close("lowrank dB_q", &s.clone_dtoh(&gb).unwrap(), &want_gb, 1e-3, 1e-4);
+    let ours = time_ms(gpu, || run_out(&mut gb, &mut du));
+    let theirs = time_ms(gpu, || {
+        blas.matmul_f32(q, r, t, &dyd.as_view(), true, &u[0].as_view(), false, &mut gb.as_view_mut(), sc, 1.0).unwrap();
+        blas.matmul_f32(t, r, q, &dyd.as_view(), false, &bd.as_view(), false, &mut du.as_view_mut(), sc, 0.0).unwrap();
+    });
+    report_pair("dB_q and du_q from dy_q [2048, 4096]", ours, theirs, 8.0 * (t * q) as f64);
+    // The same for k (dy_k [2048, 512]: few columns, the reduction split over row ranges).
+    let dyk = up(&randn(13, t * kv, 1.0));
+    let bk = up(&randn(14, kv * r, 0.05));
+    let mut gbk: CudaSlice<f32> = s.alloc_zeros(kv * r).unwrap();
+    let run_out_k = |gb: &mut CudaSlice<f32>, du: &mut CudaSlice<f32>| {
+        let l = Layout::cols_major(r, sc);
+        lowrank_grad_gpu(
+            gpu,
+            &dyk.as_view(),
+            t,
+            kv,
+            &mut [GradPart { factor: gb.as_view_mut(), rows: u[1].as_view(), layout: l }],
+        )
+        .unwrap();
+        lowrank_down_gpu(
+            gpu,
+            &dyk.as_view(),
+            t,
+            kv,
+            &mut [DownPart { factor: bk.as_view(), rows: du.as_view_mut(), layout: l }],
+        )
+        .unwrap();
+    };
+    let ours = time_ms(gpu, || run_out_k(&mut gbk, &mut du));
+    let theirs = time_ms(gpu, || {
+        blas.matmul_f32(kv, r, t, &dyk.as_view(), true, &u[1].as_view(), false, &mut gbk.as_view_mut(), sc, 1.0)
+            .unwrap();
+        blas.matmul_f32(t, r, kv, &dyk.as_view(), false, &bk.as_view(), false, &mut du.as_view_mut(), sc, 0.0).unwrap();
+    });
+    report_pair("dB_k and du_k from dy_k [2048, 512]", ours, theirs, 8.0 * (t * kv) as f64);
+    // The input side of q, k and v: dA += duᵀ x (one pass over x) and dx += Σ du A (one over dx).
+    let dus: Vec<CudaSlice<f32>> = (0..3).map(|i| up(&randn(20 + i, t * r, 1.0))).collect();
+    let mut ga: Vec<CudaSlice<f32>> = (0..3).map(|_| s.alloc_zeros(r * h).unwrap()).collect();
+    let mut dx: CudaSlice<f32> = s.alloc_zeros(t * h).unwrap();
+    let run_in = |ga: &mut [CudaSlice<f32>], dx: &mut CudaSlice<f32>| {
+        let l = Layout::rows_major(r, h, 1.0);
+        let mut grads: Vec<GradPart> = ga
+            .iter_mut()
+            .zip(&dus)
+            .map(|(g, du)| GradPart { factor: g.as_view_mut(), rows: du.as_view(), layout: l })
+            .collect();
+        lowrank_grad_gpu(gpu, &xd.as_view(), t, h, &mut grads).unwrap();
+        let ups: Vec<UpPart> =
+            ad.iter().zip(&dus).map(|(a, du)| UpPart { factor: a.as_view(), rows: du.as_view(), layout: l }).collect();
+        lowrank_up_gpu(gpu, &mut dx.as_view_mut(), t, h, true, None, &ups).unwrap();
+    };
+    run_in(&mut ga, &mut dx);
+    let du2 = s.clone_dtoh(&dus[2]).unwrap();
+    let mut want_ga = vec![0f32; r * h];
+    grad_ref(&x, t, h, &du2, &Layout::rows_major(r, h, 1.0), &mut want_ga);
+    assert_close("lowrank dA_v", &s.clone_dtoh(&ga[2]).unwrap(), &want_ga, 1e-3, 1e-4);
+    let ours = time_ms(gpu, || run_in(&mut ga, &mut dx));
+    let theirs = time_ms(gpu, || {
+        for ((a, g), du) in ad.iter().zip(ga.iter_mut()).zip(&dus) {
+            blas.matmul_f32(r, h, t, &du.as_view(), true, &xd.as_view(), false, &mut g.as_view_mut(), 1.0, 1.0)
+                .unwrap();
+            blas.matmul_f32(t, h, r, &du.as_view(), false, &a.as_view(), false, &mut dx.as_view_mut(), 1.0, 1.0)
+                .unwrap();
+        }
+    });
+    report_pair("dA and dx of q, k, v over x [2048, 2880]", ours, theirs, 12.0 * (t * h) as f64);
+}
+
 /// Attention of gpt-oss-20b (64 query heads, 8 KV heads, d 64) over one sequence.
 fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>, mma: Mma) {
     let s = &gpu.stream;
@@ -365,7 +529,8 @@ fn attention(gpu: &Arc<Gpu>, t: usize, window: Option<usize>, mma: Mma) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a word (experts, lora, attention) runs only those sections.
+    // `cargo bench` passes `--bench`; a word (experts, lora, lowrank, attention) runs only those
+    // sections.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let run = |section: &str| only.is_empty() || only.iter().any(|w| section.contains(w.as_str()));
     let gpu = match Gpu::new(0) {
@@ -382,6 +547,9 @@ fn main() {
     }
     if run("lora") {
         lora_experts(&gpu);
+    }
+    if run("lowrank") {
+        lowrank(&gpu, &blas);
     }
     if run("attention") {
         for mma in [Mma::Split, Mma::Bf16] {

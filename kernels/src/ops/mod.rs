@@ -6,6 +6,7 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
+pub mod lowrank;
 pub mod rmsnorm;
 pub mod rope;
 
@@ -42,6 +43,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("gemm_bf16", gemm::SRC_ONE_PASS),
     ("gemm_two_stage", gemm::SRC_TWO_STAGE),
     ("gemm_two_stage_bf16", gemm::SRC_TWO_STAGE_ONE_PASS),
+    ("lowrank", lowrank::SRC),
     ("rmsnorm", rmsnorm::SRC),
     ("rope", rope::SRC),
 ];

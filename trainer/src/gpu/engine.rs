@@ -815,7 +815,8 @@ impl GpuEngine {
         Self::gemm_xw(blas, gpu, bf, t, lin.n_in, lin.n_out, dy, &lin.w.as_view(), false, dx, beta, split)
     }
 
-    /// `u = x Aᵀ` (`[t, r]`) of dense LoRA pairs sharing the input `x [t, in]`, in one pass over it.
+    /// `u = x Aᵀ` (`[t, r]`) of dense LoRA pairs sharing the input `x [t, in]`, in one pass over it
+    /// when their ranks sum to at most 32.
     fn lora_dense_down(
         gpu: &Gpu,
         x: &CudaView<f32>,
@@ -853,8 +854,8 @@ impl GpuEngine {
     }
 
     /// The input side of the backward of dense LoRA pairs sharing the input `x [t, in]`, from each
-    /// one's `du` ([`Self::lora_dense_bwd_out`]): `∂A += duᵀ x` in one pass over `x`, `dx += Σ du A`
-    /// in one pass over `dx`.
+    /// one's `du` ([`Self::lora_dense_bwd_out`]): `∂A += duᵀ x` and `dx += Σ du A`, one pass over
+    /// `x` and one over `dx` when the ranks sum to at most 32 (else a launch per 32 columns).
     fn lora_dense_bwd_in(
         gpu: &Gpu,
         pairs: Vec<(&mut GpuLoraPair, &CudaSlice<f32>)>,
@@ -1163,7 +1164,8 @@ impl GpuEngine {
             &mut vm(&mut a.a, t * h),
             &mut vm(&mut a.rstd1, t),
         )?;
-        // q, k and v of one input: split into bf16 once, their LoRA's u in one pass over it.
+        // q, k and v of one input: split into bf16 once, their LoRA's u in one pass over it (ranks
+        // summing to at most 32; more take a launch per 32 columns).
         Self::split_x(gpu, &mut s.bf, &v(&a.a, t * h), t * h, split)?;
         let [uq, uk, uv, uo] = &mut s.u_attn;
         let (pq, pk, pv) = (at(Target::Dense(Dense::Q)), at(Target::Dense(Dense::K)), at(Target::Dense(Dense::V)));
@@ -1718,7 +1720,8 @@ impl GpuEngine {
         rope_gpu(gpu, &mut vm(&mut s.dq, t * qw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
         rope_gpu(gpu, &mut vm(&mut s.dk, t * kw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
         // q, k and v: each pair's output side with its projection's input gradient, then the
-        // three input sides (they share the input) in one pass over it and one over its gradient.
+        // three input sides (they share the input) in one pass over it and one over its gradient
+        // (ranks summing to at most 32).
         let mut qkv = lora_pairs_mut(
             lora,
             [idx(Target::Dense(Dense::Q)), idx(Target::Dense(Dense::K)), idx(Target::Dense(Dense::V))],

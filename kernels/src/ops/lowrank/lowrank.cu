@@ -76,73 +76,86 @@ __device__ __forceinline__ void lr_cols(const LrParts& ps, LrCols<RB>& cols) {
 }
 
 // ---- lowrank_down ----------------------------------------------------------------------------
-// Block (x, y): rows DOWN_WARPS x DOWN_ROWS x .. (DOWN_WARPS warps x DOWN_ROWS rows) over k range y of `ks`
-// (a multiple of DOWN_KC). Lane l takes k = k0 + l + 32 i: it loads a DOWN_XC chunk's x values of
-// its rows first (DOWN_ROWS x DOWN_XC / 32 loads in flight), then each factor value M(j, k) once (from
-// L1: every warp of the SM reads the same lines) for all its rows, and keeps DOWN_ROWS x RB partial
-// sums, summed over the lanes by a butterfly at the end. With one k range the block writes alpha
-// times its sums; with several it writes them to ws[y][row][j] (32 columns a row) and
-// lowrank_reduce_rows adds the ranges in order.
-// DOWN_XC: the k values a warp loads before it uses them (ROWS x DOWN_XC / 32 registers). ROWS is
-// 4, or 2 for the 32-column bucket (whose 4 x 32 sums would spill).
-constexpr int DOWN_KC = 256, DOWN_XC = 128, DOWN_WARPS = 4;
+// Block (x, y): DOWN_THREADS rows (thread = row) over k range y of `ks` (a multiple of DOWN_KX), in
+// chunks of DOWN_KX: the chunk's x tile is read coalesced into shared memory transposed
+// ([DOWN_KX][rows]) and the factor's chunk as [DOWN_KX][RB]; each thread then takes its row's x value
+// and four factor values at a time (broadcasts) per k and keeps its RB sums in registers, while the
+// next chunk's loads are in flight in registers. With one k range the block writes alpha times its
+// sums; with several it writes them to ws[y][row][j] (32 columns a row) and lowrank_reduce_rows adds
+// the ranges in order.
+constexpr int DOWN_THREADS = 128, DOWN_KX = 16;
+constexpr int DOWN_XPT = DOWN_KX;  // x values a thread loads per chunk (DOWN_THREADS rows x DOWN_KX)
 
-template <int RB, int DOWN_ROWS>
+template <int RB>
 __device__ void lowrank_down(const float* __restrict__ x, LrParts ps, unsigned int t, unsigned int k, unsigned int ks,
                              float* __restrict__ ws) {
+    static_assert(RB % 4 == 0 && RB * DOWN_KX % DOWN_THREADS == 0, "float4 factor reads; whole factor chunks");
+    __shared__ float xs[DOWN_KX][DOWN_THREADS + 1];
+    __shared__ __align__(16) float ms[DOWN_KX][RB];
     __shared__ LrCols<RB> cols;
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int tid = threadIdx.x;
     lr_cols<RB>(ps, cols);
     __syncthreads();
-    const unsigned int row0 = (blockIdx.x * DOWN_WARPS + warp) * DOWN_ROWS;
+    const unsigned int row_base = blockIdx.x * DOWN_THREADS;
     const unsigned int kb = blockIdx.y * ks, ke = min(k, kb + ks);
-    float acc[DOWN_ROWS][RB];
+    // Element i of a chunk for this thread: row row_base + e / DOWN_KX, k k0 + e % DOWN_KX with
+    // e = i DOWN_THREADS + tid (16 consecutive k of a row per 16 threads: coalesced).
+    float xr[DOWN_XPT], mr[RB * DOWN_KX / DOWN_THREADS];
+    auto load = [&](unsigned int k0) {
 #pragma unroll
-    for (int r = 0; r < DOWN_ROWS; ++r)
-#pragma unroll
-        for (int j = 0; j < RB; ++j) acc[r][j] = 0.0f;
-    for (unsigned int k0 = kb; k0 < ke; k0 += DOWN_XC) {
-        float xv[DOWN_XC / 32][DOWN_ROWS];
-#pragma unroll
-        for (int i = 0; i < DOWN_XC / 32; ++i) {
-            const unsigned int kk = k0 + 32 * i + lane;
-#pragma unroll
-            for (int r = 0; r < DOWN_ROWS; ++r)
-                xv[i][r] = (row0 + r < t && kk < ke) ? __ldg(x + (size_t)(row0 + r) * k + kk) : 0.0f;
+        for (int i = 0; i < DOWN_XPT; ++i) {
+            const int e = i * DOWN_THREADS + tid;
+            const unsigned int row = row_base + e / DOWN_KX, kk = k0 + e % DOWN_KX;
+            xr[i] = (row < t && kk < ke) ? __ldg(x + (size_t)row * k + kk) : 0.0f;
         }
 #pragma unroll
-        for (int i = 0; i < DOWN_XC / 32; ++i) {
-            const unsigned int kk = k0 + 32 * i + lane;
+        for (int i = 0; i < RB * DOWN_KX / DOWN_THREADS; ++i) {
+            const int e = i * DOWN_THREADS + tid, j = e % RB, kk = e / RB;
+            const float* const f = cols.factor[j];
+            mr[i] = (f != nullptr && k0 + kk < ke) ? __ldg(f + (size_t)(k0 + kk) * cols.sc[j]) : 0.0f;
+        }
+    };
+    float acc[RB];
 #pragma unroll
-            for (int j = 0; j < RB; ++j) {
-                const float* const f = cols.factor[j];
-                const float m = (f != nullptr && kk < ke) ? __ldg(f + (size_t)kk * cols.sc[j]) : 0.0f;
+    for (int j = 0; j < RB; ++j) acc[j] = 0.0f;
+    if (kb < ke) load(kb);
+    for (unsigned int k0 = kb; k0 < ke; k0 += DOWN_KX) {
+        __syncthreads();  // every thread is done with the previous chunk's tiles
 #pragma unroll
-                for (int r = 0; r < DOWN_ROWS; ++r) acc[r][j] = fmaf(xv[i][r], m, acc[r][j]);
+        for (int i = 0; i < DOWN_XPT; ++i) {
+            const int e = i * DOWN_THREADS + tid;
+            xs[e % DOWN_KX][e / DOWN_KX] = xr[i];
+        }
+#pragma unroll
+        for (int i = 0; i < RB * DOWN_KX / DOWN_THREADS; ++i) {
+            const int e = i * DOWN_THREADS + tid;
+            ms[e / RB][e % RB] = mr[i];
+        }
+        __syncthreads();
+        if (k0 + DOWN_KX < ke) load(k0 + DOWN_KX);  // the next chunk, in flight during the sums
+#pragma unroll
+        for (int kk = 0; kk < DOWN_KX; ++kk) {
+            const float xv = xs[kk][tid];
+#pragma unroll
+            for (int j = 0; j < RB; j += 4) {
+                const float4 m = *reinterpret_cast<const float4*>(&ms[kk][j]);
+                acc[j] = fmaf(xv, m.x, acc[j]);
+                acc[j + 1] = fmaf(xv, m.y, acc[j + 1]);
+                acc[j + 2] = fmaf(xv, m.z, acc[j + 2]);
+                acc[j + 3] = fmaf(xv, m.w, acc[j + 3]);
             }
         }
     }
-    // Sum over the lanes (the same butterfly on every lane: every lane ends with the totals).
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-        for (int r = 0; r < DOWN_ROWS; ++r)
-#pragma unroll
-            for (int j = 0; j < RB; ++j) acc[r][j] += __shfl_xor_sync(0xffffffffu, acc[r][j], o);
-    // Lane j writes column j of each row.
+    const unsigned int row = row_base + tid;
+    if (row >= t) return;
 #pragma unroll
     for (int j = 0; j < RB; ++j) {
         float* const out = cols.rows[j];
-        if (lane == j && out != nullptr) {
-#pragma unroll
-            for (int r = 0; r < DOWN_ROWS; ++r) {
-                if (row0 + r >= t) continue;
-                if (gridDim.y == 1)
-                    out[(size_t)(row0 + r) * cols.ld[j]] = cols.alpha[j] * acc[r][j];
-                else
-                    ws[((size_t)blockIdx.y * t + row0 + r) * 32 + j] = acc[r][j];
-            }
-        }
+        if (out == nullptr) continue;
+        if (gridDim.y == 1)
+            out[(size_t)row * cols.ld[j]] = cols.alpha[j] * acc[j];
+        else
+            ws[((size_t)blockIdx.y * t + row) * 32 + j] = acc[j];
     }
 }
 
@@ -306,9 +319,9 @@ extern "C" __global__ void __launch_bounds__(LR_THREADS)
 }
 
 #define LR_KERNELS(RB)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(DOWN_WARPS * 32) lowrank_down_##RB(                    \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS) lowrank_down_##RB(                       \
         const float* x, LrParts ps, unsigned int t, unsigned int k, unsigned int ks, float* ws) {         \
-        lowrank_down<RB, RB <= 24 ? 4 : 2>(x, ps, t, k, ks, ws);                                                          \
+        lowrank_down<RB>(x, ps, t, k, ks, ws);                                                          \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_up_##RB(                           \
         float* y, const float* bias, LrParts ps, unsigned int t, unsigned int n, unsigned int accumulate) { \

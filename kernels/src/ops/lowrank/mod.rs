@@ -23,8 +23,9 @@ pub const SRC: &str = include_str!("lowrank.cu");
 pub const MAX_LAUNCH_RANK: usize = 32;
 const MAX_PARTS: usize = 3;
 const THREADS: u32 = 256;
-/// lowrank.cu's lowrank_down block (DOWN_WARPS warps) and DOWN_KC (its k ranges are multiples of
-/// it), UP_COLS and UP_ROWS (lowrank_up's block), GRAD_COLS (lowrank_grad's columns per block).
+/// lowrank.cu's DOWN_THREADS (lowrank_down's block: a row a thread), UP_COLS and UP_ROWS
+/// (lowrank_up's block), GRAD_COLS (lowrank_grad's columns per block); lowrank_down's k ranges are
+/// multiples of DOWN_KC (of its DOWN_KX-wide chunks).
 const DOWN_THREADS: u32 = 128;
 const DOWN_KC: usize = 256;
 const UP_COLS: usize = 64;
@@ -266,6 +267,19 @@ fn check_part(op: &str, i: usize, l: &Layout, factor_len: usize, rows_len: usize
     Ok(())
 }
 
+/// The factor's elements `(j, c)`, `j < rank`, `c < cols`, are distinct (a written factor: no two
+/// threads may add to one element): one stride nests the other's whole range.
+fn distinct(l: &Layout, cols: usize) -> bool {
+    match (l.rank > 1, cols > 1) {
+        (false, false) => true,
+        (false, true) => l.sc >= 1,
+        (true, false) => l.sj >= 1,
+        (true, true) => {
+            (l.sj >= 1 && l.sc >= l.rank.saturating_mul(l.sj)) || (l.sc >= 1 && l.sj >= cols.saturating_mul(l.sc))
+        }
+    }
+}
+
 /// `R_p = α_p · X · M_pᵀ` for `X [t, k]`: every part's row-wise matrix (columns `j < rank`)
 /// written, `X` read once per launch (one launch when the ranks sum to at most
 /// [`MAX_LAUNCH_RANK`] over at most three parts).
@@ -287,15 +301,13 @@ pub fn lowrank_down_gpu(
     if k == 0 {
         return Err(shape("lowrank_down: k = 0 (an empty product)".into()));
     }
-    // Rows per block of a bucket's kernel (4 warps of 4 rows, of 2 in the 32-column bucket), and k
-    // ranges: enough blocks for the GPU when the rows alone are too few.
-    let split = |bucket: u32| {
-        let row_blocks = t.div_ceil(if bucket <= 24 { 16 } else { 8 });
-        let ranges = TARGET_BLOCKS.div_ceil(row_blocks).clamp(1, k.div_ceil(DOWN_KC));
-        let ks = k.div_ceil(ranges).next_multiple_of(DOWN_KC);
-        (row_blocks, ks, k.div_ceil(ks))
-    };
-    let ranges_max = split(8).2.max(split(32).2);
+    // A block per DOWN_THREADS rows, and k ranges of DOWN_KC multiples: enough blocks for the GPU
+    // when the rows alone are too few.
+    let row_blocks = t.div_ceil(DOWN_THREADS as usize);
+    let ranges = TARGET_BLOCKS.div_ceil(row_blocks).clamp(1, k.div_ceil(DOWN_KC));
+    let ks = k.div_ceil(ranges).next_multiple_of(DOWN_KC);
+    let ranges = k.div_ceil(ks);
+    let (ks32, ranges32) = (ks as u32, ranges as u32);
     let s = &gpu.stream;
     let (addrs, guards): (Vec<_>, Vec<_>) = parts
         .iter_mut()
@@ -304,11 +316,9 @@ pub fn lowrank_down_gpu(
             ((f, r, p.layout), (fg, rg))
         })
         .unzip();
-    let ws_floats = if ranges_max > 1 { ranges_max * t * WS_COLS } else { 0 };
-    each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_all| {
-        let (row_blocks, ks, ranges) = split(bucket);
-        let (ks32, ranges32) = (ks as u32, ranges as u32);
-        let ws_ptr = if ranges > 1 { ws_all } else { 0 };
+    let ws_floats = if ranges > 1 { ranges * t * WS_COLS } else { 0 };
+    each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_ptr| {
+        let ws_ptr = if ranges > 1 { ws_ptr } else { 0 };
         let f = gpu.function("lowrank", SRC, &format!("lowrank_down_{bucket}"))?;
         // SAFETY: lowrank_down_RB(const float* x, LrParts ps, unsigned t, unsigned k, unsigned
         // ks, float* ws): x holds t·k floats; each entry is a piece of a part whose factor (rank
@@ -413,6 +423,14 @@ pub fn lowrank_grad_gpu(
     check_len("lowrank_grad: Q", q.len(), t * n)?;
     for (i, p) in parts.iter().enumerate() {
         check_part("lowrank_grad", i, &p.layout, p.factor.len(), p.rows.len(), t, n)?;
+        if !distinct(&p.layout, n) {
+            let l = &p.layout;
+            return Err(shape(format!(
+                "lowrank_grad: part {i} (rank {}, sj {}, sc {}) over {n} columns: its factor is written, so its \
+                 elements must be distinct (one stride at least the other's whole range)",
+                l.rank, l.sj, l.sc
+            )));
+        }
     }
     let (t32, n32) = (dim("t", t)?, dim("n", n)?);
     if t == 0 || n == 0 || parts.is_empty() {
@@ -439,9 +457,10 @@ pub fn lowrank_grad_gpu(
         // SAFETY: lowrank_grad_RB(const float* q, LrParts ps, unsigned t, unsigned n, unsigned
         // rs_len, float* ws): q holds t·n floats; each entry is a piece of a part whose factor
         // (rank rows by n columns) and row-wise matrix (t rows of ld) were checked to lie inside
-        // their buffers; with one range a block owns its columns of the factor (no two threads
-        // write one element), with ranges > 1 (gridDim.y) the blocks write ws[range][j < 32][c <
-        // n], ranges·32·n floats of scratch, and leave the factor to lowrank_reduce_cols.
+        // their buffers, with distinct elements (checked); with one range a block owns its
+        // columns of the factor (no two threads write one element), with ranges > 1 (gridDim.y)
+        // the blocks write ws[range][j < 32][c < n], ranges·32·n floats of scratch, and leave the
+        // factor to lowrank_reduce_cols.
         unsafe {
             s.launch_builder(&f)
                 .arg(q)

@@ -62,6 +62,15 @@ fn layouts_that_reach_past_their_buffers_are_errors_naming_the_part() {
     assert!(e.contains("row stride"), "{e}");
     let e = check_part("op", 0, &Layout { rank: 0, ..l }, 1 << 20, 1 << 20, 10, 64).unwrap_err().to_string();
     assert!(e.contains("rank"), "{e}");
+    // A written factor needs distinct elements: A [r, in] and B [out, r] have them; overlapping
+    // strides (a zero stride, or rows that interleave) do not.
+    assert!(distinct(&Layout::rows_major(8, 2880, 1.0), 2880));
+    assert!(distinct(&Layout::cols_major(8, 1.0), 4096));
+    assert!(distinct(&Layout { rank: 1, sj: 0, sc: 1, ld: 1, alpha: 1.0 }, 10));
+    assert!(!distinct(&Layout { rank: 2, sj: 1, sc: 1, ld: 2, alpha: 1.0 }, 10));
+    assert!(!distinct(&Layout { rank: 2, sj: 0, sc: 1, ld: 2, alpha: 1.0 }, 10));
+    assert!(!distinct(&Layout { rank: 1, sj: 5, sc: 0, ld: 1, alpha: 1.0 }, 10));
+    assert!(!distinct(&Layout { rank: 8, sj: 4, sc: 1, ld: 8, alpha: 1.0 }, 10));
     // B [n, r] read transposed: its last element is (r - 1) + (n - 1) r.
     check_part("op", 0, &Layout::cols_major(8, 1.0), 4096 * 8, 10 * 8, 10, 4096).unwrap();
     assert!(check_part("op", 0, &Layout::cols_major(8, 1.0), 4096 * 8 - 1, 10 * 8, 10, 4096).is_err());
@@ -87,8 +96,8 @@ fn down_matches_reference() {
         (33, 130, vec![Layout::rows_major(3, 130, -1.5), Layout::rows_major(5, 130, 2.0), Layout::cols_major(1, 1.0)]),
         (45, 96, vec![Layout { rank: 40, sj: 96, sc: 1, ld: 43, alpha: 0.5 }, Layout::rows_major(8, 96, 1.0)]),
         (1, 64, vec![Layout::rows_major(2, 64, 1.0)]),
-        // Rows enough for one k range (no split reduction).
-        (9000, 300, vec![Layout::rows_major(8, 300, 1.0)]),
+        // Many row blocks and k within one range: no split reduction.
+        (9000, 200, vec![Layout::rows_major(8, 200, 1.0)]),
     ];
     for (case, (t, k, layouts)) in cases.into_iter().enumerate() {
         let seed = 10 * case as u64;

@@ -358,69 +358,46 @@ fn lowrank(gpu: &Arc<Gpu>, blas: &Blas) {
         blas.matmul_f32(t, q, r, &u[0].as_view(), false, &bd.as_view(), true, &mut yv, sc, 1.0).unwrap();
     });
     report_pair("y_q = b + s u Bᵀ [2048, 4096]", ours, theirs, 4.0 * (t * q) as f64);
-    // dB_q += s dy_qᵀ u and du_q = s dy_q B (the output side), dy_q [2048, 4096].
+    // The output side, dB += s dyᵀ u and du = s dy B for dy [t, n], ours and cuBLAS's.
+    let out_ours = |dy: &CudaSlice<f32>,
+                    n,
+                    b: &CudaSlice<f32>,
+                    u: &CudaSlice<f32>,
+                    gb: &mut CudaSlice<f32>,
+                    du: &mut CudaSlice<f32>| {
+        let l = Layout::cols_major(r, sc);
+        let mut grad = [GradPart { factor: gb.as_view_mut(), rows: u.as_view(), layout: l }];
+        lowrank_grad_gpu(gpu, &dy.as_view(), t, n, &mut grad).unwrap();
+        let mut down = [DownPart { factor: b.as_view(), rows: du.as_view_mut(), layout: l }];
+        lowrank_down_gpu(gpu, &dy.as_view(), t, n, &mut down).unwrap();
+    };
+    let out_cublas = |dy: &CudaSlice<f32>,
+                      n,
+                      b: &CudaSlice<f32>,
+                      u: &CudaSlice<f32>,
+                      gb: &mut CudaSlice<f32>,
+                      du: &mut CudaSlice<f32>| {
+        blas.matmul_f32(n, r, t, &dy.as_view(), true, &u.as_view(), false, &mut gb.as_view_mut(), sc, 1.0).unwrap();
+        blas.matmul_f32(t, r, n, &dy.as_view(), false, &b.as_view(), false, &mut du.as_view_mut(), sc, 0.0).unwrap();
+    };
+    // q: dy_q [2048, 4096], checked against the reference first.
     let dy = randn(12, t * q, 1.0);
     let dyd = up(&dy);
     let mut gb: CudaSlice<f32> = s.alloc_zeros(q * r).unwrap();
     let mut du: CudaSlice<f32> = s.alloc_zeros(t * r).unwrap();
-    let run_out = |gb: &mut CudaSlice<f32>, du: &mut CudaSlice<f32>| {
-        let l = Layout::cols_major(r, sc);
-        lowrank_grad_gpu(
-            gpu,
-            &dyd.as_view(),
-            t,
-            q,
-            &mut [GradPart { factor: gb.as_view_mut(), rows: u[0].as_view(), layout: l }],
-        )
-        .unwrap();
-        lowrank_down_gpu(
-            gpu,
-            &dyd.as_view(),
-            t,
-            q,
-            &mut [DownPart { factor: bd.as_view(), rows: du.as_view_mut(), layout: l }],
-        )
-        .unwrap();
-    };
-    run_out(&mut gb, &mut du);
+    out_ours(&dyd, q, &bd, &u[0], &mut gb, &mut du);
     let mut want_gb = vec![0f32; q * r];
     grad_ref(&dy, t, q, &u0, &Layout::cols_major(r, sc), &mut want_gb);
     assert_close("lowrank dB_q", &s.clone_dtoh(&gb).unwrap(), &want_gb, 1e-3, 1e-4);
-    let ours = time_ms(gpu, || run_out(&mut gb, &mut du));
-    let theirs = time_ms(gpu, || {
-        blas.matmul_f32(q, r, t, &dyd.as_view(), true, &u[0].as_view(), false, &mut gb.as_view_mut(), sc, 1.0).unwrap();
-        blas.matmul_f32(t, r, q, &dyd.as_view(), false, &bd.as_view(), false, &mut du.as_view_mut(), sc, 0.0).unwrap();
-    });
+    let ours = time_ms(gpu, || out_ours(&dyd, q, &bd, &u[0], &mut gb, &mut du));
+    let theirs = time_ms(gpu, || out_cublas(&dyd, q, &bd, &u[0], &mut gb, &mut du));
     report_pair("dB_q and du_q from dy_q [2048, 4096]", ours, theirs, 8.0 * (t * q) as f64);
-    // The same for k (dy_k [2048, 512]: few columns, the reduction split over row ranges).
+    // k: dy_k [2048, 512], few columns: the reduction split over row ranges.
     let dyk = up(&randn(13, t * kv, 1.0));
     let bk = up(&randn(14, kv * r, 0.05));
     let mut gbk: CudaSlice<f32> = s.alloc_zeros(kv * r).unwrap();
-    let run_out_k = |gb: &mut CudaSlice<f32>, du: &mut CudaSlice<f32>| {
-        let l = Layout::cols_major(r, sc);
-        lowrank_grad_gpu(
-            gpu,
-            &dyk.as_view(),
-            t,
-            kv,
-            &mut [GradPart { factor: gb.as_view_mut(), rows: u[1].as_view(), layout: l }],
-        )
-        .unwrap();
-        lowrank_down_gpu(
-            gpu,
-            &dyk.as_view(),
-            t,
-            kv,
-            &mut [DownPart { factor: bk.as_view(), rows: du.as_view_mut(), layout: l }],
-        )
-        .unwrap();
-    };
-    let ours = time_ms(gpu, || run_out_k(&mut gbk, &mut du));
-    let theirs = time_ms(gpu, || {
-        blas.matmul_f32(kv, r, t, &dyk.as_view(), true, &u[1].as_view(), false, &mut gbk.as_view_mut(), sc, 1.0)
-            .unwrap();
-        blas.matmul_f32(t, r, kv, &dyk.as_view(), false, &bk.as_view(), false, &mut du.as_view_mut(), sc, 0.0).unwrap();
-    });
+    let ours = time_ms(gpu, || out_ours(&dyk, kv, &bk, &u[1], &mut gbk, &mut du));
+    let theirs = time_ms(gpu, || out_cublas(&dyk, kv, &bk, &u[1], &mut gbk, &mut du));
     report_pair("dB_k and du_k from dy_k [2048, 512]", ours, theirs, 8.0 * (t * kv) as f64);
     // The input side of q, k and v: dA += duᵀ x (one pass over x) and dx += Σ du A (one over dx).
     let dus: Vec<CudaSlice<f32>> = (0..3).map(|i| up(&randn(20 + i, t * r, 1.0))).collect();

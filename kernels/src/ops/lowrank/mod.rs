@@ -209,7 +209,8 @@ fn launches(parts: &[(u64, u64, Layout)]) -> Vec<(LrParts, u32)> {
 }
 
 /// Runs `launch(entries, bucket, ws)` for each launch of `addrs` ([`launches`]), `ws` the address of
-/// `ws_floats` floats of the GPU's scratch (valid for every launch, in stream order).
+/// `ws_floats` floats of the GPU's scratch (valid for every launch, in stream order), or 0 (null)
+/// when `ws_floats` is 0.
 fn each_launch(
     gpu: &Gpu,
     addrs: &[(u64, u64, Layout)],
@@ -218,6 +219,7 @@ fn each_launch(
 ) -> Result<()> {
     gpu.with_scratch(2 * ws_floats, |mut ws| {
         let (ws_ptr, guard) = ws.device_ptr_mut(&gpu.stream);
+        let ws_ptr = if ws_floats > 0 { ws_ptr } else { 0 };
         for (ps, bucket) in launches(addrs) {
             launch(&ps, bucket, ws_ptr)?;
         }
@@ -318,7 +320,6 @@ pub fn lowrank_down_gpu(
         .unzip();
     let ws_floats = if ranges > 1 { ranges * t * WS_COLS } else { 0 };
     each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_ptr| {
-        let ws_ptr = if ranges > 1 { ws_ptr } else { 0 };
         let f = gpu.function("lowrank", SRC, &format!("lowrank_down_{bucket}"))?;
         // SAFETY: lowrank_down_RB(const float* x, LrParts ps, unsigned t, unsigned k, unsigned
         // ks, float* ws): x holds t·k floats; each entry is a piece of a part whose factor (rank
@@ -400,11 +401,11 @@ pub fn lowrank_up_gpu(
         // part whose factor (rank rows by n columns) and row-wise matrix (t rows of ld) were checked
         // to lie inside their buffers; grid.y = ⌈t / UP_ROWS⌉ ≤ 65535 (checked).
         unsafe {
-            s.launch_builder(&f).arg(&mut *y).arg(&b).arg(&ps).arg(&t32).arg(&n32).arg(&acc).launch(LaunchConfig {
-                grid_dim: (n.div_ceil(UP_COLS) as u32, grid_y as u32, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })
+            s.launch_builder(&f).arg(&mut *y).arg(&b).arg(&ps).arg(&t32).arg(&n32).arg(&acc).launch(grid(
+                n.div_ceil(UP_COLS),
+                grid_y,
+                THREADS,
+            ))
         }?;
     }
     drop((guards, bias));
@@ -452,7 +453,6 @@ pub fn lowrank_grad_gpu(
         .unzip();
     let ws_floats = if ranges > 1 { ranges * WS_COLS * n } else { 0 };
     each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_ptr| {
-        let ws_ptr = if ranges > 1 { ws_ptr } else { 0 };
         let f = gpu.function("lowrank", SRC, &format!("lowrank_grad_{bucket}"))?;
         // SAFETY: lowrank_grad_RB(const float* q, LrParts ps, unsigned t, unsigned n, unsigned
         // rs_len, float* ws): q holds t·n floats; each entry is a piece of a part whose factor

@@ -134,7 +134,7 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
     // kernel tests check it against the product of the rounded A).
     let mut paths = vec![Mxfp4Path::MmaSync];
     if gpu.arch == "sm_90a" {
-        paths.extend([Mxfp4Path::Wgmma, Mxfp4Path::WgmmaRs]);
+        paths.extend([Mxfp4Path::Wgmma, Mxfp4Path::WgmmaRs, Mxfp4Path::WgmmaWs]);
     }
     for path in paths {
         for mma in [Mma::Split, Mma::Bf16] {

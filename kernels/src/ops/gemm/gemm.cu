@@ -1539,6 +1539,43 @@ __device__ __forceinline__ unsigned int rs_gather(const uint4& x, const uint4& y
     return __byte_perm(u, v, 0x5410);
 }
 
+// The register-operand kernels' epilogue: acc[4 j + 2 hf + e] = C(row m0 + 8 j + 2 tq + e, column
+// n0 + wr_lo + 8 hf) goes through a per-warp [32][RS_LD] f32 scratch `scr`, 32 rows at a time, so
+// that the stores' addresses are computed in a loop, not held for all 256 rows; each store
+// instruction writes two rows of 16 consecutive columns, adding the epilogue terms (bias, LoRA
+// up-projection: Epi) staged at eu / ec (landed before the call).
+__device__ __forceinline__ void rs_epilogue(float (&acc)[128], float* scr, float* cg, const Params& p, const Epi& epi,
+                                            const float* eu, const float* ec, unsigned int m0, unsigned int n0,
+                                            unsigned int rows, int warp, int lane) {
+    using namespace rs;
+    const int gq = lane / 4, tq = lane % 4;
+    const unsigned int col0 = n0 + 64 * (warp / 4) + 16 * (warp % 4);
+    // Every store of this lane is in column col0 + lane % 16; a chunk's column terms are read after
+    // its accumulators went to the scratch, when their registers are free.
+    EpiCol ecol;
+    const bool any = epi_any(epi);
+    const int terms = epi_terms(epi), us = epi_u_stride(epi);
+#pragma unroll
+    for (int cc = 0; cc < TM / 32; ++cc) {
+        if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
+        __syncwarp();
+        if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
+        // Lane l stores column col0 + l % 16 of rows row0 + l / 16 + 2 i, i < 16.
+        const unsigned int row0 = m0 + 32 * cc + lane / 16, gn = col0 + lane % 16;
+        store_column_epi<16, 4>(terms, cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col, 2 * p.c_row,
+                                scr + (lane / 16) * RS_LD + lane % 16, 2 * RS_LD, row0, 2, rows, gn < p.n, ecol,
+                                eu + (row0 - m0) * us, 2, p);
+        __syncwarp();
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
     grouped_gemm_bf16a_mxfp4w_rs(float* c, const __nv_bfloat16* a_hi, const __nv_bfloat16* a_lo,
                                  const unsigned char* blocks, const unsigned char* scales, const unsigned int* offsets,
@@ -1656,38 +1693,312 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
             }
 #pragma unroll
             for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-            // Epilogue: acc[4 j + 2 hf + e] = C(row m0 + 8 j + 2 tq + e, column n0 + wr_lo + 8 hf),
-            // through a per-warp [32][17] f32 scratch in the (now idle) stages, 32 rows at a time,
-            // so that the stores' addresses are computed in a loop, not held for all 256 rows.
             cp_async_wait<0>();
             __syncthreads();  // every warpgroup done with the stages
-            float* const scr = reinterpret_cast<float*>(sm) + warp * 32 * RS_LD;
-            const unsigned int col0 = n0 + 64 * wgi + 16 * (warp % 4);
-            // Every store of this lane is in column col0 + lane % 16. The epilogue's terms were
-            // copied with slice 0's A (landed since cp_async_wait<0>); a chunk's column terms are
-            // read after its accumulators went to the scratch, when their registers are free.
-            EpiCol ecol;
-            const int terms = epi_terms(epi), us = epi_u_stride(epi);
-#pragma unroll
-            for (int cc = 0; cc < TM / 32; ++cc) {
-                if (m0 + 32 * cc >= rows) break;  // rows past the group (never multiplied)
-#pragma unroll
-                for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
-                __syncwarp();
-                if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
-                // Lane l stores column col0 + l % 16 of rows row0 + l / 16 + 2 i, i < 16.
-                const unsigned int row0 = m0 + 32 * cc + lane / 16, gn = col0 + lane % 16;
-                store_column_epi<16, 4>(terms, cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col, 2 * p.c_row,
-                                        scr + (lane / 16) * RS_LD + lane % 16, 2 * RS_LD, row0, 2, rows, gn < p.n,
-                                        ecol, eu + (row0 - m0) * us, 2, p);
-                __syncwarp();
-            }
+            rs_epilogue(acc, reinterpret_cast<float*>(sm) + warp * 32 * RS_LD, cg, p, epi, eu, ec, m0, n0, rows, warp,
+                        lane);
             __syncthreads();  // the next tile's first copies overwrite the scratch
+        }
+    }
+#else
+    __trap();  // built for another architecture: mod.rs launches it on sm_90a only
+#endif
+}
+
+// ---- Forward MXFP4 product, warp-specialized (sm_90a) ----
+//
+// grouped_gemm_bf16a_mxfp4w_ws: _rs's product and tile (C_gᵀ = W_g · A_gᵀ, 128 weight rows x 256
+// activation rows per block, the decoded weight as wgmma's register operand, the same epilogue),
+// with the copies taken off the consumers' path:
+// - A producer warp (warp 8) copies each slice's activation tiles (hi and lo, or hi alone) and the
+//   raw MXFP4 bytes of the block's 128 weight rows into shared memory by TMA (one lane issues;
+//   tensor maps from the launcher: the activations with the 128-byte swizzle that the descriptors
+//   read, the codes as 32-byte rows), and the rows' block scales (their rows are not 16-byte
+//   aligned, so not TMA's): each lane loads four rows' two scales one slice ahead into registers
+//   and stores them next to the codes. Each stage has a `full` mbarrier (the producer's lanes
+//   arrive and the TMA's bytes complete it) and an `empty` one (one arrival per consumer warp
+//   when done with it); the producer runs as far ahead as the stages allow, into the next tile
+//   too. Rows past a group's end or past W's rows
+//   load their neighbours' values (the tensor's end reads zeros): the C rows and columns they feed
+//   are never stored.
+// - Two consumer warpgroups, no block-wide barrier per slice: wait for slice s's stage, issue its
+//   products (lo then hi with Mma::Split), wait until only they are in flight (slice s - 1's are
+//   done: its stage goes back to the producer), then decode slice s + 1's weight fragments from
+//   shared memory into the register set slice s - 1 used. The tensor cores get slice s + 1's
+//   products while slice s's still run.
+// - The epilogue goes through the stage of the tile's last slice, which the consumers give back
+//   only after it (the producer fills the other stages with the next tile meanwhile).
+// The launcher runs it only when its tensor maps can describe the operands (16-byte aligned codes)
+// and K > 0; the other cases take _rs.
+namespace ws {
+using rs::A_STAGE, rs::A_TILE, rs::RS_LD, rs::TM, rs::TN, wg::A_TILES, wg::SW_SBO, wg::TK;
+// A producer warpgroup (setmaxnreg works on warpgroups; one warp of it works) and two consumers.
+constexpr int CONSUMERS = 256, THREADS_WS = CONSUMERS + 128;
+// Registers per thread after setmaxnreg. The block starts with 168 a thread (65,536 / 384 rounded
+// down to 8: ptxas's allocation under these launch bounds) and setmaxnreg moves registers only
+// within the block: the producer warpgroup gives (168 - 24) x 128 back, exactly what the consumers
+// take, (240 - 168) x 256 (asking more would wait forever).
+constexpr int CONSUMER_REGS = 240, PRODUCER_REGS = 24;
+static_assert((168 - PRODUCER_REGS) * (THREADS_WS - CONSUMERS) == (CONSUMER_REGS - 168) * CONSUMERS,
+              "setmaxnreg moves registers within the block");
+#ifdef MMA_ONE_PASS
+constexpr int STAGES = 5, W_STAGES = 4;
+#else
+constexpr int STAGES = 3, W_STAGES = 2;
+#endif
+constexpr int W_ROW = 2 * 16;                  // a row's two MXFP4 blocks of a slice
+constexpr int W_CODES = TN * W_ROW;            // 4 KiB of codes, then the rows' two scales each
+constexpr int W_TILE = W_CODES + TN * 2;       // 128-byte aligned, as TMA writes it
+static_assert(W_TILE % 128 == 0, "TMA destinations");
+constexpr int W_OFF = STAGES * A_STAGE;        // after the A stages (1024-byte aligned)
+constexpr int EPI_OFF = W_OFF + W_STAGES * W_TILE;
+constexpr int BAR_OFF = EPI_OFF + epi_smem_bytes(TM, TN);
+constexpr int SMEM = BAR_OFF + 8 * 2 * (STAGES + W_STAGES);
+// mod.rs (ws_smem_bytes) computes the same bytes.
+static_assert(SMEM == STAGES * A_TILES * 32768 + W_STAGES * 4352 + 25088 + 16 * (STAGES + W_STAGES),
+              "ws_smem_bytes in mod.rs");
+static_assert(SMEM <= 232448, "the H100's shared memory per block");
+static_assert(CONSUMERS / 32 * 32 * RS_LD * 4 <= A_TILE, "the epilogue scratch fits in a stage");
+static_assert(BAR_OFF % 8 == 0, "mbarriers are 8-byte aligned");
+}  // namespace ws
+
+// A CUtensorMap (the driver's opaque 128-byte TMA descriptor), passed by value as a
+// __grid_constant__ kernel parameter.
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ void mbar_init(unsigned int bar, unsigned int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrives if `pred`: a predicated instruction, not a branch (a divergent branch while products are
+// in flight makes ptxas serialize them).
+__device__ __forceinline__ void mbar_arrive(unsigned int bar, bool pred = true) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t.reg .b64 st;\n\tsetp.ne.u32 p, %1, 0;\n\t@p mbarrier.arrive.shared::cta.b64 st, [%0];\n\t}" ::"r"(
+            bar),
+        "r"((unsigned int)pred)
+        : "memory");
+}
+// Arrives and expects `bytes` more of asynchronous copies before the phase completes.
+__device__ __forceinline__ void mbar_expect_tx(unsigned int bar, unsigned int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as done).
+__device__ __forceinline__ void mbar_wait(unsigned int bar, unsigned int parity) {
+    asm volatile(
+        "{\n\t.reg .pred P1;\n"
+        "LAB_WAIT:\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n\t"
+        "@P1 bra DONE;\n\t"
+        "bra LAB_WAIT;\n"
+        "DONE:\n\t}" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// The box of `map` at (inner c0, outer c1) into shared memory at dst; its bytes complete bar.
+__device__ __forceinline__ void tma_load_2d(unsigned int dst, const TmaMap& map, int c0, int c1, unsigned int bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+            dst),
+        "l"(reinterpret_cast<unsigned long long>(&map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+// The consumers' view of the activation stages: shared addresses of the stages and of their
+// mbarriers, the tile's slice count, the lane.
+struct WsRing {
+    unsigned int sbase, a_full, a_empty;
+    int slices, lane;
+};
+
+// A tile's products, N activation rows wide, in the consumer warpgroups of the warp-specialized
+// kernel: fa holds slice 0's fragments; per slice, wait for its stage, issue its products, wait
+// until only they are in flight (slice s - 1's stage goes back to the producer), decode slice
+// s + 1 (decode(f)) into the register set that slice s - 1 used. a_it: the stages' position.
+template <int N, class Decode>
+__device__ __forceinline__ void ws_slices(float (&acc)[128], unsigned int (&fa)[4][4], unsigned int (&fb)[4][4],
+                                          Decode& decode, unsigned int& a_it, const WsRing& r) {
+    constexpr int STAGES = ws::STAGES;
+    auto step = [&](int s, unsigned int (&f)[4][4], unsigned int (&fn)[4][4]) {
+        const unsigned int ai = a_it % STAGES;
+        mbar_wait(r.a_full + 8 * ai, (a_it / STAGES) & 1);
+        ++a_it;
+        wgmma_fence();
+        rs_issue<N>(acc, f, r.sbase + ai * ws::A_STAGE);
+        wgmma_commit();
+        wgmma_wait<1>();
+        mbar_arrive(r.a_empty + 8 * ((ai + STAGES - 1) % STAGES), s > 0 && r.lane == 0);
+        if (s + 1 < r.slices) decode(fn);
+    };
+    for (int s = 0; s < r.slices; s += 2) {
+        step(s, fa, fb);
+        if (s + 1 < r.slices) step(s + 1, fb, fa);
+    }
+    wgmma_wait<0>();
+}
+
+// Named barrier 1 over the consumer warps (barrier 0 is __syncthreads).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(ws::CONSUMERS) : "memory"); }
+
+extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
+    grouped_gemm_bf16a_mxfp4w_ws(float* c, const unsigned char* scales, const unsigned int* offsets, Params p,
+                                 unsigned int w_rows, unsigned int w_cols, Epi epi,
+                                 const __grid_constant__ TmaMap tm_hi, const __grid_constant__ TmaMap tm_lo,
+                                 const __grid_constant__ TmaMap tm_w) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using namespace ws;
+    extern __shared__ __align__(1024) unsigned char ws_smem[];
+    unsigned char* const sm = ws_smem;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const unsigned int sbase = smem_addr(sm);
+    if (sbase % 1024 != 0) __trap();
+    const unsigned int bars = sbase + BAR_OFF;
+    // a_full[i], a_empty[i] (i < STAGES), then w_full[i], w_empty[i] (i < W_STAGES).
+    const unsigned int a_full = bars, a_empty = bars + 8 * STAGES, w_full = bars + 16 * STAGES,
+                       w_empty = w_full + 8 * W_STAGES;
+    if (tid == 0) {
+        for (int i = 0; i < STAGES; ++i) {
+            mbar_init(a_full + 8 * i, 1);
+            mbar_init(a_empty + 8 * i, CONSUMERS / 32);
+        }
+        for (int i = 0; i < W_STAGES; ++i) {
+            mbar_init(w_full + 8 * i, 32);
+            mbar_init(w_empty + 8 * i, CONSUMERS / 32);
+        }
+    }
+    __syncthreads();
+    const int slices = (int)((p.k + TK - 1) / TK);
+    // Tiles u = blockIdx.x, + gridDim.x, ...: row tile u / n_tiles (row_tile's numbering), weight
+    // rows (C columns) tile u % n_tiles. The launcher sizes the grid to the SMs (one block each):
+    // the producer fills the next tile's stages while the consumers store the last one.
+    const unsigned int n_tiles = (p.n + TN - 1) / TN;
+
+    if (warp >= CONSUMERS / 32) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
+        if (warp > CONSUMERS / 32) return;
+        // The producer: both rings' positions run on across tiles.
+        const unsigned int nblk = w_cols / 32;
+        unsigned int a_it = 0, w_it = 0;
+        for (unsigned int u = blockIdx.x, g, start, rows, mt;
+             row_tile<TM>(offsets, p, u / n_tiles, g, start, rows, mt); u += gridDim.x) {
+            {
+                const unsigned int nt = u % n_tiles;
+                const int a_row = (int)(start + mt * TM), w_row = (int)(g * w_rows + nt * TN);
+                // Slice s's scales of rows lane + 32 i (two bytes each, 127 past W).
+                unsigned int sc[4];
+                auto load_sc = [&](int s) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const unsigned int wr = nt * TN + lane + 32 * i, wc = (unsigned int)s * TK;
+                        const unsigned char* q = scales + ((size_t)g * w_rows + wr) * nblk + wc / 32;
+                        const bool ok = s < slices && wr < w_rows;
+                        sc[i] = (ok ? (unsigned int)q[0] : 127u) | (ok && wc + 32 < w_cols ? (unsigned int)q[1] : 127u) << 8;
+                    }
+                };
+                load_sc(0);
+                for (int s = 0; s < slices; ++s, ++a_it, ++w_it) {
+                    const unsigned int wi = w_it % W_STAGES, ai = a_it % STAGES;
+                    mbar_wait(w_empty + 8 * wi, ((w_it / W_STAGES) & 1) ^ 1);
+                    unsigned short* dst = reinterpret_cast<unsigned short*>(sm + W_OFF + wi * W_TILE + W_CODES);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) dst[lane + 32 * i] = (unsigned short)sc[i];
+                    if (lane == 0) {
+                        mbar_expect_tx(w_full + 8 * wi, W_CODES);
+                        tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, s * (TK / 2), w_row, w_full + 8 * wi);
+                    } else {
+                        mbar_arrive(w_full + 8 * wi);
+                    }
+                    load_sc(s + 1);
+                    if (lane == 0) {
+                        mbar_wait(a_empty + 8 * ai, ((a_it / STAGES) & 1) ^ 1);
+                        mbar_expect_tx(a_full + 8 * ai, A_STAGE);
+                        tma_load_2d(sbase + ai * A_STAGE, tm_hi, s * TK, a_row, a_full + 8 * ai);
+#ifndef MMA_ONE_PASS
+                        tma_load_2d(sbase + ai * A_STAGE + A_TILE, tm_lo, s * TK, a_row, a_full + 8 * ai);
+#else
+                        (void)tm_lo;
+#endif
+                    }
+                    __syncwarp();
+                }
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
+    const int wgi = warp / 4, gq = lane / 4, tq = lane % 4;
+    const unsigned int sel = (unsigned int)tq | ((unsigned int)(tq + 4) << 4);
+    // This thread's two W rows within the tile: wr_lo and wr_lo + 8.
+    const int wr_lo = 64 * wgi + 16 * (warp % 4) + gq;
+    float* const eu = reinterpret_cast<float*>(sm + EPI_OFF);
+    float* const ec = eu + TM * EPI_RANK;
+    const bool any = epi_any(epi);
+    unsigned int a_it = 0, w_it = 0;
+
+    for (unsigned int u = blockIdx.x, g, start, rows, mt; row_tile<TM>(offsets, p, u / n_tiles, g, start, rows, mt);
+         u += gridDim.x) {
+        float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
+        {
+            const unsigned int nt = u % n_tiles;
+            const unsigned int m0 = mt * TM, n0 = nt * TN;
+            const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
+            // The next slice's fragments from the next weight stage (the producer's slice order),
+            // which goes back to the producer once read.
+            auto decode_w = [&](unsigned int (&f)[4][4]) {
+                const unsigned int wi = w_it % W_STAGES;
+                mbar_wait(w_full + 8 * wi, (w_it / W_STAGES) & 1);
+                ++w_it;
+                const unsigned char* wt = sm + W_OFF + wi * W_TILE;
+                const unsigned short* scs = reinterpret_cast<const unsigned short*>(wt + W_CODES);
+                const unsigned int sx = scs[wr_lo], sy = scs[wr_lo + 8];
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {
+                    // Block b of rows wr_lo (x) and wr_lo + 8 (y), one block at a time (registers).
+                    const uint4 x = *reinterpret_cast<const uint4*>(wt + wr_lo * W_ROW + 16 * b);
+                    const uint4 y = *reinterpret_cast<const uint4*>(wt + (wr_lo + 8) * W_ROW + 16 * b);
+                    const unsigned int s2x = e8m0_bf16x2((sx >> 8 * b) & 255u), s2y = e8m0_bf16x2((sy >> 8 * b) & 255u);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x, y, h, sel), s2x, s2y, f[2 * b + h]);
+                }
+                __syncwarp();
+                mbar_arrive(w_empty + 8 * wi, lane == 0);
+            };
+
+            if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, CONSUMERS);
+            cp_async_commit();
+            float acc[128];
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+            unsigned int fa[4][4], fb[4][4];
+            decode_w(fa);
+            // Only as many activation rows as the tile holds, in steps of 64 (a group's last tile
+            // is often short): one loop per width, so that no branch on it comes between products
+            // in flight (ptxas would serialize them).
+            const WsRing ring{sbase, a_full, a_empty, slices, lane};
+            if (width64 == 4) {
+                ws_slices<256>(acc, fa, fb, decode_w, a_it, ring);
+            } else if (width64 == 3) {
+                ws_slices<192>(acc, fa, fb, decode_w, a_it, ring);
+            } else if (width64 == 2) {
+                ws_slices<128>(acc, fa, fb, decode_w, a_it, ring);
+            } else {
+                ws_slices<64>(acc, fa, fb, decode_w, a_it, ring);
+            }
+#pragma unroll
+            for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+            // The last slice's stage is the epilogue's scratch: every consumer warp is done with
+            // its products (and the epilogue terms have landed) after this barrier.
+            const unsigned int last = (a_it + STAGES - 1) % STAGES;
+            cp_async_wait<0>();
+            consumers_sync();
+            rs_epilogue(acc, reinterpret_cast<float*>(sm + last * A_STAGE) + warp * 32 * RS_LD, cg, p, epi, eu, ec,
+                        m0, n0, rows, warp, lane);
+            // The scratch's writes come before the TMA's refill of the stage.
+            fence_proxy_async();
+            __syncwarp();
+            mbar_arrive(a_empty + 8 * last, lane == 0);
+            consumers_sync();  // the next tile's epilogue terms overwrite eu and ec
         }
     }
 #else

@@ -24,7 +24,7 @@
 //! product with the decoded weight as the register operand), warp-level `mma.sync` elsewhere
 //! ([`Mxfp4Path`]); gemm.cu describes the kernels.
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
@@ -270,6 +270,69 @@ const fn wg_smem_bytes(mma: Mma) -> u32 {
 const RS_TILE: (usize, usize) = (256, 128);
 const fn rs_smem_bytes(mma: Mma) -> u32 {
     3 * mma.parts() as u32 * 32768 + (256 * 16 + 128 * 17) * 4
+}
+/// Block size of the warp-specialized forward kernel (a producer warpgroup and two consumers).
+const WS_THREADS: u32 = 384;
+/// Its dynamic shared memory (same tile as the register-operand kernel): A stages (three with
+/// [`Mma::Split`], five with [`Mma::Bf16`]), weight stages of 4,352 bytes (the codes and scales of
+/// 128 rows; two or four), the epilogue terms and one full and one empty mbarrier per stage.
+const fn ws_smem_bytes(mma: Mma) -> u32 {
+    let (stages, w_stages) = if mma.parts() == 2 { (3, 2) } else { (5, 4) };
+    stages * mma.parts() as u32 * 32768 + w_stages * 4352 + (256 * 16 + 128 * 17) * 4 + 16 * (stages + w_stages)
+}
+
+/// A TMA descriptor (the driver's `CUtensorMap`), passed by value as a `__grid_constant__` kernel
+/// parameter (`TmaMap` in gemm.cu).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TmaMap(sys::CUtensorMap);
+
+// SAFETY: plain data, 16 u64, which the kernel reads as its 128-byte `struct TmaMap`.
+unsafe impl DeviceRepr for TmaMap {}
+
+/// The TMA descriptor of `outer` rows of `inner` elements, `row_bytes` apart, at device address
+/// `addr` (16-byte aligned, row_bytes a multiple of 16: the caller checks), copied in boxes of
+/// `boxes = (inner, outer)` elements; elements past either end read as zeros.
+fn tma_map_2d(
+    op: &str,
+    what: &str,
+    addr: u64,
+    dtype: sys::CUtensorMapDataType,
+    (inner, outer, row_bytes): (usize, usize, usize),
+    boxes: (u32, u32),
+    swizzle: sys::CUtensorMapSwizzle,
+) -> Result<TmaMap> {
+    let dims = [inner as u64, outer as u64];
+    let strides = [row_bytes as u64];
+    let box_dims = [boxes.0, boxes.1];
+    let unit = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: a host-side call that writes the 128-byte descriptor `map`; every array it reads has
+    // the rank (2) elements it reads (the strides rank − 1).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            dtype,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            box_dims.as_ptr(),
+            unit.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::Driver(format!(
+            "{op}: the TMA descriptor of {what} ({outer} rows of {inner}, {row_bytes} bytes apart, boxes of {boxes:?}) \
+             was refused: {r:?}"
+        )));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(TmaMap(unsafe { map.assume_init() }))
 }
 const THREADS: u32 = 256;
 const GRID_YZ_MAX: usize = 65535;
@@ -707,20 +770,31 @@ pub enum Mxfp4Path {
     /// straight into registers, 128 weight rows x 256 activation rows per block); the transposed
     /// product as [`Mxfp4Path::Wgmma`] (sm_90a only).
     WgmmaRs,
+    /// [`Mxfp4Path::WgmmaRs`] with the forward kernel warp-specialized: a producer warp copies
+    /// the activations and the MXFP4 codes by TMA several slices ahead, one block per SM walks the
+    /// tiles, and the consumers keep one slice's products in flight while they decode the next
+    /// (sm_90a only). Codes that are not 16-byte aligned, or K = 0, run `WgmmaRs`'s kernel.
+    WgmmaWs,
 }
 
 impl Mxfp4Path {
-    /// `WgmmaRs` on Hopper (the kernels are compiled for sm_90a there; `OXTUNE_MXFP4_KERNEL=wgmma`
-    /// in the environment picks `Wgmma`, to compare the two in a whole training step); elsewhere
-    /// `MmaSync` where the GPU's shared memory per block holds its stages for `mma`, else
-    /// `MmaSyncTwoStage`.
+    /// On Hopper (the kernels are compiled for sm_90a there) the faster forward kernel for `mma`
+    /// in the kernel benchmark on an H200: `WgmmaWs` with [`Mma::Split`] (0.945 against 1.043 ms
+    /// for the gate_up product of 8,192 rows), `WgmmaRs` with [`Mma::Bf16`] (0.739 against
+    /// 0.763 ms); `OXTUNE_MXFP4_KERNEL=wgmma`, `=rs` or `=ws` in the environment picks `Wgmma`,
+    /// `WgmmaRs` or `WgmmaWs`, to compare them in a whole training step. Elsewhere `MmaSync` where
+    /// the GPU's shared memory per block holds its stages for `mma`, else `MmaSyncTwoStage`.
     pub fn for_gpu(gpu: &Gpu, mma: Mma) -> Self {
         if gpu.arch == "sm_90a" {
             // Read once per process: this runs before every expert product.
-            static ONE_BLOCK_WGMMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            let one_block =
-                *ONE_BLOCK_WGMMA.get_or_init(|| std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() == Ok("wgmma"));
-            return if one_block { Self::Wgmma } else { Self::WgmmaRs };
+            static CHOSEN: std::sync::OnceLock<Option<Mxfp4Path>> = std::sync::OnceLock::new();
+            let chosen = *CHOSEN.get_or_init(|| match std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() {
+                Ok("wgmma") => Some(Self::Wgmma),
+                Ok("rs") => Some(Self::WgmmaRs),
+                Ok("ws") => Some(Self::WgmmaWs),
+                _ => None,
+            });
+            return chosen.unwrap_or(if mma == Mma::Split { Self::WgmmaWs } else { Self::WgmmaRs });
         }
         let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
         match optin {
@@ -747,7 +821,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let op = "grouped_gemm_f32_mxfp4w";
-    if matches!(path, Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs) && gpu.arch != "sm_90a" {
+    if matches!(path, Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs | Mxfp4Path::WgmmaWs) && gpu.arch != "sm_90a" {
         return Err(shape_err(format!("{op}: the wgmma kernel needs sm_90a, this GPU is {}", gpu.arch)));
     }
     check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
@@ -781,12 +855,26 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
     // The two mma.sync paths are one kernel compiled with three or two A stages (TC_STAGES).
     let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
+    // The warp-specialized kernel's operands as its tensor maps see them: the codes as rows of
+    // cols / 2 bytes (a multiple of 16: cols is of whole blocks), 16-byte aligned; its tile
+    // numbers (row tiles x weight-row tiles) and TMA row coordinates fit 32 bits.
+    let (blocks_addr, blocks_guard) = w.blocks.device_ptr(&gpu.stream);
+    let ws_tiles = row_tiles(cfg, total_rows, RS_TILE.0).checked_mul(cfg.n.div_ceil(RS_TILE.1));
+    let ws = path == Mxfp4Path::WgmmaWs
+        && !transposed
+        && cfg.k > 0
+        && blocks_addr % 16 == 0
+        && ws_tiles.is_some_and(|t| t <= u32::MAX as usize)
+        && w.experts.checked_mul(w.rows).is_some_and(|r| r <= DIM_MAX);
     let (name, threads, smem, tile) = match (path, transposed) {
+        _ if ws => ("grouped_gemm_bf16a_mxfp4w_ws", WS_THREADS, ws_smem_bytes(mma), RS_TILE),
         (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma), TC_TILE),
-        (Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs, true) => {
+        (Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs | Mxfp4Path::WgmmaWs, true) => {
             ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma), TC_TILE)
         }
-        (Mxfp4Path::WgmmaRs, false) => ("grouped_gemm_bf16a_mxfp4w_rs", WG_THREADS, rs_smem_bytes(mma), RS_TILE),
+        (Mxfp4Path::WgmmaRs | Mxfp4Path::WgmmaWs, false) => {
+            ("grouped_gemm_bf16a_mxfp4w_rs", WG_THREADS, rs_smem_bytes(mma), RS_TILE)
+        }
         (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
         (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
     };
@@ -858,6 +946,19 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }
         let a16 = a16.as_view();
         let (hi, lo) = a16.split_at(part);
+        if ws {
+            return launch_ws(
+                gpu,
+                &f,
+                (cfg, &p, total_rows, kp, mma),
+                (&hi, &lo),
+                (w, blocks_addr),
+                offsets,
+                &e,
+                c_product,
+                smem,
+            );
+        }
         // SAFETY: every MXFP4 kernel (grouped_gemm_bf16a_mxfp4w{,_transposed}, _wg{,_transposed},
         // _rs) is (float* c, const bf16* a_hi, const bf16* a_lo, const unsigned char* blocks, const
         // unsigned char* scales, const unsigned* offsets, Params p, unsigned w_rows, unsigned w_cols,
@@ -891,7 +992,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }?;
         Ok(())
     })?;
-    drop(bias);
+    drop((bias, blocks_guard));
     match (fused, lora) {
         (false, Some((gu, gb, l))) => {
             drop((gu, gb));
@@ -899,6 +1000,76 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }
         _ => Ok(()),
     }
+}
+
+/// Launches the warp-specialized forward kernel (gemm.cu, `grouped_gemm_bf16a_mxfp4w_ws`) on A's
+/// bf16 parts `hi` / `lo` (`lo` empty with [`Mma::Bf16`]) and the weight whose codes start at
+/// `blocks_addr` (16-byte aligned; the caller checked the kernel's conditions): one block per SM,
+/// at most one per tile.
+#[allow(clippy::too_many_arguments)]
+fn launch_ws(
+    gpu: &Gpu,
+    f: &cudarc::driver::CudaFunction,
+    (cfg, p, total_rows, kp, mma): (&GroupedGemm, &Params, usize, usize, Mma),
+    (hi, lo): (&CudaView<'_, u16>, &CudaView<'_, u16>),
+    (w, blocks_addr): (&Mxfp4Weight<'_>, u64),
+    offsets: &CudaView<'_, u32>,
+    e: &Epi,
+    c: &mut CudaViewMut<'_, f32>,
+    smem: u32,
+) -> Result<()> {
+    let op = "grouped_gemm_f32_mxfp4w";
+    let (hi_addr, hi_guard) = hi.device_ptr(&gpu.stream);
+    let (lo_addr, lo_guard) = lo.device_ptr(&gpu.stream);
+    let bf16 = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    let a_map = |what, addr| {
+        let swizzle = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
+        tma_map_2d(op, what, addr, bf16, (kp, total_rows, kp * 2), (TC_K as u32, RS_TILE.0 as u32), swizzle)
+    };
+    let tm_hi = a_map("A (hi)", hi_addr)?;
+    // With Mma::Bf16 the kernel never reads lo's map.
+    let tm_lo = if mma == Mma::Split { a_map("A (lo)", lo_addr)? } else { tm_hi };
+    let tm_w = tma_map_2d(
+        op,
+        "the MXFP4 codes",
+        blocks_addr,
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        (w.cols / 2, w.experts * w.rows, w.cols / 2),
+        (TC_K as u32 / 2, RS_TILE.1 as u32),
+        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+    )?;
+    let tiles = row_tiles(cfg, total_rows, RS_TILE.0) * cfg.n.div_ceil(RS_TILE.1);
+    let sms = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+    let (rows, cols) = (w.rows as u32, w.cols as u32);
+    // SAFETY: grouped_gemm_bf16a_mxfp4w_ws(float* c, const unsigned char* scales, const unsigned*
+    // offsets, Params p, unsigned w_rows, unsigned w_cols, Epi epi, TmaMap tm_hi, tm_lo, tm_w): C,
+    // the scales, the offsets and the epilogue as for the other MXFP4 kernels (see the caller); the
+    // tensor maps describe A's hi and lo parts (total_rows rows of kp bf16) and the codes
+    // (experts·rows rows of cols / 2 bytes) exactly, so the TMA reads nothing outside them (past
+    // their ends it writes zeros); their guards keep the buffers' streams in order until the launch
+    // is enqueued; the block gets the shared memory ws_smem_bytes computes (gemm.cu asserts the
+    // same), and it runs only on sm_90a.
+    unsafe {
+        gpu.stream
+            .launch_builder(f)
+            .arg(c)
+            .arg(&w.scales)
+            .arg(offsets)
+            .arg(p)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(e)
+            .arg(&tm_hi)
+            .arg(&tm_lo)
+            .arg(&tm_w)
+            .launch(LaunchConfig {
+                grid_dim: (tiles.min(sms).max(1) as u32, 1, 1),
+                block_dim: (WS_THREADS, 1, 1),
+                shared_mem_bytes: smem,
+            })
+    }?;
+    drop((hi_guard, lo_guard));
+    Ok(())
 }
 
 /// An epilogue's buffer lengths: the bias's, and the LoRA term's `(u, b, b_strides, rank)`.

@@ -680,7 +680,7 @@ fn mxfp4_paths(gpu: &Gpu) -> Vec<Mxfp4Path> {
         paths.push(Mxfp4Path::MmaSync);
     }
     if gpu.arch == "sm_90a" {
-        paths.extend([Mxfp4Path::Wgmma, Mxfp4Path::WgmmaRs]);
+        paths.extend([Mxfp4Path::Wgmma, Mxfp4Path::WgmmaRs, Mxfp4Path::WgmmaWs]);
     } else {
         eprintln!("NOTE: {} is not sm_90a: the wgmma MXFP4 kernels are NOT tested on it", gpu.arch);
     }
@@ -870,6 +870,67 @@ fn mxfp4_odd_rows_give_a_partial_k_slice() {
     // 128 with zeros and its last 4-wide split chunk holds 3 values.
     check_mxfp4_gpu(&gpu(), 25, 2, 99, 64, &[17, 40], false);
     check_mxfp4_gpu(&gpu(), 26, 3, 1, 32, &[5, 0, 2], false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_warp_specialized_walks_more_tiles_than_sms_bit_for_bit() {
+    // 9 weight-row tiles x ~30 row tiles (uneven groups, partial tiles of every width): more
+    // tiles than an H100's or H200's 132 SMs, so each block of the warp-specialized kernel walks
+    // several, its stages and mbarrier phases running on from one tile to the next.
+    let gpu = gpu();
+    let sizes = [700, 0, 1, 1500, 257, 64, 2100, 190, 999];
+    let (experts, rows, cols) = (sizes.len(), 1152, 640);
+    check_mxfp4_gpu_epi(&gpu, 46, experts, rows, cols, &sizes, false, Some(EpiCase { rank: 8, u_shift: 0 }));
+    if gpu.arch != "sm_90a" {
+        eprintln!("NOTE: {} is not sm_90a: the warp-specialized kernel is NOT compared with WgmmaRs", gpu.arch);
+        return;
+    }
+    // The same products as WgmmaRs's kernel, in the same order: the same bits.
+    let (blocks, scales) = random_mxfp4(47, experts, rows, cols, 120..=128);
+    let offsets = offsets_of(&sizes);
+    let total = offsets[experts] as usize;
+    let st = &gpu.stream;
+    let (bd, sd, od) =
+        (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
+    let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
+    let cfg = GroupedGemm {
+        groups: experts,
+        grouped: Grouped::M,
+        m: max_len(&offsets),
+        n: rows,
+        k: cols,
+        alpha: 1.0,
+        beta: 0.0,
+        a: Strides::row_major(cols),
+        b: Strides::row_major(0),
+        c: Strides::row_major(rows),
+    };
+    let ad = st.clone_htod(&randn(48, total * cols, 1.0)).unwrap();
+    for mma in [Mma::Split, Mma::Bf16] {
+        let run = |path| {
+            let mut cd = st.clone_htod(&vec![f32::NAN; total * rows]).unwrap();
+            grouped_gemm_f32_mxfp4w_on(
+                &gpu,
+                &cfg,
+                &od.as_view(),
+                total,
+                &ad.as_view(),
+                &w,
+                false,
+                mma,
+                path,
+                &Mxfp4Epilogue::default(),
+                &mut cd.as_view_mut(),
+            )
+            .unwrap();
+            st.clone_dtoh(&cd).unwrap()
+        };
+        let (ws, rs) = (run(Mxfp4Path::WgmmaWs), run(Mxfp4Path::WgmmaRs));
+        assert!(rs.iter().all(|v| v.is_finite()), "{mma:?}: WgmmaRs left NaN or inf");
+        let differ = ws.iter().zip(&rs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{mma:?}: {differ} of {} outputs differ between WgmmaWs and WgmmaRs", ws.len());
+    }
 }
 
 /// How the operands of [`check_mxfp4_views`] sit in memory.

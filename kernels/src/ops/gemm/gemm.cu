@@ -1710,13 +1710,13 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 // grouped_gemm_bf16a_mxfp4w_ws: _rs's product and tile (C_gᵀ = W_g · A_gᵀ, 128 weight rows x 256
 // activation rows per block, the decoded weight as wgmma's register operand, the same epilogue),
 // with the copies taken off the consumers' path:
-// - A producer warp (warp 8) copies each slice's activation tiles (hi and lo, or hi alone) and the
-//   raw MXFP4 bytes of the block's 128 weight rows into shared memory by TMA (one lane issues;
+// - A producer warpgroup copies each slice's activation tiles (hi and lo, or hi alone) and the
+//   raw MXFP4 bytes of the block's 128 weight rows into shared memory by TMA (one thread issues;
 //   tensor maps from the launcher: the activations with the 128-byte swizzle that the descriptors
 //   read, the codes as 32-byte rows), and the rows' block scales (their rows are not 16-byte
-//   aligned, so not TMA's): each lane loads four rows' two scales one slice ahead into registers
-//   and stores them next to the codes. Each stage has a `full` mbarrier (the producer's lanes
-//   arrive and the TMA's bytes complete it) and an `empty` one (one arrival per consumer warp
+//   aligned, so not TMA's): each thread loads one row's two scales four slices ahead into
+//   registers and stores them next to the codes. Each stage has a `full` mbarrier (the producer's
+//   threads arrive and the TMA's bytes complete it) and an `empty` one (one arrival per consumer warp
 //   when done with it); the producer runs as far ahead as the stages allow, into the next tile
 //   too. Rows past a group's end or past W's rows
 //   load their neighbours' values (the tensor's end reads zeros): the C rows and columns they feed
@@ -1862,7 +1862,7 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
             mbar_init(a_empty + 8 * i, CONSUMERS / 32);
         }
         for (int i = 0; i < W_STAGES; ++i) {
-            mbar_init(w_full + 8 * i, 32);
+            mbar_init(w_full + 8 * i, THREADS_WS - CONSUMERS);
             mbar_init(w_empty + 8 * i, CONSUMERS / 32);
         }
     }
@@ -1875,52 +1875,58 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
 
     if (warp >= CONSUMERS / 32) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
-        if (warp > CONSUMERS / 32) return;
-        // The producer: both rings' positions run on across tiles.
+        // The producer warpgroup: thread pt owns weight row pt of each tile (its block scales, read
+        // four slices ahead: registers sc0..sc3, the loop unrolled by four so that no register with
+        // a load in flight is moved); thread 0 also issues the TMA copies. Both rings' positions
+        // run on across tiles.
+        const int pt = tid - CONSUMERS;
         const unsigned int nblk = w_cols / 32;
+        // Every row's scales start 2-byte aligned and hold whole pairs (gpt-oss: 90 a row).
+        const bool pairs = nblk % 2 == 0 && ((size_t)scales & 1) == 0;
         unsigned int a_it = 0, w_it = 0;
         for (unsigned int u = blockIdx.x, g, start, rows, mt;
              row_tile<TM>(offsets, p, u / n_tiles, g, start, rows, mt); u += gridDim.x) {
-            {
-                const unsigned int nt = u % n_tiles;
-                const int a_row = (int)(start + mt * TM), w_row = (int)(g * w_rows + nt * TN);
-                // Slice s's scales of rows lane + 32 i (two bytes each, 127 past W).
-                unsigned int sc[4];
-                auto load_sc = [&](int s) {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const unsigned int wr = nt * TN + lane + 32 * i, wc = (unsigned int)s * TK;
-                        const unsigned char* q = scales + ((size_t)g * w_rows + wr) * nblk + wc / 32;
-                        const bool ok = s < slices && wr < w_rows;
-                        sc[i] = (ok ? (unsigned int)q[0] : 127u) | (ok && wc + 32 < w_cols ? (unsigned int)q[1] : 127u) << 8;
-                    }
-                };
-                load_sc(0);
-                for (int s = 0; s < slices; ++s, ++a_it, ++w_it) {
-                    const unsigned int wi = w_it % W_STAGES, ai = a_it % STAGES;
-                    mbar_wait(w_empty + 8 * wi, ((w_it / W_STAGES) & 1) ^ 1);
-                    unsigned short* dst = reinterpret_cast<unsigned short*>(sm + W_OFF + wi * W_TILE + W_CODES);
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) dst[lane + 32 * i] = (unsigned short)sc[i];
-                    if (lane == 0) {
-                        mbar_expect_tx(w_full + 8 * wi, W_CODES);
-                        tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, s * (TK / 2), w_row, w_full + 8 * wi);
-                    } else {
-                        mbar_arrive(w_full + 8 * wi);
-                    }
-                    load_sc(s + 1);
-                    if (lane == 0) {
-                        mbar_wait(a_empty + 8 * ai, ((a_it / STAGES) & 1) ^ 1);
-                        mbar_expect_tx(a_full + 8 * ai, A_STAGE);
-                        tma_load_2d(sbase + ai * A_STAGE, tm_hi, s * TK, a_row, a_full + 8 * ai);
-#ifndef MMA_ONE_PASS
-                        tma_load_2d(sbase + ai * A_STAGE + A_TILE, tm_lo, s * TK, a_row, a_full + 8 * ai);
-#else
-                        (void)tm_lo;
-#endif
-                    }
-                    __syncwarp();
+            const unsigned int nt = u % n_tiles, wr = nt * TN + pt;
+            const int a_row = (int)(start + mt * TM), w_row = (int)(g * w_rows + nt * TN);
+            const unsigned char* q = scales + ((size_t)g * w_rows + min(wr, w_rows - 1)) * nblk;
+            // Slice s's two scales of row wr (127, a scale of 1, past W): one 16-bit load where they
+            // are 2-byte aligned (then nothing waits for it before the store four slices later).
+            auto load = [&](int s) {
+                const unsigned int b = 2u * (unsigned int)s;
+                const bool ok = s < slices && wr < w_rows;
+                if (pairs) return ok ? (unsigned int)*reinterpret_cast<const unsigned short*>(q + b) : 0x7F7Fu;
+                return (ok ? (unsigned int)q[b] : 127u) | (ok && b + 1 < nblk ? (unsigned int)q[b + 1] : 127u) << 8;
+            };
+            auto step = [&](int s, unsigned int& sc) {
+                const unsigned int wi = w_it % W_STAGES, ai = a_it % STAGES;
+                ++w_it;
+                ++a_it;
+                mbar_wait(w_empty + 8 * wi, (((w_it - 1) / W_STAGES) & 1) ^ 1);
+                reinterpret_cast<unsigned short*>(sm + W_OFF + wi * W_TILE + W_CODES)[pt] = (unsigned short)sc;
+                if (pt == 0) {
+                    mbar_expect_tx(w_full + 8 * wi, W_CODES);
+                    tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, s * (TK / 2), w_row, w_full + 8 * wi);
+                } else {
+                    mbar_arrive(w_full + 8 * wi);
                 }
+                sc = load(s + 4);
+                if (pt == 0) {
+                    mbar_wait(a_empty + 8 * ai, (((a_it - 1) / STAGES) & 1) ^ 1);
+                    mbar_expect_tx(a_full + 8 * ai, A_STAGE);
+                    tma_load_2d(sbase + ai * A_STAGE, tm_hi, s * TK, a_row, a_full + 8 * ai);
+#ifndef MMA_ONE_PASS
+                    tma_load_2d(sbase + ai * A_STAGE + A_TILE, tm_lo, s * TK, a_row, a_full + 8 * ai);
+#else
+                    (void)tm_lo;
+#endif
+                }
+            };
+            unsigned int sc0 = load(0), sc1 = load(1), sc2 = load(2), sc3 = load(3);
+            for (int s = 0; s < slices; s += 4) {
+                step(s, sc0);
+                if (s + 1 < slices) step(s + 1, sc1);
+                if (s + 2 < slices) step(s + 2, sc2);
+                if (s + 3 < slices) step(s + 3, sc3);
             }
         }
         return;

@@ -778,23 +778,19 @@ pub enum Mxfp4Path {
 }
 
 impl Mxfp4Path {
-    /// On Hopper (the kernels are compiled for sm_90a there) the faster forward kernel for `mma`
-    /// in the kernel benchmark on an H200: `WgmmaWs` with [`Mma::Split`] (0.945 against 1.043 ms
-    /// for the gate_up product of 8,192 rows), `WgmmaRs` with [`Mma::Bf16`] (0.739 against
-    /// 0.763 ms); `OXTUNE_MXFP4_KERNEL=wgmma`, `=rs` or `=ws` in the environment picks `Wgmma`,
-    /// `WgmmaRs` or `WgmmaWs`, to compare them in a whole training step. Elsewhere `MmaSync` where
-    /// the GPU's shared memory per block holds its stages for `mma`, else `MmaSyncTwoStage`.
+    /// `WgmmaWs` on Hopper (the kernels are compiled for sm_90a there; `OXTUNE_MXFP4_KERNEL=wgmma`
+    /// or `=rs` in the environment picks `Wgmma` or `WgmmaRs`, to compare them in a whole training
+    /// step); elsewhere `MmaSync` where the GPU's shared memory per block holds its stages for
+    /// `mma`, else `MmaSyncTwoStage`.
     pub fn for_gpu(gpu: &Gpu, mma: Mma) -> Self {
         if gpu.arch == "sm_90a" {
             // Read once per process: this runs before every expert product.
-            static CHOSEN: std::sync::OnceLock<Option<Mxfp4Path>> = std::sync::OnceLock::new();
-            let chosen = *CHOSEN.get_or_init(|| match std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() {
-                Ok("wgmma") => Some(Self::Wgmma),
-                Ok("rs") => Some(Self::WgmmaRs),
-                Ok("ws") => Some(Self::WgmmaWs),
-                _ => None,
+            static CHOSEN: std::sync::OnceLock<Mxfp4Path> = std::sync::OnceLock::new();
+            return *CHOSEN.get_or_init(|| match std::env::var("OXTUNE_MXFP4_KERNEL").as_deref() {
+                Ok("wgmma") => Self::Wgmma,
+                Ok("rs") => Self::WgmmaRs,
+                _ => Self::WgmmaWs,
             });
-            return chosen.unwrap_or(if mma == Mma::Split { Self::WgmmaWs } else { Self::WgmmaRs });
         }
         let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
         match optin {

@@ -12,7 +12,8 @@
 // f32 B, narrow shapes (grouped_gemm_f32_narrow_n*, _tiny_k*, _small_out*): see their section
 // after the general kernel. MXFP4 B (grouped_gemm_f32_mxfp4w): see the section above that kernel.
 //
-// Grid: x = n tiles, y = row tiles (at most 65535), z = 1 (small_out states its own). The row tiles
+// Grid: x = n tiles, y = row tiles (at most 65535), z = 1 (small_out states its own; the
+// warp-specialized MXFP4 kernel takes one block per SM and numbers its tiles itself). The row tiles
 // of all groups are numbered in group order (row_tile: under Grouped::M each group has as many as
 // its rows need, so no block is launched for a tile past a group's rows, and the host needs only the
 // total row count, not the plan, to size the grid); every level loops grid-stride, so the result
@@ -1716,11 +1717,10 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 //   read, the codes as 32-byte rows), and the rows' block scales (their rows are not 16-byte
 //   aligned, so not TMA's): each thread loads one row's two scales four slices ahead into
 //   registers and stores them next to the codes. Each stage has a `full` mbarrier (the producer's
-//   threads arrive and the TMA's bytes complete it) and an `empty` one (one arrival per consumer warp
-//   when done with it); the producer runs as far ahead as the stages allow, into the next tile
-//   too. Rows past a group's end or past W's rows
-//   load their neighbours' values (the tensor's end reads zeros): the C rows and columns they feed
-//   are never stored.
+//   threads arrive and the TMA's bytes complete it) and an `empty` one (one arrival per consumer
+//   warp when done with it); the producer runs as far ahead as the stages allow, into the next
+//   tile too. Rows past a group's end or past W's rows load their neighbours' values (the
+//   tensor's end reads zeros): the C rows and columns they feed are never stored.
 // - Two consumer warpgroups, no block-wide barrier per slice: wait for slice s's stage, issue its
 //   products (lo then hi with Mma::Split), wait until only they are in flight (slice s - 1's are
 //   done: its stage goes back to the producer), then decode slice s + 1's weight fragments from
@@ -1732,7 +1732,7 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 // and K > 0; the other cases take _rs.
 namespace ws {
 using rs::A_STAGE, rs::A_TILE, rs::RS_LD, rs::TM, rs::TN, wg::A_TILES, wg::SW_SBO, wg::TK;
-// A producer warpgroup (setmaxnreg works on warpgroups; one warp of it works) and two consumers.
+// A producer warpgroup (setmaxnreg works on whole warpgroups) and two consumers.
 constexpr int CONSUMERS = 256, THREADS_WS = CONSUMERS + 128;
 // Registers per thread after setmaxnreg. The block starts with 168 a thread (65,536 / 384 rounded
 // down to 8: ptxas's allocation under these launch bounds) and setmaxnreg moves registers only

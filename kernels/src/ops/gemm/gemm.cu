@@ -1716,8 +1716,9 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 //   tensor maps from the launcher: the activations with the 128-byte swizzle that the descriptors
 //   read, the codes as 32-byte rows), and the rows' block scales (their rows are not 16-byte
 //   aligned, so not TMA's): each thread loads one row's two scales four slices ahead into
-//   registers and stores them next to the codes. Each stage has a `full` mbarrier (the producer's
-//   threads arrive and the TMA's bytes complete it) and an `empty` one (one arrival per consumer
+//   registers and stores them next to the codes. Each stage has a `full` mbarrier (the issuing
+//   thread's arrival with the bytes to expect, and for a weight stage every producer thread's after
+//   its scales, then the TMA's bytes complete it) and an `empty` one (one arrival per consumer
 //   warp when done with it); the producer runs as far ahead as the stages allow, into the next
 //   tile too. Rows past a group's end or past W's rows load their neighbours' values (the
 //   tensor's end reads zeros): the C rows and columns they feed are never stored.
@@ -1728,8 +1729,9 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 //   products while slice s's still run.
 // - The epilogue goes through the stage of the tile's last slice, which the consumers give back
 //   only after it (the producer fills the other stages with the next tile meanwhile).
-// The launcher runs it only when its tensor maps can describe the operands (16-byte aligned codes)
-// and K > 0; the other cases take _rs.
+// The launcher runs it only when its tensor maps can describe the operands (16-byte aligned codes),
+// K > 0, its tile numbers and weight rows fit 32 bits, and the build gives a thread the 168 entry
+// registers its setmaxnreg counts assume; the other cases take _rs.
 namespace ws {
 using rs::A_STAGE, rs::A_TILE, rs::RS_LD, rs::TM, rs::TN, wg::A_TILES, wg::SW_SBO, wg::TK;
 // A producer warpgroup (setmaxnreg works on whole warpgroups) and two consumers.
@@ -1865,6 +1867,9 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
             mbar_init(w_full + 8 * i, THREADS_WS - CONSUMERS);
             mbar_init(w_empty + 8 * i, CONSUMERS / 32);
         }
+        // The initialized barriers are visible to the TMA unit's completions (as CUTLASS's
+        // fence_barrier_init), not only to this block's threads after the barrier below.
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
     const int slices = (int)((p.k + TK - 1) / TK);

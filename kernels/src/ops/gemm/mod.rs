@@ -274,6 +274,9 @@ const fn rs_smem_bytes(mma: Mma) -> u32 {
 }
 /// Block size of the warp-specialized forward kernel (a producer warpgroup and two consumers).
 const WS_THREADS: u32 = 384;
+/// The registers a thread of it starts with (65,536 / 384 rounded down to 8), for which its
+/// setmaxnreg counts are balanced (gemm.cu asserts the balance).
+const WS_ENTRY_REGS: i32 = 168;
 /// Its dynamic shared memory (same tile as the register-operand kernel): A stages (three with
 /// [`Mma::Split`], five with [`Mma::Bf16`]), weight stages of 4,352 bytes (the codes and scales of
 /// 128 rows; two or four), the epilogue terms and one full and one empty mbarrier per stage.
@@ -771,10 +774,12 @@ pub enum Mxfp4Path {
     /// straight into registers, 128 weight rows x 256 activation rows per block); the transposed
     /// product as [`Mxfp4Path::Wgmma`] (sm_90a only).
     WgmmaRs,
-    /// [`Mxfp4Path::WgmmaRs`] with the forward kernel warp-specialized: a producer warp copies
-    /// the activations and the MXFP4 codes by TMA several slices ahead, one block per SM walks the
-    /// tiles, and the consumers keep one slice's products in flight while they decode the next
-    /// (sm_90a only). Codes that are not 16-byte aligned, or K = 0, run `WgmmaRs`'s kernel.
+    /// [`Mxfp4Path::WgmmaRs`] with the forward kernel warp-specialized: a producer warpgroup
+    /// copies the activations and the MXFP4 codes by TMA several slices ahead, one block per SM
+    /// walks the tiles, and the consumers keep one slice's products in flight while they decode
+    /// the next (sm_90a only). Codes that are not 16-byte aligned, K = 0, tile counts or weight
+    /// rows past 32 bits, or a kernel build with other than 168 registers a thread at entry run
+    /// `WgmmaRs`'s kernel.
     WgmmaWs,
 }
 
@@ -801,8 +806,8 @@ impl Mxfp4Path {
     }
 }
 
-/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare them); `Wgmma`
-/// or `WgmmaRs` on a GPU that is not sm_90a is an error.
+/// [`grouped_gemm_f32_mxfp4w`] on a chosen kernel (tests and benchmarks compare them); `Wgmma`,
+/// `WgmmaRs` or `WgmmaWs` on a GPU that is not sm_90a is an error.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32_mxfp4w_on(
     gpu: &Gpu,
@@ -857,12 +862,23 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     // numbers (row tiles x weight-row tiles) and TMA row coordinates fit 32 bits.
     let (blocks_addr, blocks_guard) = w.blocks.device_ptr(&gpu.stream);
     let ws_tiles = row_tiles(cfg, total_rows, RS_TILE.0).checked_mul(cfg.n.div_ceil(RS_TILE.1));
-    let ws = path == Mxfp4Path::WgmmaWs
+    let ws_shape = path == Mxfp4Path::WgmmaWs
         && !transposed
         && cfg.k > 0
         && blocks_addr % 16 == 0
         && ws_tiles.is_some_and(|t| t <= u32::MAX as usize)
         && w.experts.checked_mul(w.rows).is_some_and(|r| r <= DIM_MAX);
+    let (module, src) = match (path, mma) {
+        (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
+        (Mxfp4Path::MmaSyncTwoStage, Mma::Bf16) => ("gemm_two_stage_bf16", SRC_TWO_STAGE_ONE_PASS),
+        (_, Mma::Split) => ("gemm", SRC),
+        (_, Mma::Bf16) => ("gemm_bf16", SRC_ONE_PASS),
+    };
+    // The kernel's setmaxnreg moves registers within the block, balanced for the registers ptxas
+    // gives each thread at entry (gemm.cu, namespace ws); a build that gave it another count would
+    // wait forever there, so it runs _rs instead.
+    let ws =
+        ws_shape && gpu.function(module, src, "grouped_gemm_bf16a_mxfp4w_ws")?.num_regs().ok() == Some(WS_ENTRY_REGS);
     let (name, threads, smem, tile) = match (path, transposed) {
         _ if ws => ("grouped_gemm_bf16a_mxfp4w_ws", WS_THREADS, ws_smem_bytes(mma), RS_TILE),
         (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma), TC_TILE),
@@ -874,12 +890,6 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }
         (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
         (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
-    };
-    let (module, src) = match (path, mma) {
-        (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
-        (Mxfp4Path::MmaSyncTwoStage, Mma::Bf16) => ("gemm_two_stage_bf16", SRC_TWO_STAGE_ONE_PASS),
-        (_, Mma::Split) => ("gemm", SRC),
-        (_, Mma::Bf16) => ("gemm_bf16", SRC_ONE_PASS),
     };
     let split = gpu.function(module, src, "split_a_bf16")?;
     let f = gpu.function(module, src, name)?;
@@ -1002,7 +1012,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
 /// Launches the warp-specialized forward kernel (gemm.cu, `grouped_gemm_bf16a_mxfp4w_ws`) on A's
 /// bf16 parts `hi` / `lo` (`lo` empty with [`Mma::Bf16`]) and the weight whose codes start at
 /// `blocks_addr` (16-byte aligned; the caller checked the kernel's conditions): one block per SM,
-/// at most one per tile.
+/// no more than the host's bound on the tiles (blocks past the real tiles find none and return).
 #[allow(clippy::too_many_arguments)]
 fn launch_ws(
     gpu: &Gpu,

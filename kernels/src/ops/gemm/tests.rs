@@ -875,9 +875,11 @@ fn mxfp4_odd_rows_give_a_partial_k_slice() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
 fn mxfp4_warp_specialized_walks_more_tiles_than_sms_bit_for_bit() {
-    // 9 weight-row tiles x ~30 row tiles (uneven groups, partial tiles of every width): more
-    // tiles than an H100's or H200's 132 SMs, so each block of the warp-specialized kernel walks
-    // several, its stages and mbarrier phases running on from one tile to the next.
+    // 9 weight-row tiles x 27 row tiles (uneven groups; last tiles 64, 192 and 256 rows wide, and
+    // 128 in the smaller tests): 243 tiles, more than an H100's or H200's 132 SMs, so most blocks
+    // of the warp-specialized kernel walk two, their stages and mbarrier phases running on from one
+    // tile to the next (with the default precision's three stages, 10 slices a tile start each
+    // tile at another stage and phase).
     let gpu = gpu();
     let sizes = [700, 0, 1, 1500, 257, 64, 2100, 190, 999];
     let (experts, rows, cols) = (sizes.len(), 1152, 640);

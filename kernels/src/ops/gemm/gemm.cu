@@ -1950,67 +1950,65 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
     for (unsigned int u = blockIdx.x, g, start, rows, mt; row_tile<TM>(offsets, p, u / n_tiles, g, start, rows, mt);
          u += gridDim.x) {
         float* cg = c + (size_t)g * p.c_group + (size_t)start * p.c_row;
-        {
-            const unsigned int nt = u % n_tiles;
-            const unsigned int m0 = mt * TM, n0 = nt * TN;
-            const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
-            // The next slice's fragments from the next weight stage (the producer's slice order),
-            // which goes back to the producer once read.
-            auto decode_w = [&](unsigned int (&f)[4][4]) {
-                const unsigned int wi = w_it % W_STAGES;
-                mbar_wait(w_full + 8 * wi, (w_it / W_STAGES) & 1);
-                ++w_it;
-                const unsigned char* wt = sm + W_OFF + wi * W_TILE;
-                const unsigned short* scs = reinterpret_cast<const unsigned short*>(wt + W_CODES);
-                const unsigned int sx = scs[wr_lo], sy = scs[wr_lo + 8];
+        const unsigned int nt = u % n_tiles;
+        const unsigned int m0 = mt * TM, n0 = nt * TN;
+        const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
+        // The next slice's fragments from the next weight stage (the producer's slice order),
+        // which goes back to the producer once read.
+        auto decode_w = [&](unsigned int (&f)[4][4]) {
+            const unsigned int wi = w_it % W_STAGES;
+            mbar_wait(w_full + 8 * wi, (w_it / W_STAGES) & 1);
+            ++w_it;
+            const unsigned char* wt = sm + W_OFF + wi * W_TILE;
+            const unsigned short* scs = reinterpret_cast<const unsigned short*>(wt + W_CODES);
+            const unsigned int sx = scs[wr_lo], sy = scs[wr_lo + 8];
 #pragma unroll
-                for (int b = 0; b < 2; ++b) {
-                    // Block b of rows wr_lo (x) and wr_lo + 8 (y), one block at a time (registers).
-                    const uint4 x = *reinterpret_cast<const uint4*>(wt + wr_lo * W_ROW + 16 * b);
-                    const uint4 y = *reinterpret_cast<const uint4*>(wt + (wr_lo + 8) * W_ROW + 16 * b);
-                    const unsigned int s2x = e8m0_bf16x2((sx >> 8 * b) & 255u), s2y = e8m0_bf16x2((sy >> 8 * b) & 255u);
+            for (int b = 0; b < 2; ++b) {
+                // Block b of rows wr_lo (x) and wr_lo + 8 (y), one block at a time (registers).
+                const uint4 x = *reinterpret_cast<const uint4*>(wt + wr_lo * W_ROW + 16 * b);
+                const uint4 y = *reinterpret_cast<const uint4*>(wt + (wr_lo + 8) * W_ROW + 16 * b);
+                const unsigned int s2x = e8m0_bf16x2((sx >> 8 * b) & 255u), s2y = e8m0_bf16x2((sy >> 8 * b) & 255u);
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x, y, h, sel), s2x, s2y, f[2 * b + h]);
-                }
-                __syncwarp();
-                mbar_arrive(w_empty + 8 * wi, lane == 0);
-            };
-
-            if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, CONSUMERS);
-            cp_async_commit();
-            float acc[128];
-#pragma unroll
-            for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-            unsigned int fa[4][4], fb[4][4];
-            decode_w(fa);
-            // Only as many activation rows as the tile holds, in steps of 64 (a group's last tile
-            // is often short): one loop per width, so that no branch on it comes between products
-            // in flight (ptxas would serialize them).
-            const WsRing ring{sbase, a_full, a_empty, slices, lane};
-            if (width64 == 4) {
-                ws_slices<256>(acc, fa, fb, decode_w, a_it, ring);
-            } else if (width64 == 3) {
-                ws_slices<192>(acc, fa, fb, decode_w, a_it, ring);
-            } else if (width64 == 2) {
-                ws_slices<128>(acc, fa, fb, decode_w, a_it, ring);
-            } else {
-                ws_slices<64>(acc, fa, fb, decode_w, a_it, ring);
+                for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x, y, h, sel), s2x, s2y, f[2 * b + h]);
             }
-#pragma unroll
-            for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-            // The last slice's stage is the epilogue's scratch: every consumer warp is done with
-            // its products (and the epilogue terms have landed) after this barrier.
-            const unsigned int last = (a_it + STAGES - 1) % STAGES;
-            cp_async_wait<0>();
-            consumers_sync();
-            rs_epilogue(acc, reinterpret_cast<float*>(sm + last * A_STAGE) + warp * 32 * RS_LD, cg, p, epi, eu, ec,
-                        m0, n0, rows, warp, lane);
-            // The scratch's writes come before the TMA's refill of the stage.
-            fence_proxy_async();
             __syncwarp();
-            mbar_arrive(a_empty + 8 * last, lane == 0);
-            consumers_sync();  // the next tile's epilogue terms overwrite eu and ec
+            mbar_arrive(w_empty + 8 * wi, lane == 0);
+        };
+
+        if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, CONSUMERS);
+        cp_async_commit();
+        float acc[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+        unsigned int fa[4][4], fb[4][4];
+        decode_w(fa);
+        // Only as many activation rows as the tile holds, in steps of 64 (a group's last tile
+        // is often short): one loop per width, so that no branch on it comes between products
+        // in flight (ptxas would serialize them).
+        const WsRing ring{sbase, a_full, a_empty, slices, lane};
+        if (width64 == 4) {
+            ws_slices<256>(acc, fa, fb, decode_w, a_it, ring);
+        } else if (width64 == 3) {
+            ws_slices<192>(acc, fa, fb, decode_w, a_it, ring);
+        } else if (width64 == 2) {
+            ws_slices<128>(acc, fa, fb, decode_w, a_it, ring);
+        } else {
+            ws_slices<64>(acc, fa, fb, decode_w, a_it, ring);
         }
+#pragma unroll
+        for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+        // The last slice's stage is the epilogue's scratch: every consumer warp is done with
+        // its products (and the epilogue terms have landed) after this barrier.
+        const unsigned int last = (a_it + STAGES - 1) % STAGES;
+        cp_async_wait<0>();
+        consumers_sync();
+        rs_epilogue(acc, reinterpret_cast<float*>(sm + last * A_STAGE) + warp * 32 * RS_LD, cg, p, epi, eu, ec,
+                    m0, n0, rows, warp, lane);
+        // The scratch's writes come before the TMA's refill of the stage.
+        fence_proxy_async();
+        __syncwarp();
+        mbar_arrive(a_empty + 8 * last, lane == 0);
+        consumers_sync();  // the next tile's epilogue terms overwrite eu and ec
     }
 #else
     __trap();  // built for another architecture: mod.rs launches it on sm_90a only

@@ -861,12 +861,14 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     // cols / 2 bytes (a multiple of 16: cols is of whole blocks), 16-byte aligned; its tile
     // numbers (row tiles x weight-row tiles) and TMA row coordinates fit 32 bits.
     let (blocks_addr, blocks_guard) = w.blocks.device_ptr(&gpu.stream);
-    let ws_tiles = row_tiles(cfg, total_rows, RS_TILE.0).checked_mul(cfg.n.div_ceil(RS_TILE.1));
+    let ws_tiles = row_tiles(cfg, total_rows, RS_TILE.0)
+        .checked_mul(cfg.n.div_ceil(RS_TILE.1))
+        .filter(|&t| t <= u32::MAX as usize);
     let ws_shape = path == Mxfp4Path::WgmmaWs
         && !transposed
         && cfg.k > 0
         && blocks_addr % 16 == 0
-        && ws_tiles.is_some_and(|t| t <= u32::MAX as usize)
+        && ws_tiles.is_some()
         && w.experts.checked_mul(w.rows).is_some_and(|r| r <= DIM_MAX);
     let (module, src) = match (path, mma) {
         (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
@@ -953,11 +955,11 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }
         let a16 = a16.as_view();
         let (hi, lo) = a16.split_at(part);
-        if ws {
+        if let (true, Some(tiles)) = (ws, ws_tiles) {
             return launch_ws(
                 gpu,
                 &f,
-                (cfg, &p, total_rows, kp, mma),
+                (&p, total_rows, kp, mma, tiles),
                 (&hi, &lo),
                 (w, blocks_addr),
                 offsets,
@@ -1012,12 +1014,13 @@ pub fn grouped_gemm_f32_mxfp4w_on(
 /// Launches the warp-specialized forward kernel (gemm.cu, `grouped_gemm_bf16a_mxfp4w_ws`) on A's
 /// bf16 parts `hi` / `lo` (`lo` empty with [`Mma::Bf16`]) and the weight whose codes start at
 /// `blocks_addr` (16-byte aligned; the caller checked the kernel's conditions): one block per SM,
-/// no more than the host's bound on the tiles (blocks past the real tiles find none and return).
+/// no more than `tiles`, the caller's bound on the tiles (blocks past the real tiles find none and
+/// return).
 #[allow(clippy::too_many_arguments)]
 fn launch_ws(
     gpu: &Gpu,
     f: &cudarc::driver::CudaFunction,
-    (cfg, p, total_rows, kp, mma): (&GroupedGemm, &Params, usize, usize, Mma),
+    (p, total_rows, kp, mma, tiles): (&Params, usize, usize, Mma, usize),
     (hi, lo): (&CudaView<'_, u16>, &CudaView<'_, u16>),
     (w, blocks_addr): (&Mxfp4Weight<'_>, u64),
     offsets: &CudaView<'_, u32>,
@@ -1045,7 +1048,6 @@ fn launch_ws(
         (TC_K as u32 / 2, RS_TILE.1 as u32),
         sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
     )?;
-    let tiles = row_tiles(cfg, total_rows, RS_TILE.0) * cfg.n.div_ceil(RS_TILE.1);
     let sms = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
     let (rows, cols) = (w.rows as u32, w.cols as u32);
     // SAFETY: grouped_gemm_bf16a_mxfp4w_ws(float* c, const unsigned char* scales, const unsigned*

@@ -1543,16 +1543,20 @@ __device__ __forceinline__ unsigned int rs_gather(const uint4& x, const uint4& y
 // The register-operand kernels' epilogue: acc[4 j + 2 hf + e] = C(row m0 + 8 j + 2 tq + e, column
 // n0 + wr_lo + 8 hf) goes through a per-warp [32][RS_LD] f32 scratch `scr`, 32 rows at a time, so
 // that the stores' addresses are computed in a loop, not held for all 256 rows; each store
-// instruction writes two rows of 16 consecutive columns, adding the epilogue terms (bias, LoRA
-// up-projection: Epi) staged at eu / ec (landed before the call).
+// instruction writes two rows of 16 columns, adding the epilogue terms (bias, LoRA up-projection:
+// Epi) staged at eu / ec (landed before the call). The columns are consecutive; with T (the
+// transposed warp-specialized kernel) fragment row g + 8 hf of warp w (of 4) in warpgroup wg is
+// column 64 wg + 32 (w / 2) + 4 g + 2 (w % 2) + hf (see ws_t_words).
+template <bool T = false>
 __device__ __forceinline__ void rs_epilogue(float (&acc)[128], float* scr, float* cg, const Params& p, const Epi& epi,
                                             const float* eu, const float* ec, unsigned int m0, unsigned int n0,
                                             unsigned int rows, int warp, int lane) {
     using namespace rs;
     const int gq = lane / 4, tq = lane % 4;
-    const unsigned int col0 = n0 + 64 * (warp / 4) + 16 * (warp % 4);
-    // Every store of this lane is in column col0 + lane % 16; a chunk's column terms are read after
-    // its accumulators went to the scratch, when their registers are free.
+    const int w4 = warp % 4, l16 = lane % 16;
+    // Every store of this lane is in column gn (scratch column lane % 16); a chunk's column terms
+    // are read after its accumulators went to the scratch, when their registers are free.
+    const unsigned int gn = n0 + 64 * (warp / 4) + (T ? 32 * (w4 / 2) + 4 * (l16 % 8) + 2 * (w4 % 2) + l16 / 8 : 16 * w4 + l16);
     EpiCol ecol;
     const bool any = epi_any(epi);
     const int terms = epi_terms(epi), us = epi_u_stride(epi);
@@ -1567,9 +1571,9 @@ __device__ __forceinline__ void rs_epilogue(float (&acc)[128], float* scr, float
                 for (int e = 0; e < 2; ++e)
                     scr[(8 * jj + 2 * tq + e) * RS_LD + 8 * hf + gq] = acc[4 * (4 * cc + jj) + 2 * hf + e];
         __syncwarp();
-        if (any) epi_col(epi, ec, (int)(col0 + lane % 16 - n0), ecol);
-        // Lane l stores column col0 + l % 16 of rows row0 + l / 16 + 2 i, i < 16.
-        const unsigned int row0 = m0 + 32 * cc + lane / 16, gn = col0 + lane % 16;
+        if (any) epi_col(epi, ec, (int)(gn - n0), ecol);
+        // Lane l stores column gn of rows row0 + l / 16 + 2 i, i < 16.
+        const unsigned int row0 = m0 + 32 * cc + lane / 16;
         store_column_epi<16, 4>(terms, cg + (size_t)row0 * p.c_row + (size_t)gn * p.c_col, 2 * p.c_row,
                                 scr + (lane / 16) * RS_LD + lane % 16, 2 * RS_LD, row0, 2, rows, gn < p.n, ecol,
                                 eu + (row0 - m0) * us, 2, p);
@@ -1706,11 +1710,11 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 #endif
 }
 
-// ---- Forward MXFP4 product, warp-specialized (sm_90a) ----
+// ---- MXFP4 products, warp-specialized (sm_90a) ----
 //
 // grouped_gemm_bf16a_mxfp4w_ws: _rs's product and tile (C_gᵀ = W_g · A_gᵀ, 128 weight rows x 256
 // activation rows per block, the decoded weight as wgmma's register operand, the same epilogue),
-// with the copies taken off the consumers' path:
+// with the copies taken off the consumers' path (the transposed kernel, below, shares all of it):
 // - A producer warpgroup copies each slice's activation tiles (hi and lo, or hi alone) and the
 //   raw MXFP4 bytes of the block's 128 weight rows into shared memory by TMA (one thread issues;
 //   tensor maps from the launcher: the activations with the 128-byte swizzle that the descriptors
@@ -1729,9 +1733,21 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 //   products while slice s's still run.
 // - The epilogue goes through the stage of the tile's last slice, which the consumers give back
 //   only after it (the producer fills the other stages with the next tile meanwhile).
-// The launcher runs it only when its tensor maps can describe the operands (16-byte aligned codes),
-// K > 0, its tile numbers and weight rows fit 32 bits, and the build gives a thread the 168 entry
-// registers its setmaxnreg counts assume; the other cases take _rs.
+// grouped_gemm_bf16a_mxfp4w_ws_transposed: the input gradients C = A · W_g (B(k, n) = W[k, n], k
+// over the weight's rows, n over its columns) the same way, as Cᵀ = W_gᵀ · Aᵀ with W_gᵀ the
+// register operand: 128 weight columns (C columns) x 256 activation rows per block, the same A
+// stages, products and epilogue. Per slice the producer copies the codes of the slice's 64 weight
+// rows x the tile's 128 columns (64-byte rows, TMA's 64-byte swizzle: 16-byte chunk c of row r at
+// c ^ (r / 2 % 4), so that 8 consecutive rows' chunks fall in distinct banks) and writes their
+// block scales as bf16 ([4 blocks][64 rows]). A fragment's k pairs are now two weight rows and its
+// two rows two columns: ldmatrix.trans, the codes read as 16-bit units of 4 columns, gives lane
+// (g, t) exactly rows 2t, 2t + 1 (and + 8) of unit g, and ws_t_words keeps the lane's 2 columns,
+// decodes, pairs them by column and multiplies by the two rows' scales. Warp w (of 4) of warpgroup
+// wg takes byte w % 2 of the units of block 2 wg + w / 2: fragment row g + 8 hf is column
+// 64 wg + 32 (w / 2) + 4 g + 2 (w % 2) + hf, which the epilogue (rs_epilogue<true>) maps back.
+// The launcher runs them only when their tensor maps can describe the operands (16-byte aligned
+// codes), K > 0, their tile numbers and weight rows fit 32 bits, and the build gives a thread the
+// 168 entry registers their setmaxnreg counts assume; the other cases take _rs and _wg_transposed.
 namespace ws {
 using rs::A_STAGE, rs::A_TILE, rs::RS_LD, rs::TM, rs::TN, wg::A_TILES, wg::SW_SBO, wg::TK;
 // A producer warpgroup (setmaxnreg works on whole warpgroups) and two consumers.
@@ -1749,15 +1765,19 @@ constexpr int STAGES = 5, W_STAGES = 4;
 constexpr int STAGES = 3, W_STAGES = 2;
 #endif
 constexpr int W_ROW = 2 * 16;                  // a row's two MXFP4 blocks of a slice
-constexpr int W_CODES = TN * W_ROW;            // 4 KiB of codes, then the rows' two scales each
-constexpr int W_TILE = W_CODES + TN * 2;       // 128-byte aligned, as TMA writes it
-static_assert(W_TILE % 128 == 0, "TMA destinations");
+// 4 KiB of codes (forward: 128 weight rows x 32 bytes; transposed: 64 weight rows x 64 bytes, 128
+// columns), then the scales: forward each row's two bytes, transposed bf16 [4 blocks][64 rows].
+constexpr int W_CODES = TN * W_ROW;
+constexpr int W_SCALES = TN / 32 * TK * 2;
+constexpr int W_TILE = W_CODES + W_SCALES;
+static_assert(W_CODES == TK * TN / 2 && W_SCALES >= TN * 2, "both orientations fill the same stage");
+static_assert(W_TILE % 512 == 0, "TMA destinations, the 64-byte swizzle's 512-byte pattern");
 constexpr int W_OFF = STAGES * A_STAGE;        // after the A stages (1024-byte aligned)
 constexpr int EPI_OFF = W_OFF + W_STAGES * W_TILE;
 constexpr int BAR_OFF = EPI_OFF + epi_smem_bytes(TM, TN);
 constexpr int SMEM = BAR_OFF + 8 * 2 * (STAGES + W_STAGES);
 // mod.rs (ws_smem_bytes) computes the same bytes.
-static_assert(SMEM == STAGES * A_TILES * 32768 + W_STAGES * 4352 + 25088 + 16 * (STAGES + W_STAGES),
+static_assert(SMEM == STAGES * A_TILES * 32768 + W_STAGES * 4608 + 25088 + 16 * (STAGES + W_STAGES),
               "ws_smem_bytes in mod.rs");
 static_assert(SMEM <= 232448, "the H100's shared memory per block");
 static_assert(CONSUMERS / 32 * 32 * RS_LD * 4 <= A_TILE, "the epilogue scratch fits in a stage");
@@ -1842,11 +1862,30 @@ __device__ __forceinline__ void ws_slices(float (&acc)[128], unsigned int (&fa)[
 // Named barrier 1 over the consumer warps (barrier 0 is __syncthreads).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(ws::CONSUMERS) : "memory"); }
 
-extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
-    grouped_gemm_bf16a_mxfp4w_ws(float* c, const unsigned char* scales, const unsigned int* offsets, Params p,
-                                 unsigned int w_rows, unsigned int w_cols, Epi epi,
-                                 const __grid_constant__ TmaMap tm_hi, const __grid_constant__ TmaMap tm_lo,
-                                 const __grid_constant__ TmaMap tm_w) {
+// Two fragment words of the transposed kernel from an ldmatrix.trans word rw of codes (weight row
+// r's 4 columns in bits 0-15, row r + 1's in bits 16-31): byte `bsel` of each half (selector 0x20:
+// columns c, c + 1; 0x31: c + 2, c + 3) decodes, as decode8_bf16_rows, to (c, c + 1) of row r and
+// of row r + 1, which byte permutes pair by column (the fragment's k pairs are weight rows r, r + 1)
+// and a multiply by the two rows' bf16 scales p2 finishes: x = column c, y = column c + 1.
+__device__ __forceinline__ void ws_t_words(unsigned int rw, unsigned int bsel, unsigned int p2, unsigned int& x,
+                                           unsigned int& y) {
+    const unsigned int q = __byte_perm(rw, 0u, bsel);  // nibbles: c and c + 1 of row r, then of r + 1
+    const unsigned int mag = q & 0x7777u, neg = (q >> 1) & 0x4444u;
+    const unsigned int hi = __byte_perm(0x3F3F3F00u, 0x40404040u, mag) | __byte_perm(0u, 0x80808080u, neg);
+    const unsigned int lo = __byte_perm(0xC0800000u, 0xC0804000u, mag);
+    const unsigned int r0 = __byte_perm(lo, hi, 0x5140), r1 = __byte_perm(lo, hi, 0x7362);
+    x = mul_bf16x2(__byte_perm(r0, r1, 0x5410), p2);
+    y = mul_bf16x2(__byte_perm(r0, r1, 0x7632), p2);
+}
+
+// E8M0 scale byte s -> the bf16 bits of 2^(s - 127) (s = 0: the subnormal 2^-127).
+__device__ __forceinline__ unsigned short e8m0_bf16(unsigned int s) { return (unsigned short)(s ? s << 7 : 0x40u); }
+
+// The warp-specialized kernels (T: the transposed orientation), see above the namespace ws.
+template <bool T>
+__device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, const unsigned int* offsets,
+                                        const Params& p, unsigned int w_rows, unsigned int w_cols, const Epi& epi,
+                                        const TmaMap& tm_hi, const TmaMap& tm_lo, const TmaMap& tm_w) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace ws;
     extern __shared__ __align__(1024) unsigned char ws_smem[];
@@ -1891,26 +1930,46 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
         unsigned int a_it = 0, w_it = 0;
         for (unsigned int u = blockIdx.x, g, start, rows, mt;
              row_tile<TM>(offsets, p, u / n_tiles, g, start, rows, mt); u += gridDim.x) {
-            const unsigned int nt = u % n_tiles, wr = nt * TN + pt;
-            const int a_row = (int)(start + mt * TM), w_row = (int)(g * w_rows + nt * TN);
-            const unsigned char* q = scales + ((size_t)g * w_rows + min(wr, w_rows - 1)) * nblk;
-            // Slice s's two scales of row wr (127, a scale of 1, past W): one 16-bit load where they
-            // are 2-byte aligned (then nothing waits for it before the store four slices later).
+            const unsigned int nt = u % n_tiles;
+            const int a_row = (int)(start + mt * TM);
+            // Forward: weight row wr = nt TN + pt, its two blocks of slice s (2 s, 2 s + 1).
+            // Transposed: weight row s TK + pt % 64 of slice s, its blocks b0, b0 + 1 of the
+            // tile's four (b0 = 4 nt + 2 (pt / 64)).
+            const unsigned int wr = T ? pt % 64 : nt * TN + pt, b0 = T ? 4 * nt + 2 * (pt / 64) : 0;
+            const unsigned char* q = T ? scales + (size_t)g * w_rows * nblk + b0
+                                       : scales + ((size_t)g * w_rows + min(wr, w_rows - 1)) * nblk;
+            // Slice s's two scales (127, a scale of 1, past W): one 16-bit load where they are
+            // 2-byte aligned (then nothing waits for it before the store four slices later).
             auto load = [&](int s) {
-                const unsigned int b = 2u * (unsigned int)s;
-                const bool ok = s < slices && wr < w_rows;
+                const unsigned int row = T ? (unsigned int)s * TK + wr : wr, b = T ? row * nblk : 2u * (unsigned int)s;
+                const bool ok = s < slices && row < w_rows && (!T || b0 < nblk);
+                const bool ok1 = ok && (T ? b0 + 1 : 2u * (unsigned int)s + 1) < nblk;
                 if (pairs) return ok ? (unsigned int)*reinterpret_cast<const unsigned short*>(q + b) : 0x7F7Fu;
-                return (ok ? (unsigned int)q[b] : 127u) | (ok && b + 1 < nblk ? (unsigned int)q[b + 1] : 127u) << 8;
+                return (ok ? (unsigned int)q[b] : 127u) | (ok1 ? (unsigned int)q[b + 1] : 127u) << 8;
             };
             auto step = [&](int s, unsigned int& sc) {
                 const unsigned int wi = w_it % W_STAGES, ai = a_it % STAGES;
                 ++w_it;
                 ++a_it;
                 mbar_wait(w_empty + 8 * wi, (((w_it - 1) / W_STAGES) & 1) ^ 1);
-                reinterpret_cast<unsigned short*>(sm + W_OFF + wi * W_TILE + W_CODES)[pt] = (unsigned short)sc;
+                unsigned short* const scs = reinterpret_cast<unsigned short*>(sm + W_OFF + wi * W_TILE + W_CODES);
+                if (T) {
+                    // bf16 scales, [block][row]: a consumer reads rows r, r + 1 as one word.
+                    scs[(2 * (pt / 64)) * TK + wr] = e8m0_bf16(sc & 255u);
+                    scs[(2 * (pt / 64) + 1) * TK + wr] = e8m0_bf16(sc >> 8);
+                } else {
+                    scs[pt] = (unsigned short)sc;
+                }
                 if (pt == 0) {
                     mbar_expect_tx(w_full + 8 * wi, W_CODES);
-                    tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, s * (TK / 2), w_row, w_full + 8 * wi);
+                    // Forward: 128 rows of a slice's 32 bytes; transposed: 64 rows (the slice) of
+                    // the tile's 64 bytes (128 columns), with the 64-byte swizzle.
+                    if (T)
+                        tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, (int)(nt * (TN / 2)), (int)(g * w_rows) + s * TK,
+                                    w_full + 8 * wi);
+                    else
+                        tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, s * (TK / 2), (int)(g * w_rows + nt * TN),
+                                    w_full + 8 * wi);
                 } else {
                     mbar_arrive(w_full + 8 * wi);
                 }
@@ -1960,16 +2019,38 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
             mbar_wait(w_full + 8 * wi, (w_it / W_STAGES) & 1);
             ++w_it;
             const unsigned char* wt = sm + W_OFF + wi * W_TILE;
-            const unsigned short* scs = reinterpret_cast<const unsigned short*>(wt + W_CODES);
-            const unsigned int sx = scs[wr_lo], sy = scs[wr_lo + 8];
+            if (T) {
+                // This warp's 16 columns are half of the 32 (one block, 16 bytes a weight row) of
+                // chunk ch: byte w4 % 2 of each 16-bit unit. ldmatrix.trans over the chunk's rows
+                // 32 h + lane: matrix i holds k16 step 2 h + i / 2, rows 8 (i % 2) + 2 tq, + 1, unit
+                // gq (the codes' 16-byte chunks swizzled by TMA: chunk c of row r at c ^ (r / 2 % 4)).
+                const int w4 = warp % 4, ch = 2 * wgi + w4 / 2;
+                const unsigned int bsel = w4 % 2 ? 0x3131u : 0x2020u;
+                const unsigned int* scl = reinterpret_cast<const unsigned int*>(wt + W_CODES + ch * TK * 2);
 #pragma unroll
-            for (int b = 0; b < 2; ++b) {
-                // Block b of rows wr_lo (x) and wr_lo + 8 (y), one block at a time (registers).
-                const uint4 x = *reinterpret_cast<const uint4*>(wt + wr_lo * W_ROW + 16 * b);
-                const uint4 y = *reinterpret_cast<const uint4*>(wt + (wr_lo + 8) * W_ROW + 16 * b);
-                const unsigned int s2x = e8m0_bf16x2((sx >> 8 * b) & 255u), s2y = e8m0_bf16x2((sy >> 8 * b) & 255u);
+                for (int h = 0; h < 2; ++h) {
+                    const int row = 32 * h + lane;
+                    unsigned int r[4];
+                    ldsm_x4_trans(r, wt + row * (TN / 2) + ((ch ^ ((row >> 1) & 3)) << 4));
 #pragma unroll
-                for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x, y, h, sel), s2x, s2y, f[2 * b + h]);
+                    for (int i = 0; i < 4; ++i) {
+                        const int kk = 2 * h + i / 2, hr = i % 2;
+                        ws_t_words(r[i], bsel, scl[8 * kk + 4 * hr + tq], f[kk][2 * hr], f[kk][2 * hr + 1]);
+                    }
+                }
+            } else {
+                const unsigned short* scs = reinterpret_cast<const unsigned short*>(wt + W_CODES);
+                const unsigned int sx = scs[wr_lo], sy = scs[wr_lo + 8];
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {
+                    // Block b of rows wr_lo (x) and wr_lo + 8 (y), one block at a time (registers).
+                    const uint4 x = *reinterpret_cast<const uint4*>(wt + wr_lo * W_ROW + 16 * b);
+                    const uint4 y = *reinterpret_cast<const uint4*>(wt + (wr_lo + 8) * W_ROW + 16 * b);
+                    const unsigned int s2x = e8m0_bf16x2((sx >> 8 * b) & 255u),
+                                       s2y = e8m0_bf16x2((sy >> 8 * b) & 255u);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x, y, h, sel), s2x, s2y, f[2 * b + h]);
+                }
             }
             __syncwarp();
             mbar_arrive(w_empty + 8 * wi, lane == 0);
@@ -2002,8 +2083,8 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
         const unsigned int last = (a_it + STAGES - 1) % STAGES;
         cp_async_wait<0>();
         consumers_sync();
-        rs_epilogue(acc, reinterpret_cast<float*>(sm + last * A_STAGE) + warp * 32 * RS_LD, cg, p, epi, eu, ec,
-                    m0, n0, rows, warp, lane);
+        rs_epilogue<T>(acc, reinterpret_cast<float*>(sm + last * A_STAGE) + warp * 32 * RS_LD, cg, p, epi, eu, ec,
+                       m0, n0, rows, warp, lane);
         // The scratch's writes come before the TMA's refill of the stage.
         fence_proxy_async();
         __syncwarp();
@@ -2014,6 +2095,18 @@ extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)
     __trap();  // built for another architecture: mod.rs launches it on sm_90a only
 #endif
 }
+
+// The entry points: C = A · W_gᵀ (forward) and C = A · W_g (transposed, the input gradients).
+#define MXFP4W_WS_KERNEL(name, transposed)                                                                 \
+    extern "C" __global__ void __launch_bounds__(ws::THREADS_WS, 1)                                          \
+        name(float* c, const unsigned char* scales, const unsigned int* offsets, Params p, unsigned int w_rows, \
+             unsigned int w_cols, Epi epi, const __grid_constant__ TmaMap tm_hi,                                \
+             const __grid_constant__ TmaMap tm_lo, const __grid_constant__ TmaMap tm_w) {                       \
+        ws_gemm<transposed>(c, scales, offsets, p, w_rows, w_cols, epi, tm_hi, tm_lo, tm_w);                    \
+    }
+
+MXFP4W_WS_KERNEL(grouped_gemm_bf16a_mxfp4w_ws, false)
+MXFP4W_WS_KERNEL(grouped_gemm_bf16a_mxfp4w_ws_transposed, true)
 
 // Two entry points, one per orientation: inlined into one kernel, both would share its register
 // allocation and spill. a_hi / a_lo: split_a_bf16's output ([total_rows, kp] bf16; a_lo unused with

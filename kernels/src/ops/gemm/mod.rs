@@ -277,12 +277,13 @@ const WS_THREADS: u32 = 384;
 /// The registers a thread of it starts with (65,536 / 384 rounded down to 8), for which its
 /// setmaxnreg counts are balanced (gemm.cu asserts the balance).
 const WS_ENTRY_REGS: i32 = 168;
-/// Its dynamic shared memory (same tile as the register-operand kernel): A stages (three with
-/// [`Mma::Split`], five with [`Mma::Bf16`]), weight stages of 4,352 bytes (the codes and scales of
-/// 128 rows; two or four), the epilogue terms and one full and one empty mbarrier per stage.
+/// Its dynamic shared memory (same tile as the register-operand kernel, both orientations): A stages
+/// (three with [`Mma::Split`], five with [`Mma::Bf16`]), weight stages of 4,608 bytes (4 KiB of
+/// codes and room for 256 bf16 scales; two or four), the epilogue terms and one full and one empty
+/// mbarrier per stage.
 const fn ws_smem_bytes(mma: Mma) -> u32 {
     let (stages, w_stages) = if mma.parts() == 2 { (3, 2) } else { (5, 4) };
-    stages * mma.parts() as u32 * 32768 + w_stages * 4352 + (256 * 16 + 128 * 17) * 4 + 16 * (stages + w_stages)
+    stages * mma.parts() as u32 * 32768 + w_stages * 4608 + (256 * 16 + 128 * 17) * 4 + 16 * (stages + w_stages)
 }
 
 /// A TMA descriptor (the driver's `CUtensorMap`), passed by value as a `__grid_constant__` kernel
@@ -774,12 +775,12 @@ pub enum Mxfp4Path {
     /// straight into registers, 128 weight rows x 256 activation rows per block); the transposed
     /// product as [`Mxfp4Path::Wgmma`] (sm_90a only).
     WgmmaRs,
-    /// [`Mxfp4Path::WgmmaRs`] with the forward kernel warp-specialized: a producer warpgroup
-    /// copies the activations and the MXFP4 codes by TMA several slices ahead, one block per SM
-    /// walks the tiles, and the consumers keep one slice's products in flight while they decode
-    /// the next (sm_90a only). Codes that are not 16-byte aligned, K = 0, tile counts or weight
-    /// rows past 32 bits, or a kernel build with other than 168 registers a thread at entry run
-    /// `WgmmaRs`'s kernel.
+    /// Both products warp-specialized, with the weight as the register operand: a producer
+    /// warpgroup copies the activations and the MXFP4 codes by TMA several slices ahead, one block
+    /// per SM walks the tiles, and the consumers keep one slice's products in flight while they
+    /// decode the next (sm_90a only). Codes that are not 16-byte aligned, K = 0, tile counts or
+    /// weight rows past 32 bits, or a kernel build with other than 168 registers a thread at entry
+    /// run `WgmmaRs`'s kernels.
     WgmmaWs,
 }
 
@@ -865,7 +866,6 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         .checked_mul(cfg.n.div_ceil(RS_TILE.1))
         .filter(|&t| t <= u32::MAX as usize);
     let ws_shape = path == Mxfp4Path::WgmmaWs
-        && !transposed
         && cfg.k > 0
         && blocks_addr % 16 == 0
         && ws_tiles.is_some()
@@ -876,13 +876,10 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         (_, Mma::Split) => ("gemm", SRC),
         (_, Mma::Bf16) => ("gemm_bf16", SRC_ONE_PASS),
     };
-    // The kernel's setmaxnreg moves registers within the block, balanced for the registers ptxas
-    // gives each thread at entry (gemm.cu, namespace ws); a build that gave it another count would
-    // wait forever there, so it runs _rs instead.
-    let ws =
-        ws_shape && gpu.function(module, src, "grouped_gemm_bf16a_mxfp4w_ws")?.num_regs().ok() == Some(WS_ENTRY_REGS);
+    let ws_name = ws_kernel_name(transposed);
+    let ws = ws_shape && ws_kernel_usable(gpu, mma, transposed)?;
     let (name, threads, smem, tile) = match (path, transposed) {
-        _ if ws => ("grouped_gemm_bf16a_mxfp4w_ws", WS_THREADS, ws_smem_bytes(mma), RS_TILE),
+        _ if ws => (ws_name, WS_THREADS, ws_smem_bytes(mma), RS_TILE),
         (Mxfp4Path::Wgmma, false) => ("grouped_gemm_bf16a_mxfp4w_wg", WG_THREADS, wg_smem_bytes(mma), TC_TILE),
         (Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs | Mxfp4Path::WgmmaWs, true) => {
             ("grouped_gemm_bf16a_mxfp4w_wg_transposed", WG_THREADS, wg_smem_bytes(mma), TC_TILE)
@@ -959,7 +956,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
             return launch_ws(
                 gpu,
                 &f,
-                (&p, total_rows, kp, mma, tiles),
+                (&p, total_rows, kp, mma, tiles, transposed),
                 (&hi, &lo),
                 (w, blocks_addr),
                 offsets,
@@ -1011,16 +1008,37 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
 }
 
-/// Launches the warp-specialized forward kernel (gemm.cu, `grouped_gemm_bf16a_mxfp4w_ws`) on A's
-/// bf16 parts `hi` / `lo` (`lo` empty with [`Mma::Bf16`]) and the weight whose codes start at
-/// `blocks_addr` (16-byte aligned; the caller checked the kernel's conditions): one block per SM,
-/// no more than `tiles`, the caller's bound on the tiles (blocks past the real tiles find none and
-/// return).
+/// The warp-specialized kernel of an orientation.
+fn ws_kernel_name(transposed: bool) -> &'static str {
+    if transposed {
+        "grouped_gemm_bf16a_mxfp4w_ws_transposed"
+    } else {
+        "grouped_gemm_bf16a_mxfp4w_ws"
+    }
+}
+
+/// Whether this build's warp-specialized kernel of an orientation can run (on sm_90a): its
+/// setmaxnreg moves registers within the block, balanced for the registers ptxas gives a thread at
+/// entry (gemm.cu, namespace ws); a build that gave it another count would wait forever there, so
+/// [`Mxfp4Path::WgmmaWs`] then runs `_rs` or `_wg_transposed` instead.
+pub(crate) fn ws_kernel_usable(gpu: &Gpu, mma: Mma, transposed: bool) -> Result<bool> {
+    let (module, src) = match mma {
+        Mma::Split => ("gemm", SRC),
+        Mma::Bf16 => ("gemm_bf16", SRC_ONE_PASS),
+    };
+    Ok(gpu.function(module, src, ws_kernel_name(transposed))?.num_regs().ok() == Some(WS_ENTRY_REGS))
+}
+
+/// Launches a warp-specialized kernel (gemm.cu, `grouped_gemm_bf16a_mxfp4w_ws`, or
+/// `_ws_transposed` when `transposed`) on A's bf16 parts `hi` / `lo` (`lo` empty with
+/// [`Mma::Bf16`]) and the weight whose codes start at `blocks_addr` (16-byte aligned; the caller
+/// checked the kernel's conditions): one block per SM, no more than `tiles`, the caller's bound on
+/// the tiles (blocks past the real tiles find none and return).
 #[allow(clippy::too_many_arguments)]
 fn launch_ws(
     gpu: &Gpu,
     f: &cudarc::driver::CudaFunction,
-    (p, total_rows, kp, mma, tiles): (&Params, usize, usize, Mma, usize),
+    (p, total_rows, kp, mma, tiles, transposed): (&Params, usize, usize, Mma, usize, bool),
     (hi, lo): (&CudaView<'_, u16>, &CudaView<'_, u16>),
     (w, blocks_addr): (&Mxfp4Weight<'_>, u64),
     offsets: &CudaView<'_, u32>,
@@ -1039,18 +1057,26 @@ fn launch_ws(
     let tm_hi = a_map("A (hi)", hi_addr)?;
     // With Mma::Bf16 the kernel never reads lo's map.
     let tm_lo = if mma == Mma::Split { a_map("A (lo)", lo_addr)? } else { tm_hi };
+    // Per slice, forward: 128 weight rows x the slice's 32 bytes; transposed: the slice's 64 weight
+    // rows x the tile's 64 bytes (128 columns), 16-byte chunks swizzled so that the kernel's
+    // ldmatrix of 8 rows meets no bank conflict.
+    let (w_box, w_swizzle) = if transposed {
+        ((RS_TILE.1 as u32 / 2, TC_K as u32), sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B)
+    } else {
+        ((TC_K as u32 / 2, RS_TILE.1 as u32), sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE)
+    };
     let tm_w = tma_map_2d(
         op,
         "the MXFP4 codes",
         blocks_addr,
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         (w.cols / 2, w.experts * w.rows, w.cols / 2),
-        (TC_K as u32 / 2, RS_TILE.1 as u32),
-        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        w_box,
+        w_swizzle,
     )?;
     let sms = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
     let (rows, cols) = (w.rows as u32, w.cols as u32);
-    // SAFETY: grouped_gemm_bf16a_mxfp4w_ws(float* c, const unsigned char* scales, const unsigned*
+    // SAFETY: grouped_gemm_bf16a_mxfp4w_ws{,_transposed}(float* c, const unsigned char* scales, const unsigned*
     // offsets, Params p, unsigned w_rows, unsigned w_cols, Epi epi, TmaMap tm_hi, tm_lo, tm_w): C,
     // the scales, the offsets and the epilogue as for the other MXFP4 kernels (see the caller); the
     // tensor maps describe A's hi and lo parts (total_rows rows of kp bf16) and the codes

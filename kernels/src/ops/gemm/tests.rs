@@ -879,8 +879,18 @@ fn mxfp4_warp_specialized_walks_more_tiles_than_sms_bit_for_bit() {
     // 128 in the smaller tests): 243 tiles, more than an H100's or H200's 132 SMs, so most blocks
     // of the warp-specialized kernel walk two, their stages and mbarrier phases running on from one
     // tile to the next (with the default precision's three stages, 10 slices a tile start each
-    // tile at another stage and phase).
+    // tile at another stage and phase). The transposed kernel (against the CPU reference only):
+    // 5 column tiles x 27 row tiles, 135, and 18 slices a tile.
     let gpu = gpu();
+    if gpu.arch == "sm_90a" {
+        // Otherwise WgmmaWs would quietly run the other kernels and this test would check those.
+        for (mma, transposed) in [(Mma::Split, false), (Mma::Split, true), (Mma::Bf16, false), (Mma::Bf16, true)] {
+            assert!(
+                ws_kernel_usable(&gpu, mma, transposed).unwrap(),
+                "{mma:?} transposed {transposed}: this build of the warp-specialized kernel cannot run"
+            );
+        }
+    }
     let sizes = [700, 0, 1, 1500, 257, 64, 2100, 190, 999];
     let (experts, rows, cols) = (sizes.len(), 1152, 640);
     check_mxfp4_gpu_epi(&gpu, 46, experts, rows, cols, &sizes, false, Some(EpiCase { rank: 8, u_shift: 0 }));

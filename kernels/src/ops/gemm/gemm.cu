@@ -1521,10 +1521,11 @@ static_assert(THREADS_RS / 32 * 32 * RS_LD * 4 <= A_TILE, "the epilogue scratch 
 
 // One slice's products of the register-operand kernel, N activation rows wide: per k16 step the
 // fragment f[kk] times the lo (Mma::Split) and then the hi tile of the stage at a_addr.
-template <int N>
+// (KK0, KK: the k16 steps KK0 .. KK0 + KK - 1 alone.)
+template <int N, int KK0 = 0, int KK = rs::TK / 16>
 __device__ __forceinline__ void rs_issue(float* acc, const unsigned int (&f)[4][4], unsigned int a_addr) {
 #pragma unroll
-    for (int kk = 0; kk < rs::TK / 16; ++kk) {
+    for (int kk = KK0; kk < KK0 + KK; ++kk) {
 #ifndef MMA_ONE_PASS
         wgmma_rs<N>(acc, f[kk], wg_desc(a_addr + rs::A_TILE + kk * 32, rs::SW_SBO, true));
 #endif
@@ -1834,9 +1835,11 @@ struct WsRing {
 };
 
 // A tile's products, N activation rows wide, in the consumer warpgroups of the warp-specialized
-// kernel: fa holds slice 0's fragments; per slice, wait for its stage, issue its products, wait
-// until only they are in flight (slice s - 1's stage goes back to the producer), decode slice
-// s + 1 (decode(f)) into the register set that slice s - 1 used. a_it: the stages' position.
+// kernels: fa holds slice 0's fragments; per slice, wait for its stage, issue its products in two
+// groups (k16 steps 0-1, 2-3), and decode slice s + 1 into the register set that slice s - 1 used,
+// each half (decode(f, h): steps 2 h, 2 h + 1) as soon as slice s - 1's group that read those
+// registers is done; then slice s - 1's stage goes back to the producer. a_it: the stages'
+// position.
 template <int N, class Decode>
 __device__ __forceinline__ void ws_slices(float (&acc)[128], unsigned int (&fa)[4][4], unsigned int (&fb)[4][4],
                                           Decode& decode, unsigned int& a_it, const WsRing& r) {
@@ -1846,11 +1849,15 @@ __device__ __forceinline__ void ws_slices(float (&acc)[128], unsigned int (&fa)[
         mbar_wait(r.a_full + 8 * ai, (a_it / STAGES) & 1);
         ++a_it;
         wgmma_fence();
-        rs_issue<N>(acc, f, r.sbase + ai * ws::A_STAGE);
+        rs_issue<N, 0, 2>(acc, f, r.sbase + ai * ws::A_STAGE);
         wgmma_commit();
-        wgmma_wait<1>();
+        rs_issue<N, 2, 2>(acc, f, r.sbase + ai * ws::A_STAGE);
+        wgmma_commit();
+        wgmma_wait<3>();
+        if (s + 1 < r.slices) decode(fn, 0);
+        wgmma_wait<2>();
         mbar_arrive(r.a_empty + 8 * ((ai + STAGES - 1) % STAGES), s > 0 && r.lane == 0);
-        if (s + 1 < r.slices) decode(fn);
+        if (s + 1 < r.slices) decode(fn, 1);
     };
     for (int s = 0; s < r.slices; s += 2) {
         step(s, fa, fb);
@@ -2012,12 +2019,14 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
         const unsigned int nt = u % n_tiles;
         const unsigned int m0 = mt * TM, n0 = nt * TN;
         const int width64 = (int)min((rows - m0 + 63) / 64, 4u);
-        // The next slice's fragments from the next weight stage (the producer's slice order),
-        // which goes back to the producer once read.
-        auto decode_w = [&](unsigned int (&f)[4][4]) {
-            const unsigned int wi = w_it % W_STAGES;
-            mbar_wait(w_full + 8 * wi, (w_it / W_STAGES) & 1);
-            ++w_it;
+        // Half h (k16 steps 2 h, 2 h + 1) of the next slice's fragments from the next weight stage
+        // (the producer's slice order), which goes back to the producer once both are read.
+        auto decode_w = [&](unsigned int (&f)[4][4], int h) {
+            const unsigned int wi = (w_it - h) % W_STAGES;
+            if (h == 0) {
+                mbar_wait(w_full + 8 * wi, (w_it / W_STAGES) & 1);
+                ++w_it;
+            }
             const unsigned char* wt = sm + W_OFF + wi * W_TILE;
             if (T) {
                 // This warp's 16 columns are half of the 32 (one block, 16 bytes a weight row) of
@@ -2027,8 +2036,7 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
                 const int w4 = warp % 4, ch = 2 * wgi + w4 / 2;
                 const unsigned int bsel = w4 % 2 ? 0x3131u : 0x2020u;
                 const unsigned int* scl = reinterpret_cast<const unsigned int*>(wt + W_CODES + ch * TK * 2);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
+                {
                     const int row = 32 * h + lane;
                     unsigned int r[4];
                     ldsm_x4_trans(r, wt + row * (TN / 2) + ((ch ^ ((row >> 1) & 3)) << 4));
@@ -2041,19 +2049,22 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
             } else {
                 const unsigned short* scs = reinterpret_cast<const unsigned short*>(wt + W_CODES);
                 const unsigned int sx = scs[wr_lo], sy = scs[wr_lo + 8];
-#pragma unroll
-                for (int b = 0; b < 2; ++b) {
-                    // Block b of rows wr_lo (x) and wr_lo + 8 (y), one block at a time (registers).
+                {
+                    // Block b = h of rows wr_lo (x) and wr_lo + 8 (y).
+                    const int b = h;
                     const uint4 x = *reinterpret_cast<const uint4*>(wt + wr_lo * W_ROW + 16 * b);
                     const uint4 y = *reinterpret_cast<const uint4*>(wt + (wr_lo + 8) * W_ROW + 16 * b);
                     const unsigned int s2x = e8m0_bf16x2((sx >> 8 * b) & 255u),
                                        s2y = e8m0_bf16x2((sy >> 8 * b) & 255u);
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) decode8_bf16_rows(rs_gather(x, y, h, sel), s2x, s2y, f[2 * b + h]);
+                    for (int hh = 0; hh < 2; ++hh)
+                        decode8_bf16_rows(rs_gather(x, y, hh, sel), s2x, s2y, f[2 * b + hh]);
                 }
             }
-            __syncwarp();
-            mbar_arrive(w_empty + 8 * wi, lane == 0);
+            if (h == 1) {
+                __syncwarp();
+                mbar_arrive(w_empty + 8 * wi, lane == 0);
+            }
         };
 
         if (any) epi_stage<TM, TN>(epi, p, eu, ec, g, start, m0, rows, n0, tid, CONSUMERS);
@@ -2062,7 +2073,8 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
         unsigned int fa[4][4], fb[4][4];
-        decode_w(fa);
+        decode_w(fa, 0);
+        decode_w(fa, 1);
         // Only as many activation rows as the tile holds, in steps of 64 (a group's last tile
         // is often short): one loop per width, so that no branch on it comes between products
         // in flight (ptxas would serialize them).

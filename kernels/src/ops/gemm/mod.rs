@@ -20,10 +20,10 @@
 //! summed in an order fixed by the shape (bitwise reproducible, whatever the grid).
 //!
 //! [`grouped_gemm_f32_mxfp4w`] writes A once in bf16 (hi and lo halves for f32-level accuracy, or
-//! one rounding) and multiplies on tensor cores: Hopper's warpgroup `wgmma` on sm_90a (the forward
-//! product with the decoded weight as the register operand, warp-specialized: a producer
-//! warpgroup copies the operands by TMA), warp-level `mma.sync` elsewhere ([`Mxfp4Path`]); gemm.cu
-//! describes the kernels.
+//! one rounding) and multiplies on tensor cores: Hopper's warpgroup `wgmma` on sm_90a (both the
+//! forward and the input-gradient product with the decoded weight as the register operand,
+//! warp-specialized: a producer warpgroup copies the operands by TMA), warp-level `mma.sync`
+//! elsewhere ([`Mxfp4Path`]); gemm.cu describes the kernels.
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};

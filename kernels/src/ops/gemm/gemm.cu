@@ -1726,7 +1726,10 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 //   its scales, then the TMA's bytes complete it) and an `empty` one (one arrival per consumer
 //   warp when done with it); the producer runs as far ahead as the stages allow, into the next
 //   tile too. Rows past a group's end or past W's rows load their neighbours' values (the
-//   tensor's end reads zeros): the C rows and columns they feed are never stored.
+//   tensor's end reads zeros): in the forward kernel the C rows and columns they feed are never
+//   stored; in the transposed one W's rows are K, and the next expert's rows past the last slice's
+//   end do feed stored values, as finite codes (E2M1 has no inf or NaN) times the scale 1 that the
+//   producer writes past W's rows, times A's zeros past K (split_a_bf16's padding): exactly 0.
 // - Two consumer warpgroups, no block-wide barrier per slice: wait for slice s's stage, issue its
 //   products (lo then hi with Mma::Split) in two commit groups (k16 steps 0-1, 2-3), then decode
 //   slice s + 1's weight fragments from shared memory into the register set slice s - 1 used, each
@@ -1749,8 +1752,9 @@ extern "C" __global__ void __launch_bounds__(rs::THREADS_RS, 1)
 // wg takes byte w % 2 of the units of block 2 wg + w / 2: fragment row g + 8 hf is column
 // 64 wg + 32 (w / 2) + 4 g + 2 (w % 2) + hf, which the epilogue (rs_epilogue<true>) maps back.
 // The launcher runs them only when their tensor maps can describe the operands (16-byte aligned
-// codes), K > 0, their tile numbers and weight rows fit 32 bits, and the build gives a thread the
-// 168 entry registers their setmaxnreg counts assume; the other cases take _rs and _wg_transposed.
+// codes), K > 0, their tile numbers, weight rows and an expert's scale bytes fit 32 bits, and the
+// build gives a thread the 168 entry registers their setmaxnreg counts assume; the other cases
+// take _rs and _wg_transposed.
 namespace ws {
 using rs::A_STAGE, rs::A_TILE, rs::RS_LD, rs::TM, rs::TN, wg::A_TILES, wg::SW_SBO, wg::TK;
 // A producer warpgroup (setmaxnreg works on whole warpgroups) and two consumers.
@@ -1840,8 +1844,8 @@ struct WsRing {
 // kernels: fa holds slice 0's fragments; per slice, wait for its stage, issue its products in two
 // groups (k16 steps 0-1, 2-3), and decode slice s + 1 into the register set that slice s - 1 used,
 // each half (decode(f, h): steps 2 h, 2 h + 1) as soon as slice s - 1's group that read those
-// registers is done; then slice s - 1's stage goes back to the producer. a_it: the stages'
-// position.
+// registers is done; slice s - 1's stage goes back to the producer once both its groups are (before
+// the second half is decoded). a_it: the stages' position.
 template <int N, class Decode>
 __device__ __forceinline__ void ws_slices(float (&acc)[128], unsigned int (&fa)[4][4], unsigned int (&fb)[4][4],
                                           Decode& decode, unsigned int& a_it, const WsRing& r) {
@@ -1921,16 +1925,17 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
     }
     __syncthreads();
     const int slices = (int)((p.k + TK - 1) / TK);
-    // Tiles u = blockIdx.x, + gridDim.x, ...: row tile u / n_tiles (row_tile's numbering), weight
-    // rows (C columns) tile u % n_tiles. The launcher sizes the grid to the SMs (one block each):
+    // Tiles u = blockIdx.x, + gridDim.x, ...: row tile u / n_tiles (row_tile's numbering), C column
+    // tile u % n_tiles (weight rows forward, weight columns transposed). The launcher sizes the grid to the SMs (one block each):
     // the producer fills the next tile's stages while the consumers store the last one.
     const unsigned int n_tiles = (p.n + TN - 1) / TN;
 
     if (warp >= CONSUMERS / 32) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
-        // The producer warpgroup: thread pt owns weight row pt of each tile (its block scales, read
-        // four slices ahead: registers sc0..sc3, the loop unrolled by four so that no register with
-        // a load in flight is moved); thread 0 also issues the TMA copies. Both rings' positions
+        // The producer warpgroup: thread pt owns two block scales of each slice (forward: of weight
+        // row pt of the tile; transposed: of row pt % 64 of the slice), read four slices ahead:
+        // registers sc0..sc3, the loop unrolled by four so that no register with a load in flight
+        // is moved; thread 0 also issues the TMA copies. Both rings' positions
         // run on across tiles.
         const int pt = tid - CONSUMERS;
         const unsigned int nblk = w_cols / 32;

@@ -265,14 +265,15 @@ const WG_THREADS: u32 = 256;
 const fn wg_smem_bytes(mma: Mma) -> u32 {
     4 * mma.parts() as u32 * 16384 + 3 * 33792
 }
-/// The register-operand forward kernel's C tile (activation rows, weight rows) and its dynamic
+/// The register-operand kernels' C tile (activation rows, C columns: weight rows forward, weight
+/// columns in the transposed warp-specialized kernel) and the forward one's dynamic
 /// shared memory: three stages of A (32 KiB per tile of 256 x 64 bf16, hi and lo or hi alone),
 /// then the tile's epilogue terms (256 rows of u and 128 columns of bias and B, up to rank 16).
 const RS_TILE: (usize, usize) = (256, 128);
 const fn rs_smem_bytes(mma: Mma) -> u32 {
     3 * mma.parts() as u32 * 32768 + (256 * 16 + 128 * 17) * 4
 }
-/// Block size of the warp-specialized forward kernel (a producer warpgroup and two consumers).
+/// Block size of the warp-specialized kernels (a producer warpgroup and two consumers).
 const WS_THREADS: u32 = 384;
 /// The registers a thread of it starts with (65,536 / 384 rounded down to 8), for which its
 /// setmaxnreg counts are balanced (gemm.cu asserts the balance).
@@ -778,9 +779,9 @@ pub enum Mxfp4Path {
     /// Both products warp-specialized, with the weight as the register operand: a producer
     /// warpgroup copies the activations and the MXFP4 codes by TMA several slices ahead, one block
     /// per SM walks the tiles, and the consumers keep one slice's products in flight while they
-    /// decode the next (sm_90a only). Codes that are not 16-byte aligned, K = 0, tile counts or
-    /// weight rows past 32 bits, or a kernel build with other than 168 registers a thread at entry
-    /// run `WgmmaRs`'s kernels.
+    /// decode the next (sm_90a only). Codes that are not 16-byte aligned, K = 0, tile counts,
+    /// weight rows or one expert's scale bytes past 32 bits, or a kernel build with other than 168
+    /// registers a thread at entry run `WgmmaRs`'s kernels.
     WgmmaWs,
 }
 
@@ -860,7 +861,8 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
     // The warp-specialized kernel's operands as its tensor maps see them: the codes as rows of
     // cols / 2 bytes (a multiple of 16: cols is of whole blocks), 16-byte aligned; its tile
-    // numbers (row tiles x weight-row tiles) and TMA row coordinates fit 32 bits.
+    // numbers (row tiles x column tiles), TMA row coordinates and one expert's scale offsets (the
+    // transposed producer's, rows·cols/32 bytes) fit 32 bits.
     let (blocks_addr, blocks_guard) = w.blocks.device_ptr(&gpu.stream);
     let ws_tiles = row_tiles(cfg, total_rows, RS_TILE.0)
         .checked_mul(cfg.n.div_ceil(RS_TILE.1))
@@ -869,7 +871,8 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         && cfg.k > 0
         && blocks_addr % 16 == 0
         && ws_tiles.is_some()
-        && w.experts.checked_mul(w.rows).is_some_and(|r| r <= DIM_MAX);
+        && w.experts.checked_mul(w.rows).is_some_and(|r| r <= DIM_MAX)
+        && w.rows.checked_mul(w.cols / 32).is_some_and(|b| b <= u32::MAX as usize);
     let (module, src) = match (path, mma) {
         (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
         (Mxfp4Path::MmaSyncTwoStage, Mma::Bf16) => ("gemm_two_stage_bf16", SRC_TWO_STAGE_ONE_PASS),

@@ -1557,7 +1557,8 @@ __device__ __forceinline__ void rs_epilogue(float (&acc)[128], float* scr, float
     const int w4 = warp % 4, l16 = lane % 16;
     // Every store of this lane is in column gn (scratch column lane % 16); a chunk's column terms
     // are read after its accumulators went to the scratch, when their registers are free.
-    const unsigned int gn = n0 + 64 * (warp / 4) + (T ? 32 * (w4 / 2) + 4 * (l16 % 8) + 2 * (w4 % 2) + l16 / 8 : 16 * w4 + l16);
+    const unsigned int gn =
+        n0 + 64 * (warp / 4) + (T ? 32 * (w4 / 2) + 4 * (l16 % 8) + 2 * (w4 % 2) + l16 / 8 : 16 * w4 + l16);
     EpiCol ecol;
     const bool any = epi_any(epi);
     const int terms = epi_terms(epi), us = epi_u_stride(epi);
@@ -1926,8 +1927,9 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
     __syncthreads();
     const int slices = (int)((p.k + TK - 1) / TK);
     // Tiles u = blockIdx.x, + gridDim.x, ...: row tile u / n_tiles (row_tile's numbering), C column
-    // tile u % n_tiles (weight rows forward, weight columns transposed). The launcher sizes the grid to the SMs (one block each):
-    // the producer fills the next tile's stages while the consumers store the last one.
+    // tile u % n_tiles (weight rows forward, weight columns transposed). The launcher sizes the grid
+    // to the SMs (one block each): the producer fills the next tile's stages while the consumers
+    // store the last one.
     const unsigned int n_tiles = (p.n + TN - 1) / TN;
 
     if (warp >= CONSUMERS / 32) {
@@ -1935,8 +1937,7 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
         // The producer warpgroup: thread pt owns two block scales of each slice (forward: of weight
         // row pt of the tile; transposed: of row pt % 64 of the slice), read four slices ahead:
         // registers sc0..sc3, the loop unrolled by four so that no register with a load in flight
-        // is moved; thread 0 also issues the TMA copies. Both rings' positions
-        // run on across tiles.
+        // is moved; thread 0 also issues the TMA copies. Both rings' positions run on across tiles.
         const int pt = tid - CONSUMERS;
         const unsigned int nblk = w_cols / 32;
         // Every row's scales start 2-byte aligned and hold whole pairs (gpt-oss: 90 a row).
@@ -1978,12 +1979,9 @@ __device__ __forceinline__ void ws_gemm(float* c, const unsigned char* scales, c
                     mbar_expect_tx(w_full + 8 * wi, W_CODES);
                     // Forward: 128 rows of a slice's 32 bytes; transposed: 64 rows (the slice) of
                     // the tile's 64 bytes (128 columns), with the 64-byte swizzle.
-                    if (T)
-                        tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, (int)(nt * (TN / 2)), (int)(g * w_rows) + s * TK,
-                                    w_full + 8 * wi);
-                    else
-                        tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, s * (TK / 2), (int)(g * w_rows + nt * TN),
-                                    w_full + 8 * wi);
+                    const int c0 = T ? (int)(nt * (TN / 2)) : s * (TK / 2);
+                    const int c1 = (int)(g * w_rows) + (T ? s * TK : (int)(nt * TN));
+                    tma_load_2d(sbase + W_OFF + wi * W_TILE, tm_w, c0, c1, w_full + 8 * wi);
                 } else {
                     mbar_arrive(w_full + 8 * wi);
                 }

@@ -873,12 +873,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         && ws_tiles.is_some()
         && w.experts.checked_mul(w.rows).is_some_and(|r| r <= DIM_MAX)
         && w.rows.checked_mul(w.cols / 32).is_some_and(|b| b <= u32::MAX as usize);
-    let (module, src) = match (path, mma) {
-        (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
-        (Mxfp4Path::MmaSyncTwoStage, Mma::Bf16) => ("gemm_two_stage_bf16", SRC_TWO_STAGE_ONE_PASS),
-        (_, Mma::Split) => ("gemm", SRC),
-        (_, Mma::Bf16) => ("gemm_bf16", SRC_ONE_PASS),
-    };
+    let (module, src) = mxfp4_module(path, mma);
     let ws_name = ws_kernel_name(transposed);
     let ws = ws_shape && ws_kernel_usable(gpu, mma, transposed)?;
     let (name, threads, smem, tile) = match (path, transposed) {
@@ -1011,6 +1006,16 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     }
 }
 
+/// The NVRTC module (name, source) that holds a path's MXFP4 kernels for `mma`.
+fn mxfp4_module(path: Mxfp4Path, mma: Mma) -> (&'static str, &'static str) {
+    match (path, mma) {
+        (Mxfp4Path::MmaSyncTwoStage, Mma::Split) => ("gemm_two_stage", SRC_TWO_STAGE),
+        (Mxfp4Path::MmaSyncTwoStage, Mma::Bf16) => ("gemm_two_stage_bf16", SRC_TWO_STAGE_ONE_PASS),
+        (_, Mma::Split) => ("gemm", SRC),
+        (_, Mma::Bf16) => ("gemm_bf16", SRC_ONE_PASS),
+    }
+}
+
 /// The warp-specialized kernel of an orientation.
 fn ws_kernel_name(transposed: bool) -> &'static str {
     if transposed {
@@ -1025,10 +1030,7 @@ fn ws_kernel_name(transposed: bool) -> &'static str {
 /// entry (gemm.cu, namespace ws); a build that gave it another count would wait forever there, so
 /// [`Mxfp4Path::WgmmaWs`] then runs `_rs` or `_wg_transposed` instead.
 pub(crate) fn ws_kernel_usable(gpu: &Gpu, mma: Mma, transposed: bool) -> Result<bool> {
-    let (module, src) = match mma {
-        Mma::Split => ("gemm", SRC),
-        Mma::Bf16 => ("gemm_bf16", SRC_ONE_PASS),
-    };
+    let (module, src) = mxfp4_module(Mxfp4Path::WgmmaWs, mma);
     Ok(gpu.function(module, src, ws_kernel_name(transposed))?.num_regs().ok() == Some(WS_ENTRY_REGS))
 }
 

@@ -513,9 +513,14 @@ __device__ __forceinline__ void bwd_dq(float* __restrict__ dq, const bf16* __res
     store_rows<DP>(dq + (size_t)h * d, (size_t)nq * d, acc, q0 + warp * 16, T, d, scale);
 }
 
-// dk, dv [Tk, nkv*d] (assigned): block (key tile, KV head kvh), blockIdx.x = tile * nkv + kvh.
-// Over the group's query heads and the query tiles that see some key of the tile (qlo/qhi [Tk]):
-// dv_j = sum_i p_ij dO_i, dk_j = scale sum_i ds_ij q_i. Warp rows are keys (P^T, dS^T).
+// dk, dv [Tk, nkv*d] (assigned): block (key tile, KV head kvh, head split sp), blockIdx.x =
+// (tile * nkv + kvh) * hs + sp (the longest causal tiles go first). The group's query heads are
+// split into hs runs of group / hs: the block sums over run sp's heads and the query tiles that see
+// some key of the tile (qlo/qhi [Tk]): dv_j = sum_i p_ij dO_i, dk_j = scale sum_i ds_ij q_i. Warp
+// rows are keys (P^T, dS^T). With hs = 1 that is the whole sum; with hs > 1 dk and dv point at
+// hs partial sums [hs][Tk, nkv*d] (part sp at sp * Tk * nkv * d), which attention_sum_parts_f32
+// then adds in the order sp = 0, 1, ...: more blocks (at 2K tokens a KV head's tile alone is 256
+// blocks, their lengths from 1 to 32 query tiles) for the same bits on every card.
 // qs, ks, vs, dos: the split scratch of q, k, v and dout.
 // Shared memory: K, V, Q, dO tile pairs [FA_PARTS][FA_TILE][DP + 8]; ranges; lse (log2 units)
 // and delta of the query tile.
@@ -526,7 +531,8 @@ __device__ __forceinline__ void bwd_dkdv(float* __restrict__ dk, float* __restri
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          const unsigned int* __restrict__ qlo,
                                          const unsigned int* __restrict__ qhi, unsigned int T, unsigned int Tk,
-                                         unsigned int nq, unsigned int nkv, unsigned int d, float scale) {
+                                         unsigned int nq, unsigned int nkv, unsigned int d, float scale,
+                                         unsigned int hs) {
     constexpr int LD = DP + 8, PAIR = FA_PARTS * FA_TILE * LD, CW = 8 * FA_CH;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* kt = reinterpret_cast<bf16*>(smem);
@@ -540,8 +546,8 @@ __device__ __forceinline__ void bwd_dkdv(float* __restrict__ dk, float* __restri
     float* delta_sh = lse_sh + FA_TILE;
 
     const unsigned int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const unsigned int kvh = blockIdx.x % nkv, j0 = (blockIdx.x / nkv) * FA_TILE;
-    const unsigned int group = nq / nkv;
+    const unsigned int sp = blockIdx.x % hs, kvh = (blockIdx.x / hs) % nkv, j0 = (blockIdx.x / hs / nkv) * FA_TILE;
+    const unsigned int group = nq / nkv, run = group / hs;
     const size_t qrows = (size_t)T + FA_TILE, krows = (size_t)Tk + FA_TILE;
     const size_t qpart = nq * qrows * DP, kpart = nkv * krows * DP;
 
@@ -566,7 +572,7 @@ __device__ __forceinline__ void bwd_dkdv(float* __restrict__ dk, float* __restri
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_k[n][e] = acc_v[n][e] = 0.0f;
     }
-    for (unsigned int h = kvh * group; h < (kvh + 1) * group; ++h) {
+    for (unsigned int h = kvh * group + sp * run; h < kvh * group + (sp + 1) * run; ++h) {
         for (unsigned int i0 = ibeg; i0 < iend; i0 += FA_TILE) {
             __syncthreads();  // no warp reads the previous Q, dO, lse or delta tile any more
             copy_tile<DP>(qt, qs + (h * qrows + i0) * DP, qpart);
@@ -600,8 +606,9 @@ __device__ __forceinline__ void bwd_dkdv(float* __restrict__ dk, float* __restri
         }
     }
     cp_wait_all();  // a block whose keys no query sees never waited for K and V
-    store_rows<DP>(dk + (size_t)kvh * d, (size_t)nkv * d, acc_k, j0 + warp * 16, Tk, d, scale);
-    store_rows<DP>(dv + (size_t)kvh * d, (size_t)nkv * d, acc_v, j0 + warp * 16, Tk, d, 1.0f);
+    const size_t part = (size_t)sp * Tk * nkv * d + (size_t)kvh * d;
+    store_rows<DP>(dk + part, (size_t)nkv * d, acc_k, j0 + warp * 16, Tk, d, scale);
+    store_rows<DP>(dv + part, (size_t)nkv * d, acc_v, j0 + warp * 16, Tk, d, 1.0f);
 }
 
 // One extern "C" symbol per padded head width DP; blockDim.x is 32 * FA_WARPS and the dynamic
@@ -627,8 +634,8 @@ __device__ __forceinline__ void bwd_dkdv(float* __restrict__ dk, float* __restri
         const bf16* __restrict__ ks, const bf16* __restrict__ vs, const bf16* __restrict__ dos,           \
         const float* __restrict__ lse, const float* __restrict__ delta,                                   \
         const unsigned int* __restrict__ qlo, const unsigned int* __restrict__ qhi, unsigned int T,       \
-        unsigned int Tk, unsigned int nq, unsigned int nkv, unsigned int d, float scale) {                \
-        bwd_dkdv<DP>(dk, dv, qs, ks, vs, dos, lse, delta, qlo, qhi, T, Tk, nq, nkv, d, scale);            \
+        unsigned int Tk, unsigned int nq, unsigned int nkv, unsigned int d, float scale, unsigned int hs) { \
+        bwd_dkdv<DP>(dk, dv, qs, ks, vs, dos, lse, delta, qlo, qhi, T, Tk, nq, nkv, d, scale, hs);        \
     }
 
 #define FA_LB __launch_bounds__(32 * FA_WARPS)
@@ -637,6 +644,17 @@ FA_STAMP(16, FA_LB, FA_LB)
 FA_STAMP(32, FA_LB, FA_LB)
 FA_STAMP(64, FA_LB_MIN(FA_MINF), FA_LB_MIN(FA_MINB))
 FA_STAMP(128, FA_LB, FA_LB)
+
+// out[i] = sum_{s < hs} parts[s n + i] for i < n, added in the order s = 0, 1, ... (dk and dv from
+// bwd_dkdv's hs partial sums). One thread per element.
+extern "C" __global__ void attention_sum_parts_f32(float* __restrict__ out, const float* __restrict__ parts,
+                                                   unsigned long long n, unsigned int hs) {
+    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = parts[i];
+    for (unsigned int p = 1; p < hs; ++p) s += parts[p * n + i];
+    out[i] = s;
+}
 
 // delta [T, nq] = dO_i . O_i per (query, head).
 extern "C" __global__ void attention_delta_f32(float* __restrict__ delta, const float* __restrict__ o,

@@ -300,12 +300,35 @@ fn split_len(mma: Mma, rows: usize, heads: usize, d: usize) -> usize {
     mma.parts() * heads * split_rows(rows) * padded_width(d)
 }
 
+/// Blocks the dk/dv kernel should have at least, for an even load: its blocks own key tiles whose
+/// causal lengths run from all query tiles down to one.
+const DKDV_BLOCKS: usize = 2048;
+
+/// Runs `hs` that the dk/dv kernel splits each KV head's query heads into (a divisor of the group):
+/// the fewest that give [`DKDV_BLOCKS`] blocks over `tk` keys, else one per query head. A function
+/// of the shapes alone, so the partial sums, and the bits, are the same on every card.
+fn head_splits(heads: Heads, tk: usize) -> usize {
+    let group = heads.nq / heads.nkv.max(1);
+    let blocks = tk.div_ceil(TILE) * heads.nkv;
+    (1..=group).find(|&hs| group % hs == 0 && blocks * hs >= DKDV_BLOCKS).unwrap_or(group.max(1))
+}
+
+/// f32 elements of the dk/dv kernel's partial sums (`hs` each of dk and dv, none when `hs` is 1).
+fn dkdv_parts_len(heads: Heads, tk: usize) -> usize {
+    match head_splits(heads, tk) {
+        1 => 0,
+        hs => 2 * hs * tk * heads.nkv * heads.d,
+    }
+}
+
 /// Elements (u16) of [`Gpu`] scratch the attention forward (`backward = false`) or backward
-/// takes for `t` queries and `tk` keys: the bf16 splits of q, k and v (and dout).
+/// takes for `t` queries and `tk` keys: the bf16 splits of q, k and v (and dout), and in the
+/// backward the dk/dv kernel's f32 partial sums.
 pub fn scratch_elems(heads: Heads, t: usize, tk: usize, mma: Mma, backward: bool) -> usize {
     let Heads { nq, nkv, d } = heads;
     let q = split_len(mma, t, nq, d);
-    q * (1 + backward as usize) + 2 * split_len(mma, tk, nkv, d)
+    let parts = if backward { 2 * dkdv_parts_len(heads, tk) } else { 0 };
+    q * (1 + backward as usize) + 2 * split_len(mma, tk, nkv, d) + parts
 }
 
 /// `x [rows, heads·d]` split for the tiled kernels by `attention_split_f32` into `out`
@@ -561,7 +584,8 @@ pub fn attention_bwd_gpu(
         gpu.with_scratch(scratch_elems(heads, t, tk, mma, true), |mut buf| {
             let (mut qs, mut rest) = buf.split_at_mut(lq);
             let (mut dos, mut rest) = rest.split_at_mut(lq);
-            let (mut ks, mut vs) = rest.split_at_mut(lk);
+            let (mut ks, mut rest) = rest.split_at_mut(lk);
+            let (mut vs, mut parts) = rest.split_at_mut(lk);
             split_heads_gpu(gpu, mma, q, t, nq, d, &mut qs)?;
             split_heads_gpu(gpu, mma, k, tk, nkv, d, &mut ks)?;
             split_heads_gpu(gpu, mma, v, tk, nkv, d, &mut vs)?;
@@ -596,20 +620,33 @@ pub fn attention_bwd_gpu(
                     .launch(cfg)
             }?;
             if tk > 0 {
-                let (f, cfg) =
-                    tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), tk.div_ceil(TILE) * nkv, [4, 2 * TILE])?;
+                let hs = head_splits(heads, tk);
+                let n = tk * nkv * d;
+                let blocks = tk.div_ceil(TILE) * nkv * hs;
+                let (f, cfg) = tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), blocks, [4, 2 * TILE])?;
+                // The partial sums, 2·hs·n f32 at the end of the scratch (its u16 offset, a sum of
+                // split lengths, is a multiple of 64: 16-byte aligned).
+                // SAFETY: f32 has no invalid bit patterns; the view holds 2·dkdv_parts_len u16.
+                let mut parts = if hs > 1 {
+                    Some(unsafe { parts.transmute_mut::<f32>(2 * hs * n) }.expect("scratch_elems counts the parts"))
+                } else {
+                    None
+                };
+                let hs32 = hs as u32;
                 // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
                 // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
                 // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
-                // unsigned nkv, unsigned d, float scale): dk and dv hold Tk·nkv·d floats, lse and delta
-                // T·nq, qlo and qhi Tk (checked above); qs, ks, vs and dos as for the dq kernel; ranges
-                // are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one block of
-                // 32·FA_WARPS threads per (key tile, KV head) with its dynamic shared memory.
-                unsafe {
+                // unsigned nkv, unsigned d, float scale, unsigned hs): dk_out and dv_out hold hs·Tk·nkv·d
+                // floats (dk, dv when hs = 1, else the partial sums), lse and delta T·nq, qlo and qhi
+                // Tk (checked above); hs divides nq / nkv; qs, ks, vs and dos as for the dq kernel;
+                // ranges are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one
+                // block of 32·FA_WARPS threads per (key tile, KV head, head split) with its dynamic
+                // shared memory.
+                let launch = |dk_out: &mut CudaViewMut<'_, f32>, dv_out: &mut CudaViewMut<'_, f32>| unsafe {
                     gpu.stream
                         .launch_builder(&f)
-                        .arg(dk)
-                        .arg(dv)
+                        .arg(dk_out)
+                        .arg(dv_out)
                         .arg(&qs.as_view())
                         .arg(&ks.as_view())
                         .arg(&vs.as_view())
@@ -624,8 +661,34 @@ pub fn attention_bwd_gpu(
                         .arg(&nkv32)
                         .arg(&d32)
                         .arg(&scale)
+                        .arg(&hs32)
                         .launch(cfg)
-                }?;
+                };
+                match parts.as_mut() {
+                    Some(p) => {
+                        let (mut pk, mut pv) = p.split_at_mut(hs * n);
+                        launch(&mut pk, &mut pv)?;
+                    }
+                    None => {
+                        launch(dk, dv)?;
+                    }
+                }
+                if let Some(p) = &parts {
+                    let f = function(gpu, mma, "attention_sum_parts_f32")?;
+                    let cfg = LaunchConfig {
+                        grid_dim: (n.div_ceil(256) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let n64 = n as u64;
+                    let (pk, pv) = (p.slice(..hs * n), p.slice(hs * n..));
+                    // SAFETY: attention_sum_parts_f32(float* out, const float* parts, unsigned long
+                    // long n, unsigned hs): dk and dv hold n = Tk·nkv·d floats (checked above), pk and
+                    // pv hs·n each; one thread per element.
+                    unsafe { gpu.stream.launch_builder(&f).arg(&mut *dk).arg(&pk).arg(&n64).arg(&hs32).launch(cfg) }?;
+                    // SAFETY: as above.
+                    unsafe { gpu.stream.launch_builder(&f).arg(&mut *dv).arg(&pv).arg(&n64).arg(&hs32).launch(cfg) }?;
+                }
             }
             Ok(())
         })?;
@@ -857,6 +920,25 @@ mod tests {
         assert!(e(Heads { nq: 6, nkv: 4, d: 16 }, 4 * 4 * 16).contains("6 query heads"));
         assert!(e(Heads { nq: 4, nkv: 2, d: 16 }, 33).contains("k has 33 elements, expected 32"));
         assert_eq!(sizes("attention_fwd", Heads { nq: 64, nkv: 8, d: 64 }, 3, 5 * 8 * 64).unwrap(), (3, 5));
+    }
+
+    #[test]
+    fn dkdv_head_splits_depend_on_the_shapes_alone() {
+        let h20b = Heads { nq: 64, nkv: 8, d: 64 };
+        // 32 key tiles x 8 KV heads: a block per query head; 128 x 8: two runs; then one.
+        assert_eq!(head_splits(h20b, 2048), 8);
+        assert_eq!(head_splits(h20b, 8192), 2);
+        assert_eq!(head_splits(h20b, 16384), 1);
+        assert_eq!(head_splits(h20b, 1), 8);
+        assert_eq!(head_splits(Heads { nq: 4, nkv: 4, d: 64 }, 64), 1);
+        assert_eq!(head_splits(Heads { nq: 12, nkv: 2, d: 64 }, 64 * 200), 6);
+        assert_eq!(head_splits(Heads { nq: 12, nkv: 2, d: 64 }, 64 * 400), 3);
+        // The partial sums take hs copies of dk and dv: 64 MiB at 2K and at 8K tokens.
+        assert_eq!(4 * dkdv_parts_len(h20b, 2048), 64 << 20);
+        assert_eq!(4 * dkdv_parts_len(h20b, 8192), 64 << 20);
+        assert_eq!(dkdv_parts_len(h20b, 16384), 0);
+        let splits = split_len(Mma::Bf16, 2048, 64, 64) * 2 + split_len(Mma::Bf16, 2048, 8, 64) * 2;
+        assert_eq!(scratch_elems(h20b, 2048, 2048, Mma::Bf16, true), splits + 2 * dkdv_parts_len(h20b, 2048));
     }
 
     #[test]
@@ -1249,6 +1331,21 @@ mod tests {
         fn gpt_oss_20b_heads() {
             run(Case::new((64, 8, 64), &[&[300]], Some(128)));
             run(Case::new((64, 8, 64), &[&[180, 120]], None));
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn dkdv_head_splits_between_one_and_the_group() {
+            // Long batches of short rows (cheap for the reference): the dk/dv kernel splits each
+            // group into 2 and 4 runs of query heads, whose partial sums are then added.
+            let rows: Vec<Vec<usize>> = (0..128).map(|r| vec![200 + r % 7, 56 - r % 5]).collect();
+            let rows: Vec<&[usize]> = rows.iter().map(|r| r.as_slice()).collect();
+            let t: usize = rows.iter().flat_map(|r| r.iter()).sum();
+            for (heads, window, hs) in [((16, 2, 16), None, 2), ((8, 1, 32), Some(40), 4)] {
+                let (nq, nkv, d) = heads;
+                assert_eq!(head_splits(Heads { nq, nkv, d }, t), hs, "{t} keys");
+                run(Case::new(heads, &rows, window));
+            }
         }
     }
 }

@@ -452,7 +452,7 @@ __device__ void tiny_k(float* c, const float* a, const float* b, const unsigned 
 // one thread per m walking all of a long group) keep the work even when the groups are not.
 // Grid: (m tiles, 1, groups).
 namespace sk {
-constexpr int TT = 128, U = 4, MW = 64, WARPS = THREADS / 32, TW = TT / WARPS;
+constexpr int TT = 128, U = 8, MW = 64, WARPS = THREADS / 32, TW = TT / WARPS;
 static_assert(TW % U == 0 && MW == 64, "row groups never cross a warp's rows; two m per lane");
 }  // namespace sk
 
@@ -1762,9 +1762,10 @@ using rs::A_STAGE, rs::A_TILE, rs::RS_LD, rs::TM, rs::TN, wg::A_TILES, wg::SW_SB
 constexpr int CONSUMERS = 256, THREADS_WS = CONSUMERS + 128;
 // Registers per thread after setmaxnreg. The block starts with 168 a thread (65,536 / 384 rounded
 // down to 8: ptxas's allocation under these launch bounds) and setmaxnreg moves registers only
-// within the block: the producer warpgroup gives (168 - 24) x 128 back, exactly what the consumers
-// take, (240 - 168) x 256 (asking more would wait forever).
-constexpr int CONSUMER_REGS = 240, PRODUCER_REGS = 24;
+// within the block: the producer warpgroup gives (168 - 40) x 128 back, exactly what the consumers
+// take, (232 - 168) x 256 (asking more would wait forever). At 24 the transposed producer spilled
+// (142 spill instructions in its SASS); 40 / 232 measured +2% a step (PERFORMANCE.md v15).
+constexpr int CONSUMER_REGS = 232, PRODUCER_REGS = 40;
 static_assert((168 - PRODUCER_REGS) * (THREADS_WS - CONSUMERS) == (CONSUMER_REGS - 168) * CONSUMERS,
               "setmaxnreg moves registers within the block");
 #ifdef MMA_ONE_PASS

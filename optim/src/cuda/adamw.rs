@@ -120,6 +120,12 @@ impl AdamWGpu {
         m.fill(gpu, &views, &[], entries)
     }
 
+    /// Allocates `m`'s pinned buffers for these states without copying (see
+    /// [`StateMirror::reserve`]); a buffer already large enough is kept.
+    pub fn reserve_mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> Result<()> {
+        m.reserve(gpu, &self.mirror_views().0, &[])
+    }
+
     /// [`Self::mirror`] queued on `copy` without waiting.
     ///
     /// # Safety

@@ -194,6 +194,13 @@ impl AdamW8bitGpu {
         m.fill(gpu, &f32s, &u8s, entries)
     }
 
+    /// Allocates `m`'s pinned buffers for these states without copying (see
+    /// [`StateMirror::reserve`]); a buffer already large enough is kept.
+    pub fn reserve_mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> Result<()> {
+        let (f32s, u8s, _) = self.mirror_views();
+        m.reserve(gpu, &f32s, &u8s)
+    }
+
     /// [`Self::mirror`] queued on `copy` without waiting.
     ///
     /// # Safety

@@ -116,6 +116,7 @@ pub(crate) trait DeviceOptimizer {
     fn step(&mut self, gpu: &Gpu, params: &mut [GpuParam<'_>], lr: f64) -> crate::Result<()>;
     fn to_cpu(&self, gpu: &Gpu) -> crate::Result<Self::Cpu>;
     fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> crate::Result<()>;
+    fn reserve_mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> crate::Result<()>;
     fn cpu_from_mirror(&self, m: &StateMirror) -> crate::Result<Self::Cpu>;
 }
 
@@ -132,6 +133,9 @@ macro_rules! device_optimizer {
             }
             fn mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> crate::Result<()> {
                 <$dev>::mirror(self, gpu, m)
+            }
+            fn reserve_mirror(&self, gpu: &Gpu, m: &mut StateMirror) -> crate::Result<()> {
+                <$dev>::reserve_mirror(self, gpu, m)
             }
             fn cpu_from_mirror(&self, m: &StateMirror) -> crate::Result<$cpu> {
                 <$dev>::cpu_from_mirror(self, m)
@@ -199,6 +203,17 @@ pub(crate) fn lockstep<D: DeviceOptimizer>(
         let mut m = StateMirror::default();
         dev.mirror(gpu, &mut m).unwrap();
         assert_same_state(&back, &dev.cpu_from_mirror(&m).unwrap());
+        // A mirror reserved beforehand has the buffers the copy needs: the copy keeps them.
+        let mut r = StateMirror::default();
+        dev.reserve_mirror(gpu, &mut r).unwrap();
+        assert_eq!(r.bytes(), m.bytes(), "step {step}: reserved bytes");
+        let bufs = |r: &StateMirror| {
+            (r.f32s.as_ref().map(|b| b.as_slice().as_ptr()), r.u8s.as_ref().map(|b| b.as_slice().as_ptr()))
+        };
+        let before = bufs(&r);
+        dev.mirror(gpu, &mut r).unwrap();
+        assert_eq!(bufs(&r), before, "step {step}: the copy reallocated a reserved buffer");
+        assert_same_state(&back, &dev.cpu_from_mirror(&r).unwrap());
         check(step, &names, cpu, &back);
     }
 }

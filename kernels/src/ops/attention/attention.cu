@@ -19,9 +19,9 @@
 // row-major tile serves both and nothing is transposed or converted inside a block.
 //
 // Each block runs FA_WARPS warps on a tile of FA_TILE rows (queries of one head, or keys of one KV
-// head); each warp owns 16 rows, whose own operand tile (Q, dO or K, V) also stays in shared
+// head for a run of its query heads); each warp owns 16 rows, whose own operand tile (Q, dO or K, V) also stays in shared
 // memory and is re-read per product rather than held in registers. The other side (keys, or the
-// queries of the group's heads) streams through shared memory in tiles of FA_TILE, and only tiles
+// queries of the run's heads) streams through shared memory in tiles of FA_TILE, and only tiles
 // that some row of the block can see are visited (a sliding layer touches ~3 key tiles per query
 // tile). The forward and dq kernels overlap the copy of one streamed tile with the products on
 // the other (K while P·V / dP runs, V while Q·K^T / dS·K runs); dkdv copies Q and dO together and

@@ -26,6 +26,8 @@ pub struct StateMirror {
     pub(crate) f32s: Option<PinnedBuf<f32>>,
     pub(crate) u8s: Option<PinnedBuf<u8>>,
     pub(crate) entries: Vec<Entry>,
+    /// Page-locked buffers allocated so far (each growth counts one).
+    allocations: usize,
 }
 
 impl StateMirror {
@@ -34,12 +36,18 @@ impl StateMirror {
         self.f32s.as_ref().map_or(0, |b| 4 * b.len()) + self.u8s.as_ref().map_or(0, |b| b.len())
     }
 
+    /// How many page-locked buffers this mirror has allocated: a copy into a mirror whose buffers
+    /// were reserved for the same states allocates none.
+    pub fn allocations(&self) -> usize {
+        self.allocations
+    }
+
     /// Allocates the pinned buffers for `f32s` and `u8s` now, copying nothing: page-locking takes
     /// a while (~0.4 s a GiB), which a training loop would rather spend before its timed steps than
     /// in the copy of its second one. Entries are left as they are.
     pub(crate) fn reserve(&mut self, gpu: &Gpu, f32s: &[CudaView<'_, f32>], u8s: &[CudaView<'_, u8>]) -> Result<()> {
-        grown(gpu, &mut self.f32s, f32s, None)?;
-        grown(gpu, &mut self.u8s, u8s, None)?;
+        grown(gpu, &mut self.f32s, &mut self.allocations, f32s, None)?;
+        grown(gpu, &mut self.u8s, &mut self.allocations, u8s, None)?;
         Ok(())
     }
 
@@ -53,8 +61,8 @@ impl StateMirror {
         entries: Vec<Entry>,
     ) -> Result<()> {
         self.entries.clear();
-        grown(gpu, &mut self.f32s, f32s, None)?.download(gpu, f32s)?;
-        grown(gpu, &mut self.u8s, u8s, None)?.download(gpu, u8s)?;
+        grown(gpu, &mut self.f32s, &mut self.allocations, f32s, None)?.download(gpu, f32s)?;
+        grown(gpu, &mut self.u8s, &mut self.allocations, u8s, None)?.download(gpu, u8s)?;
         self.entries = entries;
         Ok(())
     }
@@ -75,8 +83,8 @@ impl StateMirror {
         self.entries.clear();
         // SAFETY: the caller's contract.
         unsafe {
-            copy.download(gpu, grown(gpu, &mut self.f32s, f32s, Some(copy))?, f32s)?;
-            copy.download(gpu, grown(gpu, &mut self.u8s, u8s, Some(copy))?, u8s)?;
+            copy.download(gpu, grown(gpu, &mut self.f32s, &mut self.allocations, f32s, Some(copy))?, f32s)?;
+            copy.download(gpu, grown(gpu, &mut self.u8s, &mut self.allocations, u8s, Some(copy))?, u8s)?;
         }
         self.entries = entries;
         Ok(())
@@ -84,10 +92,11 @@ impl StateMirror {
 }
 
 /// `buf`, replaced by a larger one when it cannot hold `srcs` (after the copies queued on `copy`,
-/// which may still write into the old one).
+/// which may still write into the old one), counted in `allocations`.
 fn grown<'a, T: cudarc::driver::DeviceRepr + Copy + Default>(
     gpu: &Gpu,
     buf: &'a mut Option<PinnedBuf<T>>,
+    allocations: &mut usize,
     srcs: &[CudaView<'_, T>],
     copy: Option<&CopyStream>,
 ) -> Result<&'a mut PinnedBuf<T>> {
@@ -98,6 +107,7 @@ fn grown<'a, T: cudarc::driver::DeviceRepr + Copy + Default>(
         }
         *buf = None; // free the old pages first
         *buf = Some(PinnedBuf::new(gpu, need)?);
+        *allocations += 1;
     }
     Ok(buf.as_mut().expect("allocated above"))
 }

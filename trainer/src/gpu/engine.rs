@@ -327,14 +327,15 @@ pub fn activation_bytes(
 }
 
 /// u16 elements of the GPU's shared scratch ([`Gpu::reserve_scratch`]: the bf16 splits of the
-/// operands) that the largest op of a step takes: attention's backward over `t` tokens, or an
-/// expert product over one MoE chunk (reduction length up to 2 · intermediate, in the backward).
+/// operands) that the largest op of a step takes: attention's backward over `t` tokens or fewer
+/// (its dK/dV partials can take more below `t`), or an expert product over one MoE chunk
+/// (reduction length up to 2 · intermediate, in the backward).
 fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: usize, precision: Precision) -> usize {
     let mma = if precision == Precision::Exact { Mma::Split } else { Mma::Bf16 };
     let heads = Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
     let slots = chunk_tokens(t, checkpointing, moe_chunk) * cfg.num_experts_per_tok;
     let k = cfg.hidden_size.max(2 * cfg.intermediate_size);
-    attention::scratch_elems(heads, t, t, mma, true).max(mxfp4_scratch_elems(slots, k, mma))
+    attention::backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma))
 }
 
 /// f32 elements of [`activation_bytes`] besides the shared scratch.

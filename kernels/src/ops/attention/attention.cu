@@ -519,8 +519,9 @@ __device__ __forceinline__ void bwd_dq(float* __restrict__ dq, const bf16* __res
 // some key of the tile (qlo/qhi [Tk]): dv_j = sum_i p_ij dO_i, dk_j = scale sum_i ds_ij q_i. Warp
 // rows are keys (P^T, dS^T). With hs = 1 that is the whole sum; with hs > 1 dk and dv point at
 // hs partial sums [hs][Tk, nkv*d] (part sp at sp * Tk * nkv * d), which attention_sum_parts_f32
-// then adds in the order sp = 0, 1, ...: more blocks (at 2K tokens a KV head's tile alone is 256
-// blocks, their lengths from 1 to 32 query tiles) for the same bits on every card.
+// then adds in the order sp = 0, 1, ...: more blocks (with one block per key tile and KV head,
+// gpt-oss-20b's 8 KV heads at 2K tokens give 256 blocks, their lengths from 1 to 32 query tiles),
+// and the same bits on every card (hs depends on the shapes alone).
 // qs, ks, vs, dos: the split scratch of q, k, v and dout.
 // Shared memory: K, V, Q, dO tile pairs [FA_PARTS][FA_TILE][DP + 8]; ranges; lse (log2 units)
 // and delta of the query tile.

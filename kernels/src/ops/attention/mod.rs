@@ -331,6 +331,18 @@ pub fn scratch_elems(heads: Heads, t: usize, tk: usize, mma: Mma, backward: bool
     q * (1 + backward as usize) + 2 * split_len(mma, tk, nkv, d) + parts
 }
 
+/// [`scratch_elems`] of the backward that serves a batch of `t` tokens and every shorter one
+/// (queries = keys), which a caller that sizes its scratch once for its longest batch needs: the
+/// dK/dV partials do not grow with the length (a length just below a block threshold takes more
+/// runs than one at it: 16,320 tokens of gpt-oss-20b need 128 MiB of them, 16,384 none). Within
+/// one count of key tiles the need grows with the length, so the longest of each count suffices.
+pub fn backward_scratch_elems_up_to(heads: Heads, t: usize, mma: Mma) -> usize {
+    (1..=t.div_ceil(TILE))
+        .map(|k| (k * TILE).min(t))
+        .map(|n| scratch_elems(heads, n, n, mma, true))
+        .fold(scratch_elems(heads, t, t, mma, true), usize::max)
+}
+
 /// `x [rows, heads·d]` split for the tiled kernels by `attention_split_f32` into `out`
 /// ([`split_len`] long): bf16 bit patterns `[parts][heads][rows + TILE][dp]` (`dp` =
 /// [`padded_width`]`(d)`), `hi = bf16(x)` and, for [`Mma::Split`], `lo = bf16(x − hi)`, zeros
@@ -625,7 +637,7 @@ pub fn attention_bwd_gpu(
                 let blocks = tk.div_ceil(TILE) * nkv * hs;
                 let (f, cfg) = tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), blocks, [4, 2 * TILE])?;
                 // The partial sums, 2·hs·n f32 at the end of the scratch (its u16 offset, a sum of
-                // split lengths, is a multiple of 64: 16-byte aligned).
+                // split lengths, is a multiple of 32: 64-byte aligned).
                 // SAFETY: f32 has no invalid bit patterns; the view holds 2·dkdv_parts_len u16.
                 let mut parts = if hs > 1 {
                     Some(unsafe { parts.transmute_mut::<f32>(2 * hs * n) }.expect("scratch_elems counts the parts"))
@@ -939,6 +951,36 @@ mod tests {
         assert_eq!(dkdv_parts_len(h20b, 16384), 0);
         let splits = split_len(Mma::Bf16, 2048, 64, 64) * 2 + split_len(Mma::Bf16, 2048, 8, 64) * 2;
         assert_eq!(scratch_elems(h20b, 2048, 2048, Mma::Bf16, true), splits + 2 * dkdv_parts_len(h20b, 2048));
+        // Not monotone in the length: just below 16K the partials come back, at 128 MiB.
+        assert_eq!(4 * dkdv_parts_len(h20b, 16320), 2 * 2 * 16320 * 512 * 4);
+        assert!(
+            scratch_elems(h20b, 16320, 16320, Mma::Bf16, true) > scratch_elems(h20b, 16384, 16384, Mma::Bf16, true)
+        );
+    }
+
+    #[test]
+    fn backward_scratch_up_to_a_length_serves_every_shorter_one() {
+        for (heads, mma) in [
+            (Heads { nq: 64, nkv: 8, d: 64 }, Mma::Bf16),
+            (Heads { nq: 64, nkv: 8, d: 64 }, Mma::Split),
+            (Heads { nq: 12, nkv: 2, d: 16 }, Mma::Bf16),
+        ] {
+            let mut most = 0;
+            for t in 0..=20_000 {
+                most = most.max(scratch_elems(heads, t, t, mma, true));
+                let up_to = backward_scratch_elems_up_to(heads, t, mma);
+                assert_eq!(up_to, most, "{heads:?} {mma:?}: {t} tokens");
+            }
+        }
+        let h20b = Heads { nq: 64, nkv: 8, d: 64 };
+        assert!(
+            backward_scratch_elems_up_to(h20b, 16384, Mma::Bf16) > scratch_elems(h20b, 16384, 16384, Mma::Bf16, true)
+        );
+        // At 64K the splits of the full length dominate.
+        assert_eq!(
+            backward_scratch_elems_up_to(h20b, 65536, Mma::Split),
+            scratch_elems(h20b, 65536, 65536, Mma::Split, true)
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //!   arguments on the embedded default (tiny GPT-OSS + the persona dataset).
 //! - `gpu-bundle`: builds the GPU crates' test binaries and the trainer's GPU engine tests (release)
 //!   into `gpu-bundle/bin/`, the GPU benchmarks into `gpu-bundle/bench/`, the `oxtune` binary into
-//!   `gpu-bundle/oxtune`, and a `gpu-bundle/run`
-//!   script that runs the tests, GPU tests included, on the GPU machine (from the repository root).
+//!   `gpu-bundle/oxtune`, a `gpu-bundle/run` script that runs the tests, GPU tests included, on
+//!   the GPU machine (from the repository root), and `gpu-bundle/profile`, which prints the
+//!   per-kernel time of one training step under Nsight Compute (`benches/profile/step_kernels.py`).
 //! - `check-deps`: enforces the dependency rule: the domain crates (mxfp4, moe, lora, optim, data)
 //!   depend on no other workspace crate except `oxtune-kernels`, and that one only as an optional
 //!   dependency behind their `cuda` feature.
@@ -153,13 +154,20 @@ fn gpu_bundle() -> Result<()> {
     let _ = Command::new("strip").arg("gpu-bundle/oxtune").status();
     let script = "#!/bin/sh\n# Runs every GPU test binary, GPU tests included, from the repository root (fixtures are\n# found there); exits non-zero if any fails.\nfail=0\nfor t in \"$(dirname \"$0\")\"/bin/*; do echo \"== $t\"; \"$t\" --include-ignored --nocapture --test-threads 1 || fail=1; done\nexit $fail\n";
     std::fs::write("gpu-bundle/run", script)?;
+    // Per-kernel time of one training step under Nsight Compute (installed on the GPU machine).
+    std::fs::copy("benches/profile/step_kernels.py", "gpu-bundle/step_kernels.py")
+        .context("copying step_kernels.py")?;
+    let profile = "#!/bin/sh\n# Per-kernel GPU time of one timed training step: `gpu-bundle/profile [bench-train ARGS]`\n# (e.g. --precision bf16) runs oxtune bench-train --steps 1 --warmup 1 under ncu, keeps its CSV in\n# $OUT (or /tmp) and sums the timed step's kernels by name (benches/profile/step_kernels.py).\nd=\"$(dirname \"$0\")\"\ncsv=\"${OUT:-/tmp}/step-kernels.csv\"\nncu --clock-control none --csv --print-units base --metrics gpu__time_duration.sum \"$d/oxtune\" bench-train --steps 1 --warmup 1 \"$@\" > \"$csv\" || exit 1\npython3 \"$d/step_kernels.py\" \"$csv\"\n";
+    std::fs::write("gpu-bundle/profile", profile)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions("gpu-bundle/run", std::fs::Permissions::from_mode(0o755))?;
+        for f in ["gpu-bundle/run", "gpu-bundle/profile"] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     println!(
-        "gpu-bundle: {} test binaries in gpu-bundle/bin, benchmarks in gpu-bundle/bench, and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run",
+        "gpu-bundle: {} test binaries in gpu-bundle/bin, benchmarks in gpu-bundle/bench, and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run (gpu-bundle/profile: per-kernel time of a training step)",
         names.len()
     );
     Ok(())

@@ -183,7 +183,7 @@ pub struct LoraLinear {
 
 /// Rows of `x` (`len / features`), or an error naming `what`.
 pub(crate) fn rows_of(what: &str, len: usize, features: usize) -> Result<usize> {
-    if features == 0 || len % features != 0 {
+    if features == 0 || !len.is_multiple_of(features) {
         return Err(shape_err(what, format!("[tokens, {features}]"), format!("{len} elements")));
     }
     Ok(len / features)

@@ -144,7 +144,7 @@ impl SendPtr {
 }
 
 fn token_rows(what: &str, len: usize, features: usize) -> Result<usize> {
-    if features == 0 || len % features != 0 {
+    if features == 0 || !len.is_multiple_of(features) {
         return Err(shape_err(what, format!("[tokens, {features}]"), format!("{len} elements")));
     }
     Ok(len / features)

@@ -73,7 +73,7 @@ pub fn moe_forward(
     act: SwigluParams,
 ) -> Result<(Vec<f32>, MoeCache)> {
     let (hd, n_e, i2) = (experts.hidden(), experts.num_experts(), 2 * experts.intermediate());
-    if x.len() % hd != 0 || router_w.len() != n_e * hd || router_b.len() != n_e {
+    if !x.len().is_multiple_of(hd) || router_w.len() != n_e * hd || router_b.len() != n_e {
         return Err(Error::Shape(format!(
             "x has {} values (hidden {hd}), router weight {} (want {}), router bias {} (want {n_e})",
             x.len(),

@@ -26,7 +26,7 @@ pub fn slot_expert(plan: &RoutingPlan) -> Vec<u32> {
 
 /// `xs [S, H]` with `xs[s] = x[token[s]]`, for `x [T, H]` and `token [S]`.
 pub fn gather_rows(x: &[f32], token: &[u32], hidden: usize) -> Vec<f32> {
-    assert!(hidden > 0 && x.len() % hidden == 0, "gather_rows: x is not [T, {hidden}]");
+    assert!(hidden > 0 && x.len().is_multiple_of(hidden), "gather_rows: x is not [T, {hidden}]");
     let mut xs = Vec::with_capacity(token.len() * hidden);
     for &t in token {
         match x.get(t as usize * hidden..(t as usize + 1) * hidden) {
@@ -72,8 +72,8 @@ pub fn weight_grad_from_input(
     hidden: usize,
 ) -> Vec<f32> {
     let slots = weight.len();
-    assert!(hidden > 0 && dout.len() % hidden == 0, "weight_grad_from_input: dout is not [T, {hidden}]");
-    assert!(slots == 0 || (dz.len() % slots == 0 && z.len() == dz.len()), "weight_grad_from_input: dz, z");
+    assert!(hidden > 0 && dout.len().is_multiple_of(hidden), "weight_grad_from_input: dout is not [T, {hidden}]");
+    assert!(slots == 0 || (dz.len().is_multiple_of(slots) && z.len() == dz.len()), "weight_grad_from_input: dz, z");
     assert!(token.len() == slots && choice.len() == slots && slot_expert.len() == slots, "weight_grad_from_input");
     let inner = dz.len().checked_div(slots).unwrap_or(0);
     let tokens = dout.len() / hidden;
@@ -98,8 +98,8 @@ pub fn weight_grad_from_input(
 /// `out [T, H]`, `out[t] = Σ_j w(s)·y[s]` over `s = slot_of[t·k + j]` in `j` order, from `y [S, H]`;
 /// `w(s) = weight[s]`, or 1 without weights.
 fn sum_slots(y: &[f32], weight: Option<&[f32]>, slot_of: &[u32], k: usize, hidden: usize) -> Vec<f32> {
-    assert!(k > 0 && slot_of.len() % k == 0, "slot_of is not [T, {k}]");
-    assert!(hidden > 0 && y.len() % hidden == 0, "y is not [S, {hidden}]");
+    assert!(k > 0 && slot_of.len().is_multiple_of(k), "slot_of is not [T, {k}]");
+    assert!(hidden > 0 && y.len().is_multiple_of(hidden), "y is not [S, {hidden}]");
     let slots = y.len() / hidden;
     assert!(weight.is_none_or(|w| w.len() == slots), "weight is not [{slots}]");
     let mut out = vec![0.0f32; slot_of.len() / k * hidden];
@@ -139,7 +139,7 @@ pub fn combine_backward(
     k: usize,
     hidden: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    assert!(hidden > 0 && dout.len() % hidden == 0, "combine_backward: dout is not [T, {hidden}]");
+    assert!(hidden > 0 && dout.len().is_multiple_of(hidden), "combine_backward: dout is not [T, {hidden}]");
     let slots = weight.len();
     assert!(y.len() == slots * hidden && token.len() == slots && choice.len() == slots, "combine_backward: shapes");
     let tokens = dout.len() / hidden;
@@ -170,7 +170,7 @@ pub fn unpermute_sum(dxs: &[f32], slot_of: &[u32], k: usize, hidden: usize) -> V
 
 /// `y[s] += bias[slot_expert[s]]` for `y [S, n]`, `bias [E, n]`, `slot_expert [S]`.
 pub fn add_expert_bias(y: &mut [f32], bias: &[f32], slot_expert: &[u32], n: usize) {
-    assert!(n > 0 && bias.len() % n == 0 && y.len() == slot_expert.len() * n, "add_expert_bias: shapes");
+    assert!(n > 0 && bias.len().is_multiple_of(n) && y.len() == slot_expert.len() * n, "add_expert_bias: shapes");
     for (row, &e) in y.chunks_exact_mut(n).zip(slot_expert) {
         match bias.get(e as usize * n..(e as usize + 1) * n) {
             Some(b) => row.iter_mut().zip(b).for_each(|(o, v)| *o += v),
@@ -189,7 +189,7 @@ fn rows_config(rows: usize, width: usize) -> LaunchConfig {
 /// `len = rows · width` with `width > 0`: returns `rows`.
 #[cfg(feature = "cuda")]
 fn rows_of(op: &str, what: &str, len: usize, width: usize, width_name: &str) -> oxtune_kernels::Result<usize> {
-    if width > 0 && len % width == 0 {
+    if width > 0 && len.is_multiple_of(width) {
         Ok(len / width)
     } else {
         Err(shape_err(format!("{op}: {what} has {len} elements, expected a multiple of {width_name} = {width}")))

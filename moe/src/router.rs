@@ -51,7 +51,7 @@ pub fn route(logits: &[f32], num_experts: usize, k: usize) -> Result<Routing> {
     if k == 0 || k > num_experts {
         return Err(Error::TopK { k, experts: num_experts });
     }
-    if logits.len() % num_experts != 0 {
+    if !logits.len().is_multiple_of(num_experts) {
         return Err(Error::Shape(format!("{} logits is not a multiple of {num_experts} experts", logits.len())));
     }
     let t = logits.len() / num_experts;

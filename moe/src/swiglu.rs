@@ -71,7 +71,7 @@ fn elementwise(elems: usize) -> LaunchConfig {
 /// `h` must be `[n, 2I]`: an even number of values; returns `n · I`.
 #[cfg(feature = "cuda")]
 fn pairs(op: &str, h: usize) -> oxtune_kernels::Result<usize> {
-    if h % 2 == 0 {
+    if h.is_multiple_of(2) {
         Ok(h / 2)
     } else {
         Err(shape_err(format!("{op}: h has {h} elements, expected an even number ([n, 2I], gate/up interleaved)")))

@@ -210,7 +210,7 @@ impl<B: AsRef<[u8]>> Mxfp4Tensor<B> {
     /// Decodes rows `[row0, row0 + n)` (flattened over leading dims) into `out [n, cols]`.
     pub fn dequantize_rows_f32(&self, row0: usize, out: &mut [f32]) -> Result<()> {
         let cols = self.cols();
-        if out.len() % cols != 0 || row0 + out.len() / cols > self.rows() {
+        if !out.len().is_multiple_of(cols) || row0 + out.len() / cols > self.rows() {
             return Err(Error::OutOfBounds(format!(
                 "rows {row0}..{} of {} (cols {cols})",
                 row0 + out.len() / cols,

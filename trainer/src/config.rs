@@ -286,13 +286,13 @@ impl GptOssConfig {
                 return Err(format!("`{k}` must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim ({}) must be even for RoPE", self.head_dim));
         }
         if self.num_experts_per_tok > self.num_local_experts {
@@ -308,7 +308,7 @@ impl GptOssConfig {
                 self.num_hidden_layers
             ));
         }
-        if self.mxfp4_experts && (self.hidden_size % 32 != 0 || self.intermediate_size % 32 != 0) {
+        if self.mxfp4_experts && (!self.hidden_size.is_multiple_of(32) || !self.intermediate_size.is_multiple_of(32)) {
             return Err("MXFP4 experts need hidden_size and intermediate_size divisible by 32".into());
         }
         Ok(())

@@ -995,13 +995,14 @@ impl Trainer {
                 }
             }
             let last = self.step == self.steps;
-            if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 && !last {
+            if self.cfg.eval_every > 0 && self.step.is_multiple_of(self.cfg.eval_every) && !last {
                 if let Err(e) = self.evaluate(log) {
                     return Err(self.after_failure(e, log));
                 }
             }
             let mut saved = None;
-            if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !last && self.bad_in_row == 0 {
+            if self.cfg.save_every > 0 && self.step.is_multiple_of(self.cfg.save_every) && !last && self.bad_in_row == 0
+            {
                 let p = self.save_checkpoint()?;
                 log(Event::Checkpoint { step: self.step, path: p.clone() });
                 saved = Some(p);

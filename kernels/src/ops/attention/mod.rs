@@ -310,7 +310,7 @@ const DKDV_BLOCKS: usize = 2048;
 fn head_splits(heads: Heads, tk: usize) -> usize {
     let group = heads.nq / heads.nkv.max(1);
     let blocks = tk.div_ceil(TILE) * heads.nkv;
-    (1..=group).find(|&hs| group % hs == 0 && blocks * hs >= DKDV_BLOCKS).unwrap_or(group.max(1))
+    (1..=group).find(|&hs| group.is_multiple_of(hs) && blocks * hs >= DKDV_BLOCKS).unwrap_or(group.max(1))
 }
 
 /// f32 elements of the dk/dv kernel's partial sums (`hs` each of dk and dv, none when `hs` is 1).

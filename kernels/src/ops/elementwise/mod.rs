@@ -138,7 +138,7 @@ pub fn scale_gpu(gpu: &Gpu, y: &mut CudaViewMut<'_, f32>, s: f32) -> Result<()> 
 /// CPU reference: `x [N, hidden]`, `idx [n]` → `[n, hidden]` with row `r` = `x[idx[r]]`; NaN rows
 /// for indices `>= N`.
 pub fn gather_rows(x: &[f32], idx: &[u32], hidden: usize) -> Vec<f32> {
-    assert!(hidden > 0 && x.len() % hidden == 0, "gather_rows: x is not [N, {hidden}]");
+    assert!(hidden > 0 && x.len().is_multiple_of(hidden), "gather_rows: x is not [N, {hidden}]");
     let mut out = Vec::with_capacity(idx.len() * hidden);
     for &k in idx {
         match x.get(k as usize * hidden..(k as usize + 1) * hidden) {
@@ -150,7 +150,7 @@ pub fn gather_rows(x: &[f32], idx: &[u32], hidden: usize) -> Vec<f32> {
 }
 
 fn rows_of(op: &str, what: &str, len: usize, hidden: usize) -> Result<usize> {
-    if hidden == 0 || hidden > u32::MAX as usize || len % hidden != 0 || len / hidden > u32::MAX as usize {
+    if hidden == 0 || hidden > u32::MAX as usize || !len.is_multiple_of(hidden) || len / hidden > u32::MAX as usize {
         return Err(Error::Shape(format!(
             "{op}: {what} has {len} elements, expected a multiple of hidden {hidden} with fewer than 2^32 rows"
         )));
@@ -195,7 +195,7 @@ pub fn gather_rows_gpu(
 /// named keep their values; indices `>= N` are skipped). With repeated indices the last row wins
 /// here, and an unspecified one on the GPU.
 pub fn scatter_rows(src: &[f32], idx: &[u32], hidden: usize, out: &mut [f32]) {
-    assert!(hidden > 0 && out.len() % hidden == 0, "scatter_rows: out is not [N, {hidden}]");
+    assert!(hidden > 0 && out.len().is_multiple_of(hidden), "scatter_rows: out is not [N, {hidden}]");
     assert_eq!(src.len(), idx.len() * hidden, "scatter_rows: src is not [idx.len(), hidden]");
     for (row, &k) in src.chunks_exact(hidden).zip(idx) {
         if let Some(o) = out.get_mut(k as usize * hidden..(k as usize + 1) * hidden) {

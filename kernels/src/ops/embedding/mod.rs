@@ -14,7 +14,7 @@ pub const SRC: &str = include_str!("embedding.cu");
 
 /// CPU reference: `table [V, hidden]`, `ids [T]` → `[T, hidden]`; NaN rows for ids `>= V`.
 pub fn embedding(table: &[f32], ids: &[u32], hidden: usize) -> Vec<f32> {
-    assert!(hidden > 0 && table.len() % hidden == 0, "embedding: table is not [V, {hidden}]");
+    assert!(hidden > 0 && table.len().is_multiple_of(hidden), "embedding: table is not [V, {hidden}]");
     let mut out = Vec::with_capacity(ids.len() * hidden);
     for &id in ids {
         match table.get(id as usize * hidden..(id as usize + 1) * hidden) {

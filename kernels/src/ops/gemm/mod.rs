@@ -1152,7 +1152,7 @@ fn check_mxfp4(
     if cfg.grouped != Grouped::M {
         return Err(shape_err(format!("{op}: only Grouped::M is supported (weight gradients of MXFP4 are not taken)")));
     }
-    if cols % 32 != 0 {
+    if !cols.is_multiple_of(32) {
         return Err(shape_err(format!("{op}: the weight's cols {cols} is not a multiple of 32")));
     }
     check_dim(op, "rows", rows)?;

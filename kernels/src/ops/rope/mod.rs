@@ -21,13 +21,16 @@ pub fn rope_apply(
     inverse: bool,
 ) {
     let half = head_dim / 2;
-    assert!(head_dim % 2 == 0 && inv_freq.len() == half, "rope: inv_freq must hold head_dim / 2 values");
+    assert!(head_dim.is_multiple_of(2) && inv_freq.len() == half, "rope: inv_freq must hold head_dim / 2 values");
     if positions.is_empty() {
         assert!(x.is_empty(), "rope: x has {} elements but there are no positions", x.len());
         return;
     }
     let width = x.len() / positions.len();
-    assert!(x.len() == positions.len() * width && width % head_dim == 0, "rope: x is not [T, heads * head_dim]");
+    assert!(
+        x.len() == positions.len() * width && width.is_multiple_of(head_dim),
+        "rope: x is not [T, heads * head_dim]"
+    );
     for (row, &p) in x.chunks_exact_mut(width).zip(positions) {
         let (c, s): (Vec<f32>, Vec<f32>) = inv_freq
             .iter()
@@ -62,7 +65,7 @@ pub fn rope_gpu(
     inverse: bool,
 ) -> Result<()> {
     let tokens = positions.len();
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(Error::Shape(format!("rope: head_dim is {head_dim}, expected a positive even number")));
     }
     if inv_freq.len() != head_dim / 2 {

@@ -636,14 +636,6 @@ pub fn attention_bwd_gpu(
                 let n = tk * nkv * d;
                 let blocks = tk.div_ceil(TILE) * nkv * hs;
                 let (f, cfg) = tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), blocks, [4, 2 * TILE])?;
-                // The partial sums, 2·hs·n f32 at the end of the scratch (its u16 offset, a sum of
-                // split lengths, is a multiple of 32: 64-byte aligned).
-                // SAFETY: f32 has no invalid bit patterns; the view holds 2·dkdv_parts_len u16.
-                let mut parts = if hs > 1 {
-                    Some(unsafe { parts.transmute_mut::<f32>(2 * hs * n) }.expect("scratch_elems counts the parts"))
-                } else {
-                    None
-                };
                 let hs32 = hs as u32;
                 // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
                 // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
@@ -676,16 +668,16 @@ pub fn attention_bwd_gpu(
                         .arg(&hs32)
                         .launch(cfg)
                 };
-                match parts.as_mut() {
-                    Some(p) => {
-                        let (mut pk, mut pv) = p.split_at_mut(hs * n);
-                        launch(&mut pk, &mut pv)?;
-                    }
-                    None => {
-                        launch(dk, dv)?;
-                    }
-                }
-                if let Some(p) = &parts {
+                if hs == 1 {
+                    launch(dk, dv)?;
+                } else {
+                    // The partial sums, 2·hs·n f32 at the end of the scratch (its u16 offset, a sum
+                    // of split lengths, is a multiple of 32: 64-byte aligned).
+                    // SAFETY: f32 has no invalid bit patterns; the view holds 2·dkdv_parts_len u16.
+                    let mut p =
+                        unsafe { parts.transmute_mut::<f32>(2 * hs * n) }.expect("scratch_elems counts the parts");
+                    let (mut pk, mut pv) = p.split_at_mut(hs * n);
+                    launch(&mut pk, &mut pv)?;
                     let f = function(gpu, mma, "attention_sum_parts_f32")?;
                     let cfg = LaunchConfig {
                         grid_dim: (n.div_ceil(256) as u32, 1, 1),
@@ -693,7 +685,7 @@ pub fn attention_bwd_gpu(
                         shared_mem_bytes: 0,
                     };
                     let n64 = n as u64;
-                    let (pk, pv) = (p.slice(..hs * n), p.slice(hs * n..));
+                    let (pk, pv) = (pk.as_view(), pv.as_view());
                     // SAFETY: attention_sum_parts_f32(float* out, const float* parts, unsigned long
                     // long n, unsigned hs): dk and dv hold n = Tk·nkv·d floats (checked above), pk and
                     // pv hs·n each; one thread per element.

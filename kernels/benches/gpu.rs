@@ -16,9 +16,9 @@ use half::bf16;
 use oxtune_kernels::blas::Blas;
 use oxtune_kernels::ops::attention::{attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
 use oxtune_kernels::ops::gemm::{
-    grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_on,
-    grouped_gemm_mxfp4w_ref, grouped_gemm_ref, Grouped, GroupedGemm, Mxfp4Epilogue, Mxfp4HostWeight, Mxfp4Path,
-    Mxfp4Weight, Strides,
+    grouped_gemm_f32, grouped_gemm_f32_kernel, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_lora,
+    grouped_gemm_f32_mxfp4w_on, grouped_gemm_mxfp4w_ref, grouped_gemm_ref, Grouped, GroupedGemm, LoraDown, LoraUp,
+    Mxfp4Epilogue, Mxfp4HostWeight, Mxfp4Lora, Mxfp4Path, Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::lowrank::{
     down_ref, grad_ref, lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, up_ref, DownPart, GradPart, Layout, UpPart,
@@ -171,6 +171,82 @@ fn experts(gpu: &Arc<Gpu>, blas: &Blas) {
             .unwrap()
     });
     report("cuBLAS bf16 dense, same shape (reference)", ms, flops);
+    // With LoRA r 8 (the trainer's expert products): u (forward x A_eᵀ, input gradient s dy B_e)
+    // by its own f32 product, then the product adding s u B_eᵀ (du A_e) in its store, against the
+    // split of A computing u on the way (grouped_gemm_f32_mxfp4w_lora).
+    let r = 8;
+    let (la, lb) =
+        (s.clone_htod(&randn(5, e * r * h, 0.02)).unwrap(), s.clone_htod(&randn(6, i2 * r * e, 0.02)).unwrap());
+    let bias = s.clone_htod(&randn(7, e * i2, 0.1)).unwrap();
+    let mut u: CudaSlice<f32> = s.alloc_zeros(slots * r).unwrap();
+    let (a_st, b_st) = (Strides { row: h, col: 1, group: r * h }, Strides { row: e, col: r * e, group: 1 });
+    for mma in [Mma::Split, Mma::Bf16] {
+        for (what, cfg, a, out, transposed) in [("fwd", &fwd, &xd, &mut y, false), ("dX", &bwd, &dy, &mut dx, true)] {
+            let (down, down_st, up, up_st) = if transposed { (&lb, b_st, &la, a_st) } else { (&la, a_st, &lb, b_st) };
+            let bias = (!transposed).then(|| bias.as_view());
+            let lora = Mxfp4Lora {
+                down: LoraDown { factor: down.as_view(), strides: down_st, alpha: 2.0, rank: r },
+                up: up.as_view(),
+                up_strides: up_st,
+                scaling: 2.0,
+            };
+            let down_cfg = GroupedGemm {
+                n: r,
+                alpha: 2.0,
+                b: Strides { row: down_st.col, col: down_st.row, group: down_st.group },
+                c: Strides { row: r, col: 1, group: 0 },
+                ..*cfg
+            };
+            let ms_apart = time_ms(gpu, || {
+                grouped_gemm_f32(
+                    gpu,
+                    &down_cfg,
+                    &off.as_view(),
+                    slots,
+                    &a.as_view(),
+                    &down.as_view(),
+                    &mut u.as_view_mut(),
+                )
+                .unwrap();
+                let epi = Mxfp4Epilogue {
+                    bias: bias.as_ref().map(|b| b.slice(..)),
+                    lora: Some(LoraUp { u: u.as_view(), b: up.as_view(), b_strides: up_st, rank: r, scaling: 2.0 }),
+                };
+                grouped_gemm_f32_mxfp4w(
+                    gpu,
+                    cfg,
+                    &off.as_view(),
+                    slots,
+                    &a.as_view(),
+                    &w,
+                    transposed,
+                    mma,
+                    &epi,
+                    &mut out.as_view_mut(),
+                )
+                .unwrap()
+            });
+            report(&format!("experts gate_up {what} + LoRA r 8, u apart, {mma:?}"), ms_apart, flops);
+            let ms_fused = time_ms(gpu, || {
+                grouped_gemm_f32_mxfp4w_lora(
+                    gpu,
+                    cfg,
+                    &off.as_view(),
+                    slots,
+                    &a.as_view(),
+                    &w,
+                    transposed,
+                    mma,
+                    bias.as_ref().map(|b| b.slice(..)),
+                    &lora,
+                    &mut u.as_view_mut(),
+                    &mut out.as_view_mut(),
+                )
+                .unwrap()
+            });
+            report(&format!("experts gate_up {what} + LoRA r 8, u in the split, {mma:?}"), ms_fused, flops);
+        }
+    }
 }
 
 /// LoRA use `u` on E experts (PEFT's layout: x [S, in], A [r·E, in] with expert e in rows e·r..,

@@ -15,8 +15,8 @@ use oxtune_kernels::ops::elementwise::{
 };
 use oxtune_kernels::ops::embedding::embedding_gpu_bf16w;
 use oxtune_kernels::ops::gemm::{
-    grouped_gemm_f32, grouped_gemm_f32_mxfp4w, mxfp4_scratch_elems, Grouped, GroupedGemm, LoraUp, Mxfp4Epilogue,
-    Mxfp4Weight, Strides,
+    grouped_gemm_f32, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_lora, grouped_lora_down_f32,
+    mxfp4_scratch_elems, Grouped, GroupedGemm, LoraDown, LoraUp, Mxfp4Epilogue, Mxfp4Lora, Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::lowrank::{
     lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, DownPart, GradPart, Layout, UpPart,
@@ -917,7 +917,20 @@ impl GpuEngine {
         }
     }
 
-    /// `u [S, r] = x_e A_eᵀ` per expert: the first product of the expert LoRA, forward and backward.
+    /// The expert LoRA's down factor `A_e` (`lora_A [r·E, in]`, expert e's rows e·r..) for `u = x A_eᵀ`.
+    fn lora_u_factor(p: &GpuLoraPair) -> LoraDown<'_> {
+        let SiteLayout { n_in, rank: r, .. } = p.site;
+        LoraDown { factor: p.a.as_view(), strides: Strides { row: n_in, col: 1, group: r * n_in }, alpha: 1.0, rank: r }
+    }
+
+    /// The factor of the input gradient's `du = s · dy B_e` (`lora_B [out, r·E]`, column j·E + e).
+    fn lora_du_factor(p: &GpuLoraPair) -> LoraDown<'_> {
+        let SiteLayout { rank: r, experts: e, scaling, .. } = p.site;
+        LoraDown { factor: p.b.as_view(), strides: Strides { row: e, col: r * e, group: 1 }, alpha: scaling, rank: r }
+    }
+
+    /// `u [S, r] = x_e A_eᵀ` per expert: the first product of the expert LoRA (the same kernel, and
+    /// bits, as the MXFP4 products' split computes it in, [`Self::expert_product`]).
     fn lora_experts_down(
         gpu: &Gpu,
         p: &GpuLoraPair,
@@ -926,25 +939,15 @@ impl GpuEngine {
         u: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let SiteLayout { n_in, rank: r, experts: e, .. } = p.site;
-        let st = |row, col, group| Strides { row, col, group };
-        let cfg = GroupedGemm {
-            groups: e,
-            grouped: Grouped::M,
-            m: acts.total,
-            n: r,
-            k: n_in,
-            alpha: 1.0,
-            beta: 0.0,
-            a: st(n_in, 1, 0),
-            b: st(1, n_in, r * n_in),
-            c: st(r, 1, 0),
-        };
-        Self::grouped(gpu, cfg, acts, x, &p.a.as_view(), &mut vm(u, acts.total * r))
+        let cfg = Self::expert_cfg(e, n_in, 0, acts.total, false, Strides { row: 0, col: 0, group: 0 });
+        let down = Self::lora_u_factor(p);
+        grouped_lora_down_f32(gpu, &cfg, &acts.offsets, acts.total, x, &down, &mut vm(u, acts.total * r))?;
+        Ok(())
     }
 
-    /// The expert LoRA backward before the expert product's input gradient, with `u = x_e A_eᵀ`
-    /// already computed ([`Self::lora_experts_down`]): `du = s · dy B_e`; that product then adds
-    /// `du A_e` ([`Self::lora_dx`]) and [`Self::lora_experts_grads`] takes the parameter gradients.
+    /// `du = s · dy B_e` per expert, before the expert product's input gradient of dense experts
+    /// (the MXFP4 products compute it in their split); that product then adds `du A_e`
+    /// ([`Self::lora_dx`]) and [`Self::lora_experts_grads`] takes the parameter gradients.
     fn lora_experts_du(
         gpu: &Gpu,
         p: &GpuLoraPair,
@@ -952,21 +955,11 @@ impl GpuEngine {
         du: &mut CudaSlice<f32>,
         dy: &CudaView<f32>,
     ) -> Result<()> {
-        let SiteLayout { n_out, rank: r, experts: e, scaling, .. } = p.site;
-        let st = |row, col, group| Strides { row, col, group };
-        let cfg = GroupedGemm {
-            groups: e,
-            grouped: Grouped::M,
-            m: acts.total,
-            n: r,
-            k: n_out,
-            alpha: scaling,
-            beta: 0.0,
-            a: st(n_out, 1, 0),
-            b: st(r * e, e, 1),
-            c: st(r, 1, 0),
-        };
-        Self::grouped(gpu, cfg, acts, dy, &p.b.as_view(), &mut vm(du, acts.total * r))
+        let SiteLayout { n_out, rank: r, experts: e, .. } = p.site;
+        let cfg = Self::expert_cfg(e, 0, n_out, acts.total, true, Strides { row: 0, col: 0, group: 0 });
+        let down = Self::lora_du_factor(p);
+        grouped_lora_down_f32(gpu, &cfg, &acts.offsets, acts.total, dy, &down, &mut vm(du, acts.total * r))?;
+        Ok(())
     }
 
     /// The expert LoRA's parameter gradients from u ([`Self::lora_experts_down`]) and du
@@ -1013,6 +1006,96 @@ impl GpuEngine {
         )
     }
 
+    /// An expert product with its LoRA pair `p`, if any ([`Self::expert_gemm`]'s product and bias): the
+    /// LoRA's first product into `u` (forward `u = x A_eᵀ`, backward `du = s · dy B_e`; the
+    /// caller keeps it for the parameter gradients), then the product, which adds `s · u B_eᵀ`
+    /// (forward) or `du A_e` (backward) as it stores `y`. MXFP4 experts compute `u` in the pass
+    /// that splits x into bf16 ([`grouped_gemm_f32_mxfp4w_lora`]); dense experts in a product of
+    /// its own.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_product(
+        gpu: &Gpu,
+        w: &ExpertW,
+        (experts, n_in, n_out): (usize, usize, usize),
+        acts: &Groups,
+        x: &CudaView<f32>,
+        backward: bool,
+        mma: Mma,
+        bias: Option<CudaView<f32>>,
+        lora: Option<(&GpuLoraPair, &mut CudaSlice<f32>)>,
+        slot_expert: &CudaView<u32>,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let Some((p, u)) = lora else {
+            let epi = Mxfp4Epilogue { bias, lora: None };
+            return Self::expert_gemm(gpu, w, experts, n_in, n_out, acts, x, backward, mma, &epi, slot_expert, y);
+        };
+        let slots = acts.total;
+        let SiteLayout { n_in: li, rank: r, experts: e, scaling, .. } = p.site;
+        let (a_st, b_st) = (Strides { row: li, col: 1, group: r * li }, Strides { row: e, col: r * e, group: 1 });
+        match w {
+            ExpertW::Mxfp4 { blocks, scales } => {
+                let lora = if backward {
+                    Mxfp4Lora { down: Self::lora_du_factor(p), up: p.a.as_view(), up_strides: a_st, scaling: 1.0 }
+                } else {
+                    Mxfp4Lora { down: Self::lora_u_factor(p), up: p.b.as_view(), up_strides: b_st, scaling }
+                };
+                let wt = Mxfp4Weight {
+                    blocks: blocks.as_view(),
+                    scales: scales.as_view(),
+                    experts,
+                    rows: n_out,
+                    cols: n_in,
+                };
+                let cfg = Self::expert_cfg(experts, n_in, n_out, slots, backward, Strides { row: 0, col: 0, group: 0 });
+                grouped_gemm_f32_mxfp4w_lora(
+                    gpu,
+                    &cfg,
+                    &acts.offsets,
+                    slots,
+                    x,
+                    &wt,
+                    backward,
+                    mma,
+                    bias,
+                    &lora,
+                    &mut vm(u, slots * r),
+                    y,
+                )?;
+                Ok(())
+            }
+            ExpertW::Dense(_) => {
+                let term = if backward {
+                    Self::lora_experts_du(gpu, p, acts, u, x)?;
+                    Self::lora_dx(p, u, slots)
+                } else {
+                    Self::lora_experts_down(gpu, p, acts, x, u)?;
+                    Self::lora_up(p, u, slots)
+                };
+                let epi = Mxfp4Epilogue { bias, lora: Some(term) };
+                Self::expert_gemm(gpu, w, experts, n_in, n_out, acts, x, backward, mma, &epi, slot_expert, y)
+            }
+        }
+    }
+
+    /// The grouped product of an expert weight over `total` slots (B's strides `b`: unused by the
+    /// MXFP4 products).
+    fn expert_cfg(experts: usize, n_in: usize, n_out: usize, total: usize, backward: bool, b: Strides) -> GroupedGemm {
+        let (n, k) = if backward { (n_in, n_out) } else { (n_out, n_in) };
+        GroupedGemm {
+            groups: experts,
+            grouped: Grouped::M,
+            m: total,
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            a: Strides { row: k, col: 1, group: 0 },
+            b,
+            c: Strides { row: n, col: 1, group: 0 },
+        }
+    }
+
     /// Frozen expert weight: `y [S, out] = x [S, in] · W_eᵀ` (forward) or `dx [S, in] = dy [S, out] · W_e`,
     /// plus the epilogue's terms (the experts' bias, a LoRA term), which the MXFP4 kernels add as
     /// they store `y`; dense experts add them in passes of their own (the bias by `slot_expert`).
@@ -1032,20 +1115,9 @@ impl GpuEngine {
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let total = acts.total;
-        let (n, k) = if backward { (n_in, n_out) } else { (n_out, n_in) };
+        let n = if backward { n_in } else { n_out };
         let st = |row, col, group| Strides { row, col, group };
-        let cfg = |b| GroupedGemm {
-            groups: experts,
-            grouped: Grouped::M,
-            m: total,
-            n,
-            k,
-            alpha: 1.0,
-            beta: 0.0,
-            a: st(k, 1, 0),
-            b,
-            c: st(n, 1, 0),
-        };
+        let cfg = |b| Self::expert_cfg(experts, n_in, n_out, total, backward, b);
         match w {
             ExpertW::Mxfp4 { blocks, scales } => {
                 let wt = Mxfp4Weight {
@@ -1323,26 +1395,16 @@ impl GpuEngine {
         let slot_expert = v(&m.slot_expert, slots);
         // Each projection: its LoRA's u = x A_eᵀ first, then the expert product, which adds the
         // bias and s · u B_eᵀ as it stores its output.
-        let lora_gu = at(Target::Experts(Proj::GateUp));
-        if let Some(p) = lora_gu {
-            Self::lora_experts_down(gpu, p, &grp, &v(&m.xs, slots * h), &mut s.u_gu)?;
-        }
-        prof.mark(gpu, "LoRA on experts, forward")?;
-        let epi = Mxfp4Epilogue {
-            bias: Some(layer.gate_up_bias.as_view()),
-            lora: lora_gu.map(|p| Self::lora_up(p, &s.u_gu, slots)),
-        };
-        Self::expert_gemm(
+        Self::expert_product(
             gpu,
             &layer.gate_up,
-            ne,
-            h,
-            i2,
+            (ne, h, i2),
             &grp,
             &v(&m.xs, slots * h),
             false,
             mma,
-            &epi,
+            Some(layer.gate_up_bias.as_view()),
+            at(Target::Experts(Proj::GateUp)).map(|p| (p, &mut s.u_gu)),
             &slot_expert,
             &mut vm(&mut m.hh, slots * i2),
         )?;
@@ -1352,26 +1414,16 @@ impl GpuEngine {
         if !combine {
             return Ok(());
         }
-        let lora_down = at(Target::Experts(Proj::Down));
-        if let Some(p) = lora_down {
-            Self::lora_experts_down(gpu, p, &grp, &v(&m.z, slots * i2 / 2), &mut s.u)?;
-        }
-        prof.mark(gpu, "LoRA on experts, forward")?;
-        let epi = Mxfp4Epilogue {
-            bias: Some(layer.down_bias.as_view()),
-            lora: lora_down.map(|p| Self::lora_up(p, &s.u, slots)),
-        };
-        Self::expert_gemm(
+        Self::expert_product(
             gpu,
             &layer.down,
-            ne,
-            i2 / 2,
-            h,
+            (ne, i2 / 2, h),
             &grp,
             &v(&m.z, slots * i2 / 2),
             false,
             mma,
-            &epi,
+            Some(layer.down_bias.as_view()),
+            at(Target::Experts(Proj::Down)).map(|p| (p, &mut s.u)),
             &slot_expert,
             &mut vm(&mut m.y, slots * h),
         )?;
@@ -1522,22 +1574,20 @@ impl GpuEngine {
         let (z, dys) = (v(&m.z, slots * i2 / 2), v(&s.dys, slots * h));
         let lora_down = idx(Target::Experts(Proj::Down));
         if let Some(i) = lora_down {
+            // The recomputation skipped the down projection: its u from z.
             Self::lora_experts_down(gpu, &lora[i], &grp, &z, &mut s.u)?;
-            Self::lora_experts_du(gpu, &lora[i], &grp, &mut s.du, &dys)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
-        let epi = Mxfp4Epilogue { bias: None, lora: lora_down.map(|i| Self::lora_dx(&lora[i], &s.du, slots)) };
-        Self::expert_gemm(
+        Self::expert_product(
             gpu,
             &layer.down,
-            ne,
-            i2 / 2,
-            h,
+            (ne, i2 / 2, h),
             &grp,
             &dys,
             true,
             mma,
-            &epi,
+            None,
+            lora_down.map(|i| (&lora[i], &mut s.du)),
             &slot_expert,
             &mut vm(&mut s.dz, slots * i2 / 2),
         )?;
@@ -1571,25 +1621,20 @@ impl GpuEngine {
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), backward")?;
         let (xs, dh) = (v(&m.xs, slots * h), v(&s.dh, slots * i2));
         let lora_gu = idx(Target::Experts(Proj::GateUp));
-        if let Some(i) = lora_gu {
-            if !recomputed {
-                Self::lora_experts_down(gpu, &lora[i], &grp, &xs, &mut s.u_gu)?;
-            }
-            Self::lora_experts_du(gpu, &lora[i], &grp, &mut s.du, &dh)?;
+        if let (Some(i), false) = (lora_gu, recomputed) {
+            Self::lora_experts_down(gpu, &lora[i], &grp, &xs, &mut s.u_gu)?;
         }
         prof.mark(gpu, "LoRA on experts, backward")?;
-        let epi = Mxfp4Epilogue { bias: None, lora: lora_gu.map(|i| Self::lora_dx(&lora[i], &s.du, slots)) };
-        Self::expert_gemm(
+        Self::expert_product(
             gpu,
             &layer.gate_up,
-            ne,
-            h,
-            i2,
+            (ne, h, i2),
             &grp,
             &dh,
             true,
             mma,
-            &epi,
+            None,
+            lora_gu.map(|i| (&lora[i], &mut s.du)),
             &slot_expert,
             &mut vm(&mut s.dxs, slots * h),
         )?;

@@ -619,6 +619,24 @@ static_assert((A_ELEMS * 2) % 16 == 0 && (B_ELEMS * 2) % 16 == 0 && (LDA * 2) % 
 constexpr int SPLIT_THREADS = 256;  // split_a_bf16: 4 k per thread
 }  // namespace tc
 
+// split_a_bf16's bf16 parts of four values of A (k .. k + 3 of row r) into hi (and lo).
+__device__ __forceinline__ void split_store4(unsigned int* hi, unsigned int* lo, size_t r, unsigned int kp,
+                                             unsigned int k, const float (&x)[4]) {
+    const __nv_bfloat162 h01 = __floats2bfloat162_rn(x[0], x[1]), h23 = __floats2bfloat162_rn(x[2], x[3]);
+    const size_t o = (r * kp + k) / 2;  // in bf16 pairs
+    *reinterpret_cast<uint2*>(hi + o) =
+        make_uint2(*reinterpret_cast<const unsigned int*>(&h01), *reinterpret_cast<const unsigned int*>(&h23));
+#ifndef MMA_ONE_PASS
+    const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+    const __nv_bfloat162 l01 = __floats2bfloat162_rn(x[0] - f01.x, x[1] - f01.y);
+    const __nv_bfloat162 l23 = __floats2bfloat162_rn(x[2] - f23.x, x[3] - f23.y);
+    *reinterpret_cast<uint2*>(lo + o) =
+        make_uint2(*reinterpret_cast<const unsigned int*>(&l01), *reinterpret_cast<const unsigned int*>(&l23));
+#else
+    (void)lo;
+#endif
+}
+
 // Rows [0, total_rows) of A into hi (and lo) [total_rows, kp], bf16, zeros at k >= K. Row r is read
 // from the group whose clamped offsets hold it (any group when a_group = 0, where all groups share
 // one matrix); a row of no group is written as zeros (the GEMM never reads it). Grid: (k chunks of
@@ -650,18 +668,142 @@ extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
 #pragma unroll
             for (int e = 0; e < 4; ++e) x[e] = (src != nullptr && k + e < p.k) ? src[(size_t)(k + e) * p.a_col] : 0.0f;
         }
-        const __nv_bfloat162 h01 = __floats2bfloat162_rn(x[0], x[1]), h23 = __floats2bfloat162_rn(x[2], x[3]);
-        const size_t o = ((size_t)r * kp + k) / 2;  // in bf16 pairs
-        *reinterpret_cast<uint2*>(hi + o) =
-            make_uint2(*reinterpret_cast<const unsigned int*>(&h01), *reinterpret_cast<const unsigned int*>(&h23));
-#ifndef MMA_ONE_PASS
-        const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-        const __nv_bfloat162 l01 = __floats2bfloat162_rn(x[0] - f01.x, x[1] - f01.y);
-        const __nv_bfloat162 l23 = __floats2bfloat162_rn(x[2] - f23.x, x[3] - f23.y);
-        *reinterpret_cast<uint2*>(lo + o) =
-            make_uint2(*reinterpret_cast<const unsigned int*>(&l01), *reinterpret_cast<const unsigned int*>(&l23));
-#endif
+        split_store4(hi, lo, r, kp, k, x);
     }
+}
+
+// ---- the split with a LoRA down-projection ----
+//
+// split_a_bf16_down writes split_a_bf16's output for every row a group owns (rows of no group are
+// not written: the products never store them) and, in the same read of A, the partial sums of a
+// LoRA down-projection R(s, j) = Σ_k A(s, k) F_g(j, k) (j < rank ≤ sd::RANK; F_g(j, k) = f[g fg +
+// j fj + k fk]; u = x A_eᵀ forward, du = dy B_e for the input gradients) per chunk c of sd::KC k:
+// part[(c total_rows + s) RANK + j]. split_down_reduce then adds the chunks in order.
+// Block (chunk x, row tiles y of sd::TM rows of one group, row_tile's numbering, grid-stride):
+// thread tid owns k = x KC + 4 tid .. + 3 and holds F_g(j, k .. k + 3) in registers for the tile;
+// per RU = 4 rows it reads four float4 of A, writes their bf16 parts and forms its 4 x 8 products
+// (four k each, in k order), which a warp-wide reduce-scatter (31 shuffles) turns into lane l's
+// warp sum of output o = 2 (l % 16) + l / 16 (row o / 8 of the four, j = o % 8); the 8 warps' sums
+// meet in shared memory (two buffers: one barrier per 4 rows) and warp 0 adds them in warp order.
+// Every sum runs in an order fixed by the shapes: the same bits on every run and card.
+namespace sd {
+constexpr int TM = 32, RANK = 8, RU = 4, KC = 4 * tc::SPLIT_THREADS, WARPS = tc::SPLIT_THREADS / 32;
+static_assert(RU * RANK == 32, "one output per lane after the reduce-scatter");
+}  // namespace sd
+
+// Must match `SdFactor` in mod.rs (#[repr(C)]).
+struct SdFactor {
+    const float* f;
+    unsigned long long fj, fk, fg;
+    unsigned int rank;
+};
+
+// One step of the reduce-scatter over 2H values: lanes with bit `bit` set keep the upper half.
+template <int H>
+__device__ __forceinline__ void halve32(float (&v)[32], int lane, int bit) {
+    const bool up = lane & bit;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        const float send = up ? v[i] : v[i + H];
+        const float keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
+    }
+}
+
+template <bool SPLIT>
+__device__ __forceinline__ void split_down(unsigned int* hi, unsigned int* lo, const float* a,
+                                           const unsigned int* offsets, const Params& p, unsigned int kp,
+                                           const SdFactor& fac, float* part) {
+    using namespace sd;
+    __shared__ float red[2][WARPS][32];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const unsigned int k = blockIdx.x * KC + 4 * tid;
+    const bool vec = p.a_col == 1 && (p.a_row & 3) == 0 && (p.a_group & 3) == 0 && ((size_t)a & 15) == 0;
+    int buf = 0;
+    for (unsigned int t = blockIdx.y, g, start, len, mt; row_tile<TM>(offsets, p, t, g, start, len, mt);
+         t += gridDim.y) {
+        float fr[RANK][4];
+#pragma unroll
+        for (int j = 0; j < RANK; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                fr[j][e] = (j < (int)fac.rank && k + e < p.k)
+                               ? fac.f[(size_t)g * fac.fg + (size_t)j * fac.fj + (size_t)(k + e) * fac.fk]
+                               : 0.0f;
+        const float* ag = a + (size_t)g * p.a_group + (size_t)start * p.a_row;
+        const unsigned int m0 = mt * TM, rows = min(len - m0, (unsigned int)TM);
+        for (unsigned int r0 = 0; r0 < rows; r0 += RU) {
+            float x[RU][4];
+#pragma unroll
+            for (int i = 0; i < RU; ++i) {
+                const bool ok = r0 + i < rows;
+                const float* src = ag + (size_t)(m0 + r0 + i) * p.a_row;
+                if (ok && vec && k + 3 < p.k) {
+                    const float4 v = *reinterpret_cast<const float4*>(src + k);
+                    x[i][0] = v.x, x[i][1] = v.y, x[i][2] = v.z, x[i][3] = v.w;
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) x[i][e] = (ok && k + e < p.k) ? src[(size_t)(k + e) * p.a_col] : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < RU; ++i)
+                if (SPLIT && r0 + i < rows && k < kp) split_store4(hi, lo, (size_t)start + m0 + r0 + i, kp, k, x[i]);
+            float v[32];
+#pragma unroll
+            for (int i = 0; i < RU; ++i)
+#pragma unroll
+                for (int j = 0; j < RANK; ++j) {
+                    float s = x[i][0] * fr[j][0];
+#pragma unroll
+                    for (int e = 1; e < 4; ++e) s = fmaf(x[i][e], fr[j][e], s);
+                    v[RANK * i + j] = s;
+                }
+            halve32<16>(v, lane, 8);
+            halve32<8>(v, lane, 4);
+            halve32<4>(v, lane, 2);
+            halve32<2>(v, lane, 1);
+            halve32<1>(v, lane, 16);
+            red[buf][warp][lane] = v[0];
+            __syncthreads();
+            if (warp == 0) {
+                float s = red[buf][0][lane];
+#pragma unroll
+                for (int w = 1; w < WARPS; ++w) s += red[buf][w][lane];
+                const int o = 2 * (lane % 16) + lane / 16, i = o / RANK, j = o % RANK;
+                if (r0 + i < rows)
+                    part[((size_t)blockIdx.x * p.total_rows + start + m0 + r0 + i) * RANK + j] = s;
+            }
+            buf ^= 1;
+        }
+    }
+}
+
+// 80 registers (three blocks an SM) and no spill.
+extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS, 3)
+    split_a_bf16_down(unsigned int* hi, unsigned int* lo, const float* a, const unsigned int* offsets, Params p,
+                      unsigned int kp, SdFactor fac, float* part) {
+    split_down<true>(hi, lo, a, offsets, p, kp, fac, part);
+}
+
+// The same partial sums without the split (hi, lo and kp unused; kp sets the chunks): the LoRA
+// down-projection of rows whose product does not run, the same bits as the split's.
+extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS, 3)
+    lora_down_partials(const float* a, const unsigned int* offsets, Params p, unsigned int kp, SdFactor fac,
+                       float* part) {
+    split_down<false>(nullptr, nullptr, a, offsets, p, kp, fac, part);
+}
+
+// out[s ld + j] = alpha Σ_c part[(c rows + s) RANK + j] over the `chunks` chunks of
+// split_a_bf16_down, in order, for s < rows, j < rank. Grid: (rows RANK / SPLIT_THREADS).
+extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
+    split_down_reduce(const float* part, float* out, unsigned long long ld, unsigned int rows, unsigned int rank,
+                      unsigned int chunks, float alpha) {
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x, s = i / sd::RANK, j = i % sd::RANK;
+    if (s >= rows || j >= rank) return;
+    float sum = 0.0f;
+    for (unsigned int c = 0; c < chunks; ++c) sum += part[((size_t)c * rows + s) * sd::RANK + j];
+    out[(size_t)s * ld + j] = alpha * sum;
 }
 
 // The MXFP4 products' epilogue terms (mod.rs: Mxfp4Epilogue; must match `Epi` there field for

@@ -26,7 +26,7 @@
 //! elsewhere ([`Mxfp4Path`]); gemm.cu describes the kernels.
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::Mma;
@@ -753,10 +753,181 @@ pub fn grouped_gemm_f32_mxfp4w(
 }
 
 /// Elements (u16) of [`Gpu`] scratch an MXFP4 product over `total_rows` rows of A with reduction
-/// length `k` (`cfg.k`) takes: A in bf16, hi and lo with [`Mma::Split`], rows padded to a
-/// multiple of 64.
+/// length `k` (`cfg.k`) takes, with or without a LoRA ([`grouped_gemm_f32_mxfp4w_lora`]): A in
+/// bf16, hi and lo with [`Mma::Split`], rows padded to a multiple of 64, then the LoRA
+/// down-projection's partial sums.
 pub fn mxfp4_scratch_elems(total_rows: usize, k: usize, mma: Mma) -> usize {
-    mma.parts() * total_rows * padded_k(k)
+    mma.parts() * total_rows * padded_k(k) + split_down_elems(total_rows, k)
+}
+
+/// A LoRA down-projection of a grouped product's A: `u [total_rows, rank] = alpha · A_g F_gᵀ`
+/// with `F_g(j, k) = factor[g·strides.group + j·strides.row + k·strides.col]` (`j < rank`, `k <
+/// K`): the forward `u = x A_eᵀ` (PEFT's `lora_A [r·E, in]`: strides `(in, 1, r·in)`) or the
+/// input gradient's `du = s · dy B_e` (`lora_B [out, r·E]`: `(E, r·E, 1)`).
+pub struct LoraDown<'a> {
+    pub factor: CudaView<'a, f32>,
+    pub strides: Strides,
+    pub alpha: f32,
+    pub rank: usize,
+}
+
+/// Both factors of an expert product's LoRA, for [`grouped_gemm_f32_mxfp4w_lora`]: the down
+/// factor and the up factor `B_g(j, n)` as in [`LoraUp`] (`up_strides`, `scaling`).
+pub struct Mxfp4Lora<'a> {
+    pub down: LoraDown<'a>,
+    pub up: CudaView<'a, f32>,
+    pub up_strides: Strides,
+    pub scaling: f32,
+}
+
+/// Checks a down-projection over the rows and K of `cfg` (Grouped::M) against its buffers.
+fn check_down(op: &str, cfg: &GroupedGemm, total_rows: usize, a_len: usize, d: &LoraDown, u_len: usize) -> Result<()> {
+    if cfg.grouped != Grouped::M {
+        return Err(shape_err(format!("{op}: a LoRA down-projection splits the rows (Grouped::M)")));
+    }
+    check_dim(op, "rank", d.rank)?;
+    let down = GroupedGemm { n: d.rank, c: Strides::row_major(d.rank), ..*cfg };
+    check_shapes(op, &down, cfg.groups + 1, total_rows, a_len, None, u_len)?;
+    check_len(
+        op,
+        "the down factor",
+        d.factor.len(),
+        extent(op, "the down factor", cfg.groups, d.strides, d.rank, cfg.k)?,
+    )
+}
+
+/// [`LoraDown`] over the rows of the grouped product `cfg` (Grouped::M: its groups, K and A
+/// strides; `n`, `b` and `c` unused) into `u` (`[total_rows, rank]` row-major): up to rank
+/// [`SPLIT_DOWN_RANK`], the kernel that [`grouped_gemm_f32_mxfp4w_lora`] runs in its split of A,
+/// without the split (the same bits: a backward pass that did not keep `u` gets the forward's
+/// values back); larger ranks by [`grouped_gemm_f32`]. `u` rows that no group owns are not
+/// specified. Takes scratch for the partial sums (see [`mxfp4_scratch_elems`]).
+pub fn grouped_lora_down_f32(
+    gpu: &Gpu,
+    cfg: &GroupedGemm,
+    offsets: &CudaView<'_, u32>,
+    total_rows: usize,
+    a: &CudaView<'_, f32>,
+    d: &LoraDown<'_>,
+    u: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let op = "grouped_lora_down_f32";
+    check_down(op, cfg, total_rows, a.len(), d, u.len())?;
+    if offsets.len() != cfg.groups + 1 {
+        return Err(shape_err(format!("{op}: offsets has {} elements, expected {}", offsets.len(), cfg.groups + 1)));
+    }
+    if d.rank == 0 || total_rows == 0 || cfg.groups == 0 {
+        return Ok(());
+    }
+    if d.rank > SPLIT_DOWN_RANK {
+        let st = d.strides;
+        let down = GroupedGemm {
+            n: d.rank,
+            alpha: d.alpha,
+            beta: 0.0,
+            b: Strides { row: st.col, col: st.row, group: st.group },
+            c: Strides::row_major(d.rank),
+            ..*cfg
+        };
+        return grouped_gemm_f32(gpu, &down, offsets, total_rows, a, &d.factor, u);
+    }
+    let kp = padded_k(cfg.k);
+    let f = gpu.function("gemm", SRC, "lora_down_partials")?;
+    let reduce = gpu.function("gemm", SRC, "split_down_reduce")?;
+    let (pf, f_guard) = d.factor.device_ptr(&gpu.stream);
+    let (pu, u_guard) = u.device_ptr_mut(&gpu.stream);
+    let fac = sd_factor(pf, d);
+    let p = params(cfg, total_rows);
+    gpu.with_scratch(split_down_elems(total_rows, cfg.k), |mut sums| {
+        // SAFETY: lora_down_partials(const float* a, const unsigned* offsets, Params p, unsigned kp,
+        // SdFactor fac, float* part): A read at (group, row < total_rows, k < K) by the strides
+        // check_down verified (offsets clamped to total_rows), the factor inside its checked extent,
+        // the partial sums written inside `sums` (split_down_elems: chunks · total_rows ·
+        // SPLIT_DOWN_RANK f32, chunks = the grid's x); SdFactor matches the CUDA struct.
+        unsafe {
+            gpu.stream
+                .launch_builder(&f)
+                .arg(a)
+                .arg(offsets)
+                .arg(&p)
+                .arg(&(kp as u32))
+                .arg(&fac)
+                .arg(&mut sums)
+                .launch(split_down_grid(&p, kp))
+        }?;
+        split_down_sum(gpu, &reduce, &sums, &SplitDown { factor: fac, out: pu, ld: d.rank, alpha: d.alpha }, &p, kp)
+    })?;
+    drop((f_guard, u_guard));
+    Ok(())
+}
+
+/// gemm.cu's view of a down-projection's factor at device address `f`.
+fn sd_factor(f: u64, d: &LoraDown<'_>) -> SdFactor {
+    let st = d.strides;
+    SdFactor { f, fj: st.row as u64, fk: st.col as u64, fg: st.group as u64, rank: d.rank as u32 }
+}
+
+/// [`grouped_gemm_f32_mxfp4w`] with a LoRA whose down-projection comes from the product's own A:
+/// `u = down.alpha · A_g F_gᵀ` ([`LoraDown`], written to `u`, which the caller keeps for the
+/// gradients), then `C = A · W + bias + scaling · u B_g` as the product stores C (the forward `y
+/// = x W_eᵀ + s · (x A_eᵀ) B_eᵀ`, and the input gradient `dx = dy W_e + (s · dy B_e) A_e`). Up to
+/// rank [`SPLIT_DOWN_RANK`] the split of A into bf16 computes u in the same read of A (partial
+/// sums of chunks of 1,024 k in the scratch, then added in order: the same bits on every run, and
+/// as [`grouped_lora_down_f32`]'s); larger ranks take an f32 product of their own first. `u` rows
+/// that no group owns are not specified.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_f32_mxfp4w_lora(
+    gpu: &Gpu,
+    cfg: &GroupedGemm,
+    offsets: &CudaView<'_, u32>,
+    total_rows: usize,
+    a: &CudaView<'_, f32>,
+    w: &Mxfp4Weight<'_>,
+    transposed: bool,
+    mma: Mma,
+    bias: Option<CudaView<'_, f32>>,
+    lora: &Mxfp4Lora<'_>,
+    u: &mut CudaViewMut<'_, f32>,
+    c: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let op = "grouped_gemm_f32_mxfp4w_lora";
+    let d = &lora.down;
+    let rank = d.rank;
+    check_down(op, cfg, total_rows, a.len(), d, u.len())?;
+    if rank > SPLIT_DOWN_RANK {
+        // u by the f32 kernels; then the product with the term in its store.
+        grouped_lora_down_f32(gpu, cfg, offsets, total_rows, a, d, u)?;
+        let epi = Mxfp4Epilogue {
+            bias,
+            lora: Some(LoraUp {
+                u: u.as_view(),
+                b: lora.up.slice(..),
+                b_strides: lora.up_strides,
+                rank,
+                scaling: lora.scaling,
+            }),
+        };
+        return grouped_gemm_f32_mxfp4w(gpu, cfg, offsets, total_rows, a, w, transposed, mma, &epi, c);
+    }
+    let path = Mxfp4Path::for_gpu(gpu, mma);
+    check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
+    check_shapes(op, cfg, offsets.len(), total_rows, a.len(), None, c.len())?;
+    let lens =
+        EpiLens { bias: bias.as_ref().map(|b| b.len()), lora: Some((u.len(), lora.up.len(), lora.up_strides, rank)) };
+    check_epilogue(op, cfg, total_rows, &lens)?;
+    if is_empty(cfg) || total_rows == 0 {
+        return Ok(());
+    }
+    let bias = bias.as_ref().map(|b| b.device_ptr(&gpu.stream));
+    let (pb, b_guard) = lora.up.device_ptr(&gpu.stream);
+    let (pf, f_guard) = d.factor.device_ptr(&gpu.stream);
+    let (pu, u_guard) = u.device_ptr_mut(&gpu.stream);
+    let down = SplitDown { factor: sd_factor(pf, d), out: pu, ld: rank, alpha: d.alpha };
+    let e = Epi { bias: bias.as_ref().map_or(0, |(p, _)| *p), ..Epi::default() };
+    let e = epi_lora(e, pu, pb, lora.up_strides, rank, lora.scaling);
+    mxfp4w_launch(gpu, cfg, offsets, total_rows, a, w, (transposed, mma, path), &e, Some(&down), c)?;
+    drop((bias, u_guard, b_guard, f_guard));
+    Ok(())
 }
 
 /// Which tensor-core kernel runs an MXFP4 product.
@@ -846,17 +1017,88 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     let fused = lora.as_ref().is_some_and(|(_, _, l)| l.rank <= EPILOGUE_RANK);
     let mut e = Epi { bias: bias.as_ref().map_or(0, |(p, _)| *p), ..Epi::default() };
     if let (true, Some(((pu, _), (pb, _), l))) = (fused, lora.as_ref()) {
-        e = Epi {
-            u: *pu,
-            lb: *pb,
-            lb_j: l.b_strides.row as u64,
-            lb_n: l.b_strides.col as u64,
-            lb_group: l.b_strides.group as u64,
-            rank: l.rank as u32,
-            scaling: l.scaling,
-            ..e
-        };
+        e = epi_lora(e, *pu, *pb, l.b_strides, l.rank, l.scaling);
     }
+    mxfp4w_launch(gpu, cfg, offsets, total_rows, a, w, (transposed, mma, path), &e, None, c)?;
+    drop(bias);
+    match (fused, lora) {
+        (false, Some((gu, gb, l))) => {
+            drop((gu, gb));
+            l.add_to(gpu, cfg, offsets, total_rows, c)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The epilogue `e` with a LoRA term: `u` and the up factor's address `b` with its strides.
+fn epi_lora(e: Epi, u: u64, b: u64, st: Strides, rank: usize, scaling: f32) -> Epi {
+    Epi {
+        u,
+        lb: b,
+        lb_j: st.row as u64,
+        lb_n: st.col as u64,
+        lb_group: st.group as u64,
+        rank: rank as u32,
+        scaling,
+        ..e
+    }
+}
+
+/// A LoRA down-projection that the split of A computes (gemm.cu, `split_a_bf16_down`): the
+/// factor as the kernel takes it and where the result goes (device addresses: the caller holds
+/// their guards until the launches are enqueued).
+struct SplitDown {
+    factor: SdFactor,
+    out: u64,
+    ld: usize,
+    alpha: f32,
+}
+
+/// gemm.cu's `struct SdFactor`: `F_g(j, k) = f[g·fg + j·fj + k·fk]`, `j < rank`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SdFactor {
+    f: u64,
+    fj: u64,
+    fk: u64,
+    fg: u64,
+    rank: u32,
+}
+
+// SAFETY: #[repr(C)] plain data matching the CUDA struct (four 8-byte fields and a u32, padded to
+// 40 bytes on both sides).
+unsafe impl DeviceRepr for SdFactor {}
+const _: () = assert!(std::mem::size_of::<SdFactor>() == 40);
+
+/// The largest LoRA rank that the split of A projects (gemm.cu, `sd::RANK`).
+pub const SPLIT_DOWN_RANK: usize = 8;
+/// Values of k per chunk of the split's down-projection partial sums (gemm.cu, `sd::KC`).
+const SPLIT_DOWN_KC: usize = 4 * SPLIT_THREADS as usize;
+/// Row tile of `split_a_bf16_down` (gemm.cu, `sd::TM`).
+const SPLIT_DOWN_TM: usize = 32;
+
+/// u16 elements of the down-projection's partial sums over `total_rows` rows of K = `k`: one f32
+/// per row, chunk and [`SPLIT_DOWN_RANK`] columns.
+fn split_down_elems(total_rows: usize, k: usize) -> usize {
+    2 * total_rows * padded_k(k).div_ceil(SPLIT_DOWN_KC) * SPLIT_DOWN_RANK
+}
+
+/// The split of A, the product on `path` with the epilogue `e` (checked and built by the caller),
+/// and, with `down`, the LoRA down-projection computed in the split, before the product.
+#[allow(clippy::too_many_arguments)]
+fn mxfp4w_launch(
+    gpu: &Gpu,
+    cfg: &GroupedGemm,
+    offsets: &CudaView<'_, u32>,
+    total_rows: usize,
+    a: &CudaView<'_, f32>,
+    w: &Mxfp4Weight<'_>,
+    (transposed, mma, path): (bool, Mma, Mxfp4Path),
+    e: &Epi,
+    down: Option<&SplitDown>,
+    c: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let op = "grouped_gemm_f32_mxfp4w";
     // The two mma.sync paths are one kernel compiled with three or two A stages (TC_STAGES).
     let stages = if path == Mxfp4Path::MmaSyncTwoStage { 2 } else { 3 };
     // The warp-specialized kernel's operands as its tensor maps see them: the codes as rows of
@@ -888,7 +1130,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         (_, false) => ("grouped_gemm_bf16a_mxfp4w", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
         (_, true) => ("grouped_gemm_bf16a_mxfp4w_transposed", TC_THREADS, tc_smem_bytes(mma, stages), TC_TILE),
     };
-    let split = gpu.function(module, src, "split_a_bf16")?;
+    let split = gpu.function(module, src, if down.is_some() { "split_a_bf16_down" } else { "split_a_bf16" })?;
     let f = gpu.function(module, src, name)?;
     if let Err(e) = f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
     {
@@ -918,10 +1160,17 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         .filter(|&n| n <= DIM_MAX)
         .ok_or_else(|| shape_err(format!("{op}: {total_rows} rows x {kp} exceeds {DIM_MAX} elements")))?;
     let kp32 = kp as u32;
-    // split_a_bf16 writes every element of both parts before the GEMM (same stream) reads them.
+    // split_a_bf16 writes every element of both parts before the GEMM (same stream) reads them
+    // (split_a_bf16_down every row a group owns: the GEMM reads no other); the down-projection's
+    // partial sums follow the parts (at a multiple of 128 bytes: kp is of 64).
+    let partials = down.map_or(0, |_| split_down_elems(total_rows, cfg.k));
     let c_product = &mut *c;
-    gpu.with_scratch(parts * part, |mut a16| {
-        {
+    gpu.with_scratch(parts * part + partials, |mut a16| {
+        let (mut a16, mut part_sums) = a16.split_at_mut(parts * part);
+        if let Some(d) = down {
+            let reduce = gpu.function(module, src, "split_down_reduce")?;
+            split_down(gpu, (&split, &reduce), (&mut a16, part, &mut part_sums), a, offsets, (&p, kp), d)?;
+        } else {
             let (mut hi, mut lo) = a16.split_at_mut(part);
             // SAFETY: split_a_bf16(unsigned* hi, unsigned* lo, const float* a, const unsigned* offsets,
             // Params p, unsigned kp): rows below p.total_rows, each kp bf16 (kp/2 words, kp a multiple of
@@ -958,7 +1207,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
                 (&hi, &lo),
                 (w, blocks_addr),
                 offsets,
-                &e,
+                e,
                 c_product,
                 smem,
             );
@@ -987,7 +1236,7 @@ pub fn grouped_gemm_f32_mxfp4w_on(
                 .arg(&rows)
                 .arg(&cols)
                 .arg(&kp32)
-                .arg(&e)
+                .arg(e)
                 .launch(LaunchConfig {
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: smem,
@@ -996,14 +1245,86 @@ pub fn grouped_gemm_f32_mxfp4w_on(
         }?;
         Ok(())
     })?;
-    drop((bias, blocks_guard));
-    match (fused, lora) {
-        (false, Some((gu, gb, l))) => {
-            drop((gu, gb));
-            l.add_to(gpu, cfg, offsets, total_rows, c)
-        }
-        _ => Ok(()),
+    drop(blocks_guard);
+    Ok(())
+}
+
+/// The grid of `split_a_bf16_down` / `lora_down_partials`: chunks of k x row tiles of one group
+/// each (row_tile in gemm.cu numbers them as the GEMMs do).
+fn split_down_grid(p: &Params, kp: usize) -> LaunchConfig {
+    let tiles = (p.total_rows as usize + p.groups as usize * (SPLIT_DOWN_TM - 1)) / SPLIT_DOWN_TM;
+    LaunchConfig {
+        grid_dim: (kp.div_ceil(SPLIT_DOWN_KC) as u32, tiles.clamp(1, GRID_YZ_MAX) as u32, 1),
+        block_dim: (SPLIT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
+}
+
+/// `split_down_reduce`: the chunks' partial sums in `sums` added in order into `d.out`.
+fn split_down_sum(
+    gpu: &Gpu,
+    reduce: &cudarc::driver::CudaFunction,
+    sums: &CudaViewMut<'_, u16>,
+    d: &SplitDown,
+    p: &Params,
+    kp: usize,
+) -> Result<()> {
+    let outputs = p.total_rows as usize * SPLIT_DOWN_RANK;
+    // SAFETY: split_down_reduce(const float* part, float* out, unsigned long long ld, unsigned rows,
+    // unsigned rank, unsigned chunks, float alpha): reads the chunks' sums (chunks · rows ·
+    // SPLIT_DOWN_RANK f32 inside `sums`, split_down_elems), writes out[s·ld + j] for s < rows, j <
+    // rank, which the caller checked against the output's length.
+    unsafe {
+        gpu.stream
+            .launch_builder(reduce)
+            .arg(&sums.as_view())
+            .arg(&d.out)
+            .arg(&(d.ld as u64))
+            .arg(&p.total_rows)
+            .arg(&d.factor.rank)
+            .arg(&(kp.div_ceil(SPLIT_DOWN_KC) as u32))
+            .arg(&d.alpha)
+            .launch(LaunchConfig {
+                grid_dim: (outputs.div_ceil(SPLIT_THREADS as usize) as u32, 1, 1),
+                block_dim: (SPLIT_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })
+    }?;
+    Ok(())
+}
+
+/// The split of A (`split_a_bf16_down` into `a16`'s hi and lo parts of `part` elements each, the
+/// partial sums into `sums`) and the sum of its chunks into `d.out`.
+fn split_down(
+    gpu: &Gpu,
+    (split, reduce): (&cudarc::driver::CudaFunction, &cudarc::driver::CudaFunction),
+    (a16, part, sums): (&mut CudaViewMut<'_, u16>, usize, &mut CudaViewMut<'_, u16>),
+    a: &CudaView<'_, f32>,
+    offsets: &CudaView<'_, u32>,
+    (p, kp): (&Params, usize),
+    d: &SplitDown,
+) -> Result<()> {
+    let (mut hi, mut lo) = a16.split_at_mut(part);
+    // SAFETY: split_a_bf16_down(unsigned* hi, unsigned* lo, const float* a, const unsigned* offsets,
+    // Params p, unsigned kp, SdFactor fac, float* part): hi and lo as for split_a_bf16 (rows below
+    // the clamped offsets only); the factor is read at g < groups, j < rank, k < K, inside the
+    // extent the caller checked; `sums` holds split_down_elems(total_rows, K) u16, i.e. chunks ·
+    // total_rows · SPLIT_DOWN_RANK f32 (chunks = the grid's x), written at chunk < chunks, row <
+    // total_rows; SdFactor matches the CUDA struct.
+    unsafe {
+        gpu.stream
+            .launch_builder(split)
+            .arg(&mut hi)
+            .arg(&mut lo)
+            .arg(a)
+            .arg(offsets)
+            .arg(p)
+            .arg(&(kp as u32))
+            .arg(&d.factor)
+            .arg(&mut *sums)
+            .launch(split_down_grid(p, kp))
+    }?;
+    split_down_sum(gpu, reduce, sums, d, p, kp)
 }
 
 /// The NVRTC module (name, source) that holds a path's MXFP4 kernels for `mma`.

@@ -817,6 +817,145 @@ fn check_mxfp4_gpu_epi(
     }
 }
 
+/// [`grouped_gemm_f32_mxfp4w_lora`] on fresh random operands in both orientations and precisions,
+/// the trainer's factor layouts (forward: the down factor PEFT's `lora_A [r·E, K]`, the up factor
+/// `lora_B [N, r·E]`; input gradients: the reverse), against the CPU references: `u` against the
+/// f64 down-projection (f32 accumulation tolerance over K), C against the product plus the
+/// epilogue reference with the GPU's `u`. Ranks up to 8 take the split's down-projection, larger
+/// ones the f32 product first.
+#[allow(clippy::too_many_arguments)]
+fn check_mxfp4_lora_gpu(
+    gpu: &Gpu,
+    seed: u64,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    sizes: &[usize],
+    rank: usize,
+    time: bool,
+) {
+    let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
+    let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
+    let bmax = max_abs(&dequantize(&hw));
+    let offsets = offsets_of(sizes);
+    let total = offsets[sizes.len()] as usize;
+    let st = &gpu.stream;
+    let (bd, sd, od) =
+        (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
+    let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
+    for (transposed, mma) in [(false, Mma::Split), (true, Mma::Split), (false, Mma::Bf16), (true, Mma::Bf16)] {
+        let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
+        let cfg = GroupedGemm {
+            groups: sizes.len(),
+            grouped: Grouped::M,
+            m: max_len(&offsets),
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            a: Strides::row_major(k),
+            b: Strides::row_major(0),
+            c: Strides::row_major(n),
+        };
+        // PEFT's layouts: A [r·E, in] (expert e's rows e·r..), B [out, r·E] (column j·E + e).
+        let a_layout = |inp: usize| Strides { row: inp, col: 1, group: rank * inp };
+        let b_layout = Strides { row: experts, col: rank * experts, group: 1 };
+        let (down_st, up_st) = if transposed { (b_layout, a_layout(n)) } else { (a_layout(k), b_layout) };
+        let s = seed * 10 + transposed as u64 + 2 * (mma == Mma::Bf16) as u64;
+        let x = randn(s + 1, total * k, 1.0);
+        let (down, up, bias) = (
+            randn(s + 2, experts * rank * k, 0.5),
+            randn(s + 3, experts * rank * n, 0.3),
+            randn(s + 4, experts * n, 1.0),
+        );
+        let (alpha, scaling) = (1.25, 2.0 - 0.25 * (seed % 3) as f32);
+        let (xd, downd, upd, biasd) = (
+            st.clone_htod(&x).unwrap(),
+            st.clone_htod(&down).unwrap(),
+            st.clone_htod(&up).unwrap(),
+            st.clone_htod(&bias).unwrap(),
+        );
+        // NaN-filled outputs: every value the call owns must be written.
+        let mut ud = st.clone_htod(&vec![f32::NAN; total * rank + 1]).unwrap();
+        let mut cd = st.clone_htod(&vec![f32::NAN; total * n + 1]).unwrap();
+        let lora = Mxfp4Lora {
+            down: LoraDown { factor: downd.as_view(), strides: down_st, alpha, rank },
+            up: upd.as_view(),
+            up_strides: up_st,
+            scaling,
+        };
+        let launch = |ud: &mut cudarc::driver::CudaSlice<f32>, cd: &mut cudarc::driver::CudaSlice<f32>| {
+            grouped_gemm_f32_mxfp4w_lora(
+                gpu,
+                &cfg,
+                &od.as_view(),
+                total,
+                &xd.as_view(),
+                &w,
+                transposed,
+                mma,
+                Some(biasd.as_view()),
+                &lora,
+                &mut ud.slice_mut(..total * rank),
+                &mut cd.slice_mut(..total * n),
+            )
+            .unwrap()
+        };
+        launch(&mut ud, &mut cd);
+        let (u_got, c_got) = (st.clone_dtoh(&ud).unwrap(), st.clone_dtoh(&cd).unwrap());
+        let (u_got, c_got) = (&u_got[..total * rank], &c_got[..total * n]);
+        let what =
+            format!("mxfp4 LoRA r {rank} [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?}");
+        // u = alpha · x F_gᵀ: B(k, j) = F_g(j, k), from the f32 x in both precisions.
+        let down_cfg = GroupedGemm {
+            n: rank,
+            alpha,
+            b: Strides { row: down_st.col, col: down_st.row, group: down_st.group },
+            c: Strides::row_major(rank),
+            ..cfg
+        };
+        let mut u_want = vec![0.0; total * rank];
+        grouped_gemm_ref(&down_cfg, &offsets, &x, &down, &mut u_want);
+        assert_close(&format!("{what}: u"), u_got, &u_want, atol(k, 1.0, 0.5) * alpha, 1e-5);
+        // The down-projection alone: the same bits (a backward pass that did not keep u).
+        let mut u2 = st.clone_htod(&vec![f32::NAN; total * rank]).unwrap();
+        grouped_lora_down_f32(gpu, &cfg, &od.as_view(), total, &xd.as_view(), &lora.down, &mut u2.as_view_mut())
+            .unwrap();
+        let u2 = st.clone_dtoh(&u2).unwrap();
+        assert!(
+            u2.iter().zip(u_got).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: grouped_lora_down_f32 differs from the split's u"
+        );
+        let x_ref: Vec<f32> = match mma {
+            Mma::Split => x.clone(),
+            Mma::Bf16 => x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+        };
+        let mut want = vec![0.0; total * n];
+        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &x_ref, &hw, transposed, &mut want);
+        let host_lora = HostLoraUp { u: u_got, b: &up, b_strides: up_st, rank, scaling };
+        mxfp4_epilogue_ref(&cfg, &offsets, &HostEpilogue { bias: Some(&bias), lora: Some(host_lora) }, &mut want);
+        assert_close(&format!("{what}: C"), c_got, &want, atol(k, 1.0, bmax), 1e-4);
+        if time {
+            let ms = median_ms(gpu, || launch(&mut ud, &mut cd));
+            println!("{what}: {ms:.3} ms, {:.1} TFLOP/s", 2.0 * (total * k * n) as f64 / ms / 1e9);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn mxfp4_lora_down_projection_in_the_split() {
+    let gpu = gpu();
+    // Groups of 0 to 70 rows (row tiles of 32, batches of 4 rows cut short), K 90 (a float4 past K
+    // read element by element) and 96 the other way.
+    check_mxfp4_lora_gpu(&gpu, 50, 4, 90, 96, &[9, 0, 70, 3], 8, false);
+    check_mxfp4_lora_gpu(&gpu, 51, 4, 90, 96, &[9, 0, 70, 3], 3, false);
+    // Ranks past the split's 8: the f32 product first (rank 12 still in the store).
+    check_mxfp4_lora_gpu(&gpu, 52, 4, 90, 96, &[9, 0, 70, 3], 12, false);
+    // gpt-oss-20b's gate_up: K 2880 forward (three 1,024-wide chunks, the last partial), 5760 back.
+    check_mxfp4_lora_gpu(&gpu, 53, 4, 5760, 2880, &[100, 0, 173, 41], 8, true);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
 fn mxfp4_tiny_with_an_expert_with_zero_tokens() {

@@ -1040,13 +1040,7 @@ impl GpuEngine {
                 } else {
                     Mxfp4Lora { down: Self::lora_u_factor(p), up: p.b.as_view(), up_strides: b_st, scaling }
                 };
-                let wt = Mxfp4Weight {
-                    blocks: blocks.as_view(),
-                    scales: scales.as_view(),
-                    experts,
-                    rows: n_out,
-                    cols: n_in,
-                };
+                let wt = Self::mxfp4_weight(blocks, scales, experts, n_in, n_out);
                 let cfg = Self::expert_cfg(experts, n_in, n_out, slots, backward, Strides { row: 0, col: 0, group: 0 });
                 grouped_gemm_f32_mxfp4w_lora(
                     gpu,
@@ -1076,6 +1070,17 @@ impl GpuEngine {
                 Self::expert_gemm(gpu, w, experts, n_in, n_out, acts, x, backward, mma, &epi, slot_expert, y)
             }
         }
+    }
+
+    /// An MXFP4 expert weight `[experts, n_out, n_in]` as the kernels take it.
+    fn mxfp4_weight<'a>(
+        blocks: &'a CudaSlice<u8>,
+        scales: &'a CudaSlice<u8>,
+        experts: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> Mxfp4Weight<'a> {
+        Mxfp4Weight { blocks: blocks.as_view(), scales: scales.as_view(), experts, rows: n_out, cols: n_in }
     }
 
     /// The grouped product of an expert weight over `total` slots (B's strides `b`: unused by the
@@ -1120,13 +1125,7 @@ impl GpuEngine {
         let cfg = |b| Self::expert_cfg(experts, n_in, n_out, total, backward, b);
         match w {
             ExpertW::Mxfp4 { blocks, scales } => {
-                let wt = Mxfp4Weight {
-                    blocks: blocks.as_view(),
-                    scales: scales.as_view(),
-                    experts,
-                    rows: n_out,
-                    cols: n_in,
-                };
+                let wt = Self::mxfp4_weight(blocks, scales, experts, n_in, n_out);
                 grouped_gemm_f32_mxfp4w(gpu, &cfg(st(0, 0, 0)), &acts.offsets, total, x, &wt, backward, mma, epi, y)?;
             }
             ExpertW::Dense(wd) => {

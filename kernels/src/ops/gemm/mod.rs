@@ -24,6 +24,11 @@
 //! forward and the input-gradient product with the decoded weight as the register operand,
 //! warp-specialized: a producer warpgroup copies the operands by TMA), warp-level `mma.sync`
 //! elsewhere ([`Mxfp4Path`]); gemm.cu describes the kernels.
+//!
+//! [`grouped_gemm_f32_mxfp4w_lora`] is that product with an expert LoRA: the LoRA's first product
+//! (`u = x A_eᵀ`, or `du = s · dy B_e` for the input gradient) is computed in the same pass that
+//! splits A into bf16, and its second in the product's store. [`grouped_lora_down_f32`] is the
+//! first product alone, with the same bits.
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -910,12 +915,9 @@ pub fn grouped_gemm_f32_mxfp4w_lora(
         return grouped_gemm_f32_mxfp4w(gpu, cfg, offsets, total_rows, a, w, transposed, mma, &epi, c);
     }
     let path = Mxfp4Path::for_gpu(gpu, mma);
-    check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
-    check_shapes(op, cfg, offsets.len(), total_rows, a.len(), None, c.len())?;
     let lens =
         EpiLens { bias: bias.as_ref().map(|b| b.len()), lora: Some((u.len(), lora.up.len(), lora.up_strides, rank)) };
-    check_epilogue(op, cfg, total_rows, &lens)?;
-    if is_empty(cfg) || total_rows == 0 {
+    if !check_mxfp4_product(op, cfg, (offsets.len(), total_rows), (a.len(), c.len()), w, transposed, &lens)? {
         return Ok(());
     }
     let bias = bias.as_ref().map(|b| b.device_ptr(&gpu.stream));
@@ -999,14 +1001,11 @@ pub fn grouped_gemm_f32_mxfp4w_on(
     if matches!(path, Mxfp4Path::Wgmma | Mxfp4Path::WgmmaRs | Mxfp4Path::WgmmaWs) && gpu.arch != "sm_90a" {
         return Err(shape_err(format!("{op}: the wgmma kernel needs sm_90a, this GPU is {}", gpu.arch)));
     }
-    check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
-    check_shapes(op, cfg, offsets.len(), total_rows, a.len(), None, c.len())?;
     let lens = EpiLens {
         bias: epi.bias.as_ref().map(|b| b.len()),
         lora: epi.lora.as_ref().map(|l| (l.u.len(), l.b.len(), l.b_strides, l.rank)),
     };
-    check_epilogue(op, cfg, total_rows, &lens)?;
-    if is_empty(cfg) || total_rows == 0 {
+    if !check_mxfp4_product(op, cfg, (offsets.len(), total_rows), (a.len(), c.len()), w, transposed, &lens)? {
         return Ok(());
     }
     // The epilogue's device addresses; the guards keep the buffers' streams in order until the
@@ -1437,6 +1436,23 @@ fn launch_ws(
 struct EpiLens {
     bias: Option<usize>,
     lora: Option<(usize, usize, Strides, usize)>,
+}
+
+/// What every MXFP4 product checks before it launches: the weight against the configuration, the
+/// operands' and the epilogue's buffers. Ok(false): nothing to compute (no rows or an empty shape).
+fn check_mxfp4_product(
+    op: &str,
+    cfg: &GroupedGemm,
+    (offsets_len, total_rows): (usize, usize),
+    (a_len, c_len): (usize, usize),
+    w: &Mxfp4Weight<'_>,
+    transposed: bool,
+    lens: &EpiLens,
+) -> Result<bool> {
+    check_mxfp4(op, cfg, w.experts, w.rows, w.cols, w.blocks.len(), w.scales.len(), transposed)?;
+    check_shapes(op, cfg, offsets_len, total_rows, a_len, None, c_len)?;
+    check_epilogue(op, cfg, total_rows, lens)?;
+    Ok(!is_empty(cfg) && total_rows > 0)
 }
 
 /// Checks an epilogue's buffers against the product: the bias holds `groups · N`, u `total_rows ·

@@ -327,7 +327,7 @@ pub fn activation_bytes(
 }
 
 /// u16 elements of the GPU's shared scratch ([`Gpu::reserve_scratch`]: the bf16 splits of the
-/// operands) that the largest op of a step takes: attention's backward over `t` tokens or fewer
+/// operands, and the expert LoRA's partial sums beside them) that the largest op of a step takes: attention's backward over `t` tokens or fewer
 /// (its dK/dV partials can take more below `t`), or an expert product over one MoE chunk
 /// (reduction length up to 2 · intermediate, in the backward).
 fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: usize, precision: Precision) -> usize {
@@ -1568,8 +1568,9 @@ impl GpuEngine {
         )?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), backward")?;
         let slot_expert = v(&m.slot_expert, slots);
-        // Each projection: its LoRA's u and du first, then the expert product's input gradient,
-        // which adds du A_e as it stores it, then the LoRA's parameter gradients.
+        // Each projection: its LoRA's u where the recomputation did not leave it, then the expert
+        // product's input gradient, which computes du = s dy B_e as it splits dy and adds du A_e as
+        // it stores dx, then the LoRA's parameter gradients.
         let (z, dys) = (v(&m.z, slots * i2 / 2), v(&s.dys, slots * h));
         let lora_down = idx(Target::Experts(Proj::Down));
         if let Some(i) = lora_down {

@@ -795,11 +795,14 @@ extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS, 3)
 }
 
 // out[s ld + j] = alpha Σ_c part[(c rows + s) RANK + j] over the `chunks` chunks of
-// split_a_bf16_down, in order, for s < rows, j < rank. Grid: (rows RANK / SPLIT_THREADS).
+// split_a_bf16_down, in order, for s < rows, j < rank. Grid: (rows RANK / SPLIT_THREADS). Rows that
+// no group owns get sums that no block wrote: their u is not specified (the products never store
+// those rows).
 extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
     split_down_reduce(const float* part, float* out, unsigned long long ld, unsigned int rows, unsigned int rank,
                       unsigned int chunks, float alpha) {
-    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x, s = i / sd::RANK, j = i % sd::RANK;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, s = i / sd::RANK;
+    const unsigned int j = (unsigned int)(i % sd::RANK);
     if (s >= rows || j >= rank) return;
     float sum = 0.0f;
     for (unsigned int c = 0; c < chunks; ++c) sum += part[((size_t)c * rows + s) * sd::RANK + j];

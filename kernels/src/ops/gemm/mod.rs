@@ -738,7 +738,7 @@ pub fn grouped_gemm_f32(
 /// `offsets` and `total_rows` as in [`grouped_gemm_f32`]. A is first written once in bf16 (hi and
 /// lo, or hi alone) as `total_rows` rows of K rounded up to 64 into the [`Gpu`]'s scratch
 /// ([`mxfp4_scratch_elems`]: with [`Mma::Split`] the size of A in f32, half that with
-/// [`Mma::Bf16`]), which grows if it is smaller. The terms of `epi` (an expert's bias, its LoRA
+/// [`Mma::Bf16`], and room for a LoRA's partial sums), which grows if it is smaller. The terms of `epi` (an expert's bias, its LoRA
 /// up-projection; [`Mxfp4Epilogue::default`] for none) are added to every output as it is stored.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32_mxfp4w(
@@ -824,7 +824,7 @@ pub fn grouped_lora_down_f32(
     if d.rank == 0 || total_rows == 0 || cfg.groups == 0 {
         return Ok(());
     }
-    if d.rank > SPLIT_DOWN_RANK {
+    if d.rank > SPLIT_DOWN_RANK || cfg.k == 0 {
         let st = d.strides;
         let down = GroupedGemm {
             n: d.rank,
@@ -899,8 +899,8 @@ pub fn grouped_gemm_f32_mxfp4w_lora(
     let d = &lora.down;
     let rank = d.rank;
     check_down(op, cfg, total_rows, a.len(), d, u.len())?;
-    if rank > SPLIT_DOWN_RANK {
-        // u by the f32 kernels; then the product with the term in its store.
+    if rank > SPLIT_DOWN_RANK || cfg.k == 0 {
+        // u by the f32 kernels (which also take K = 0); then the product with the term in its store.
         grouped_lora_down_f32(gpu, cfg, offsets, total_rows, a, d, u)?;
         let epi = Mxfp4Epilogue {
             bias,
@@ -918,7 +918,8 @@ pub fn grouped_gemm_f32_mxfp4w_lora(
     let lens =
         EpiLens { bias: bias.as_ref().map(|b| b.len()), lora: Some((u.len(), lora.up.len(), lora.up_strides, rank)) };
     if !check_mxfp4_product(op, cfg, (offsets.len(), total_rows), (a.len(), c.len()), w, transposed, &lens)? {
-        return Ok(());
+        // No product to run (N = 0): u still is.
+        return grouped_lora_down_f32(gpu, cfg, offsets, total_rows, a, d, u);
     }
     let bias = bias.as_ref().map(|b| b.device_ptr(&gpu.stream));
     let (pb, b_guard) = lora.up.device_ptr(&gpu.stream);
@@ -1160,7 +1161,7 @@ fn mxfp4w_launch(
         .ok_or_else(|| shape_err(format!("{op}: {total_rows} rows x {kp} exceeds {DIM_MAX} elements")))?;
     let kp32 = kp as u32;
     // split_a_bf16 writes every element of both parts before the GEMM (same stream) reads them
-    // (split_a_bf16_down every row a group owns: the GEMM reads no other); the down-projection's
+    // (split_a_bf16_down every row a group owns: the products store no other); the down-projection's
     // partial sums follow the parts (at a multiple of 128 bytes: kp is of 64).
     let partials = down.map_or(0, |_| split_down_elems(total_rows, cfg.k));
     let c_product = &mut *c;

@@ -619,6 +619,42 @@ fn more_row_tiles_than_grid_y() {
 /// The epilogue reference's LoRA term is use (2) of the LoRA definitions (`y += s u B_eᵀ`) as the
 /// general reference computes it, and its bias goes to each group's own rows.
 #[test]
+fn split_down_grid_and_scratch_cover_every_chunk_and_row_tile() {
+    // split_a_bf16_down's grid: x, chunks of SPLIT_DOWN_KC k, must cover kp exactly (the kernel
+    // writes chunk blockIdx.x's partial sums, and the reduce adds chunks 0..x); y bounds the row
+    // tiles of SPLIT_DOWN_TM rows however the offsets split the rows (its loop is grid-stride, but
+    // the bound is what the launcher claims). The scratch holds every chunk's sums.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for _ in 0..200 {
+        let groups = rng.gen_range(1..40usize);
+        let sizes: Vec<usize> =
+            (0..groups).map(|_| if rng.gen_bool(0.2) { 0 } else { rng.gen_range(1..300) }).collect();
+        let total: usize = sizes.iter().sum();
+        let k = rng.gen_range(1..6000usize);
+        let cfg = GroupedGemm {
+            groups,
+            grouped: Grouped::M,
+            m: 0,
+            n: 8,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            a: Strides::row_major(k),
+            b: Strides::row_major(0),
+            c: Strides::row_major(8),
+        };
+        let (p, kp) = (params(&cfg, total), padded_k(k));
+        let grid = split_down_grid(&p, kp).grid_dim;
+        let chunks = grid.0 as usize;
+        assert!(chunks * SPLIT_DOWN_KC >= kp && (chunks - 1) * SPLIT_DOWN_KC < kp, "k {k}: {chunks} chunks");
+        let tiles: usize = sizes.iter().map(|s| s.div_ceil(SPLIT_DOWN_TM)).sum();
+        assert!(grid.1 as usize >= tiles.min(GRID_YZ_MAX), "sizes {sizes:?}: {tiles} tiles, grid {grid:?}");
+        assert_eq!(split_down_elems(total, k), 2 * chunks * total * SPLIT_DOWN_RANK);
+        assert!(mxfp4_scratch_elems(total, k, Mma::Split) >= 2 * total * kp + split_down_elems(total, k));
+    }
+}
+
+#[test]
 fn epilogue_reference_is_the_lora_up_product_plus_the_bias() {
     let (e, r, n) = (3, 5, 7);
     let sizes = [4usize, 0, 6];

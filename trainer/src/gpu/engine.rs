@@ -327,9 +327,10 @@ pub fn activation_bytes(
 }
 
 /// u16 elements of the GPU's shared scratch ([`Gpu::reserve_scratch`]: the bf16 splits of the
-/// operands, and the expert LoRA's partial sums beside them) that the largest op of a step takes: attention's backward over `t` tokens or fewer
-/// (its dK/dV partials can take more below `t`), or an expert product over one MoE chunk
-/// (reduction length up to 2 · intermediate, in the backward).
+/// operands, and the expert LoRA's partial sums beside them) that the largest op of a step takes:
+/// attention's backward over `t` tokens or fewer (its dK/dV partials can take more below `t`), or
+/// an expert product over one MoE chunk (reduction length up to 2 · intermediate, in the
+/// backward).
 fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: usize, precision: Precision) -> usize {
     let mma = if precision == Precision::Exact { Mma::Split } else { Mma::Bf16 };
     let heads = Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
@@ -894,39 +895,44 @@ impl GpuEngine {
     /// The second product of the expert LoRA forward, `y += s · u B_eᵀ` (PEFT's expert LoRA layout:
     /// `B_e(j, n) = lora_B[n, j·E + e]`), as an expert product's epilogue term.
     fn lora_up<'a>(p: &'a GpuLoraPair, u: &'a CudaSlice<f32>, slots: usize) -> LoraUp<'a> {
-        let SiteLayout { rank: r, experts: e, scaling, .. } = p.site;
-        LoraUp {
-            u: v(u, slots * r),
-            b: p.b.as_view(),
-            b_strides: Strides { row: e, col: r * e, group: 1 },
-            rank: r,
-            scaling,
-        }
+        let SiteLayout { rank: r, scaling, .. } = p.site;
+        LoraUp { u: v(u, slots * r), b: p.b.as_view(), b_strides: Self::lora_b_strides(&p.site), rank: r, scaling }
     }
 
     /// The input-gradient term of the expert LoRA backward, `dx += du A_e` (`A_e(j, n) =
     /// lora_A[e·r + j, n]`), as an expert product's epilogue term.
     fn lora_dx<'a>(p: &'a GpuLoraPair, du: &'a CudaSlice<f32>, slots: usize) -> LoraUp<'a> {
-        let SiteLayout { n_in, rank: r, .. } = p.site;
+        let r = p.site.rank;
         LoraUp {
             u: v(du, slots * r),
             b: p.a.as_view(),
-            b_strides: Strides { row: n_in, col: 1, group: r * n_in },
+            b_strides: Self::lora_a_strides(&p.site),
             rank: r,
             scaling: 1.0,
         }
     }
 
-    /// The expert LoRA's down factor `A_e` (`lora_A [r·E, in]`, expert e's rows e·r..) for `u = x A_eᵀ`.
-    fn lora_u_factor(p: &GpuLoraPair) -> LoraDown<'_> {
-        let SiteLayout { n_in, rank: r, .. } = p.site;
-        LoraDown { factor: p.a.as_view(), strides: Strides { row: n_in, col: 1, group: r * n_in }, alpha: 1.0, rank: r }
+    /// `A_e(j, n) = lora_A[e·r + j, n]` (PEFT's expert layout `[r·E, in]`) as (row j, column n,
+    /// group e) strides.
+    fn lora_a_strides(site: &SiteLayout) -> Strides {
+        Strides { row: site.n_in, col: 1, group: site.rank * site.n_in }
     }
 
-    /// The factor of the input gradient's `du = s · dy B_e` (`lora_B [out, r·E]`, column j·E + e).
+    /// `B_e(j, n) = lora_B[n, j·E + e]` (PEFT's expert layout `[out, r·E]`) as (row j, column n,
+    /// group e) strides.
+    fn lora_b_strides(site: &SiteLayout) -> Strides {
+        Strides { row: site.experts, col: site.rank * site.experts, group: 1 }
+    }
+
+    /// The expert LoRA's down factor `A_e` for `u = x A_eᵀ`.
+    fn lora_u_factor(p: &GpuLoraPair) -> LoraDown<'_> {
+        LoraDown { factor: p.a.as_view(), strides: Self::lora_a_strides(&p.site), alpha: 1.0, rank: p.site.rank }
+    }
+
+    /// The factor of the input gradient's `du = s · dy B_e`.
     fn lora_du_factor(p: &GpuLoraPair) -> LoraDown<'_> {
-        let SiteLayout { rank: r, experts: e, scaling, .. } = p.site;
-        LoraDown { factor: p.b.as_view(), strides: Strides { row: e, col: r * e, group: 1 }, alpha: scaling, rank: r }
+        let site = &p.site;
+        LoraDown { factor: p.b.as_view(), strides: Self::lora_b_strides(site), alpha: site.scaling, rank: site.rank }
     }
 
     /// `u [S, r] = x_e A_eᵀ` per expert: the first product of the expert LoRA (the same kernel, and
@@ -1030,16 +1036,17 @@ impl GpuEngine {
             let epi = Mxfp4Epilogue { bias, lora: None };
             return Self::expert_gemm(gpu, w, experts, n_in, n_out, acts, x, backward, mma, &epi, slot_expert, y);
         };
-        let slots = acts.total;
-        let SiteLayout { n_in: li, rank: r, experts: e, scaling, .. } = p.site;
-        let (a_st, b_st) = (Strides { row: li, col: 1, group: r * li }, Strides { row: e, col: r * e, group: 1 });
+        let (slots, r) = (acts.total, p.site.rank);
         match w {
             ExpertW::Mxfp4 { blocks, scales } => {
-                let lora = if backward {
-                    Mxfp4Lora { down: Self::lora_du_factor(p), up: p.a.as_view(), up_strides: a_st, scaling: 1.0 }
+                // The factor the product adds the term with is the other one.
+                let (down, up) = if backward {
+                    (Self::lora_du_factor(p), Self::lora_u_factor(p))
                 } else {
-                    Mxfp4Lora { down: Self::lora_u_factor(p), up: p.b.as_view(), up_strides: b_st, scaling }
+                    (Self::lora_u_factor(p), Self::lora_du_factor(p))
                 };
+                let scaling = if backward { 1.0 } else { p.site.scaling };
+                let lora = Mxfp4Lora { down, up: up.factor, up_strides: up.strides, scaling };
                 let wt = Self::mxfp4_weight(blocks, scales, experts, n_in, n_out);
                 let cfg = Self::expert_cfg(experts, n_in, n_out, slots, backward, Strides { row: 0, col: 0, group: 0 });
                 grouped_gemm_f32_mxfp4w_lora(
@@ -1392,8 +1399,8 @@ impl GpuEngine {
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         let grp = Groups { offsets: m.offsets.as_view(), total: slots };
         let slot_expert = v(&m.slot_expert, slots);
-        // Each projection: its LoRA's u = x A_eᵀ first, then the expert product, which adds the
-        // bias and s · u B_eᵀ as it stores its output.
+        // Each projection: the expert product, which computes its LoRA's u = x A_eᵀ as it splits x
+        // and adds the bias and s · u B_eᵀ as it stores its output.
         Self::expert_product(
             gpu,
             &layer.gate_up,

@@ -233,16 +233,18 @@ __device__ __forceinline__ float c_value(const float* cp, float acc, const Param
 // C = α acc + β C.
 __device__ __forceinline__ void store_c(float* cp, float acc, const Params& p) { *cp = c_value(cp, acc, p); }
 
-// One step of a warp-wide reduce-scatter, 2H values per lane down to H: lanes with bit H/2 set keep
-// the upper half, the others the lower half, each adding its partner (lane ^ H/2)'s copy of it.
-template <int H>
-__device__ __forceinline__ void halve(float (&v)[64], int lane) {
-    const bool up = lane & (H / 2);
+// One step of a warp-wide reduce-scatter, 2H of the N values per lane down to H: lanes with bit
+// `bit` set keep the upper half, the others the lower half, each adding its partner (lane ^ bit)'s
+// copy of it.
+template <int H, int N>
+__device__ __forceinline__ void halve(float (&v)[N], int lane, int bit) {
+    static_assert(2 * H <= N, "the values halved are held");
+    const bool up = lane & bit;
 #pragma unroll
     for (int i = 0; i < H; ++i) {
         const float send = up ? v[i] : v[i + H];
         const float keep = up ? v[i + H] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, H / 2);
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
     }
 }
 
@@ -353,11 +355,11 @@ __device__ void narrow_n(float* c, const float* a, const float* b, const unsigne
         for (int r = 0; r < RPW; ++r)
 #pragma unroll
             for (int j = 0; j < NP; ++j) v[r * NP + j] = acc[r][j];
-        halve<32>(v, lane);
-        halve<16>(v, lane);
-        halve<8>(v, lane);
-        halve<4>(v, lane);
-        halve<2>(v, lane);
+        halve<32>(v, lane, 16);
+        halve<16>(v, lane, 8);
+        halve<8>(v, lane, 4);
+        halve<4>(v, lane, 2);
+        halve<2>(v, lane, 1);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int o = 2 * lane + h, r = o / NP, j = o % NP;
@@ -619,6 +621,19 @@ static_assert((A_ELEMS * 2) % 16 == 0 && (B_ELEMS * 2) % 16 == 0 && (LDA * 2) % 
 constexpr int SPLIT_THREADS = 256;  // split_a_bf16: 4 k per thread
 }  // namespace tc
 
+// Values k .. k + 3 of the A row at src (zeros past K, and all zeros unless ok): one float4 load
+// where `vec` (A's k stride 1, its rows and src 16-byte aligned) and all four lie below K.
+__device__ __forceinline__ void load4(float (&x)[4], const float* src, bool ok, bool vec, unsigned int k,
+                                      const Params& p) {
+    if (ok && vec && k + 3 < p.k) {
+        const float4 v = *reinterpret_cast<const float4*>(src + k);
+        x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[e] = (ok && k + e < p.k) ? src[(size_t)(k + e) * p.a_col] : 0.0f;
+    }
+}
+
 // split_a_bf16's bf16 parts of four values of A (k .. k + 3 of row r) into hi (and lo).
 __device__ __forceinline__ void split_store4(unsigned int* hi, unsigned int* lo, size_t r, unsigned int kp,
                                              unsigned int k, const float (&x)[4]) {
@@ -661,13 +676,7 @@ extern "C" __global__ void __launch_bounds__(tc::SPLIT_THREADS)
             }
         }
         float x[4];
-        if (src != nullptr && vec && k + 3 < p.k) {
-            const float4 v = *reinterpret_cast<const float4*>(src + k);
-            x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-        } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) x[e] = (src != nullptr && k + e < p.k) ? src[(size_t)(k + e) * p.a_col] : 0.0f;
-        }
+        load4(x, src, src != nullptr, vec, k, p);
         split_store4(hi, lo, r, kp, k, x);
     }
 }
@@ -698,18 +707,6 @@ struct SdFactor {
     unsigned int rank;
 };
 
-// One step of the reduce-scatter over 2H values: lanes with bit `bit` set keep the upper half.
-template <int H>
-__device__ __forceinline__ void halve32(float (&v)[32], int lane, int bit) {
-    const bool up = lane & bit;
-#pragma unroll
-    for (int i = 0; i < H; ++i) {
-        const float send = up ? v[i] : v[i + H];
-        const float keep = up ? v[i + H] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
-    }
-}
-
 template <bool SPLIT>
 __device__ __forceinline__ void split_down(unsigned int* hi, unsigned int* lo, const float* a,
                                            const unsigned int* offsets, const Params& p, unsigned int kp,
@@ -736,15 +733,7 @@ __device__ __forceinline__ void split_down(unsigned int* hi, unsigned int* lo, c
             float x[RU][4];
 #pragma unroll
             for (int i = 0; i < RU; ++i) {
-                const bool ok = r0 + i < rows;
-                const float* src = ag + (size_t)(m0 + r0 + i) * p.a_row;
-                if (ok && vec && k + 3 < p.k) {
-                    const float4 v = *reinterpret_cast<const float4*>(src + k);
-                    x[i][0] = v.x, x[i][1] = v.y, x[i][2] = v.z, x[i][3] = v.w;
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) x[i][e] = (ok && k + e < p.k) ? src[(size_t)(k + e) * p.a_col] : 0.0f;
-                }
+                load4(x[i], ag + (size_t)(m0 + r0 + i) * p.a_row, r0 + i < rows, vec, k, p);
             }
 #pragma unroll
             for (int i = 0; i < RU; ++i)
@@ -759,11 +748,11 @@ __device__ __forceinline__ void split_down(unsigned int* hi, unsigned int* lo, c
                     for (int e = 1; e < 4; ++e) s = fmaf(x[i][e], fr[j][e], s);
                     v[RANK * i + j] = s;
                 }
-            halve32<16>(v, lane, 8);
-            halve32<8>(v, lane, 4);
-            halve32<4>(v, lane, 2);
-            halve32<2>(v, lane, 1);
-            halve32<1>(v, lane, 16);
+            halve<16>(v, lane, 8);
+            halve<8>(v, lane, 4);
+            halve<4>(v, lane, 2);
+            halve<2>(v, lane, 1);
+            halve<1>(v, lane, 16);
             red[buf][warp][lane] = v[0];
             __syncthreads();
             if (warp == 0) {

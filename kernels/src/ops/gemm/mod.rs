@@ -738,8 +738,9 @@ pub fn grouped_gemm_f32(
 /// `offsets` and `total_rows` as in [`grouped_gemm_f32`]. A is first written once in bf16 (hi and
 /// lo, or hi alone) as `total_rows` rows of K rounded up to 64 into the [`Gpu`]'s scratch
 /// ([`mxfp4_scratch_elems`]: with [`Mma::Split`] the size of A in f32, half that with
-/// [`Mma::Bf16`], and room for a LoRA's partial sums), which grows if it is smaller. The terms of `epi` (an expert's bias, its LoRA
-/// up-projection; [`Mxfp4Epilogue::default`] for none) are added to every output as it is stored.
+/// [`Mma::Bf16`], and room for a LoRA's partial sums), which grows if it is smaller. The terms of
+/// `epi` (an expert's bias, its LoRA up-projection; [`Mxfp4Epilogue::default`] for none) are added
+/// to every output as it is stored.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32_mxfp4w(
     gpu: &Gpu,
@@ -786,13 +787,20 @@ pub struct Mxfp4Lora<'a> {
 }
 
 /// Checks a down-projection over the rows and K of `cfg` (Grouped::M) against its buffers.
-fn check_down(op: &str, cfg: &GroupedGemm, total_rows: usize, a_len: usize, d: &LoraDown, u_len: usize) -> Result<()> {
+fn check_down(
+    op: &str,
+    cfg: &GroupedGemm,
+    (offsets_len, total_rows): (usize, usize),
+    a_len: usize,
+    d: &LoraDown,
+    u_len: usize,
+) -> Result<()> {
     if cfg.grouped != Grouped::M {
         return Err(shape_err(format!("{op}: a LoRA down-projection splits the rows (Grouped::M)")));
     }
     check_dim(op, "rank", d.rank)?;
     let down = GroupedGemm { n: d.rank, c: Strides::row_major(d.rank), ..*cfg };
-    check_shapes(op, &down, cfg.groups + 1, total_rows, a_len, None, u_len)?;
+    check_shapes(op, &down, offsets_len, total_rows, a_len, None, u_len)?;
     check_len(
         op,
         "the down factor",
@@ -817,10 +825,7 @@ pub fn grouped_lora_down_f32(
     u: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let op = "grouped_lora_down_f32";
-    check_down(op, cfg, total_rows, a.len(), d, u.len())?;
-    if offsets.len() != cfg.groups + 1 {
-        return Err(shape_err(format!("{op}: offsets has {} elements, expected {}", offsets.len(), cfg.groups + 1)));
-    }
+    check_down(op, cfg, (offsets.len(), total_rows), a.len(), d, u.len())?;
     if d.rank == 0 || total_rows == 0 || cfg.groups == 0 {
         return Ok(());
     }
@@ -898,7 +903,7 @@ pub fn grouped_gemm_f32_mxfp4w_lora(
     let op = "grouped_gemm_f32_mxfp4w_lora";
     let d = &lora.down;
     let rank = d.rank;
-    check_down(op, cfg, total_rows, a.len(), d, u.len())?;
+    check_down(op, cfg, (offsets.len(), total_rows), a.len(), d, u.len())?;
     if rank > SPLIT_DOWN_RANK || cfg.k == 0 {
         // u by the f32 kernels (which also take K = 0); then the product with the term in its store.
         grouped_lora_down_f32(gpu, cfg, offsets, total_rows, a, d, u)?;

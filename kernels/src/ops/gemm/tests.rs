@@ -735,6 +735,63 @@ struct EpiCase {
     u_shift: usize,
 }
 
+/// Random MXFP4 experts `[experts, rows, cols]` (block scales 2^-7 to 2^1) and groups of `sizes`
+/// rows, on the host and the device.
+struct Mxfp4Case {
+    blocks: Vec<u8>,
+    scales: Vec<u8>,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    bmax: f32,
+    offsets: Vec<u32>,
+    total: usize,
+    bd: cudarc::driver::CudaSlice<u8>,
+    sd: cudarc::driver::CudaSlice<u8>,
+    od: cudarc::driver::CudaSlice<u32>,
+}
+
+impl Mxfp4Case {
+    fn new(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usize, sizes: &[usize]) -> Self {
+        let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
+        let bmax = max_abs(&dequantize(&Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols }));
+        let offsets = offsets_of(sizes);
+        let total = offsets[sizes.len()] as usize;
+        let st = &gpu.stream;
+        let (bd, sd, od) =
+            (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
+        Self { blocks, scales, experts, rows, cols, bmax, offsets, total, bd, sd, od }
+    }
+
+    fn host(&self) -> Mxfp4HostWeight<'_> {
+        let (experts, rows, cols) = (self.experts, self.rows, self.cols);
+        Mxfp4HostWeight { blocks: &self.blocks, scales: &self.scales, experts, rows, cols }
+    }
+
+    fn weight(&self) -> Mxfp4Weight<'_> {
+        let (experts, rows, cols) = (self.experts, self.rows, self.cols);
+        Mxfp4Weight { blocks: self.bd.as_view(), scales: self.sd.as_view(), experts, rows, cols }
+    }
+
+    /// The product over the groups, forward (`K = cols`, `N = rows`) or transposed, row-major A
+    /// and C, with `beta`.
+    fn cfg(&self, transposed: bool, beta: f32) -> GroupedGemm {
+        let (k, n) = if transposed { (self.rows, self.cols) } else { (self.cols, self.rows) };
+        GroupedGemm {
+            groups: self.offsets.len() - 1,
+            grouped: Grouped::M,
+            m: max_len(&self.offsets),
+            n,
+            k,
+            alpha: 1.0,
+            beta,
+            a: Strides::row_major(k),
+            b: Strides::row_major(0),
+            c: Strides::row_major(n),
+        }
+    }
+}
+
 fn check_mxfp4_gpu(gpu: &Gpu, seed: u64, experts: usize, rows: usize, cols: usize, sizes: &[usize], time: bool) {
     check_mxfp4_gpu_epi(gpu, seed, experts, rows, cols, sizes, time, None)
 }
@@ -750,30 +807,14 @@ fn check_mxfp4_gpu_epi(
     time: bool,
     epi: Option<EpiCase>,
 ) {
-    let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
-    let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
-    let bmax = max_abs(&dequantize(&hw));
-    let offsets = offsets_of(sizes);
-    let total = offsets[sizes.len()] as usize;
+    let case = Mxfp4Case::new(gpu, seed, experts, rows, cols, sizes);
+    let (hw, w, offsets, total, od, bmax) =
+        (case.host(), case.weight(), &case.offsets, case.total, &case.od, case.bmax);
     let st = &gpu.stream;
-    let (bd, sd, od) =
-        (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
-    let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
     let cases = [(false, Mma::Split), (true, Mma::Split), (false, Mma::Bf16), (true, Mma::Bf16)];
     for (path, (transposed, mma)) in mxfp4_paths(gpu).into_iter().flat_map(|p| cases.map(|c| (p, c))) {
-        let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
-        let cfg = GroupedGemm {
-            groups: sizes.len(),
-            grouped: Grouped::M,
-            m: max_len(&offsets),
-            n,
-            k,
-            alpha: 1.0,
-            beta: if transposed { 1.0 } else { 0.0 },
-            a: Strides::row_major(k),
-            b: Strides::row_major(0),
-            c: Strides::row_major(n),
-        };
+        let cfg = case.cfg(transposed, if transposed { 1.0 } else { 0.0 });
+        let (k, n) = (cfg.k, cfg.n);
         let s = seed * 10 + transposed as u64;
         let (a, c0) = (randn(s + 1, total * k, 1.0), randn(s + 2, total * n, 1.0));
         let (ad, mut cd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&c0).unwrap());
@@ -836,11 +877,11 @@ fn check_mxfp4_gpu_epi(
             Mma::Split => a.clone(),
             Mma::Bf16 => a.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
         };
-        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &a_ref, &hw, transposed, &mut want);
+        grouped_gemm_mxfp4w_ref(&cfg, offsets, &a_ref, &hw, transposed, &mut want);
         if let Some(EpiCase { rank, u_shift }) = epi {
             let lora = HostLoraUp { u: &u[u_shift..], b: &lb, b_strides, rank, scaling };
             let host = HostEpilogue { bias: Some(&bias), lora: Some(lora) };
-            mxfp4_epilogue_ref(&cfg, &offsets, &host, &mut want);
+            mxfp4_epilogue_ref(&cfg, offsets, &host, &mut want);
         }
         let what = format!(
             "mxfp4 {path:?} [{experts}, {rows}, {cols}] transposed {transposed} {mma:?} sizes {sizes:?} epilogue {epi:?}"
@@ -870,29 +911,13 @@ fn check_mxfp4_lora_gpu(
     rank: usize,
     time: bool,
 ) {
-    let (blocks, scales) = random_mxfp4(seed, experts, rows, cols, 120..=128);
-    let hw = Mxfp4HostWeight { blocks: &blocks, scales: &scales, experts, rows, cols };
-    let bmax = max_abs(&dequantize(&hw));
-    let offsets = offsets_of(sizes);
-    let total = offsets[sizes.len()] as usize;
+    let case = Mxfp4Case::new(gpu, seed, experts, rows, cols, sizes);
+    let (hw, w, offsets, total, od, bmax) =
+        (case.host(), case.weight(), &case.offsets, case.total, &case.od, case.bmax);
     let st = &gpu.stream;
-    let (bd, sd, od) =
-        (st.clone_htod(&blocks).unwrap(), st.clone_htod(&scales).unwrap(), st.clone_htod(&offsets).unwrap());
-    let w = Mxfp4Weight { blocks: bd.as_view(), scales: sd.as_view(), experts, rows, cols };
     for (transposed, mma) in [(false, Mma::Split), (true, Mma::Split), (false, Mma::Bf16), (true, Mma::Bf16)] {
-        let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
-        let cfg = GroupedGemm {
-            groups: sizes.len(),
-            grouped: Grouped::M,
-            m: max_len(&offsets),
-            n,
-            k,
-            alpha: 1.0,
-            beta: 0.0,
-            a: Strides::row_major(k),
-            b: Strides::row_major(0),
-            c: Strides::row_major(n),
-        };
+        let cfg = case.cfg(transposed, 0.0);
+        let (k, n) = (cfg.k, cfg.n);
         // PEFT's layouts: A [r·E, in] (expert e's rows e·r..), B [out, r·E] (column j·E + e).
         let a_layout = |inp: usize| Strides { row: inp, col: 1, group: rank * inp };
         let b_layout = Strides { row: experts, col: rank * experts, group: 1 };
@@ -951,7 +976,7 @@ fn check_mxfp4_lora_gpu(
             ..cfg
         };
         let mut u_want = vec![0.0; total * rank];
-        grouped_gemm_ref(&down_cfg, &offsets, &x, &down, &mut u_want);
+        grouped_gemm_ref(&down_cfg, offsets, &x, &down, &mut u_want);
         assert_close(&format!("{what}: u"), u_got, &u_want, atol(k, 1.0, 0.5) * alpha, 1e-5);
         // The down-projection alone: the same bits (a backward pass that did not keep u).
         let mut u2 = st.clone_htod(&vec![f32::NAN; total * rank]).unwrap();
@@ -967,9 +992,9 @@ fn check_mxfp4_lora_gpu(
             Mma::Bf16 => x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
         };
         let mut want = vec![0.0; total * n];
-        grouped_gemm_mxfp4w_ref(&cfg, &offsets, &x_ref, &hw, transposed, &mut want);
+        grouped_gemm_mxfp4w_ref(&cfg, offsets, &x_ref, &hw, transposed, &mut want);
         let host_lora = HostLoraUp { u: u_got, b: &up, b_strides: up_st, rank, scaling };
-        mxfp4_epilogue_ref(&cfg, &offsets, &HostEpilogue { bias: Some(&bias), lora: Some(host_lora) }, &mut want);
+        mxfp4_epilogue_ref(&cfg, offsets, &HostEpilogue { bias: Some(&bias), lora: Some(host_lora) }, &mut want);
         assert_close(&format!("{what}: C"), c_got, &want, atol(k, 1.0, bmax), 1e-4);
         if time {
             let ms = median_ms(gpu, || launch(&mut ud, &mut cd));

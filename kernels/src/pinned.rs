@@ -16,6 +16,8 @@ use crate::{Error, Gpu, Result};
 pub struct PinnedBuf<T: DeviceRepr> {
     ptr: *mut T,
     len: usize,
+    /// The device's address of the pages when they are mapped ([`PinnedBuf::new_mapped`]).
+    device: Option<u64>,
     ctx: Arc<CudaContext>,
 }
 
@@ -27,20 +29,53 @@ unsafe impl<T: DeviceRepr + Sync> Sync for PinnedBuf<T> {}
 impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
     /// Allocates `len` values (at least one byte is allocated) on `gpu`'s context.
     pub fn new(gpu: &Gpu, len: usize) -> Result<Self> {
+        Self::alloc(gpu, len, false)
+    }
+
+    /// As [`PinnedBuf::new`], mapped into the device's address space as well: kernels read it
+    /// through [`PinnedBuf::device_address`] over the bus (zero-copy), e.g. the few rows of a large
+    /// table that a step needs, without a copy of the table on the device.
+    pub fn new_mapped(gpu: &Gpu, len: usize) -> Result<Self> {
+        Self::alloc(gpu, len, true)
+    }
+
+    fn alloc(gpu: &Gpu, len: usize, mapped: bool) -> Result<Self> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error::Shape(format!("pinned buffer of {len} values overflows")))?;
         gpu.ctx.bind_to_thread()?;
-        // SAFETY: cuMemHostAlloc with no flags (pinned for this context, cached, host-readable);
-        // the pointer is checked non-null and suitably aligned (page-aligned by the driver) and
-        // the memory is initialised before any read.
-        let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }? as *mut T;
+        let flags = if mapped { sys::CU_MEMHOSTALLOC_DEVICEMAP } else { 0 };
+        // SAFETY: cuMemHostAlloc (pinned for this context, cached, host-readable; with DEVICEMAP
+        // also mapped for the device); the pointer is checked non-null and suitably aligned
+        // (page-aligned by the driver) and the memory is initialised before any read.
+        let ptr = unsafe { result::malloc_host(bytes.max(1), flags) }? as *mut T;
         if ptr.is_null() || !ptr.is_aligned() {
             return Err(Error::Driver(format!("cuMemHostAlloc({bytes}) returned an unusable pointer")));
         }
+        let mut buf = Self { ptr, len, device: None, ctx: gpu.ctx.clone() };
+        if mapped {
+            let mut dptr: sys::CUdeviceptr = 0;
+            // SAFETY: an out-parameter for the device address of our mapped allocation (flags 0,
+            // as the driver requires); on failure `buf` frees the pages.
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr as *mut std::ffi::c_void, 0) }.result()?;
+            buf.device = Some(dptr);
+        }
         // SAFETY: `ptr` points to at least `len` values of T, exclusively ours.
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }.fill(T::default());
-        Ok(Self { ptr, len, ctx: gpu.ctx.clone() })
+        Ok(buf)
+    }
+
+    /// The device's address of the buffer when it was allocated by [`PinnedBuf::new_mapped`].
+    pub fn device_address(&self) -> Option<u64> {
+        self.device
+    }
+
+    /// The values, to fill. No kernel or copy may be using the buffer meanwhile: `&mut self` keeps
+    /// this crate's copies out, and a kernel that reads it through [`PinnedBuf::device_address`]
+    /// must have completed (its caller's contract).
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: `ptr` holds `len` initialised values, exclusively borrowed through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
     pub fn len(&self) -> usize {

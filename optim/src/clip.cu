@@ -73,3 +73,12 @@ extern "C" __global__ void scale_multi_f32(const TensorRef* t, unsigned int coun
         for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) x[i] = __fmul_rn(x[i], s);
     }
 }
+
+// x = 0 for every element of every tensor of the table (zeroing many gradients in one launch).
+extern "C" __global__ void zero_multi_f32(const TensorRef* t, unsigned int count, unsigned int chunks) {
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        size_t begin, end;
+        float* x = chunk_of(t, count, c, begin, end);
+        for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) x[i] = 0.0f;
+    }
+}

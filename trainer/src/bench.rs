@@ -113,6 +113,9 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
         t1.elapsed().as_secs_f64(),
         eng.bytes as f64 / crate::gpu::GIB
     ));
+    if let Some(why) = eng.embeddings_pageable() {
+        log(&format!("embedding table in pageable host memory ({why}): each step's rows gathered on the host"));
+    }
     let v = b.model.vocab_size as u64;
     let mut x = b.seed | 1;
     let mut next = || {

@@ -559,7 +559,12 @@ impl Trainer {
                     offload_checkpoints: t.cfg.offload_checkpoints,
                     ..Default::default()
                 };
-                t.engine = Some(GpuEngine::with_options(gpu, &t.model, &t.adapter, budget, opts)?);
+                let eng = GpuEngine::with_options(gpu, &t.model, &t.adapter, budget, opts)?;
+                let d = match eng.embeddings_pageable() {
+                    Some(why) => format!("{d}; embedding rows gathered on the host ({why})"),
+                    None => d,
+                };
+                t.engine = Some(eng);
                 d
             }
             None => match why_not {

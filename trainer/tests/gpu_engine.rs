@@ -150,8 +150,10 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
     let bf16 = EngineOptions { precision: Precision::Bf16, ..Default::default() };
     let mut fast = GpuEngine::with_options(gpu.clone(), &m, &gpu_adapter, 64, bf16).unwrap();
     let mut fast_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
-    // Layer inputs in host memory: the same values copied out and back, bit-identical gradients.
-    let host = EngineOptions { offload_checkpoints: true, ..Default::default() };
+    // Layer inputs in host memory: the same values copied out and back, bit-identical gradients;
+    // and the embedding rows gathered on the host (the fallback of a table that cannot be
+    // page-locked) instead of read from mapped host memory by the kernel: the same rows.
+    let host = EngineOptions { offload_checkpoints: true, pageable_embeddings: true, ..Default::default() };
     let mut offloaded = GpuEngine::with_options(gpu.clone(), &m, &gpu_adapter, 64, host).unwrap();
     let mut offloaded_adapter = LoraAdapter::load(&dir, &m.cfg).unwrap();
     for (name, batch) in [("PEFT batch", peft.clone()), ("packed batch", packed_batch(m.cfg.vocab_size))] {
@@ -174,6 +176,7 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
         offloaded.zero_grads().unwrap();
         let (ol, _) = offloaded.forward_backward(&batch, 1.0 / n as f32).unwrap();
         offloaded.download_grads(&mut offloaded_adapter, None).unwrap();
+        assert!(offloaded.embeddings_pageable().is_some() && eng.embeddings_pageable().is_none());
         assert_eq!(ol, gl, "{name}: loss with the checkpoints in host memory");
         for ((key, _, a), (_, _, b)) in gpu_adapter.grads().into_iter().zip(offloaded_adapter.grads()) {
             assert!(a == b, "{name}: {key} differs with the checkpoints in host memory");

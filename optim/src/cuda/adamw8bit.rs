@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use oxtune_kernels::pinned::CopyStream;
 use oxtune_kernels::Gpu;
 
@@ -75,12 +77,24 @@ impl DeviceState {
 pub struct AdamW8bitGpu {
     config: AdamW8bitConfig,
     states: BTreeMap<String, DeviceState>,
+    /// The 8-bit tensors' table of the multi-tensor kernel ([`TABLE_WORDS`] words a tensor), on
+    /// the device: allocated by the first step, grown when a step has more tensors.
+    table_dev: Option<CudaSlice<u64>>,
 }
+
+/// u64 words per tensor in the table of `adamw8bit_blockwise_multi_f32` (adamw8bit.cu's
+/// `Ada8Tensor`: six addresses, the length, the first block, then the step size, the decay and
+/// `c2_eps` as f32, and 4 unused bytes).
+const TABLE_WORDS: usize = 10;
+
+/// Blocks of the multi-tensor kernel at most: they stride over the quantization blocks, so that
+/// each loads the two 256-entry maps once for many of them (the results do not depend on it).
+const MULTI_GRID: usize = 4096;
 
 impl AdamW8bitGpu {
     pub fn new(config: AdamW8bitConfig) -> Result<Self> {
         config.adam.validate()?;
-        Ok(Self { config, states: BTreeMap::new() })
+        Ok(Self { config, states: BTreeMap::new(), table_dev: None })
     }
 
     pub fn config(&self) -> &AdamW8bitConfig {
@@ -108,7 +122,7 @@ impl AdamW8bitGpu {
             }
         }
         // Loading the kernels can fail (NVRTC); do it before anything is modified.
-        for kernel in ["adamw8bit_blockwise_f32", "adamw8bit_fp32_f32"] {
+        for kernel in ["adamw8bit_blockwise_multi_f32", "adamw8bit_fp32_f32"] {
             gpu.function("optim_adamw8bit", ADAMW8BIT_SRC, kernel)?;
         }
         let mut fresh = Vec::new();
@@ -129,8 +143,18 @@ impl AdamW8bitGpu {
             fresh.push((p.name.to_string(), st));
         }
         self.states.extend(fresh);
+        // Each parameter's state, borrowed at once (the names are unique: check_params).
+        let mut by_name: std::collections::HashMap<&str, &mut DeviceState> =
+            self.states.iter_mut().map(|(k, v)| (k.as_str(), v)).collect();
+        let stream = &gpu.stream;
+        // The 8-bit tensors go into one launch: their table rows, with the addresses' guards held
+        // until it is queued (they record its use of the buffers when cudarc tracks streams).
+        let mut table: Vec<u64> = Vec::new();
+        let mut guards = Vec::new();
+        let mut stepped: Vec<&mut u64> = Vec::new();
+        let mut blocks = 0usize;
         for p in params.iter_mut() {
-            let Some(st) = self.states.get_mut(p.name) else { unreachable!("every parameter has a state now") };
+            let Some(st) = by_name.remove(p.name) else { unreachable!("every parameter has a state now") };
             match st {
                 DeviceState::Fp32(st) => {
                     let s = Scalars::new(&self.config.adam, lr, p.weight_decay, st.step + 1);
@@ -145,20 +169,69 @@ impl AdamW8bitGpu {
                     st.step += 1;
                 }
                 DeviceState::Blockwise(st) => {
+                    let n = p.value.len();
+                    check_blockwise(st, n, p.grad.len())?;
+                    if n == 0 {
+                        st.step += 1;
+                        continue;
+                    }
                     let s = Scalars::new(&self.config.adam, lr, p.weight_decay, st.step + 1);
-                    adamw8bit_blockwise_step_gpu(
-                        gpu,
-                        &mut p.value.as_view_mut(),
-                        &mut st.state1.as_view_mut(),
-                        &mut st.state2.as_view_mut(),
-                        &mut st.absmax1.as_view_mut(),
-                        &mut st.absmax2.as_view_mut(),
-                        &p.grad.as_view(),
-                        &s,
-                    )?;
-                    st.step += 1;
+                    let DeviceBlockwiseState { step, state1, state2, absmax1, absmax2 } = st;
+                    let (pv, gp) = (p.value.device_ptr_mut(stream), p.grad.device_ptr(stream));
+                    let (s1, s2) = (state1.device_ptr_mut(stream), state2.device_ptr_mut(stream));
+                    let (a1, a2) = (absmax1.device_ptr_mut(stream), absmax2.device_ptr_mut(stream));
+                    let pair = |lo: f32, hi: f32| lo.to_bits() as u64 | (hi.to_bits() as u64) << 32;
+                    let row = [pv.0, s1.0, s2.0, a1.0, a2.0, gp.0, n as u64, blocks as u64];
+                    table.extend(
+                        row.into_iter().chain([pair(s.step_size, s.decay.unwrap_or(1.0)), pair(s.c2_eps, 0.0)]),
+                    );
+                    guards.push([pv.1, s1.1, s2.1, a1.1, a2.1, gp.1]);
+                    blocks += n.div_ceil(BLOCK);
+                    stepped.push(step);
                 }
             }
+        }
+        if blocks > 0 {
+            debug_assert_eq!(table.len(), TABLE_WORDS * stepped.len());
+            let count = u32::try_from(stepped.len()).expect("fewer tensors than 2^32");
+            let blocks64 = blocks as u64;
+            let grid = blocks.min(MULTI_GRID) as u32;
+            if self.table_dev.as_ref().is_none_or(|t| t.len() < table.len()) {
+                self.table_dev = Some(stream.alloc_zeros::<u64>(table.len()).map_err(oxtune_kernels::Error::from)?);
+            }
+            let Some(dev) = self.table_dev.as_mut() else { unreachable!("allocated above") };
+            // Stream-ordered: a launch of the last step that reads the old table has run first.
+            stream.memcpy_htod(&table, &mut dev.slice_mut(..table.len())).map_err(oxtune_kernels::Error::from)?;
+            let f = gpu.function("optim_adamw8bit", ADAMW8BIT_SRC, "adamw8bit_blockwise_multi_f32")?;
+            let s = Scalars::new(&self.config.adam, lr, true, 1);
+            let (smap, umap) = (Code256(SIGNED_MAP), Code256(UNSIGNED_MAP));
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: adamw8bit_blockwise_multi_f32(const Ada8Tensor* tensors, unsigned count, unsigned long
+            // long blocks, float beta1, float beta2, float one_minus_beta1, float one_minus_beta2, Code256
+            // signed_map, Code256 unsigned_map): the table holds `count` rows of TABLE_WORDS words (Ada8Tensor's layout),
+            // each the live buffers of one tensor (p, g, state1, state2 of n elements, absmax1/absmax2 of
+            // ceil(n / 256): check_blockwise), borrowed by the guards until the launch is queued and kept
+            // alive by their owners past it (freed on this stream); first blocks count up from 0 in row
+            // order up to `blocks`, over which the grid's blocks of 256 threads (as the kernel assumes) stride.
+            unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(&*dev)
+                    .arg(&count)
+                    .arg(&blocks64)
+                    .arg(&s.beta1)
+                    .arg(&s.beta2)
+                    .arg(&s.one_minus_beta1)
+                    .arg(&s.one_minus_beta2)
+                    .arg(&smap)
+                    .arg(&umap)
+                    .launch(cfg)
+            }
+            .map_err(oxtune_kernels::Error::from)?;
+        }
+        drop(guards);
+        for step in stepped {
+            *step += 1;
         }
         Ok(())
     }
@@ -269,7 +342,7 @@ impl AdamW8bitGpu {
             };
             states.insert(name.clone(), st);
         }
-        Ok(Self { config: *cpu.config(), states })
+        Ok(Self { config: *cpu.config(), states, table_dev: None })
     }
 }
 
@@ -277,67 +350,21 @@ fn shape_error(what: &str, len: usize, want: usize) -> oxtune_kernels::Error {
     oxtune_kernels::Error::Shape(format!("adamw8bit: {what} has {len} elements, expected {want}"))
 }
 
-/// One step of the 8-bit path: `p`, `g`, `state1`, `state2` `[n]`, `absmax1`, `absmax2` `[ceil(n / 256)]`.
-#[allow(clippy::too_many_arguments)]
-fn adamw8bit_blockwise_step_gpu(
-    gpu: &Gpu,
-    p: &mut CudaViewMut<'_, f32>,
-    state1: &mut CudaViewMut<'_, u8>,
-    state2: &mut CudaViewMut<'_, u8>,
-    absmax1: &mut CudaViewMut<'_, f32>,
-    absmax2: &mut CudaViewMut<'_, f32>,
-    g: &CudaView<'_, f32>,
-    s: &Scalars,
-) -> oxtune_kernels::Result<()> {
-    let n = p.len();
+/// Checks that a tensor of `n` elements with a gradient of `grad` has the 8-bit state of its size:
+/// `state1`, `state2` `[n]`, `absmax1`, `absmax2` `[ceil(n / 256)]`.
+fn check_blockwise(st: &DeviceBlockwiseState, n: usize, grad: usize) -> oxtune_kernels::Result<()> {
     let blocks = n.div_ceil(BLOCK);
     for (what, len, want) in [
-        ("state1", state1.len(), n),
-        ("state2", state2.len(), n),
-        ("absmax1", absmax1.len(), blocks),
-        ("absmax2", absmax2.len(), blocks),
-        ("grad", g.len(), n),
+        ("state1", st.state1.len(), n),
+        ("state2", st.state2.len(), n),
+        ("absmax1", st.absmax1.len(), blocks),
+        ("absmax2", st.absmax2.len(), blocks),
+        ("grad", grad, n),
     ] {
         if len != want {
             return Err(shape_error(what, len, want));
         }
     }
-    if n == 0 {
-        return Ok(());
-    }
-    let blocks = u32::try_from(blocks)
-        .map_err(|_| oxtune_kernels::Error::Shape(format!("adamw8bit: {n} elements exceed the grid")))?;
-    let f = gpu.function("optim_adamw8bit", ADAMW8BIT_SRC, "adamw8bit_blockwise_f32")?;
-    let n64 = n as u64;
-    let decay = s.decay.unwrap_or(1.0);
-    let (smap, umap) = (Code256(SIGNED_MAP), Code256(UNSIGNED_MAP));
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: adamw8bit_blockwise_f32(float* p, unsigned char* state1, unsigned char* state2, float* absmax1,
-    // float* absmax2, const float* g, unsigned long long n, float beta1, float beta2, float one_minus_beta1,
-    // float one_minus_beta2, float c2_eps, float step_size, float decay, Code256 signed_map, Code256
-    // unsigned_map): p, g, state1, state2 hold n elements, absmax1/absmax2 ceil(n / 256) (checked above);
-    // exactly 256 threads per block and one block per 256-element block of the tensor, as the kernel assumes.
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(p)
-            .arg(state1)
-            .arg(state2)
-            .arg(absmax1)
-            .arg(absmax2)
-            .arg(g)
-            .arg(&n64)
-            .arg(&s.beta1)
-            .arg(&s.beta2)
-            .arg(&s.one_minus_beta1)
-            .arg(&s.one_minus_beta2)
-            .arg(&s.c2_eps)
-            .arg(&s.step_size)
-            .arg(&decay)
-            .arg(&smap)
-            .arg(&umap)
-            .launch(cfg)
-    }?;
     Ok(())
 }
 

@@ -119,6 +119,21 @@ impl GradClip {
 
     /// `g *= s` for every gradient, in one launch.
     pub fn scale(&mut self, gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>], s: f32) -> oxtune_kernels::Result<()> {
+        self.write_each(gpu, grads, Some(s))
+    }
+
+    /// `g = 0` for every gradient, in one launch (instead of a memset per tensor).
+    pub fn zero(&mut self, gpu: &Gpu, grads: &mut [CudaViewMut<'_, f32>]) -> oxtune_kernels::Result<()> {
+        self.write_each(gpu, grads, None)
+    }
+
+    /// `g *= s` (`Some(s)`: scale_multi_f32) or `g = 0` (zero_multi_f32) for every gradient.
+    fn write_each(
+        &mut self,
+        gpu: &Gpu,
+        grads: &mut [CudaViewMut<'_, f32>],
+        s: Option<f32>,
+    ) -> oxtune_kernels::Result<()> {
         // As in norm, with write guards.
         let guarded: Vec<_> = grads
             .iter_mut()
@@ -132,14 +147,21 @@ impl GradClip {
         if chunks == 0 {
             return Ok(());
         }
-        let f = gpu.function("optim_clip", CLIP_SRC, "scale_multi_f32")?;
+        let kernel = if s.is_some() { "scale_multi_f32" } else { "zero_multi_f32" };
+        let f = gpu.function("optim_clip", CLIP_SRC, kernel)?;
         let Some(table) = self.table_dev.as_ref() else { unreachable!("prepare allocates it") };
         let cfg = chunk_grid(chunks);
-        // SAFETY: scale_multi_f32(const TensorRef* t, unsigned count, unsigned chunks, float s): the
-        // table rows are the f32 buffers of `grads`, mutably borrowed for this call (stream order
-        // keeps them alive until the kernel ran), each written only below its length; distinct
-        // tensors do not overlap (each view is a separate &mut borrow).
-        unsafe { gpu.stream.launch_builder(&f).arg(table).arg(&count).arg(&chunks).arg(&s).launch(cfg) }?;
+        let mut launch = gpu.stream.launch_builder(&f);
+        launch.arg(table).arg(&count).arg(&chunks);
+        if let Some(s) = &s {
+            launch.arg(s);
+        }
+        // SAFETY: scale_multi_f32(const TensorRef* t, unsigned count, unsigned chunks, float s) and
+        // zero_multi_f32(the same without s): the table rows are the f32 buffers of `grads`, mutably
+        // borrowed for this call (stream order keeps them alive until the kernel ran), each written
+        // only below its length; distinct tensors do not overlap (each view is a separate &mut
+        // borrow).
+        unsafe { launch.launch(cfg) }?;
         drop(guarded);
         Ok(())
     }
@@ -260,5 +282,25 @@ mod tests {
             let want: Vec<f32> = h.iter().map(|x| x * 0.37).collect();
             assert_eq!(gpu.stream.clone_dtoh(d).unwrap(), want);
         }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn zero_grads_zeroes_every_element_of_the_listed_tensors_only() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        // NaN and infinity included: zeroing is not a multiply by 0.
+        let mut host = grads(5, 1.0);
+        host[0][3] = f32::NAN;
+        host[5][100] = f32::INFINITY;
+        let mut dev: Vec<CudaSlice<f32>> = host.iter().map(|g| gpu.stream.clone_htod(g).unwrap()).collect();
+        let (listed, kept) = dev.split_at_mut(5);
+        let mut views: Vec<CudaViewMut<'_, f32>> = listed.iter_mut().map(|g| g.as_view_mut()).collect();
+        GradClip::new().zero(&gpu, &mut views).unwrap();
+        drop(views);
+        for (i, d) in listed.iter().enumerate() {
+            assert!(gpu.stream.clone_dtoh(d).unwrap().iter().all(|&x| x == 0.0), "grad {i} not zeroed");
+        }
+        let last = gpu.stream.clone_dtoh(&kept[0]).unwrap();
+        assert!(last[100].is_infinite() && last[..100] == host[5][..100], "a tensor not listed was written");
     }
 }

@@ -13,13 +13,13 @@ use oxtune_kernels::ops::cross_entropy::cross_entropy_gpu;
 use oxtune_kernels::ops::elementwise::{
     add_gpu, cast_f32_to_bf16_gpu, gather_rows_gpu, scatter_rows_gpu, split_f32_to_bf16x2_gpu,
 };
-use oxtune_kernels::ops::embedding::embedding_gpu_bf16w;
+use oxtune_kernels::ops::embedding::{embedding_gpu_bf16w, embedding_gpu_bf16w_host};
 use oxtune_kernels::ops::gemm::{
     grouped_gemm_f32, grouped_gemm_f32_mxfp4w, grouped_gemm_f32_mxfp4w_lora, grouped_lora_down_f32,
     mxfp4_scratch_elems, Grouped, GroupedGemm, LoraDown, LoraUp, Mxfp4Epilogue, Mxfp4Lora, Mxfp4Weight, Strides,
 };
 use oxtune_kernels::ops::lowrank::{
-    lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, DownPart, GradPart, Layout, UpPart,
+    self, lowrank_down_cast_gpu, lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, DownPart, GradPart, Layout, UpPart,
 };
 use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_gpu, rmsnorm_gpu};
 use oxtune_kernels::ops::rope::rope_gpu;
@@ -34,7 +34,7 @@ use oxtune_moe::router::{route_backward_gpu, topk_softmax_gpu};
 use oxtune_moe::swiglu::{swiglu_backward_gpu, swiglu_gpu};
 use oxtune_moe::{Proj, SwigluParams};
 
-use super::weights::{Alloc, ExpertW, GpuLinear, GpuWeights};
+use super::weights::{Alloc, ExpertW, GpuLinear, GpuWeights, HostEmbed};
 use super::{EngineOptions, Precision};
 use crate::adapter::Dense;
 use crate::config::GptOssConfig;
@@ -159,8 +159,9 @@ impl Groups<'_> {
 
 /// Working buffers shared by all layers.
 struct Scratch {
-    /// `0..t`: the gathered embedding rows' indices.
-    iota: CudaSlice<u32>,
+    /// The batch's token ids (with a mapped embedding table), or `0..t`: the indices of the rows
+    /// gathered on the host.
+    ids: CudaSlice<u32>,
     pos: CudaSlice<u32>,
     ones: CudaSlice<f32>,
     /// Visible key / query ranges per token for full and sliding layers: klo, khi, qlo, qhi.
@@ -286,8 +287,8 @@ pub struct GpuEngine {
     checkpointing: bool,
     /// Tensor-core products split their f32 activations into bf16 halves ([`Precision::Exact`]).
     split: bool,
-    /// The loaded batch's embedding rows `[t, H]`, gathered from the host table (a buffer reused
-    /// from batch to batch).
+    /// The loaded batch's embedding rows `[t, H]`, gathered from a pageable host table (a buffer
+    /// reused from batch to batch; unused with a mapped table).
     host_rows: Vec<bf16>,
     /// Tokens per MoE chunk ([`MOE_CHUNK`] at most with checkpointing).
     moe_chunk: usize,
@@ -336,7 +337,10 @@ fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: u
     let heads = Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
     let slots = chunk_tokens(t, checkpointing, moe_chunk) * cfg.num_experts_per_tok;
     let k = cfg.hidden_size.max(2 * cfg.intermediate_size);
-    attention::backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma))
+    // The dense LoRA's low-rank products read inputs and gradients of these widths.
+    let lowrank = [cfg.hidden_size, cfg.q_width(), cfg.kv_width()].map(|w| lowrank::scratch_elems(t, w, w));
+    let lowrank = lowrank.into_iter().max().unwrap_or(0);
+    attention::backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma)).max(lowrank)
 }
 
 /// f32 elements of [`activation_bytes`] besides the shared scratch.
@@ -354,7 +358,7 @@ fn activation_f32s(
     let moe = sc * (5 + h + 2 * i + i + h) + e + 1;
     let per_layer = t * (4 * h + 2 * qw + 2 * kw + nq + 2) + t * k * 2 + moe;
     let chunk = HEAD_CHUNK.min(t.max(1));
-    let scratch = t * (10 + 2 + 8) // iota, pos, ones, ranges, idx, targets, losses
+    let scratch = t * (10 + 2 + 8) // ids, pos, ones, ranges, idx, targets, losses
         + t * h * 9
         + t * (2 * qw + 2 * kw + nq + k + 2 * e)
         + chunk * (2 * h + cfg.vocab_size)
@@ -412,7 +416,7 @@ impl GpuEngine {
         max_tokens: usize,
         opts: EngineOptions,
     ) -> Result<Self> {
-        let EngineOptions { checkpointing, moe_chunk, precision, offload_checkpoints } = opts;
+        let EngineOptions { checkpointing, moe_chunk, precision, offload_checkpoints, pageable_embeddings } = opts;
         if offload_checkpoints && !checkpointing {
             return Err(Error::Input(
                 "offloading the activation checkpoints to host memory needs activation checkpointing (drop \
@@ -453,7 +457,7 @@ impl GpuEngine {
         // The attention and expert kernels stage their operands in the GPU's shared scratch: sized
         // here for the largest op of a step, so that a step allocates nothing.
         al.scratch(staged)?;
-        let w = GpuWeights::upload(&mut al, model)?;
+        let w = GpuWeights::upload(&mut al, model, pageable_embeddings)?;
         let mut lora = Vec::with_capacity(layout.len());
         let mut lora_at = HashMap::new();
         let tensors = adapter.tensors();
@@ -530,7 +534,7 @@ impl GpuEngine {
         let ranges = [zr()?, zr()?];
         let bf_len = 2 * (t * h.max(qw)).max(chunk * cfg.vocab_size);
         let s_ = Scratch {
-            iota: al.upload("row indices", &(0..t as u32).collect::<Vec<_>>())?,
+            ids: al.upload("token ids", &(0..t as u32).collect::<Vec<_>>())?,
             pos: al.zeros("positions", t)?,
             ones: al.upload("ones", &vec![1.0f32; t])?,
             ranges,
@@ -627,14 +631,16 @@ impl GpuEngine {
 
     /// Zeroes the LoRA and sink gradients.
     pub fn zero_grads(&mut self) -> Result<()> {
-        let stream = self.gpu.stream.clone();
+        // One launch for all of them (a gpt-oss adapter has ~300 tensors: a memset each cost more
+        // in launches than in writing).
+        let gpu = self.gpu.clone();
+        let mut grads: Vec<CudaViewMut<f32>> = vec![];
         for p in &mut self.lora {
-            stream.memset_zeros(&mut p.ga)?;
-            stream.memset_zeros(&mut p.gb)?;
+            grads.push(p.ga.as_view_mut());
+            grads.push(p.gb.as_view_mut());
         }
-        for d in &mut self.dsinks {
-            stream.memset_zeros(d)?;
-        }
+        grads.extend(self.dsinks.iter_mut().map(|d| d.as_view_mut()));
+        self.grad_clip.zero(&gpu, &mut grads)?;
         Ok(())
     }
 
@@ -691,6 +697,13 @@ impl GpuEngine {
             }
         }
         Ok(norm)
+    }
+
+    /// Why the embedding table is in pageable host memory (each batch's rows then gathered by the
+    /// host and uploaded) instead of mapped page-locked memory read by the embedding kernel; `None`
+    /// when it is mapped.
+    pub fn embeddings_pageable(&self) -> Option<&str> {
+        self.w.embed_pageable.as_deref()
     }
 
     /// Decoder layers of the model.
@@ -826,20 +839,70 @@ impl GpuEngine {
         pairs: Vec<(&GpuLoraPair, &mut CudaSlice<f32>)>,
     ) -> Result<()> {
         let Some(n_in) = pairs.first().map(|(p, _)| p.site.n_in) else { return Ok(()) };
-        let mut parts: Vec<DownPart> = pairs
+        lowrank_down_gpu(gpu, x, t, n_in, &mut Self::dense_down_parts(pairs, t, n_in))?;
+        Ok(())
+    }
+
+    /// [`Self::lora_dense_down`] of `x [t, k]` with [`Self::split_x`] of it into `bf` in the same
+    /// pass over `x` ([`lowrank_down_cast_gpu`]); without pairs, the split alone.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_dense_down_split(
+        gpu: &Gpu,
+        bf: &mut CudaSlice<bf16>,
+        x: &CudaView<f32>,
+        t: usize,
+        k: usize,
+        pairs: Vec<(&GpuLoraPair, &mut CudaSlice<f32>)>,
+        split: bool,
+    ) -> Result<()> {
+        Self::down_split(gpu, bf, x, t, k, &mut Self::dense_down_parts(pairs, t, k), split)
+    }
+
+    /// The down-projection parts `u = x Aᵀ` of dense LoRA pairs with inputs of `n_in` values.
+    fn dense_down_parts<'a>(
+        pairs: Vec<(&'a GpuLoraPair, &'a mut CudaSlice<f32>)>,
+        t: usize,
+        n_in: usize,
+    ) -> Vec<DownPart<'a>> {
+        pairs
             .into_iter()
             .map(|(p, u)| DownPart {
                 factor: p.a.as_view(),
                 rows: vm(u, t * p.site.rank),
                 layout: Layout::rows_major(p.site.rank, n_in, 1.0),
             })
-            .collect();
-        lowrank_down_gpu(gpu, x, t, n_in, &mut parts)?;
+            .collect()
+    }
+
+    /// `parts`' down-projections of `x [t, k]` with `x` written into `bf` as [`Self::split_x`]
+    /// writes it, in one pass over `x`; without parts, [`Self::split_x`] alone.
+    fn down_split(
+        gpu: &Gpu,
+        bf: &mut CudaSlice<bf16>,
+        x: &CudaView<f32>,
+        t: usize,
+        k: usize,
+        parts: &mut [DownPart],
+        split: bool,
+    ) -> Result<()> {
+        let len = t * k;
+        if parts.is_empty() {
+            return Self::split_x(gpu, bf, x, len, split);
+        }
+        if !split {
+            lowrank_down_cast_gpu(gpu, x, t, k, parts, &mut bf.slice_mut(0..len), None)?;
+            return Ok(());
+        }
+        let mut buf = bf.slice_mut(0..2 * len);
+        let (mut hi, mut lo) = buf.split_at_mut(len);
+        lowrank_down_cast_gpu(gpu, x, t, k, parts, &mut hi, Some(&mut lo))?;
         Ok(())
     }
 
     /// The output side of a dense LoRA pair's backward for the gradient `dy [t, out]` of its
-    /// output: `∂B += s · dyᵀ u` and `du = s · dy B` (`[t, r]`), one pass over `dy` each.
+    /// output: `∂B += s · dyᵀ u` and `du = s · dy B` (`[t, r]`), one pass over `dy` each; with
+    /// `cast`, the second pass also writes `dy` into the buffer as [`Self::split_x`] does (`split`)
+    /// for the projection's input gradient ([`Self::gemm_split`]).
     fn lora_dense_bwd_out(
         gpu: &Gpu,
         p: &mut GpuLoraPair,
@@ -847,11 +910,16 @@ impl GpuEngine {
         dy: &CudaView<f32>,
         t: usize,
         du: &mut CudaSlice<f32>,
+        cast: Option<(&mut CudaSlice<bf16>, bool)>,
     ) -> Result<()> {
         let SiteLayout { n_out, rank: r, scaling, .. } = p.site;
         let layout = Layout::cols_major(r, scaling);
         lowrank_grad_gpu(gpu, dy, t, n_out, &mut [GradPart { factor: p.gb.as_view_mut(), rows: v(u, t * r), layout }])?;
-        lowrank_down_gpu(gpu, dy, t, n_out, &mut [DownPart { factor: p.b.as_view(), rows: vm(du, t * r), layout }])?;
+        let mut down = [DownPart { factor: p.b.as_view(), rows: vm(du, t * r), layout }];
+        match cast {
+            Some((bf, split)) => Self::down_split(gpu, bf, dy, t, n_out, &mut down, split)?,
+            None => lowrank_down_gpu(gpu, dy, t, n_out, &mut down)?,
+        }
         Ok(())
     }
 
@@ -1164,9 +1232,15 @@ impl GpuEngine {
         crate::model::check_token_ids(ids, self.cfg.vocab_size)?;
         let gpu = &*self.gpu;
         let h = self.cfg.hidden_size;
-        self.host_rows.clear();
-        for &id in ids {
-            self.host_rows.extend_from_slice(&self.w.embed[id as usize * h..(id as usize + 1) * h]);
+        match &self.w.embed {
+            // The embedding kernel reads the rows of these ids from host memory.
+            HostEmbed::Mapped(_) => htod(gpu, ids, &mut self.s.ids)?,
+            HostEmbed::Pageable(table) => {
+                self.host_rows.clear();
+                for &id in ids {
+                    self.host_rows.extend_from_slice(&table[id as usize * h..(id as usize + 1) * h]);
+                }
+            }
         }
         htod(gpu, pos, &mut self.s.pos)?;
         for (wi, window) in [None, Some(self.cfg.sliding_window)].into_iter().enumerate() {
@@ -1183,10 +1257,16 @@ impl GpuEngine {
     /// Embeds the loaded ids into the residual stream and runs every layer.
     fn forward_layers(&mut self, t: usize, save: bool) -> Result<()> {
         let h = self.cfg.hidden_size;
-        // The batch's embedding rows (gathered by load_batch), widened to f32 by the embedding
-        // kernel over rows 0..t.
-        htod(&self.gpu, &self.host_rows, &mut self.s.bf)?;
-        embedding_gpu_bf16w(&self.gpu, &v(&self.s.bf, t * h), &v(&self.s.iota, t), h, &mut vm(&mut self.s.x, t * h))?;
+        let out = &mut vm(&mut self.s.x, t * h);
+        match &self.w.embed {
+            // The rows of the ids load_batch uploaded, read from host memory by the kernel.
+            HostEmbed::Mapped(table) => embedding_gpu_bf16w_host(&self.gpu, table, &v(&self.s.ids, t), h, out)?,
+            // The rows load_batch gathered, uploaded and widened to f32 (ids 0..t).
+            HostEmbed::Pageable(_) => {
+                htod(&self.gpu, &self.host_rows, &mut self.s.bf)?;
+                embedding_gpu_bf16w(&self.gpu, &v(&self.s.bf, t * h), &v(&self.s.ids, t), h, out)?;
+            }
+        }
         let last = self.cfg.num_hidden_layers.saturating_sub(1);
         for l in 0..self.cfg.num_hidden_layers {
             if save && self.checkpointing {
@@ -1243,13 +1323,12 @@ impl GpuEngine {
             &mut vm(&mut a.a, t * h),
             &mut vm(&mut a.rstd1, t),
         )?;
-        // q, k and v of one input: split into bf16 once, their LoRA's u in one pass over it (ranks
-        // summing to at most 32; more take a launch per 32 columns).
-        Self::split_x(gpu, &mut s.bf, &v(&a.a, t * h), t * h, split)?;
+        // q, k and v of one input: split into bf16 once, in the pass that computes their LoRA's u
+        // (ranks summing to at most 32; more take a launch per 32 columns).
         let [uq, uk, uv, uo] = &mut s.u_attn;
         let (pq, pk, pv) = (at(Target::Dense(Dense::Q)), at(Target::Dense(Dense::K)), at(Target::Dense(Dense::V)));
         let downs = [(pq, &mut *uq), (pk, &mut *uk), (pv, &mut *uv)].into_iter().filter_map(|(p, u)| Some((p?, u)));
-        Self::lora_dense_down(gpu, &v(&a.a, t * h), t, downs.collect())?;
+        Self::lora_dense_down_split(gpu, &mut s.bf, &v(&a.a, t * h), t, h, downs.collect(), split)?;
         for (p, lin, out, u) in
             [(pq, &layer.q, &mut a.q, &*uq), (pk, &layer.k, &mut a.k, &*uk), (pv, &layer.v, &mut a.v, &*uv)]
         {
@@ -1275,10 +1354,8 @@ impl GpuEngine {
             &mut vm(&mut a.lse, t * nq),
         )?;
         let po = at(Target::Dense(Dense::O));
-        if let Some(p) = po {
-            Self::lora_dense_down(gpu, &v(&a.o, t * qw), t, vec![(p, &mut *uo)])?;
-        }
-        Self::split_x(gpu, &mut s.bf, &v(&a.o, t * qw), t * qw, split)?;
+        let down_o = po.map(|p| (p, &mut *uo)).into_iter().collect();
+        Self::lora_dense_down_split(gpu, &mut s.bf, &v(&a.o, t * qw), t, qw, down_o, split)?;
         let o_lora = po.map(|p| (p, &*uo));
         Self::linear_fwd_split(blas, gpu, &s.bf, &layer.o, o_lora, t, &mut vm(&mut s.x, t * h), true, split)?;
 
@@ -1722,29 +1799,23 @@ impl GpuEngine {
         add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
         prof.mark(gpu, "MoE block, backward")?;
 
-        // Attention block.
-        Self::linear_bwd(
-            blas,
-            gpu,
-            &mut s.bf,
-            &layer.o,
-            &v(&s.dx, t * h),
-            t,
-            &mut vm(&mut s.dout, t * qw),
-            false,
-            split,
-        )?;
-        // With checkpointing the layer's recomputation (the last layer: its forward pass) just left
-        // the attention LoRA's u in u_attn.
+        // Attention block. With checkpointing the layer's recomputation (the last layer: its
+        // forward pass) just left the attention LoRA's u in u_attn.
         let u_ready = self.checkpointing;
         let [uq, uk, uv, uo] = &mut s.u_attn;
+        let (o, dy) = (&layer.o, &v(&s.dx, t * h));
         if let Some(i) = idx(Target::Dense(Dense::O)) {
             let p = &mut lora[i];
             if !u_ready {
                 Self::lora_dense_down(gpu, &v(&a.o, t * qw), t, vec![(&*p, &mut *uo)])?;
             }
-            Self::lora_dense_bwd_out(gpu, p, uo, &v(&s.dx, t * h), t, &mut s.du)?;
-            Self::lora_dense_bwd_in(gpu, vec![(p, &s.du)], &v(&a.o, t * qw), t, &mut vm(&mut s.dout, t * qw))?;
+            // dy into bf16 in the pass of du = s dy B, then the projection's input gradient.
+            Self::lora_dense_bwd_out(gpu, p, uo, dy, t, &mut s.du, Some((&mut s.bf, split)))?;
+            let dout = &mut vm(&mut s.dout, t * qw);
+            Self::gemm_split(blas, &s.bf, t, o.n_in, o.n_out, &o.w.as_view(), false, dout, 0.0, split)?;
+            Self::lora_dense_bwd_in(gpu, vec![(p, &s.du)], &v(&a.o, t * qw), t, dout)?;
+        } else {
+            Self::linear_bwd(blas, gpu, &mut s.bf, o, dy, t, &mut vm(&mut s.dout, t * qw), false, split)?;
         }
         let r = &s.ranges[layer.window.is_some() as usize];
         attention_bwd_gpu(
@@ -1793,10 +1864,14 @@ impl GpuEngine {
         .into_iter()
         .enumerate()
         {
-            let n_out = lin.n_out;
-            Self::linear_bwd(blas, gpu, &mut s.bf, lin, &v(g, t * n_out), t, &mut vm(&mut s.da, t * h), j > 0, split)?;
+            let (n_out, dy, da) = (lin.n_out, &v(g, t * lin.n_out), &mut vm(&mut s.da, t * h));
             if let Some(p) = p {
-                Self::lora_dense_bwd_out(gpu, p, u, &v(g, t * n_out), t, du)?;
+                // dy into bf16 in the pass of du = s dy B, then the projection's input gradient.
+                Self::lora_dense_bwd_out(gpu, p, u, dy, t, du, Some((&mut s.bf, split)))?;
+                let beta = if j > 0 { 1.0 } else { 0.0 };
+                Self::gemm_split(blas, &s.bf, t, lin.n_in, n_out, &lin.w.as_view(), false, da, beta, split)?;
+            } else {
+                Self::linear_bwd(blas, gpu, &mut s.bf, lin, dy, t, da, j > 0, split)?;
             }
         }
         let ins = qkv.into_iter().zip([&*duq, &*duk, &*duv]).filter_map(|(p, du)| Some((p?, du)));

@@ -22,7 +22,9 @@
 //! kernels stage bf16 splits of their operands, reserved for the largest op). A step allocates
 //! nothing. Before allocating, the engine compares what
 //! it needs with the device's free memory and says what to change when it does not fit. The
-//! embedding table stays in host memory: each batch's rows are gathered there and uploaded.
+//! embedding table stays in host memory, page-locked and mapped for the device: the embedding
+//! kernel reads each batch's rows over the bus (where the table cannot be page-locked, the host
+//! gathers them and uploads them).
 //!
 //! Routing is decided on the device; each MoE layer copies the chosen experts (4 bytes per token
 //! and choice) to the host to build each chunk's expert-sorted plan, the one synchronisation per
@@ -105,11 +107,21 @@ pub struct EngineOptions {
     /// device (4 · hidden bytes per token and layer: 18 GB at 65,536 tokens for gpt-oss), copied
     /// out in the forward pass and back before the layer's recomputation.
     pub offload_checkpoints: bool,
+    /// Keep the embedding table in pageable host memory and gather each batch's rows on the host
+    /// (the fallback when the table cannot be page-locked) instead of mapped page-locked memory
+    /// that the embedding kernel reads.
+    pub pageable_embeddings: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { checkpointing: true, moe_chunk: MOE_CHUNK, precision: Precision::Exact, offload_checkpoints: false }
+        Self {
+            checkpointing: true,
+            moe_chunk: MOE_CHUNK,
+            precision: Precision::Exact,
+            offload_checkpoints: false,
+            pageable_embeddings: false,
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
+use oxtune_kernels::pinned::PinnedBuf;
 use oxtune_kernels::Gpu;
 
 use crate::config::LayerType;
@@ -86,10 +87,40 @@ pub(crate) struct GpuLayer {
     pub down_bias: CudaSlice<f32>,
 }
 
+/// The embedding table `[V, H]` in host memory: a step needs only its tokens' rows (1.1 GB of
+/// device memory saved for gpt-oss for ~12 MB read per 2,048 tokens).
+pub(crate) enum HostEmbed {
+    /// Page-locked and mapped for the device: the embedding kernel reads the batch's rows over the
+    /// bus, and the host does nothing per batch but upload the ids.
+    Mapped(PinnedBuf<bf16>),
+    /// Pageable, where the driver could not lock the table (or the engine was asked to:
+    /// `EngineOptions::pageable_embeddings`): each batch's rows are gathered on the host and
+    /// uploaded.
+    Pageable(Vec<bf16>),
+}
+
+impl HostEmbed {
+    /// The table in mapped page-locked memory unless `pageable`, else (with the reason) pageable.
+    fn new(gpu: &Gpu, table: &[f32], pageable: bool) -> (Self, Option<String>) {
+        if pageable {
+            return (HostEmbed::Pageable(to_bf16(table)), Some("asked for".into()));
+        }
+        match PinnedBuf::<bf16>::new_mapped(gpu, table.len()) {
+            Ok(mut buf) => {
+                for (d, &x) in buf.as_mut_slice().iter_mut().zip(table) {
+                    *d = bf16::from_f32(x);
+                }
+                (HostEmbed::Mapped(buf), None)
+            }
+            Err(e) => (HostEmbed::Pageable(to_bf16(table)), Some(format!("page-locking it failed: {e}"))),
+        }
+    }
+}
+
 pub(crate) struct GpuWeights {
-    /// `[V, H]`, in host memory: a step needs only its tokens' rows, gathered on the host and
-    /// uploaded (1.1 GB of device memory saved for gpt-oss for ~12 MB of copy per 2048 tokens).
-    pub embed: Vec<bf16>,
+    pub embed: HostEmbed,
+    /// Why the embedding table is pageable (the slower way), if it is.
+    pub embed_pageable: Option<String>,
     /// `[V, H]`
     pub lm_head: CudaSlice<bf16>,
     pub norm: CudaSlice<f32>,
@@ -130,7 +161,9 @@ impl GpuWeights {
         n
     }
 
-    pub fn upload(a: &mut Alloc, m: &Model) -> Result<Self> {
+    /// The model's weights on the device (the embedding table in host memory: pageable with
+    /// `pageable_embeddings`, else mapped page-locked memory where the driver allows it).
+    pub fn upload(a: &mut Alloc, m: &Model, pageable_embeddings: bool) -> Result<Self> {
         let w = &m.w;
         let mut layers = Vec::with_capacity(w.layers.len());
         for (l, layer) in w.layers.iter().enumerate() {
@@ -169,8 +202,10 @@ impl GpuWeights {
                 down_bias: a.upload(&name("down bias"), &ex.down_bias)?,
             });
         }
+        let (embed, embed_pageable) = HostEmbed::new(a.gpu, &w.embed, pageable_embeddings);
         Ok(Self {
-            embed: to_bf16(&w.embed),
+            embed,
+            embed_pageable,
             lm_head: a.upload("lm_head", &to_bf16(&w.lm_head))?,
             norm: a.upload("final norm", &w.norm)?,
             layers,

@@ -5,9 +5,10 @@
 //! never reads out of bounds: its row comes out NaN, on the GPU and in the reference alike, so that
 //! the loss shows it.
 
-use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::pinned::PinnedBuf;
 use crate::{Error, Gpu, Result};
 
 pub const SRC: &str = include_str!("embedding.cu");
@@ -25,18 +26,22 @@ pub fn embedding(table: &[f32], ids: &[u32], hidden: usize) -> Vec<f32> {
     out
 }
 
-fn launch<T: DeviceRepr>(
+/// Launches `symbol` on a table of `table_len` values of `T` at device address `table`.
+///
+/// # Safety
+/// `table` is a device-readable address of `table_len` values of `T` that stay alive and unwritten
+/// until the kernel has run.
+unsafe fn launch<T: DeviceRepr>(
     gpu: &Gpu,
-    symbol: &str,
-    table: &CudaView<'_, T>,
+    table: u64,
+    table_len: usize,
     ids: &CudaView<'_, u32>,
     hidden: usize,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    if hidden == 0 || table.len() % hidden != 0 || table.len() / hidden > u32::MAX as usize {
+    if hidden == 0 || !table_len.is_multiple_of(hidden) || table_len / hidden > u32::MAX as usize {
         return Err(Error::Shape(format!(
-            "embedding: table has {} elements, expected a multiple of hidden {hidden}",
-            table.len()
+            "embedding: table has {table_len} elements, expected a multiple of hidden {hidden}"
         )));
     }
     let tokens = ids.len();
@@ -46,25 +51,30 @@ fn launch<T: DeviceRepr>(
     if tokens == 0 {
         return Ok(());
     }
+    let s = &gpu.stream;
+    let bf16_table = std::mem::size_of::<T>() == 2;
+    let (out_ptr, _record) = out.device_ptr_mut(s);
+    // Eight bf16 a load when the rows, the table and the output allow 16-byte accesses.
+    let x8 = bf16_table && hidden.is_multiple_of(8) && table.is_multiple_of(16) && out_ptr.is_multiple_of(16);
+    let symbol = match (bf16_table, x8) {
+        (true, true) => "embedding_f32_bf16w_x8",
+        (true, false) => "embedding_f32_bf16w",
+        (false, _) => "embedding_f32_f32w",
+    };
     let f = gpu.function("embedding", SRC, symbol)?;
-    let threads = hidden.next_power_of_two().clamp(32, 256) as u32;
+    let per_thread = if x8 { 8 } else { 1 };
+    let threads = (hidden / per_thread).next_power_of_two().clamp(32, 256) as u32;
     let cfg =
         LaunchConfig { grid_dim: (tokens.min(65535) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-    let (tokens64, vocab32, hidden32) = (tokens as u64, (table.len() / hidden) as u32, hidden as u32);
+    let (tokens64, vocab32) = (tokens as u64, (table_len / hidden) as u32);
+    let hidden32 = (hidden / per_thread) as u32;
     // SAFETY: embedding_f32_<T>w(float* out, const T* table, const unsigned* ids, unsigned long long
-    // tokens, unsigned vocab, unsigned hidden): out holds tokens·hidden floats, table vocab·hidden
-    // elements of T, ids tokens (checked above); the kernel reads table rows only for ids < vocab
-    // and strides over the tokens, so any grid is in bounds.
+    // tokens, unsigned vocab, unsigned hidden) and embedding_f32_bf16w_x8 (the same with `hidden /
+    // 8` 16-byte pieces, whose alignment is checked above): out holds tokens·hidden floats, table
+    // vocab·hidden elements of T (the caller's contract), ids tokens (checked above); the kernel
+    // reads table rows only for ids < vocab and strides over the tokens, so any grid is in bounds.
     unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(out)
-            .arg(table)
-            .arg(ids)
-            .arg(&tokens64)
-            .arg(&vocab32)
-            .arg(&hidden32)
-            .launch(cfg)
+        s.launch_builder(&f).arg(&out_ptr).arg(&table).arg(ids).arg(&tokens64).arg(&vocab32).arg(&hidden32).launch(cfg)
     }?;
     Ok(())
 }
@@ -77,7 +87,29 @@ pub fn embedding_gpu_bf16w(
     hidden: usize,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    launch(gpu, "embedding_f32_bf16w", table, ids, hidden, out)
+    let (ptr, _record) = table.device_ptr(&gpu.stream);
+    // SAFETY: a device view of table.len() values, borrowed for the launch (stream-ordered).
+    unsafe { launch::<bf16>(gpu, ptr, table.len(), ids, hidden, out) }
+}
+
+/// GPU [`embedding`] from a bf16 table in mapped host memory ([`PinnedBuf::new_mapped`]): the
+/// kernel reads the `ids`' rows over the bus, so the table takes no device memory and the host
+/// gathers nothing. The table must not be written or dropped until the stream has run the kernel
+/// (dropping page-locked memory waits for the device).
+pub fn embedding_gpu_bf16w_host(
+    gpu: &Gpu,
+    table: &PinnedBuf<bf16>,
+    ids: &CudaView<'_, u32>,
+    hidden: usize,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let ptr = table
+        .device_address()
+        .ok_or_else(|| Error::Shape("embedding: the host table is not mapped for the device".into()))?;
+    // SAFETY: the mapped buffer's device address of table.len() values; the caller keeps the
+    // table unwritten (writing needs `&mut`, which the borrow excludes until return) and alive
+    // until the kernel has run.
+    unsafe { launch::<bf16>(gpu, ptr, table.len(), ids, hidden, out) }
 }
 
 /// GPU [`embedding`] from an f32 table: `table [V, hidden]`, `ids [T]`, `out [T, hidden]`.
@@ -88,7 +120,9 @@ pub fn embedding_gpu_f32w(
     hidden: usize,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    launch(gpu, "embedding_f32_f32w", table, ids, hidden, out)
+    let (ptr, _record) = table.device_ptr(&gpu.stream);
+    // SAFETY: a device view of table.len() values, borrowed for the launch (stream-ordered).
+    unsafe { launch::<f32>(gpu, ptr, table.len(), ids, hidden, out) }
 }
 
 #[cfg(test)]
@@ -127,7 +161,17 @@ mod tests {
         let tbd = s.clone_htod(&tb).unwrap();
         embedding_gpu_bf16w(gpu, &tbd.as_view(), &ids_d.as_view(), hidden, &mut out.as_view_mut()).unwrap();
         // bf16 → f32 is exact.
-        assert_close("embedding bf16w", &s.clone_dtoh(&out).unwrap(), &embedding(&tb_as_f32, ids, hidden), 0.0, 0.0);
+        let want = embedding(&tb_as_f32, ids, hidden);
+        assert_close("embedding bf16w", &s.clone_dtoh(&out).unwrap(), &want, 0.0, 0.0);
+        // The same table in mapped host memory, read over the bus.
+        let mut host = PinnedBuf::<bf16>::new_mapped(gpu, tb.len()).unwrap();
+        host.as_mut_slice().copy_from_slice(&tb);
+        let mut out2 = s.alloc_zeros::<f32>(ids.len() * hidden).unwrap();
+        embedding_gpu_bf16w_host(gpu, &host, &ids_d.as_view(), hidden, &mut out2.as_view_mut()).unwrap();
+        assert_close("embedding bf16w from host memory", &s.clone_dtoh(&out2).unwrap(), &want, 0.0, 0.0);
+        // A pinned buffer that is not mapped is an error, not a launch.
+        let unmapped = PinnedBuf::<bf16>::new(gpu, tb.len()).unwrap();
+        assert!(embedding_gpu_bf16w_host(gpu, &unmapped, &ids_d.as_view(), hidden, &mut out2.as_view_mut()).is_err());
     }
 
     #[test]

@@ -4,8 +4,11 @@
 // factor[j sj + c sc] and a row-wise buffer R_p(t, j) at rows[t ld + j]. Column j of a launch is
 // column j - off_p of the part it falls in (off_p: the ranks before it). Every sum runs in one fixed
 // order: the results are the same bits on every run.
+#include <cuda_bf16.h>
 //
 // lowrank_down: R_p(t, j) = alpha_p Σ_k X(t, k) M_p(j, k)             (u = x Aᵀ, du = s dy B)
+//               and optionally X in bf16 (hi = bf16(X), lo = bf16(X - hi)) for the tensor-core
+//               product that reads the same X
 // lowrank_up:   Y(t, c) = [Y(t, c)] + bias(c) + Σ_p alpha_p Σ_j R_p(t, j) M_p(j, c)
 //                                                                    (y += s u Bᵀ + b, dx += du A)
 // lowrank_grad: M_p(j, c) += alpha_p Σ_t R_p(t, j) Q(t, c)            (dB += s dyᵀ u, dA += duᵀ x)
@@ -82,13 +85,16 @@ __device__ __forceinline__ void lr_cols(const LrParts& ps, LrCols<RB>& cols) {
 // and four factor values at a time (broadcasts) per k and keeps its RB sums in registers, while the
 // next chunk's loads are in flight in registers. With one k range the block writes alpha times its
 // sums; with several it writes them to ws[y][row][j] (32 columns a row) and lowrank_reduce_rows adds
-// the ranges in order.
+// the ranges in order. With `hi` (not null) the blocks also write X rounded to bf16 as they read it
+// (each element once: the blocks' rows and k ranges tile X), and with `lo` the rounding's remainder
+// in bf16 (0 where hi is not finite), the same values as elementwise.cu's cast_f32_to_bf16 and
+// split_f32_to_bf16x2.
 constexpr int DOWN_THREADS = 128, DOWN_KX = 16;
 constexpr int DOWN_XPT = DOWN_KX;  // x values a thread loads per chunk (DOWN_THREADS rows x DOWN_KX)
 
 template <int RB>
 __device__ void lowrank_down(const float* __restrict__ x, LrParts ps, unsigned int t, unsigned int k, unsigned int ks,
-                             float* __restrict__ ws) {
+                             float* __restrict__ ws, __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo) {
     static_assert(RB % 4 == 0 && RB * DOWN_KX % DOWN_THREADS == 0, "float4 factor reads; whole factor chunks");
     __shared__ float xs[DOWN_KX][DOWN_THREADS + 1];
     __shared__ __align__(16) float ms[DOWN_KX][RB];
@@ -125,6 +131,22 @@ __device__ void lowrank_down(const float* __restrict__ x, LrParts ps, unsigned i
         for (int i = 0; i < DOWN_XPT; ++i) {
             const int e = i * DOWN_THREADS + tid;
             xs[e % DOWN_KX][e / DOWN_KX] = xr[i];
+        }
+        if (hi != nullptr) {
+#pragma unroll
+            for (int i = 0; i < DOWN_XPT; ++i) {
+                const int e = i * DOWN_THREADS + tid;
+                const unsigned int row = row_base + e / DOWN_KX, kk = k0 + e % DOWN_KX;
+                if (row < t && kk < ke) {
+                    const size_t o = (size_t)row * k + kk;
+                    const __nv_bfloat16 h = __float2bfloat16_rn(xr[i]);
+                    hi[o] = h;
+                    if (lo != nullptr) {
+                        const float hf = __bfloat162float(h);
+                        lo[o] = __float2bfloat16_rn(isfinite(hf) ? __fsub_rn(xr[i], hf) : 0.0f);
+                    }
+                }
+            }
         }
 #pragma unroll
         for (int i = 0; i < RB * DOWN_KX / DOWN_THREADS; ++i) {
@@ -241,8 +263,9 @@ __device__ void lowrank_up(float* __restrict__ y, const float* __restrict__ bias
 // ---- lowrank_grad ----------------------------------------------------------------------------
 // Block (x, y) owns GRAD_COLS = 32 columns (lane = column) and rows y of `rs_len` each: warp w
 // takes rows w, w + 8, ... GRAD_U at a time (their Q values and, lane j, R(row, j) loaded first,
-// then R broadcast by shuffles) and keeps RB partial sums; the eight warps' partials are added in
-// warp order. With one row range the block updates the factor; with several it writes its sums to
+// then R staged in the warp's shared memory and read back four values at a time by every lane: a
+// quarter of the instructions of a shuffle per value) and keeps RB partial sums; the eight warps'
+// partials are added in warp order. With one row range the block updates the factor; with several it writes its sums to
 // ws[y][j][c] and lowrank_reduce_cols adds the ranges in order and updates the factor.
 constexpr int GRAD_COLS = 32, GRAD_U = 4;
 
@@ -250,6 +273,7 @@ template <int RB>
 __device__ void lowrank_grad(const float* __restrict__ qm, LrParts ps, unsigned int t, unsigned int n,
                              unsigned int rs_len, float* __restrict__ ws) {
     __shared__ float red[LR_THREADS / 32][RB][GRAD_COLS];
+    __shared__ __align__(16) float rsh[LR_THREADS / 32][GRAD_U][RB];
     __shared__ LrCols<RB> cols;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const unsigned int c = blockIdx.x * GRAD_COLS + lane;
@@ -271,10 +295,22 @@ __device__ void lowrank_grad(const float* __restrict__ qm, LrParts ps, unsigned 
             qv[u] = (ok && c < n) ? qm[(size_t)row * n + c] : 0.0f;
             pv[u] = (ok && rbase != nullptr) ? rbase[(size_t)row * rld] : 0.0f;
         }
+        __syncwarp();  // the warp's reads of the last rows' R are done
+        if (lane < RB) {
+#pragma unroll
+            for (int u = 0; u < GRAD_U; ++u) rsh[warp][u][lane] = pv[u];
+        }
+        __syncwarp();
 #pragma unroll
         for (int u = 0; u < GRAD_U; ++u)
 #pragma unroll
-            for (int j = 0; j < RB; ++j) acc[j] = fmaf(__shfl_sync(0xffffffffu, pv[u], j), qv[u], acc[j]);
+            for (int j = 0; j < RB; j += 4) {
+                const float4 r = *reinterpret_cast<const float4*>(&rsh[warp][u][j]);
+                acc[j] = fmaf(r.x, qv[u], acc[j]);
+                acc[j + 1] = fmaf(r.y, qv[u], acc[j + 1]);
+                acc[j + 2] = fmaf(r.z, qv[u], acc[j + 2]);
+                acc[j + 3] = fmaf(r.w, qv[u], acc[j + 3]);
+            }
     }
 #pragma unroll
     for (int j = 0; j < RB; ++j) red[warp][j][lane] = acc[j];
@@ -320,8 +356,9 @@ extern "C" __global__ void __launch_bounds__(LR_THREADS)
 
 #define LR_KERNELS(RB)                                                                                    \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS) lowrank_down_##RB(                       \
-        const float* x, LrParts ps, unsigned int t, unsigned int k, unsigned int ks, float* ws) {         \
-        lowrank_down<RB>(x, ps, t, k, ks, ws);                                                          \
+        const float* x, LrParts ps, unsigned int t, unsigned int k, unsigned int ks, float* ws,           \
+        __nv_bfloat16* hi, __nv_bfloat16* lo) {                                                         \
+        lowrank_down<RB>(x, ps, t, k, ks, ws, hi, lo);                                                  \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_up_##RB(                           \
         float* y, const float* bias, LrParts ps, unsigned int t, unsigned int n, unsigned int accumulate) { \

@@ -14,6 +14,7 @@
 //! the same bits. The CPU references ([`down_ref`], [`up_ref`], [`grad_ref`]) sum in f64.
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
 
 use crate::{Error, Gpu, Result};
 
@@ -27,13 +28,16 @@ const THREADS: u32 = 256;
 /// (lowrank_up's block), GRAD_COLS (lowrank_grad's columns per block); lowrank_down's k ranges are
 /// multiples of DOWN_KC (of its DOWN_KX-wide chunks).
 const DOWN_THREADS: u32 = 128;
-const DOWN_KC: usize = 256;
+const DOWN_KC: usize = 64;
 const UP_COLS: usize = 64;
 const UP_ROWS: usize = 64;
 const GRAD_COLS: usize = 32;
 /// Blocks a launch aims for: when the rows (lowrank_down) or columns (lowrank_grad) give fewer,
-/// the reduction is split into ranges whose sums lowrank_reduce_* add in order. A constant, not
+/// the reduction is split into ranges whose sums lowrank_reduce_* add in order. Constants, not
 /// the GPU's SM count, so that the ranges (and so the bits) are the same on every card.
+/// lowrank_down's blocks hold 4 warps, and need ~8 a streaming multiprocessor to keep enough of X
+/// in flight; lowrank_grad's hold 8.
+const DOWN_TARGET_BLOCKS: usize = 528;
 const TARGET_BLOCKS: usize = 264;
 /// Floats of scratch a split reduction writes per range and row (lowrank_down) or column
 /// (lowrank_grad): one per launch column.
@@ -228,6 +232,40 @@ fn each_launch(
     })
 }
 
+/// lowrank_down's k ranges over `X [t, k]` (`k > 0`) and their length: a block per DOWN_THREADS
+/// rows, and k ranges of DOWN_KC multiples, enough for the GPU when the rows alone are too few.
+fn down_ranges(t: usize, k: usize) -> (usize, usize) {
+    let row_blocks = t.div_ceil(DOWN_THREADS as usize).max(1);
+    let ranges = DOWN_TARGET_BLOCKS.div_ceil(row_blocks).clamp(1, k.div_ceil(DOWN_KC).max(1));
+    let ks = k.div_ceil(ranges).next_multiple_of(DOWN_KC);
+    (k.div_ceil(ks), ks)
+}
+
+/// lowrank_grad's row ranges over `Q [t, n]` (`t > 0`) and their length: enough blocks for the
+/// GPU when the columns alone are too few.
+fn grad_ranges(t: usize, n: usize) -> (usize, usize) {
+    let col_blocks = n.div_ceil(GRAD_COLS).max(1);
+    let ranges = TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, t.div_ceil(GRAD_MIN_RANGE).max(1));
+    let rs_len = t.div_ceil(ranges);
+    (t.div_ceil(rs_len), rs_len)
+}
+
+/// u16 elements of the GPU's shared scratch that [`lowrank_down_gpu`] (and
+/// [`lowrank_down_cast_gpu`]) over `X [t, k]` and [`lowrank_grad_gpu`] over `Q [t, n]` use at most
+/// (their split reductions' partial sums), for an engine that reserves the scratch up front so
+/// that no step allocates.
+pub fn scratch_elems(t: usize, k: usize, n: usize) -> usize {
+    let down = match (t, k) {
+        (0, _) | (_, 0) => 0,
+        _ => Some(down_ranges(t, k).0).filter(|&r| r > 1).map_or(0, |r| r * t * WS_COLS),
+    };
+    let grad = match (t, n) {
+        (0, _) | (_, 0) => 0,
+        _ => Some(grad_ranges(t, n).0).filter(|&r| r > 1).map_or(0, |r| r * WS_COLS * n),
+    };
+    2 * down.max(grad)
+}
+
 /// A grid of `x` by `y` blocks of `threads`.
 fn grid(x: usize, y: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
@@ -292,6 +330,55 @@ pub fn lowrank_down_gpu(
     k: usize,
     parts: &mut [DownPart<'_>],
 ) -> Result<()> {
+    down(gpu, x, t, k, parts, None)
+}
+
+/// [`lowrank_down_gpu`] that also writes `X` in bf16 as it reads it, for a tensor-core product of
+/// the same input: `hi = bf16(X)` (round to nearest even), and with `lo` the remainder
+/// `bf16(X − hi)` (0 where `hi` is not finite), the values of
+/// [`crate::ops::elementwise::cast_f32_to_bf16_gpu`] and
+/// [`crate::ops::elementwise::split_f32_to_bf16x2_gpu`], without their pass over `X`. `hi` and
+/// `lo` hold `t · k` values; `parts` must not be empty (nothing would read `X`).
+pub fn lowrank_down_cast_gpu(
+    gpu: &Gpu,
+    x: &CudaView<'_, f32>,
+    t: usize,
+    k: usize,
+    parts: &mut [DownPart<'_>],
+    hi: &mut CudaViewMut<'_, bf16>,
+    lo: Option<&mut CudaViewMut<'_, bf16>>,
+) -> Result<()> {
+    check_len("lowrank_down: bf16 X", hi.len(), t * k)?;
+    if let Some(lo) = &lo {
+        check_len("lowrank_down: bf16 remainder of X", lo.len(), t * k)?;
+    }
+    if parts.is_empty() && t * k > 0 {
+        return Err(shape("lowrank_down: a cast into bf16 needs at least one part".into()));
+    }
+    let s = &gpu.stream;
+    let (hi_ptr, hi_guard) = hi.device_ptr_mut(s);
+    let (lo_ptr, lo_guard) = match lo {
+        Some(lo) => {
+            let (p, g) = lo.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    down(gpu, x, t, k, parts, Some((hi_ptr, lo_ptr)))?;
+    drop((hi_guard, lo_guard));
+    Ok(())
+}
+
+/// [`lowrank_down_gpu`], with `cast` the device addresses of `X`'s bf16 `hi` and `lo` (0: none)
+/// of `t · k` values each (checked by the caller), written by the first launch.
+fn down(
+    gpu: &Gpu,
+    x: &CudaView<'_, f32>,
+    t: usize,
+    k: usize,
+    parts: &mut [DownPart<'_>],
+    cast: Option<(u64, u64)>,
+) -> Result<()> {
     check_len("lowrank_down: X", x.len(), t * k)?;
     for (i, p) in parts.iter().enumerate() {
         check_part("lowrank_down", i, &p.layout, p.factor.len(), p.rows.len(), t, k)?;
@@ -303,12 +390,8 @@ pub fn lowrank_down_gpu(
     if k == 0 {
         return Err(shape("lowrank_down: k = 0 (an empty product)".into()));
     }
-    // A block per DOWN_THREADS rows, and k ranges of DOWN_KC multiples: enough blocks for the GPU
-    // when the rows alone are too few.
     let row_blocks = t.div_ceil(DOWN_THREADS as usize);
-    let ranges = TARGET_BLOCKS.div_ceil(row_blocks).clamp(1, k.div_ceil(DOWN_KC));
-    let ks = k.div_ceil(ranges).next_multiple_of(DOWN_KC);
-    let ranges = k.div_ceil(ks);
+    let (ranges, ks) = down_ranges(t, k);
     let (ks32, ranges32) = (ks as u32, ranges as u32);
     let s = &gpu.stream;
     let (addrs, guards): (Vec<_>, Vec<_>) = parts
@@ -319,21 +402,30 @@ pub fn lowrank_down_gpu(
         })
         .unzip();
     let ws_floats = if ranges > 1 { ranges * t * WS_COLS } else { 0 };
+    let mut cast = cast.unwrap_or((0, 0));
     each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_ptr| {
         let f = gpu.function("lowrank", SRC, &format!("lowrank_down_{bucket}"))?;
         // SAFETY: lowrank_down_RB(const float* x, LrParts ps, unsigned t, unsigned k, unsigned
-        // ks, float* ws): x holds t·k floats; each entry is a piece of a part whose factor (rank
-        // rows by k columns at its strides) and row-wise matrix (t rows of ld) were checked to lie
-        // inside their buffers, ranks sum to at most the bucket; with ranges > 1 (gridDim.y) the
-        // blocks write ws[range][row][j < 32], ranges·t·32 floats of scratch (2 u16 each), else
-        // ws is null and unread; the guards keep every buffer's stream order until it is queued.
+        // ks, float* ws, bf16* hi, bf16* lo): x holds t·k floats; each entry is a piece of a part
+        // whose factor (rank rows by k columns at its strides) and row-wise matrix (t rows of ld)
+        // were checked to lie inside their buffers, ranks sum to at most the bucket; with ranges > 1
+        // (gridDim.y) the blocks write ws[range][row][j < 32], ranges·t·32 floats of scratch (2 u16
+        // each), else ws is null and unread; hi and lo are null or t·k bf16 each (the caller's
+        // check); the guards keep every buffer's stream order until it is queued.
         unsafe {
-            s.launch_builder(&f).arg(x).arg(ps).arg(&t32).arg(&k32).arg(&ks32).arg(&ws_ptr).launch(grid(
-                row_blocks,
-                ranges,
-                DOWN_THREADS,
-            ))
+            s.launch_builder(&f)
+                .arg(x)
+                .arg(ps)
+                .arg(&t32)
+                .arg(&k32)
+                .arg(&ks32)
+                .arg(&ws_ptr)
+                .arg(&cast.0)
+                .arg(&cast.1)
+                .launch(grid(row_blocks, ranges, DOWN_THREADS))
         }?;
+        // The first launch has written X in bf16.
+        cast = (0, 0);
         if ranges > 1 {
             let r = gpu.function("lowrank", SRC, "lowrank_reduce_rows_f32")?;
             // SAFETY: lowrank_reduce_rows_f32(const float* ws, LrParts ps, unsigned t, unsigned
@@ -437,11 +529,8 @@ pub fn lowrank_grad_gpu(
     if t == 0 || n == 0 || parts.is_empty() {
         return Ok(());
     }
-    // Row ranges: enough blocks for the GPU when the columns alone are too few.
     let col_blocks = n.div_ceil(GRAD_COLS);
-    let ranges = TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, t.div_ceil(GRAD_MIN_RANGE));
-    let rs_len = t.div_ceil(ranges);
-    let ranges = t.div_ceil(rs_len);
+    let (ranges, rs_len) = grad_ranges(t, n);
     let (rs32, ranges32) = (rs_len as u32, ranges as u32);
     let s = &gpu.stream;
     let (addrs, guards): (Vec<_>, Vec<_>) = parts

@@ -1,5 +1,6 @@
 use super::*;
 use crate::testing::{assert_close, randn};
+use half::bf16;
 
 #[test]
 fn references_match_hand_computed_products() {
@@ -51,6 +52,29 @@ fn launches_cut_ranks_and_pack_parts_in_order() {
 }
 
 #[test]
+fn split_reductions_tile_their_dimension_and_fit_the_reported_scratch() {
+    for t in [1usize, 77, 2048, 9000, 65536] {
+        for k in [1usize, 64, 90, 512, 2880, 4096] {
+            let (ranges, ks) = down_ranges(t, k);
+            // Ranges of whole DOWN_KC multiples that cover k, none empty.
+            assert!(ks % DOWN_KC == 0 && ranges * ks >= k && (ranges - 1) * ks < k, "down t {t} k {k}");
+            let (gr, rs) = grad_ranges(t, k);
+            assert!(gr * rs >= t && (gr - 1) * rs < t, "grad t {t} n {k}");
+            // What the launchers take from the scratch (u16) is within the reported bound.
+            let down_ws = if ranges > 1 { 2 * ranges * t * WS_COLS } else { 0 };
+            let grad_ws = if gr > 1 { 2 * gr * WS_COLS * k } else { 0 };
+            assert!(scratch_elems(t, k, k) >= down_ws.max(grad_ws), "scratch t {t} k {k}");
+        }
+    }
+    // gpt-oss at 2048 tokens (16 row blocks): q, k, v's u over the hidden size in about the blocks
+    // aimed for; k and v's du over 512 in 8 ranges of 64.
+    let (ranges, _) = down_ranges(2048, 2880);
+    assert!(16 * ranges >= DOWN_TARGET_BLOCKS / 2 && 16 * ranges <= DOWN_TARGET_BLOCKS + 16, "{ranges}");
+    assert_eq!(down_ranges(2048, 512), (8, 64));
+    assert_eq!(scratch_elems(0, 2880, 2880), 0);
+}
+
+#[test]
 fn layouts_that_reach_past_their_buffers_are_errors_naming_the_part() {
     let l = Layout::rows_major(8, 64, 1.0);
     check_part("op", 0, &l, 8 * 64, 10 * 8, 10, 64).unwrap();
@@ -97,7 +121,9 @@ fn down_matches_reference() {
         (45, 96, vec![Layout { rank: 40, sj: 96, sc: 1, ld: 43, alpha: 0.5 }, Layout::rows_major(8, 96, 1.0)]),
         (1, 64, vec![Layout::rows_major(2, 64, 1.0)]),
         // Many row blocks and k within one range: no split reduction.
-        (9000, 200, vec![Layout::rows_major(8, 200, 1.0)]),
+        (9000, 64, vec![Layout::rows_major(8, 64, 1.0)]),
+        // Fewer row blocks over a narrow k (k and v's du): split into k ranges of 64.
+        (2048, 512, vec![Layout::cols_major(8, 2.0)]),
     ];
     for (case, (t, k, layouts)) in cases.into_iter().enumerate() {
         let seed = 10 * case as u64;
@@ -131,6 +157,39 @@ fn down_matches_reference() {
                 atol,
                 rtol,
             );
+        }
+        // The same with X written in bf16 on the way (hi alone, then hi and lo): the same row-wise
+        // bits, and X's bf16 split as the CPU rounds it (round to nearest even; lo the rounded
+        // remainder). Both bf16 buffers start as a marker that every element must overwrite.
+        let got: Vec<Vec<f32>> = rd.iter().map(|r| s.clone_dtoh(r).unwrap()).collect();
+        let want_hi: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let want_lo: Vec<bf16> = x.iter().zip(&want_hi).map(|(&v, h)| bf16::from_f32(v - h.to_f32())).collect();
+        for with_lo in [false, true] {
+            let mut hi = s.clone_htod(&vec![bf16::from_f32(-3.0); t * k]).unwrap();
+            let mut lo = s.clone_htod(&vec![bf16::from_f32(-3.0); t * k]).unwrap();
+            let mut rd2: Vec<_> = layouts.iter().map(|l| s.clone_htod(&vec![7.0f32; t * l.ld]).unwrap()).collect();
+            {
+                let mut parts: Vec<DownPart> = fd
+                    .iter()
+                    .zip(rd2.iter_mut())
+                    .zip(&layouts)
+                    .map(|((f, r), l)| DownPart { factor: f.as_view(), rows: r.as_view_mut(), layout: *l })
+                    .collect();
+                let mut lo_view = lo.as_view_mut();
+                let lo_arg = if with_lo { Some(&mut lo_view) } else { None };
+                lowrank_down_cast_gpu(&gpu, &xd.as_view(), t, k, &mut parts, &mut hi.as_view_mut(), lo_arg).unwrap();
+            }
+            let what = format!("down case {case} [{t}, {k}] with X in bf16 (lo: {with_lo})");
+            for (i, r) in rd2.iter().enumerate() {
+                assert!(s.clone_dtoh(r).unwrap() == got[i], "{what}: part {i} differs from lowrank_down_gpu's");
+            }
+            assert!(s.clone_dtoh(&hi).unwrap() == want_hi, "{what}: hi");
+            let lo_got = s.clone_dtoh(&lo).unwrap();
+            if with_lo {
+                assert!(lo_got == want_lo, "{what}: lo");
+            } else {
+                assert!(lo_got.iter().all(|v| v.to_f32() == -3.0), "{what}: lo written without being asked for");
+            }
         }
     }
 }
@@ -257,6 +316,14 @@ fn bad_shapes_are_errors_not_launches() {
     let mut parts = [DownPart { factor: f.as_view(), rows: r.as_view_mut(), layout: Layout::rows_major(8, 65, 1.0) }];
     let e = lowrank_down_gpu(&gpu, &x.as_view(), 10, 64, &mut parts).unwrap_err().to_string();
     assert!(e.contains("part 0") && e.contains("factor"), "{e}");
+    // X in bf16: buffers of t·k values, and a part to read X for.
+    let (mut hi, mut lo) = (s.alloc_zeros::<bf16>(640).unwrap(), s.alloc_zeros::<bf16>(639).unwrap());
+    let mut parts = [DownPart { factor: f.as_view(), rows: r.as_view_mut(), layout: Layout::rows_major(8, 64, 1.0) }];
+    let (hv, lv) = (&mut hi.as_view_mut(), &mut lo.as_view_mut());
+    let e = lowrank_down_cast_gpu(&gpu, &x.as_view(), 10, 64, &mut parts, hv, Some(lv)).unwrap_err().to_string();
+    assert!(e.contains("bf16 remainder of X has 639 elements, expected 640"), "{e}");
+    let e = lowrank_down_cast_gpu(&gpu, &x.as_view(), 10, 64, &mut [], hv, None).unwrap_err().to_string();
+    assert!(e.contains("needs at least one part"), "{e}");
     let mut y = s.alloc_zeros::<f32>(10 * 64).unwrap();
     let b = s.alloc_zeros::<f32>(63).unwrap();
     let e = lowrank_up_gpu(&gpu, &mut y.as_view_mut(), 10, 64, false, Some(&b.as_view()), &[]).unwrap_err().to_string();

@@ -193,6 +193,11 @@ impl<T: DeviceRepr + Copy + Default> PinnedBuf<T> {
 
 impl<T: DeviceRepr> Drop for PinnedBuf<T> {
     fn drop(&mut self) {
+        if self.device.is_some() {
+            // A kernel may still read mapped pages through their device address: let every queued
+            // one finish first (a failed context reports an error here, and nothing runs any more).
+            let _ = self.ctx.synchronize();
+        }
         // SAFETY: `ptr` came from cuMemHostAlloc in `ctx` (kept alive by the Arc) and is freed
         // once; a failure (a dead context) leaks the pages until the process exits, which is all
         // that can be done.

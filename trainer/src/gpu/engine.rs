@@ -307,6 +307,10 @@ pub struct GpuEngine {
     /// sum per 32,768 gradients: ~30 KB for gpt-oss-20b) come with the first step, outside the
     /// engine's allocation count.
     grad_clip: oxtune_optim::cuda::GradClip,
+    /// Zeroes the gradients (every LoRA tensor and every layer's sinks) in one launch: a table of
+    /// its own, so that neither it nor the clipping's (without the sinks unless they train) is
+    /// uploaded again each step.
+    grad_zero: oxtune_optim::cuda::GradClip,
     prof: Profile,
 }
 
@@ -329,16 +333,16 @@ pub fn activation_bytes(
 
 /// u16 elements of the GPU's shared scratch ([`Gpu::reserve_scratch`]: the bf16 splits of the
 /// operands, and the expert LoRA's partial sums beside them) that the largest op of a step takes:
-/// attention's backward over `t` tokens or fewer (its dK/dV partials can take more below `t`), or
-/// an expert product over one MoE chunk (reduction length up to 2 · intermediate, in the
-/// backward).
+/// attention's backward over `t` tokens or fewer (its dK/dV partials can take more below `t`), an
+/// expert product over one MoE chunk (reduction length up to 2 · intermediate, in the backward),
+/// or the dense LoRA's split low-rank reductions over `t` tokens or fewer.
 fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: usize, precision: Precision) -> usize {
     let mma = if precision == Precision::Exact { Mma::Split } else { Mma::Bf16 };
     let heads = Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
     let slots = chunk_tokens(t, checkpointing, moe_chunk) * cfg.num_experts_per_tok;
     let k = cfg.hidden_size.max(2 * cfg.intermediate_size);
     // The dense LoRA's low-rank products read inputs and gradients of these widths.
-    let lowrank = [cfg.hidden_size, cfg.q_width(), cfg.kv_width()].map(|w| lowrank::scratch_elems(t, w, w));
+    let lowrank = [cfg.hidden_size, cfg.q_width(), cfg.kv_width()].map(|w| lowrank::scratch_elems_up_to(t, w, w));
     let lowrank = lowrank.into_iter().max().unwrap_or(0);
     attention::backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma)).max(lowrank)
 }
@@ -606,6 +610,7 @@ impl GpuEngine {
             fault_at: std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok()),
             passes: 0,
             grad_clip: oxtune_optim::cuda::GradClip::new(),
+            grad_zero: oxtune_optim::cuda::GradClip::new(),
             prof: Profile {
                 on: std::env::var_os("OXTUNE_PROFILE").is_some(),
                 last: std::time::Instant::now(),
@@ -640,7 +645,7 @@ impl GpuEngine {
             grads.push(p.gb.as_view_mut());
         }
         grads.extend(self.dsinks.iter_mut().map(|d| d.as_view_mut()));
-        self.grad_clip.zero(&gpu, &mut grads)?;
+        self.grad_zero.zero(&gpu, &mut grads)?;
         Ok(())
     }
 
@@ -1260,7 +1265,10 @@ impl GpuEngine {
         let out = &mut vm(&mut self.s.x, t * h);
         match &self.w.embed {
             // The rows of the ids load_batch uploaded, read from host memory by the kernel.
-            HostEmbed::Mapped(table) => embedding_gpu_bf16w_host(&self.gpu, table, &v(&self.s.ids, t), h, out)?,
+            // SAFETY: the engine never writes the table after building it (HostEmbed::new fills it).
+            HostEmbed::Mapped(table) => unsafe {
+                embedding_gpu_bf16w_host(&self.gpu, table, &v(&self.s.ids, t), h, out)?
+            },
             // The rows load_batch gathered, uploaded and widened to f32 (ids 0..t).
             HostEmbed::Pageable(_) => {
                 htod(&self.gpu, &self.host_rows, &mut self.s.bf)?;

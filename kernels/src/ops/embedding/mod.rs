@@ -39,10 +39,13 @@ unsafe fn launch<T: DeviceRepr>(
     hidden: usize,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    if hidden == 0 || !table_len.is_multiple_of(hidden) || table_len / hidden > u32::MAX as usize {
+    if hidden == 0 || !table_len.is_multiple_of(hidden) {
         return Err(Error::Shape(format!(
             "embedding: table has {table_len} elements, expected a multiple of hidden {hidden}"
         )));
+    }
+    if table_len / hidden > u32::MAX as usize {
+        return Err(Error::Shape(format!("embedding: {} rows exceed the kernel's 2^32 - 1", table_len / hidden)));
     }
     let tokens = ids.len();
     if out.len() != tokens * hidden {
@@ -94,9 +97,14 @@ pub fn embedding_gpu_bf16w(
 
 /// GPU [`embedding`] from a bf16 table in mapped host memory ([`PinnedBuf::new_mapped`]): the
 /// kernel reads the `ids`' rows over the bus, so the table takes no device memory and the host
-/// gathers nothing. The table must not be written or dropped until the stream has run the kernel
-/// (dropping page-locked memory waits for the device).
-pub fn embedding_gpu_bf16w_host(
+/// gathers nothing.
+///
+/// # Safety
+/// The kernel reads the table after this returns: the caller must not write it
+/// ([`PinnedBuf::as_mut_slice`]) until `gpu`'s stream has run the kernel (a synchronisation, or a
+/// copy back to the host, after the launch). Dropping a mapped buffer synchronises the context
+/// first.
+pub unsafe fn embedding_gpu_bf16w_host(
     gpu: &Gpu,
     table: &PinnedBuf<bf16>,
     ids: &CudaView<'_, u32>,
@@ -106,9 +114,8 @@ pub fn embedding_gpu_bf16w_host(
     let ptr = table
         .device_address()
         .ok_or_else(|| Error::Shape("embedding: the host table is not mapped for the device".into()))?;
-    // SAFETY: the mapped buffer's device address of table.len() values; the caller keeps the
-    // table unwritten (writing needs `&mut`, which the borrow excludes until return) and alive
-    // until the kernel has run.
+    // SAFETY: the mapped buffer's device address of table.len() values, unwritten until the kernel
+    // has run (the caller's contract) and alive until then (a mapped buffer's drop synchronises).
     unsafe { launch::<bf16>(gpu, ptr, table.len(), ids, hidden, out) }
 }
 
@@ -167,11 +174,15 @@ mod tests {
         let mut host = PinnedBuf::<bf16>::new_mapped(gpu, tb.len()).unwrap();
         host.as_mut_slice().copy_from_slice(&tb);
         let mut out2 = s.alloc_zeros::<f32>(ids.len() * hidden).unwrap();
-        embedding_gpu_bf16w_host(gpu, &host, &ids_d.as_view(), hidden, &mut out2.as_view_mut()).unwrap();
+        // SAFETY: the table is not written again; clone_dtoh below synchronises the stream.
+        unsafe { embedding_gpu_bf16w_host(gpu, &host, &ids_d.as_view(), hidden, &mut out2.as_view_mut()) }.unwrap();
         assert_close("embedding bf16w from host memory", &s.clone_dtoh(&out2).unwrap(), &want, 0.0, 0.0);
         // A pinned buffer that is not mapped is an error, not a launch.
         let unmapped = PinnedBuf::<bf16>::new(gpu, tb.len()).unwrap();
-        assert!(embedding_gpu_bf16w_host(gpu, &unmapped, &ids_d.as_view(), hidden, &mut out2.as_view_mut()).is_err());
+        // SAFETY: refused before any launch.
+        let refused =
+            unsafe { embedding_gpu_bf16w_host(gpu, &unmapped, &ids_d.as_view(), hidden, &mut out2.as_view_mut()) };
+        assert!(refused.is_err());
     }
 
     #[test]

@@ -35,8 +35,8 @@ const GRAD_COLS: usize = 32;
 /// Blocks a launch aims for: when the rows (lowrank_down) or columns (lowrank_grad) give fewer,
 /// the reduction is split into ranges whose sums lowrank_reduce_* add in order. Constants, not
 /// the GPU's SM count, so that the ranges (and so the bits) are the same on every card.
-/// lowrank_down's blocks hold 4 warps, and need ~8 a streaming multiprocessor to keep enough of X
-/// in flight; lowrank_grad's hold 8.
+/// lowrank_down's blocks hold 4 warps: 528 of them are 4 a streaming multiprocessor of an H100 or
+/// H200 (16 warps), to keep more of X in flight than 264 did; lowrank_grad's hold 8.
 const DOWN_TARGET_BLOCKS: usize = 528;
 const TARGET_BLOCKS: usize = 264;
 /// Floats of scratch a split reduction writes per range and row (lowrank_down) or column
@@ -252,8 +252,7 @@ fn grad_ranges(t: usize, n: usize) -> (usize, usize) {
 
 /// u16 elements of the GPU's shared scratch that [`lowrank_down_gpu`] (and
 /// [`lowrank_down_cast_gpu`]) over `X [t, k]` and [`lowrank_grad_gpu`] over `Q [t, n]` use at most
-/// (their split reductions' partial sums), for an engine that reserves the scratch up front so
-/// that no step allocates.
+/// (their split reductions' partial sums).
 pub fn scratch_elems(t: usize, k: usize, n: usize) -> usize {
     let down = match (t, k) {
         (0, _) | (_, 0) => 0,
@@ -264,6 +263,13 @@ pub fn scratch_elems(t: usize, k: usize, n: usize) -> usize {
         _ => Some(grad_ranges(t, n).0).filter(|&r| r > 1).map_or(0, |r| r * WS_COLS * n),
     };
     2 * down.max(grad)
+}
+
+/// The most [`scratch_elems`] over every row count up to `t`, for an engine that reserves the
+/// scratch up front so that no step allocates: the split into ranges changes in steps, so a
+/// shorter batch can need more than the longest (e.g. at k = 2,880, 2,944 rows more than 3,072).
+pub fn scratch_elems_up_to(t: usize, k: usize, n: usize) -> usize {
+    (1..=t).map(|r| scratch_elems(r, k, n)).max().unwrap_or(0)
 }
 
 /// A grid of `x` by `y` blocks of `threads`.

@@ -72,6 +72,14 @@ fn split_reductions_tile_their_dimension_and_fit_the_reported_scratch() {
     assert!(16 * ranges >= DOWN_TARGET_BLOCKS / 2 && 16 * ranges <= DOWN_TARGET_BLOCKS + 16, "{ranges}");
     assert_eq!(down_ranges(2048, 512), (8, 64));
     assert_eq!(scratch_elems(0, 2880, 2880), 0);
+    // The bound an engine reserves covers every shorter batch, which can need more than the
+    // longest: 2,944 rows take more than 3,072 over k = 2,880.
+    assert!(scratch_elems(2944, 2880, 0) > scratch_elems(3072, 2880, 0));
+    for (t, w) in [(3072usize, 2880usize), (4096, 512), (9000, 4096)] {
+        let bound = scratch_elems_up_to(t, w, w);
+        assert!((1..=t).all(|r| scratch_elems(r, w, w) <= bound), "t {t} w {w}");
+        assert!(bound >= scratch_elems(t, w, w));
+    }
 }
 
 #[test]

@@ -758,14 +758,29 @@ impl GpuEngine {
     /// Writes `x` (`len` values) into `bf` as [`Self::gemm_split`] reads it: its bf16 halves hi then
     /// lo (`split`), or x rounded to bf16 once (Precision::Bf16).
     fn split_x(gpu: &Gpu, bf: &mut CudaSlice<bf16>, x: &CudaView<f32>, len: usize, split: bool) -> Result<()> {
+        Self::bf16_halves(bf, len, split, |hi, lo| {
+            match lo {
+                Some(lo) => split_f32_to_bf16x2_gpu(gpu, x, hi, lo)?,
+                None => cast_f32_to_bf16_gpu(gpu, x, hi)?,
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `write(hi, lo)` on the parts of `bf` that [`Self::gemm_split`] reads for an operand of
+    /// `len` values: `hi = bf[..len]`, and with `split` `lo = bf[len..2 len]`.
+    fn bf16_halves(
+        bf: &mut CudaSlice<bf16>,
+        len: usize,
+        split: bool,
+        write: impl FnOnce(&mut CudaViewMut<bf16>, Option<&mut CudaViewMut<bf16>>) -> Result<()>,
+    ) -> Result<()> {
         if !split {
-            cast_f32_to_bf16_gpu(gpu, x, &mut bf.slice_mut(0..len))?;
-            return Ok(());
+            return write(&mut bf.slice_mut(0..len), None);
         }
         let mut buf = bf.slice_mut(0..2 * len);
         let (mut hi, mut lo) = buf.split_at_mut(len);
-        split_f32_to_bf16x2_gpu(gpu, x, &mut hi, &mut lo)?;
-        Ok(())
+        write(&mut hi, Some(&mut lo))
     }
 
     /// [`Self::gemm_xw`] on an `x` already written into `bf` by [`Self::split_x`].
@@ -818,21 +833,28 @@ impl GpuEngine {
         Self::gemm_split(blas, bf, t, lin.n_out, lin.n_in, &lin.w.as_view(), true, y, 1.0, split)
     }
 
-    /// `dx [t, in] (= or +=) dy [t, out] · W`.
+    /// `dx [t, in] (= or +=) dy [t, out] · W`, with `lora` (the projection's pair, its `u` and
+    /// the `du` to write) first the output side of its LoRA's backward, whose pass over `dy`
+    /// ([`Self::lora_dense_bwd_out`]) also writes `dy` into `bf` for the product.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         blas: &Blas,
         gpu: &Gpu,
         bf: &mut CudaSlice<bf16>,
         lin: &GpuLinear,
+        lora: Option<(&mut GpuLoraPair, &CudaSlice<f32>, &mut CudaSlice<f32>)>,
         dy: &CudaView<f32>,
         t: usize,
         dx: &mut CudaViewMut<f32>,
         accumulate: bool,
         split: bool,
     ) -> Result<()> {
+        match lora {
+            Some((p, u, du)) => Self::lora_dense_bwd_out(gpu, p, u, dy, t, du, bf, split)?,
+            None => Self::split_x(gpu, bf, dy, t * lin.n_out, split)?,
+        }
         let beta = if accumulate { 1.0 } else { 0.0 };
-        Self::gemm_xw(blas, gpu, bf, t, lin.n_in, lin.n_out, dy, &lin.w.as_view(), false, dx, beta, split)
+        Self::gemm_split(blas, bf, t, lin.n_in, lin.n_out, &lin.w.as_view(), false, dx, beta, split)
     }
 
     /// `u = x Aᵀ` (`[t, r]`) of dense LoRA pairs sharing the input `x [t, in]`, in one pass over it
@@ -890,24 +912,17 @@ impl GpuEngine {
         parts: &mut [DownPart],
         split: bool,
     ) -> Result<()> {
-        let len = t * k;
         if parts.is_empty() {
-            return Self::split_x(gpu, bf, x, len, split);
+            return Self::split_x(gpu, bf, x, t * k, split);
         }
-        if !split {
-            lowrank_down_cast_gpu(gpu, x, t, k, parts, &mut bf.slice_mut(0..len), None)?;
-            return Ok(());
-        }
-        let mut buf = bf.slice_mut(0..2 * len);
-        let (mut hi, mut lo) = buf.split_at_mut(len);
-        lowrank_down_cast_gpu(gpu, x, t, k, parts, &mut hi, Some(&mut lo))?;
-        Ok(())
+        Self::bf16_halves(bf, t * k, split, |hi, lo| Ok(lowrank_down_cast_gpu(gpu, x, t, k, parts, hi, lo)?))
     }
 
     /// The output side of a dense LoRA pair's backward for the gradient `dy [t, out]` of its
-    /// output: `∂B += s · dyᵀ u` and `du = s · dy B` (`[t, r]`), one pass over `dy` each; with
-    /// `cast`, the second pass also writes `dy` into the buffer as [`Self::split_x`] does (`split`)
-    /// for the projection's input gradient ([`Self::gemm_split`]).
+    /// output: `∂B += s · dyᵀ u` and `du = s · dy B` (`[t, r]`), one pass over `dy` each; the
+    /// second also writes `dy` into `bf` as [`Self::split_x`] does, for the projection's input
+    /// gradient ([`Self::gemm_split`]).
+    #[allow(clippy::too_many_arguments)]
     fn lora_dense_bwd_out(
         gpu: &Gpu,
         p: &mut GpuLoraPair,
@@ -915,17 +930,14 @@ impl GpuEngine {
         dy: &CudaView<f32>,
         t: usize,
         du: &mut CudaSlice<f32>,
-        cast: Option<(&mut CudaSlice<bf16>, bool)>,
+        bf: &mut CudaSlice<bf16>,
+        split: bool,
     ) -> Result<()> {
         let SiteLayout { n_out, rank: r, scaling, .. } = p.site;
         let layout = Layout::cols_major(r, scaling);
         lowrank_grad_gpu(gpu, dy, t, n_out, &mut [GradPart { factor: p.gb.as_view_mut(), rows: v(u, t * r), layout }])?;
         let mut down = [DownPart { factor: p.b.as_view(), rows: vm(du, t * r), layout }];
-        match cast {
-            Some((bf, split)) => Self::down_split(gpu, bf, dy, t, n_out, &mut down, split)?,
-            None => lowrank_down_gpu(gpu, dy, t, n_out, &mut down)?,
-        }
-        Ok(())
+        Self::down_split(gpu, bf, dy, t, n_out, &mut down, split)
     }
 
     /// The input side of the backward of dense LoRA pairs sharing the input `x [t, in]`, from each
@@ -1811,19 +1823,15 @@ impl GpuEngine {
         // forward pass) just left the attention LoRA's u in u_attn.
         let u_ready = self.checkpointing;
         let [uq, uk, uv, uo] = &mut s.u_attn;
-        let (o, dy) = (&layer.o, &v(&s.dx, t * h));
-        if let Some(i) = idx(Target::Dense(Dense::O)) {
-            let p = &mut lora[i];
-            if !u_ready {
-                Self::lora_dense_down(gpu, &v(&a.o, t * qw), t, vec![(&*p, &mut *uo)])?;
-            }
-            // dy into bf16 in the pass of du = s dy B, then the projection's input gradient.
-            Self::lora_dense_bwd_out(gpu, p, uo, dy, t, &mut s.du, Some((&mut s.bf, split)))?;
-            let dout = &mut vm(&mut s.dout, t * qw);
-            Self::gemm_split(blas, &s.bf, t, o.n_in, o.n_out, &o.w.as_view(), false, dout, 0.0, split)?;
+        let dout = &mut vm(&mut s.dout, t * qw);
+        let mut po = idx(Target::Dense(Dense::O)).map(|i| &mut lora[i]);
+        if let (Some(p), false) = (&po, u_ready) {
+            Self::lora_dense_down(gpu, &v(&a.o, t * qw), t, vec![(&**p, &mut *uo)])?;
+        }
+        let o_lora = po.as_deref_mut().map(|p| (p, &*uo, &mut s.du));
+        Self::linear_bwd(blas, gpu, &mut s.bf, &layer.o, o_lora, &v(&s.dx, t * h), t, dout, false, split)?;
+        if let Some(p) = po {
             Self::lora_dense_bwd_in(gpu, vec![(p, &s.du)], &v(&a.o, t * qw), t, dout)?;
-        } else {
-            Self::linear_bwd(blas, gpu, &mut s.bf, o, dy, t, &mut vm(&mut s.dout, t * qw), false, split)?;
         }
         let r = &s.ranges[layer.window.is_some() as usize];
         attention_bwd_gpu(
@@ -1872,15 +1880,9 @@ impl GpuEngine {
         .into_iter()
         .enumerate()
         {
-            let (n_out, dy, da) = (lin.n_out, &v(g, t * lin.n_out), &mut vm(&mut s.da, t * h));
-            if let Some(p) = p {
-                // dy into bf16 in the pass of du = s dy B, then the projection's input gradient.
-                Self::lora_dense_bwd_out(gpu, p, u, dy, t, du, Some((&mut s.bf, split)))?;
-                let beta = if j > 0 { 1.0 } else { 0.0 };
-                Self::gemm_split(blas, &s.bf, t, lin.n_in, n_out, &lin.w.as_view(), false, da, beta, split)?;
-            } else {
-                Self::linear_bwd(blas, gpu, &mut s.bf, lin, dy, t, da, j > 0, split)?;
-            }
+            let (dy, da) = (&v(g, t * lin.n_out), &mut vm(&mut s.da, t * h));
+            let lora = p.as_deref_mut().map(|p| (p, u, &mut *du));
+            Self::linear_bwd(blas, gpu, &mut s.bf, lin, lora, dy, t, da, j > 0, split)?;
         }
         let ins = qkv.into_iter().zip([&*duq, &*duk, &*duv]).filter_map(|(p, du)| Some((p?, du)));
         Self::lora_dense_bwd_in(gpu, ins.collect(), &v(&a.a, t * h), t, &mut vm(&mut s.da, t * h))?;

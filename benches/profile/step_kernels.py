@@ -19,18 +19,25 @@ import sys
 UNIT_NS = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6, "s": 1e9, "second": 1e9}
 
 
-def launches(path):
-    """(kernel name, ns) of every launch in the CSV, in launch order."""
+def header_rows(path, columns, hint):
+    """The rows of an ncu CSV from its header on: the first row naming every one of `columns`
+    (ncu prints its own lines before it); exits with `hint` when there is none."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     try:
-        h = next(i for i, r in enumerate(rows) if "Kernel Name" in r and "Metric Value" in r)
+        h = next(i for i, r in enumerate(rows) if all(c in r for c in columns))
     except StopIteration:
-        sys.exit(f"{path}: no ncu CSV header (Kernel Name, Metric Value): did ncu run?")
-    hdr = rows[h]
+        sys.exit(f"{path}: no ncu CSV header ({', '.join(columns)}): {hint}")
+    return rows[h:]
+
+
+def launches(path):
+    """(kernel name, ns) of every launch in the CSV, in launch order."""
+    rows = header_rows(path, ("Kernel Name", "Metric Value"), "did ncu run?")
+    hdr = rows[0]
     name, unit, value, metric = (hdr.index(k) for k in ("Kernel Name", "Metric Unit", "Metric Value", "Metric Name"))
     out = []
-    for r in rows[h + 1:]:
+    for r in rows[1:]:
         if len(r) <= value or r[metric] != "gpu__time_duration.sum":
             continue
         if r[unit] not in UNIT_NS:

@@ -5,8 +5,10 @@
 //! - `gpu-bundle`: builds the GPU crates' test binaries and the trainer's GPU engine tests (release)
 //!   into `gpu-bundle/bin/`, the GPU benchmarks into `gpu-bundle/bench/`, the `oxtune` binary into
 //!   `gpu-bundle/oxtune`, a `gpu-bundle/run` script that runs the tests, GPU tests included, on
-//!   the GPU machine (from the repository root), and `gpu-bundle/profile`, which prints the
-//!   per-kernel time of one training step under Nsight Compute (`benches/profile/step_kernels.py`).
+//!   the GPU machine (from the repository root), `gpu-bundle/profile`, which prints the per-kernel
+//!   time of one training step under Nsight Compute (`benches/profile/step_kernels.py`), and
+//!   `gpu-bundle/profile-kernel`, which prints where one kernel's warps wait
+//!   (`benches/profile/kernel_stalls.py`).
 //! - `check-deps`: enforces the dependency rule: the domain crates (mxfp4, moe, lora, optim, data)
 //!   depend on no other workspace crate except `oxtune-kernels`, and that one only as an optional
 //!   dependency behind their `cuda` feature.
@@ -159,15 +161,20 @@ fn gpu_bundle() -> Result<()> {
         .context("copying step_kernels.py")?;
     let profile = "#!/bin/sh\n# Per-kernel GPU time of one timed training step: `gpu-bundle/profile [bench-train ARGS]`\n# (e.g. --precision bf16) runs oxtune bench-train --steps 1 --warmup 1 under ncu, keeps its CSV in\n# $OUT (or /tmp) and sums the timed step's kernels by name (benches/profile/step_kernels.py).\nd=\"$(dirname \"$0\")\"\ncsv=\"${OUT:-/tmp}/step-kernels.csv\"\nncu --clock-control none --csv --print-units base --metrics gpu__time_duration.sum \"$d/oxtune\" bench-train --steps 1 --warmup 1 \"$@\" > \"$csv\" || exit 1\npython3 \"$d/step_kernels.py\" \"$csv\"\n";
     std::fs::write("gpu-bundle/profile", profile)?;
+    // Where one kernel's warps wait: Nsight Compute's source-level sampling of one launch.
+    std::fs::copy("benches/profile/kernel_stalls.py", "gpu-bundle/kernel_stalls.py")
+        .context("copying kernel_stalls.py")?;
+    let profile_kernel = "#!/bin/sh\n# Where one kernel's warps wait: `gpu-bundle/profile-kernel REGEX [bench-train ARGS]` samples\n# launch SKIP (default 20) of the kernels matching REGEX in oxtune bench-train --steps 1 --warmup 1\n# under ncu, keeps the report, its details and its source page in $OUT (or /tmp) and prints the\n# stalls by region and instruction (benches/profile/kernel_stalls.py).\nd=\"$(dirname \"$0\")\"\nk=\"$1\"\nshift\no=\"${OUT:-/tmp}\"\nncu --clock-control none --kernel-name \"regex:$k\" --launch-skip \"${SKIP:-20}\" --launch-count 1 --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o \"$o/kernel\" \"$d/oxtune\" bench-train --steps 1 --warmup 1 \"$@\" > \"$o/kernel-ncu.log\" 2>&1 || { tail -20 \"$o/kernel-ncu.log\"; exit 1; }\nncu -i \"$o/kernel.ncu-rep\" --page details > \"$o/kernel-details.txt\" || exit 1\ngrep -E \"Duration|Throughput|Issue Slots Busy|Eligible Warps|Warp Cycles Per Issued\" \"$o/kernel-details.txt\"\nncu -i \"$o/kernel.ncu-rep\" --page source --csv --print-source sass > \"$o/kernel-source.csv\" || exit 1\npython3 \"$d/kernel_stalls.py\" \"$o/kernel-source.csv\"\n";
+    std::fs::write("gpu-bundle/profile-kernel", profile_kernel)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        for f in ["gpu-bundle/run", "gpu-bundle/profile"] {
+        for f in ["gpu-bundle/run", "gpu-bundle/profile", "gpu-bundle/profile-kernel"] {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755))?;
         }
     }
     println!(
-        "gpu-bundle: {} test binaries in gpu-bundle/bin, benchmarks in gpu-bundle/bench, and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run (gpu-bundle/profile: per-kernel time of a training step)",
+        "gpu-bundle: {} test binaries in gpu-bundle/bin, benchmarks in gpu-bundle/bench, and gpu-bundle/oxtune; on the GPU machine run gpu-bundle/run (gpu-bundle/profile: per-kernel time of a training step; gpu-bundle/profile-kernel REGEX: where one kernel's warps wait)",
         names.len()
     );
     Ok(())

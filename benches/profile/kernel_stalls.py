@@ -82,7 +82,13 @@ def main():
     for r in data:
         for n in stalls:
             reasons[n[len("stall_") :]] += count(r, idx[n])
-    print(f"{total} samples; stall reasons: " + ", ".join(f"{n} {v / total:.1%}" for n, v in reasons.most_common(8)))
+    # ncu's CSV leaves some reasons out (the warpgroup products' own stalls, for one).
+    unlisted = 1 - sum(reasons.values()) / total
+    print(
+        f"{total} samples; stall reasons: "
+        + ", ".join(f"{n} {v / total:.1%}" for n, v in reasons.most_common(8))
+        + f"; reasons the CSV does not name {unlisted:.1%}"
+    )
     by_region = collections.defaultdict(lambda: [0, collections.Counter()])
     for label, r in zip(regions(data, src), data):
         by_region[label][0] += count(r, samples)

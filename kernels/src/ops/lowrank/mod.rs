@@ -232,22 +232,26 @@ fn each_launch(
     })
 }
 
-/// lowrank_down's k ranges over `X [t, k]` (`k > 0`) and their length: a block per DOWN_THREADS
-/// rows, and k ranges of DOWN_KC multiples, enough for the GPU when the rows alone are too few.
-fn down_ranges(t: usize, k: usize) -> (usize, usize) {
+/// lowrank_down's k ranges over `X [t, k]` (`k > 0`), their length and the floats of scratch
+/// their partial sums take (0 with one range): a block per DOWN_THREADS rows, and k ranges of
+/// DOWN_KC multiples, enough for the GPU when the rows alone are too few.
+fn down_ranges(t: usize, k: usize) -> (usize, usize, usize) {
     let row_blocks = t.div_ceil(DOWN_THREADS as usize).max(1);
     let ranges = DOWN_TARGET_BLOCKS.div_ceil(row_blocks).clamp(1, k.div_ceil(DOWN_KC).max(1));
     let ks = k.div_ceil(ranges).next_multiple_of(DOWN_KC);
-    (k.div_ceil(ks), ks)
+    let ranges = k.div_ceil(ks);
+    (ranges, ks, if ranges > 1 { ranges * t * WS_COLS } else { 0 })
 }
 
-/// lowrank_grad's row ranges over `Q [t, n]` (`t > 0`) and their length: enough blocks for the
-/// GPU when the columns alone are too few.
-fn grad_ranges(t: usize, n: usize) -> (usize, usize) {
+/// lowrank_grad's row ranges over `Q [t, n]` (`t > 0`), their length and the floats of scratch
+/// their partial sums take (0 with one range): enough blocks for the GPU when the columns alone
+/// are too few.
+fn grad_ranges(t: usize, n: usize) -> (usize, usize, usize) {
     let col_blocks = n.div_ceil(GRAD_COLS).max(1);
     let ranges = TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, t.div_ceil(GRAD_MIN_RANGE).max(1));
     let rs_len = t.div_ceil(ranges);
-    (t.div_ceil(rs_len), rs_len)
+    let ranges = t.div_ceil(rs_len);
+    (ranges, rs_len, if ranges > 1 { ranges * WS_COLS * n } else { 0 })
 }
 
 /// u16 elements of the GPU's shared scratch that [`lowrank_down_gpu`] (and
@@ -256,11 +260,11 @@ fn grad_ranges(t: usize, n: usize) -> (usize, usize) {
 pub fn scratch_elems(t: usize, k: usize, n: usize) -> usize {
     let down = match (t, k) {
         (0, _) | (_, 0) => 0,
-        _ => Some(down_ranges(t, k).0).filter(|&r| r > 1).map_or(0, |r| r * t * WS_COLS),
+        _ => down_ranges(t, k).2,
     };
     let grad = match (t, n) {
         (0, _) | (_, 0) => 0,
-        _ => Some(grad_ranges(t, n).0).filter(|&r| r > 1).map_or(0, |r| r * WS_COLS * n),
+        _ => grad_ranges(t, n).2,
     };
     2 * down.max(grad)
 }
@@ -397,7 +401,7 @@ fn down(
         return Err(shape("lowrank_down: k = 0 (an empty product)".into()));
     }
     let row_blocks = t.div_ceil(DOWN_THREADS as usize);
-    let (ranges, ks) = down_ranges(t, k);
+    let (ranges, ks, ws_floats) = down_ranges(t, k);
     let (ks32, ranges32) = (ks as u32, ranges as u32);
     let s = &gpu.stream;
     let (addrs, guards): (Vec<_>, Vec<_>) = parts
@@ -407,7 +411,6 @@ fn down(
             ((f, r, p.layout), (fg, rg))
         })
         .unzip();
-    let ws_floats = if ranges > 1 { ranges * t * WS_COLS } else { 0 };
     let mut cast = cast.unwrap_or((0, 0));
     each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_ptr| {
         let f = gpu.function("lowrank", SRC, &format!("lowrank_down_{bucket}"))?;
@@ -536,7 +539,7 @@ pub fn lowrank_grad_gpu(
         return Ok(());
     }
     let col_blocks = n.div_ceil(GRAD_COLS);
-    let (ranges, rs_len) = grad_ranges(t, n);
+    let (ranges, rs_len, ws_floats) = grad_ranges(t, n);
     let (rs32, ranges32) = (rs_len as u32, ranges as u32);
     let s = &gpu.stream;
     let (addrs, guards): (Vec<_>, Vec<_>) = parts
@@ -546,7 +549,6 @@ pub fn lowrank_grad_gpu(
             ((f, r, p.layout), (fg, rg))
         })
         .unzip();
-    let ws_floats = if ranges > 1 { ranges * WS_COLS * n } else { 0 };
     each_launch(gpu, &addrs, ws_floats, |ps, bucket, ws_ptr| {
         let f = gpu.function("lowrank", SRC, &format!("lowrank_grad_{bucket}"))?;
         // SAFETY: lowrank_grad_RB(const float* q, LrParts ps, unsigned t, unsigned n, unsigned

@@ -55,22 +55,23 @@ fn launches_cut_ranks_and_pack_parts_in_order() {
 fn split_reductions_tile_their_dimension_and_fit_the_reported_scratch() {
     for t in [1usize, 77, 2048, 9000, 65536] {
         for k in [1usize, 64, 90, 512, 2880, 4096] {
-            let (ranges, ks) = down_ranges(t, k);
+            let (ranges, ks, down_floats) = down_ranges(t, k);
             // Ranges of whole DOWN_KC multiples that cover k, none empty.
             assert!(ks % DOWN_KC == 0 && ranges * ks >= k && (ranges - 1) * ks < k, "down t {t} k {k}");
-            let (gr, rs) = grad_ranges(t, k);
+            let (gr, rs, grad_floats) = grad_ranges(t, k);
             assert!(gr * rs >= t && (gr - 1) * rs < t, "grad t {t} n {k}");
             // What the launchers take from the scratch (u16) is within the reported bound.
             let down_ws = if ranges > 1 { 2 * ranges * t * WS_COLS } else { 0 };
             let grad_ws = if gr > 1 { 2 * gr * WS_COLS * k } else { 0 };
+            assert_eq!((2 * down_floats, 2 * grad_floats), (down_ws, grad_ws), "launch scratch t {t} k {k}");
             assert!(scratch_elems(t, k, k) >= down_ws.max(grad_ws), "scratch t {t} k {k}");
         }
     }
     // gpt-oss at 2048 tokens (16 row blocks): q, k, v's u over the hidden size in about the blocks
     // aimed for; k and v's du over 512 in 8 ranges of 64.
-    let (ranges, _) = down_ranges(2048, 2880);
+    let (ranges, _, _) = down_ranges(2048, 2880);
     assert!(16 * ranges >= DOWN_TARGET_BLOCKS / 2 && 16 * ranges <= DOWN_TARGET_BLOCKS + 16, "{ranges}");
-    assert_eq!(down_ranges(2048, 512), (8, 64));
+    assert_eq!(down_ranges(2048, 512), (8, 64, 8 * 2048 * WS_COLS));
     assert_eq!(scratch_elems(0, 2880, 2880), 0);
     // The bound an engine reserves covers every shorter batch, which can need more than the
     // longest: 2,944 rows take more than 3,072 over k = 2,880.
@@ -114,6 +115,19 @@ fn tol(len: usize) -> (f32, f32) {
     (2e-6 * (len as f32).sqrt().max(1.0), 1e-5)
 }
 
+/// The down-projection parts of factors `fd` writing row-wise buffers `rd`, one per layout.
+fn down_parts<'a>(
+    fd: &'a [cudarc::driver::CudaSlice<f32>],
+    rd: &'a mut [cudarc::driver::CudaSlice<f32>],
+    layouts: &[Layout],
+) -> Vec<DownPart<'a>> {
+    fd.iter()
+        .zip(rd.iter_mut())
+        .zip(layouts)
+        .map(|((f, r), l)| DownPart { factor: f.as_view(), rows: r.as_view_mut(), layout: *l })
+        .collect()
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
 fn down_matches_reference() {
@@ -146,12 +160,7 @@ fn down_matches_reference() {
         // Row-wise outputs prefilled with a marker: columns past the rank (ld > rank) must keep it.
         let mut rd: Vec<_> = layouts.iter().map(|l| s.clone_htod(&vec![7.0f32; t * l.ld]).unwrap()).collect();
         {
-            let mut parts: Vec<DownPart> = fd
-                .iter()
-                .zip(rd.iter_mut())
-                .zip(&layouts)
-                .map(|((f, r), l)| DownPart { factor: f.as_view(), rows: r.as_view_mut(), layout: *l })
-                .collect();
+            let mut parts = down_parts(&fd, &mut rd, &layouts);
             lowrank_down_gpu(&gpu, &xd.as_view(), t, k, &mut parts).unwrap();
         }
         for (i, l) in layouts.iter().enumerate() {
@@ -177,12 +186,7 @@ fn down_matches_reference() {
             let mut lo = s.clone_htod(&vec![bf16::from_f32(-3.0); t * k]).unwrap();
             let mut rd2: Vec<_> = layouts.iter().map(|l| s.clone_htod(&vec![7.0f32; t * l.ld]).unwrap()).collect();
             {
-                let mut parts: Vec<DownPart> = fd
-                    .iter()
-                    .zip(rd2.iter_mut())
-                    .zip(&layouts)
-                    .map(|((f, r), l)| DownPart { factor: f.as_view(), rows: r.as_view_mut(), layout: *l })
-                    .collect();
+                let mut parts = down_parts(&fd, &mut rd2, &layouts);
                 let mut lo_view = lo.as_view_mut();
                 let lo_arg = if with_lo { Some(&mut lo_view) } else { None };
                 lowrank_down_cast_gpu(&gpu, &xd.as_view(), t, k, &mut parts, &mut hi.as_view_mut(), lo_arg).unwrap();

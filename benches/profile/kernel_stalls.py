@@ -74,14 +74,19 @@ def main():
     idx, data = load(sys.argv[1])
     top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
     src, samples = idx["Source"], idx["Warp Stall Sampling (All Samples)"]
-    stalls = [n for n in idx if n.startswith("stall_") and "Not Issued" not in n]
-    total = sum(count(r, samples) for r in data)
+    # The stall columns: reason (the column's name without "stall_") -> column index.
+    stalls = {n[len("stall_") :]: i for n, i in idx.items() if n.startswith("stall_") and "Not Issued" not in n}
+    by_region = collections.defaultdict(lambda: [0, collections.Counter()])
+    for label, r in zip(regions(data, src), data):
+        by_region[label][0] += count(r, samples)
+        for w, i in stalls.items():
+            by_region[label][1][w] += count(r, i)
+    total = sum(n for n, _ in by_region.values())
     if total == 0:
         sys.exit(f"{sys.argv[1]}: no samples (was the SourceCounters section collected?)")
     reasons = collections.Counter()
-    for r in data:
-        for n in stalls:
-            reasons[n[len("stall_") :]] += count(r, idx[n])
+    for _, why in by_region.values():
+        reasons.update(why)  # (keeps reasons with no samples, as the regions' counters do)
     # ncu's CSV leaves some reasons out (the warpgroup products' own stalls, for one).
     unlisted = 1 - sum(reasons.values()) / total
     print(
@@ -89,11 +94,6 @@ def main():
         + ", ".join(f"{n} {v / total:.1%}" for n, v in reasons.most_common(8))
         + f"; reasons the CSV does not name {unlisted:.1%}"
     )
-    by_region = collections.defaultdict(lambda: [0, collections.Counter()])
-    for label, r in zip(regions(data, src), data):
-        by_region[label][0] += count(r, samples)
-        for n in stalls:
-            by_region[label][1][n[len("stall_") :]] += count(r, idx[n])
     print("\nshare  region: its main stall reasons")
     for label, (n, why) in sorted(by_region.items(), key=lambda x: -x[1][0]):
         if n:
@@ -103,7 +103,7 @@ def main():
     ranked = sorted(range(len(data)), key=lambda k: -count(data[k], samples))[:top]
     for k in ranked:
         r = data[k]
-        why = sorted(((count(r, idx[n]), n[len("stall_") :]) for n in stalls), reverse=True)[:3]
+        why = sorted(((count(r, i), w) for w, i in stalls.items()), reverse=True)[:3]
         reasons_text = ", ".join(f"{w} {v}" for v, w in why if v)
         print(f"{count(r, samples) / total:5.1%} {k:5d}  {r[src].strip()[:64]:64s} {reasons_text}")
 

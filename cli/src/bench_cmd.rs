@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Keep each layer's input (the checkpoints) in host memory.
     #[arg(long)]
     offload_checkpoints: bool,
+    /// Launch every kernel of a step one by one instead of replaying the step's pass from CUDA
+    /// graphs (captured on the second step).
+    #[arg(long)]
+    no_cuda_graphs: bool,
     /// Timed steps, after the warm-up steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -87,6 +91,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             checkpointing: !a.no_checkpointing,
             precision,
             offload_checkpoints: a.offload_checkpoints,
+            cuda_graphs: !a.no_cuda_graphs,
             seed: 0,
         };
         if model_w.is_none() {

@@ -132,6 +132,10 @@ pub struct TrainArgs {
     /// GPU memory (longer sequences fit; one copy each way per layer and step).
     #[arg(long)]
     offload_checkpoints: bool,
+    /// On the GPU: launch every kernel one by one instead of replaying the pass of a micro-batch
+    /// size seen before from CUDA graphs.
+    #[arg(long)]
+    no_cuda_graphs: bool,
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -194,6 +198,7 @@ impl TrainArgs {
             c.precision = p.parse()?;
         }
         c.offload_checkpoints |= self.offload_checkpoints;
+        c.cuda_graphs &= !self.no_cuda_graphs;
         Ok(c)
     }
 }

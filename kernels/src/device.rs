@@ -1,6 +1,7 @@
 //! The GPU: context, stream, architecture, and kernels loaded from their CUBINs.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaViewMut};
@@ -10,6 +11,10 @@ use crate::{nvrtc, Error, Result};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
+    /// The stream every op runs on: a stream of its own (not the legacy default stream, which
+    /// cannot be captured into a CUDA graph), with cudarc's per-buffer event tracking off: the
+    /// ops are ordered by this one stream, and work on other streams (the host copies of
+    /// `pinned::CopyStream`) is ordered by explicit events.
     pub stream: Arc<CudaStream>,
     /// NVRTC target: `sm_90a` on Hopper (wgmma, TMA), `sm_XY` elsewhere.
     pub arch: String,
@@ -17,6 +22,8 @@ pub struct Gpu {
     /// Scratch of the ops that stage their operands (the bf16 splits of attention and of the
     /// MXFP4 expert GEMM's A): one buffer, reused call after call on the stream ([`Gpu::with_scratch`]).
     scratch: Mutex<Option<CudaSlice<u16>>>,
+    /// Bumped whenever the shared scratch is replaced or freed ([`Gpu::scratch_generation`]).
+    scratch_gen: AtomicU64,
 }
 
 /// Whether libcuda can be loaded (a GPU machine).
@@ -73,8 +80,20 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
         let arch = if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
-        let stream = ctx.default_stream();
-        Ok(Self { ctx, stream, arch, modules: Mutex::new(HashMap::new()), scratch: Mutex::new(None) })
+        // SAFETY: every op of this crate and its users runs on `stream`; the one other stream
+        // (`pinned::CopyStream`) orders its copies against it with explicit events. No buffer is
+        // used by two streams without them, so cudarc's automatic events are not needed (and
+        // they would record an event per kernel argument, also inside a CUDA graph capture).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        Ok(Self {
+            ctx,
+            stream,
+            arch,
+            modules: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(None),
+            scratch_gen: AtomicU64::new(0),
+        })
     }
 
     /// Frees the shared scratch ([`Gpu::reserve_scratch`]; the next op that needs it allocates
@@ -85,6 +104,7 @@ impl Gpu {
     pub fn release_cached_memory(&self) -> Result<()> {
         use cudarc::driver::sys;
         *self.scratch_lock() = None;
+        self.scratch_gen.fetch_add(1, Ordering::Relaxed);
         self.stream.synchronize()?;
         self.ctx.bind_to_thread()?;
         let mut pool = std::mem::MaybeUninit::uninit();
@@ -105,6 +125,12 @@ impl Gpu {
         self.grow_scratch(&mut self.scratch_lock(), elems)
     }
 
+    /// A number that changes whenever the shared scratch is replaced (it grew) or freed: work
+    /// recorded with its address (a CUDA graph) is stale once it differs.
+    pub fn scratch_generation(&self) -> u64 {
+        self.scratch_gen.load(Ordering::Relaxed)
+    }
+
     /// Elements (u16) the shared scratch holds now.
     pub fn scratch_elems(&self) -> usize {
         self.scratch_lock().as_ref().map_or(0, |b| b.len())
@@ -118,6 +144,7 @@ impl Gpu {
     /// Replaces `scratch` by `elems` u16 (uninitialised) if it holds fewer.
     fn grow_scratch(&self, scratch: &mut Option<CudaSlice<u16>>, elems: usize) -> Result<()> {
         if scratch.as_ref().is_none_or(|b| b.len() < elems) {
+            self.scratch_gen.fetch_add(1, Ordering::Relaxed);
             // Freed in stream order: kernels queued on the old buffer finish first.
             *scratch = None;
             // SAFETY: every op writes the scratch before it reads it (with_scratch's contract).

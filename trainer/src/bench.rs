@@ -31,6 +31,8 @@ pub struct BenchConfig {
     pub checkpointing: bool,
     pub precision: Precision,
     pub offload_checkpoints: bool,
+    /// Replay each step's pass from CUDA graphs ([`EngineOptions::cuda_graphs`]).
+    pub cuda_graphs: bool,
     pub seed: u64,
 }
 
@@ -46,6 +48,8 @@ pub struct BenchReport {
     pub lora_experts: bool,
     pub checkpointing: bool,
     pub precision: Precision,
+    /// Whether the timed steps replayed their pass from CUDA graphs.
+    pub cuda_graphs: bool,
     pub trainable: usize,
     /// Median over the timed steps.
     pub step_s: f64,
@@ -105,6 +109,7 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
         checkpointing: b.checkpointing,
         precision: b.precision,
         offload_checkpoints: b.offload_checkpoints,
+        cuda_graphs: b.cuda_graphs,
         ..Default::default()
     };
     let mut eng = GpuEngine::with_options(gpu.clone(), model, &adapter, tokens, opts)?;
@@ -174,6 +179,14 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
     for (phase, secs) in eng.profile() {
         log(&format!("profile (OXTUNE_PROFILE, per timed step): {phase}: {:.4}s", secs / b.steps as f64));
     }
+    // The first step of a size runs eagerly, the second is captured: with two warm-up steps the
+    // timed ones replay the graphs.
+    let cuda_graphs = eng.graphed_sizes() > 0;
+    match eng.cuda_graphs_off() {
+        Some(why) => log(&format!("CUDA graphs off: {why}")),
+        None if cuda_graphs => log("CUDA graphs: each step's layers forward and backward replayed as two graphs"),
+        None => log("CUDA graphs: none captured yet (a size is captured on its second step: use --warmup 2 or more)"),
+    }
     let r = eng.routing_stats();
     if r.plans > 0 {
         // Rows the expert kernels multiply for every row that holds a token: tiles x tile rows / slots.
@@ -207,6 +220,7 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
         lora_experts: b.lora_experts,
         checkpointing: b.checkpointing,
         precision: b.precision,
+        cuda_graphs,
         trainable: adapter.num_params(),
         step_s,
         tok_s: tokens as f64 / step_s,

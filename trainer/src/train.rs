@@ -104,6 +104,9 @@ pub struct TrainConfig {
     /// On the GPU with checkpointing: keep each layer's input in host memory (long sequences on
     /// less GPU memory, a copy each way per layer and step).
     pub offload_checkpoints: bool,
+    /// On the GPU: replay the pass of a micro-batch size seen before from CUDA graphs (captured
+    /// the second time that size comes) instead of launching its kernels one by one.
+    pub cuda_graphs: bool,
 }
 
 impl Default for TrainConfig {
@@ -144,6 +147,7 @@ impl Default for TrainConfig {
             activation_checkpointing: true,
             precision: Precision::Exact,
             offload_checkpoints: false,
+            cuda_graphs: true,
         }
     }
 }
@@ -557,6 +561,7 @@ impl Trainer {
                     checkpointing: ckpt,
                     precision: t.cfg.precision,
                     offload_checkpoints: t.cfg.offload_checkpoints,
+                    cuda_graphs: t.cfg.cuda_graphs,
                     ..Default::default()
                 };
                 let eng = GpuEngine::with_options(gpu, &t.model, &t.adapter, budget, opts)?;

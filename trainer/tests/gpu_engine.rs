@@ -285,6 +285,95 @@ fn gpu_lora_gradients_on_dense_experts_match_cpu() {
     assert!(worst.0 <= 1e-3, "dense experts: gradient of {} off by {:.2e}", worst.1, worst.0);
 }
 
+/// A second batch of `packed_batch`'s size (37 tokens) with other ids, targets and sequences.
+fn other_batch_of_37(vocab: usize) -> TrainBatch {
+    let lens = [[14usize].as_slice(), [11, 12].as_slice()];
+    let (mut b, mut start) = (TrainBatch::default(), 0);
+    for row in lens {
+        for (s, &len) in row.iter().enumerate() {
+            for p in 0..len {
+                let i = b.ids.len();
+                b.ids.push(((i * 7727 + 101) % vocab) as u32);
+                b.pos.push(p as u32);
+                b.seg.push(s as u32);
+                b.targets.push(if p % 3 == 0 { -100 } else { ((i * 53 + 17) % vocab) as i64 });
+            }
+        }
+        b.rows.push(start..b.ids.len());
+        start = b.ids.len();
+    }
+    b
+}
+
+/// CUDA graphs: a micro-batch size runs eagerly the first time, is captured the second and
+/// replayed after; every pass must give the bits of the same pass launched kernel by kernel
+/// (the loss and every LoRA and sink gradient), for both batches of one size in turn (their ids,
+/// sequences, targets and loss scale are not part of the graphs), in both precisions, with
+/// MoE chunks, and with the embedding rows gathered on the host.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+fn cuda_graph_replays_give_the_bits_of_eager_passes() {
+    let gpu = gpu();
+    let m = Model::load(&fixtures().join("model/tiny-top4")).unwrap();
+    let adapter = || {
+        let mut a = LoraAdapter::new(&m.cfg, LoraSpec { r: 4, ..LoraSpec::default() }, 5).unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for (_, b, _) in a.params().into_iter().filter(|(k, _, _)| k.contains("lora_B")) {
+            for x in b.iter_mut() {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                *x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            }
+        }
+        a
+    };
+    let batches = [packed_batch(m.cfg.vocab_size), other_batch_of_37(m.cfg.vocab_size)];
+    assert_eq!(batches[0].ids.len(), batches[1].ids.len());
+    assert_ne!(batches[0].counted(), batches[1].counted(), "the loss scales should differ");
+    let layers = m.cfg.num_hidden_layers;
+    let nq = m.cfg.num_attention_heads;
+    let pass = |eng: &mut GpuEngine, a: &mut LoraAdapter, b: &TrainBatch| {
+        eng.zero_grads().unwrap();
+        let (loss, n) = eng.forward_backward(b, 1.0 / b.counted() as f32).unwrap();
+        let mut sinks = vec![vec![0.0f32; nq]; layers];
+        eng.download_grads(a, Some(&mut sinks)).unwrap();
+        let mut grads: Vec<Vec<f32>> = a.grads().into_iter().map(|(_, _, g)| g.to_vec()).collect();
+        grads.extend(sinks);
+        (loss, n, grads)
+    };
+    let cases = [
+        ("exact", EngineOptions::default()),
+        ("bf16", EngineOptions { precision: Precision::Bf16, ..Default::default() }),
+        ("MoE chunks of 7", EngineOptions { moe_chunk: 7, ..Default::default() }),
+        ("pageable embeddings", EngineOptions { pageable_embeddings: true, ..Default::default() }),
+    ];
+    for (name, opts) in cases {
+        let mut a = adapter();
+        let mut eager =
+            GpuEngine::with_options(gpu.clone(), &m, &a, 64, EngineOptions { cuda_graphs: false, ..opts }).unwrap();
+        assert!(eager.cuda_graphs_off().is_some());
+        let want: Vec<_> = batches.iter().map(|b| pass(&mut eager, &mut a, b)).collect();
+        for (loss, _, grads) in &want {
+            assert!(loss.is_finite() && *loss > 0.0);
+            assert!(grads.iter().flatten().any(|&g| g != 0.0), "{name}: all gradients zero, nothing is checked");
+        }
+        assert!(want[0].0 != want[1].0, "{name}: the two batches should have different losses");
+        drop(eager);
+        let mut graphed = GpuEngine::with_options(gpu.clone(), &m, &a, 64, opts).unwrap();
+        // Eager (first sight), captured and launched, then replayed three times.
+        for (i, which) in [0usize, 1, 0, 1, 0].into_iter().enumerate() {
+            let got = pass(&mut graphed, &mut a, &batches[which]);
+            assert_eq!(graphed.cuda_graphs_off(), None, "{name}: pass {i}");
+            assert_eq!(graphed.graphed_sizes(), usize::from(i >= 1), "{name}: graphs held after pass {i}");
+            let (loss, n, grads) = &want[which];
+            assert_eq!((got.0, got.1), (*loss, *n), "{name}: pass {i} (batch {which}): loss");
+            for (t, (g, w)) in got.2.iter().zip(grads).enumerate() {
+                assert!(g == w, "{name}: pass {i} (batch {which}): gradient tensor {t} differs from the eager pass");
+            }
+        }
+        println!("{name}: 5 passes (eager, captured, 3 replays) bit for bit as launched one by one");
+    }
+}
+
 fn run(device: Device, out: &Path) -> Vec<f64> {
     let cfg = TrainConfig {
         out: out.to_path_buf(),

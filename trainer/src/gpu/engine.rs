@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
+use cudarc::driver::{sys as cu, CudaGraph, CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 use half::bf16;
 use oxtune_kernels::blas::Blas;
 use oxtune_kernels::ops::attention::{self, attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
@@ -34,6 +34,7 @@ use oxtune_moe::router::{route_backward_gpu, topk_softmax_gpu};
 use oxtune_moe::swiglu::{swiglu_backward_gpu, swiglu_gpu};
 use oxtune_moe::{Proj, SwigluParams};
 
+use super::graphs::{GraphCache, Lookup};
 use super::weights::{Alloc, ExpertW, GpuLinear, GpuWeights, HostEmbed};
 use super::{EngineOptions, Precision};
 use crate::adapter::Dense;
@@ -312,7 +313,25 @@ pub struct GpuEngine {
     /// uploaded again each step.
     grad_zero: oxtune_optim::cuda::GradClip,
     prof: Profile,
+    /// The training passes' CUDA graphs by micro-batch size ([`EngineOptions::cuda_graphs`]).
+    graphs: GraphCache<PassGraphs>,
+    /// Why the passes run without CUDA graphs: not asked for, a mode that synchronises with the
+    /// host inside a pass, or a capture that failed (after which every pass runs eagerly).
+    graphs_off: Option<String>,
 }
+
+/// The CUDA graphs of one micro-batch size's training pass: the layers forward (embedding
+/// included) and the layers backward (each layer's recomputation included); the LM head and
+/// loss run between them as usual, since the positions they score change from batch to batch.
+struct PassGraphs {
+    forward: CudaGraph,
+    backward: CudaGraph,
+    /// [`Gpu::scratch_generation`] when they were captured: they name the scratch's address.
+    scratch_gen: u64,
+}
+
+/// Micro-batch sizes whose graphs the engine keeps (packed batches all have one size).
+const GRAPHED_SIZES: usize = 4;
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
 /// weights and LoRA), to check against free memory first.
@@ -420,7 +439,14 @@ impl GpuEngine {
         max_tokens: usize,
         opts: EngineOptions,
     ) -> Result<Self> {
-        let EngineOptions { checkpointing, moe_chunk, precision, offload_checkpoints, pageable_embeddings } = opts;
+        let EngineOptions {
+            checkpointing,
+            moe_chunk,
+            precision,
+            offload_checkpoints,
+            pageable_embeddings,
+            cuda_graphs,
+        } = opts;
         if offload_checkpoints && !checkpointing {
             return Err(Error::Input(
                 "offloading the activation checkpoints to host memory needs activation checkpointing (drop \
@@ -440,6 +466,7 @@ impl GpuEngine {
         // reservation needs no free memory.
         let need = weight_bytes
             + lora_bytes
+            + oxtune_kernels::blas::WORKSPACE_BYTES
             + activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload, precision)
             - 2 * staged.min(gpu.scratch_elems());
         let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
@@ -449,7 +476,7 @@ impl GpuEngine {
                     "training with micro-batches of {t} tokens ({:.2} GiB weights, {:.2} GiB LoRA and gradients, {:.2} GiB activations)",
                     weight_bytes as f64 / super::GIB,
                     lora_bytes as f64 / super::GIB,
-                    (need - weight_bytes - lora_bytes) as f64 / super::GIB
+                    (need - weight_bytes - lora_bytes - oxtune_kernels::blas::WORKSPACE_BYTES) as f64 / super::GIB
                 ),
                 need,
                 free,
@@ -457,7 +484,8 @@ impl GpuEngine {
             ));
         }
         let blas = Blas::new(&gpu)?;
-        let mut al = Alloc { gpu: &gpu, bytes: 0 };
+        // The cuBLAS handle's workspace counts as the engine's.
+        let mut al = Alloc { gpu: &gpu, bytes: oxtune_kernels::blas::WORKSPACE_BYTES };
         // The attention and expert kernels stage their operands in the GPU's shared scratch: sized
         // here for the largest op of a step, so that a step allocates nothing.
         al.scratch(staged)?;
@@ -586,6 +614,19 @@ impl GpuEngine {
             ],
         };
         let bytes = al.bytes;
+        let prof_on = std::env::var_os("OXTUNE_PROFILE").is_some();
+        let fault_at = std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok());
+        let graphs_off = if !cuda_graphs {
+            Some("turned off (--no-cuda-graphs)".to_string())
+        } else if offload {
+            Some("the offloaded checkpoints wait for their copies inside a pass".to_string())
+        } else if prof_on {
+            Some("OXTUNE_PROFILE synchronises inside a pass".to_string())
+        } else if fault_at.is_some() {
+            Some("OXTUNE_FAULT_AT_STEP injects a fault between launches".to_string())
+        } else {
+            None
+        };
         Ok(Self {
             blas,
             rope_scaling: model.rope.attention_scaling,
@@ -607,12 +648,14 @@ impl GpuEngine {
             max_tokens: t,
             bytes,
             gpu,
-            fault_at: std::env::var("OXTUNE_FAULT_AT_STEP").ok().and_then(|v| v.parse().ok()),
+            fault_at,
             passes: 0,
             grad_clip: oxtune_optim::cuda::GradClip::new(),
             grad_zero: oxtune_optim::cuda::GradClip::new(),
+            graphs: GraphCache::new(GRAPHED_SIZES),
+            graphs_off,
             prof: Profile {
-                on: std::env::var_os("OXTUNE_PROFILE").is_some(),
+                on: prof_on,
                 last: std::time::Instant::now(),
                 totals: vec![],
                 routing: RoutingStats::default(),
@@ -1252,11 +1295,14 @@ impl GpuEngine {
         match &self.w.embed {
             // The embedding kernel reads the rows of these ids from host memory.
             HostEmbed::Mapped(_) => htod(gpu, ids, &mut self.s.ids)?,
+            // The rows gathered here and uploaded now, so that a pass (a CUDA graph's included)
+            // copies nothing from pageable memory.
             HostEmbed::Pageable(table) => {
                 self.host_rows.clear();
                 for &id in ids {
                     self.host_rows.extend_from_slice(&table[id as usize * h..(id as usize + 1) * h]);
                 }
+                htod(gpu, &self.host_rows, &mut self.s.bf)?;
             }
         }
         htod(gpu, pos, &mut self.s.pos)?;
@@ -1281,9 +1327,8 @@ impl GpuEngine {
             HostEmbed::Mapped(table) => unsafe {
                 embedding_gpu_bf16w_host(&self.gpu, table, &v(&self.s.ids, t), h, out)?
             },
-            // The rows load_batch gathered, uploaded and widened to f32 (ids 0..t).
+            // The rows load_batch gathered and uploaded, widened to f32 (ids 0..t).
             HostEmbed::Pageable(_) => {
-                htod(&self.gpu, &self.host_rows, &mut self.s.bf)?;
                 embedding_gpu_bf16w(&self.gpu, &v(&self.s.bf, t * h), &v(&self.s.ids, t), h, out)?;
             }
         }
@@ -1932,6 +1977,10 @@ impl GpuEngine {
 
     /// Forward and backward over one micro-batch; LoRA (and sink) gradients of
     /// `grad_scale · Σ loss` accumulate on the device. Returns `(sum of losses, counted positions)`.
+    ///
+    /// With [`EngineOptions::cuda_graphs`], a micro-batch size seen before runs its layers forward
+    /// and backward as two CUDA graphs (the LM head and loss between them as usual): the same
+    /// kernels with the same arguments, so the same bits as launching them one by one.
     pub fn forward_backward(&mut self, b: &TrainBatch, grad_scale: f32) -> Result<(f64, usize)> {
         b.validate(self.cfg.vocab_size)?;
         self.passes += 1;
@@ -1943,9 +1992,98 @@ impl GpuEngine {
         }
         self.load_batch(&b.ids, &b.pos, &b.seg, &b.rows)?;
         let t = b.ids.len();
-        self.forward_layers(t, true)?;
-        // The losses stay on the device until the backward is queued: no wait between the passes.
-        let n = self.head(t, &b.targets, Some(grad_scale))?;
+        let lookup = if self.graphs_off.is_some() { Lookup::New } else { self.graphs.take(t) };
+        let n = match lookup {
+            Lookup::Ready(g) if g.scratch_gen == self.gpu.scratch_generation() => {
+                g.forward.launch()?;
+                // The losses stay on the device until the backward is queued: no wait between
+                // the passes.
+                let n = self.head(t, &b.targets, Some(grad_scale))?;
+                g.backward.launch()?;
+                self.graphs.put(t, g);
+                n
+            }
+            // Graphs that name a scratch buffer since replaced (another op grew it) are dropped
+            // and captured again.
+            Lookup::Ready(_) | Lookup::Seen => {
+                let gen = self.gpu.scratch_generation();
+                let forward = self.captured(t, Self::forward_pass)?;
+                let n = self.head(t, &b.targets, Some(grad_scale))?;
+                let backward = self.captured(t, Self::backward_pass)?;
+                if let (Some(forward), Some(backward)) = (forward, backward) {
+                    if gen == self.gpu.scratch_generation() {
+                        self.graphs.put(t, PassGraphs { forward, backward, scratch_gen: gen });
+                    }
+                }
+                n
+            }
+            Lookup::New => {
+                self.forward_pass(t)?;
+                let n = self.head(t, &b.targets, Some(grad_scale))?;
+                self.backward_pass(t)?;
+                n
+            }
+        };
+        let sum = self.loss_sum(n)?;
+        self.sync()?;
+        Ok((sum, n))
+    }
+
+    /// Why the training passes run without CUDA graphs, if they do ([`EngineOptions::cuda_graphs`]).
+    pub fn cuda_graphs_off(&self) -> Option<&str> {
+        self.graphs_off.as_deref()
+    }
+
+    /// Micro-batch sizes whose training pass is held as CUDA graphs now.
+    pub fn graphed_sizes(&self) -> usize {
+        self.graphs.graphed()
+    }
+
+    /// Runs `pass` for `t` tokens captured into a CUDA graph, then launches the graph. If the
+    /// capture fails (an operation a graph cannot hold), CUDA graphs are turned off for this
+    /// engine, the reason kept for [`GpuEngine::cuda_graphs_off`], and `pass` runs eagerly
+    /// instead: nothing ran while it was being captured.
+    fn captured(&mut self, t: usize, pass: fn(&mut Self, usize) -> Result<()>) -> Result<Option<CudaGraph>> {
+        let stream = self.gpu.stream.clone();
+        let fail = |e: &mut Self, why: String| {
+            e.graphs_off = Some(format!("a capture failed ({why}); every pass runs without them"));
+            e.graphs.clear();
+        };
+        if let Err(err) = stream.begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            fail(self, format!("cuStreamBeginCapture: {err:?}"));
+            pass(self, t)?;
+            return Ok(None);
+        }
+        let ran = pass(self, t);
+        // Always ends the capture, whatever the pass returned.
+        let ended = stream.end_capture(cu::CUgraphInstantiate_flags(0));
+        match (ran, ended) {
+            (Ok(()), Ok(Some(graph))) => {
+                graph.launch()?;
+                Ok(Some(graph))
+            }
+            (ran, ended) => {
+                let why = match (ran, ended) {
+                    (Err(e), _) => e.to_string(),
+                    (Ok(()), Err(e)) => format!("cuStreamEndCapture: {e:?}"),
+                    (Ok(()), Ok(_)) => "an empty graph".to_string(),
+                };
+                fail(self, why);
+                pass(self, t)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The layers forward for the loaded batch of `t` tokens, keeping what the backward needs.
+    fn forward_pass(&mut self, t: usize) -> Result<()> {
+        self.forward_layers(t, true)
+    }
+
+    /// The layers backward for the loaded batch of `t` tokens, from the gradient of the last
+    /// layer's output that [`Self::head`] left in `s.dx`; with checkpointing each layer is
+    /// recomputed from its input first.
+    fn backward_pass(&mut self, t: usize) -> Result<()> {
         let h = self.cfg.hidden_size;
         let last = self.cfg.num_hidden_layers - 1;
         let one_chunk = self.moe_chunks(t).len() == 1;
@@ -1967,9 +2105,7 @@ impl GpuEngine {
             }
             self.layer_backward(l, t, kept_moe)?;
         }
-        let sum = self.loss_sum(n)?;
-        self.sync()?;
-        Ok((sum, n))
+        Ok(())
     }
 
     /// Logits `[t, V]` of every position of one sequence (positions `0..t`), for tests and tools.

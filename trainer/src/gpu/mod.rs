@@ -38,6 +38,7 @@
 //! written.
 
 mod engine;
+mod graphs;
 pub(crate) mod step;
 mod weights;
 
@@ -111,6 +112,11 @@ pub struct EngineOptions {
     /// (the fallback when the table cannot be page-locked) instead of mapped page-locked memory
     /// that the embedding kernel reads.
     pub pageable_embeddings: bool,
+    /// Replay the training pass of a micro-batch size seen before as two CUDA graphs (the layers
+    /// forward; the layers backward), captured the second time that size comes, instead of
+    /// launching its ~3,000 kernels one by one. The LM head and loss between them are launched
+    /// as usual. Off: every pass launched one kernel at a time.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineOptions {
@@ -121,6 +127,7 @@ impl Default for EngineOptions {
             precision: Precision::Exact,
             offload_checkpoints: false,
             pageable_embeddings: false,
+            cuda_graphs: true,
         }
     }
 }

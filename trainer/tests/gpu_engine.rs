@@ -87,24 +87,33 @@ fn gpu_logits_match_cpu_and_transformers() {
     }
 }
 
-/// A batch of two rows: three packed sequences, one longer than the sliding window.
-fn packed_batch(vocab: usize) -> TrainBatch {
-    let lens = [[5usize, 9].as_slice(), [23].as_slice()];
+/// Rows of packed sequences (each row's sequence lengths in turn): token `i` of the batch gets
+/// `id(i)`, and at position `p` of its sequence the target `target(i, p)` (`None`: not counted).
+fn packed(rows: &[&[usize]], id: impl Fn(usize) -> u32, target: impl Fn(usize, usize) -> Option<i64>) -> TrainBatch {
     let (mut b, mut start) = (TrainBatch::default(), 0);
-    for row in lens {
+    for row in rows {
         for (s, &len) in row.iter().enumerate() {
             for p in 0..len {
                 let i = b.ids.len();
-                b.ids.push(((i * 104729 + 7) % vocab) as u32);
+                b.ids.push(id(i));
                 b.pos.push(p as u32);
                 b.seg.push(s as u32);
-                b.targets.push(if p % 4 == 3 { -100 } else { ((i * 31 + 5) % vocab) as i64 });
+                b.targets.push(target(i, p).unwrap_or(-100));
             }
         }
         b.rows.push(start..b.ids.len());
         start = b.ids.len();
     }
     b
+}
+
+/// A batch of two rows: three packed sequences, one longer than the sliding window.
+fn packed_batch(vocab: usize) -> TrainBatch {
+    packed(
+        &[&[5, 9], &[23]],
+        |i| ((i * 104729 + 7) % vocab) as u32,
+        |i, p| (p % 4 != 3).then_some(((i * 31 + 5) % vocab) as i64),
+    )
 }
 
 #[test]
@@ -240,6 +249,21 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
     }
 }
 
+/// A rank-4 LoRA adapter on attention and every expert (`LoraAdapter::new` with `seed`) whose B
+/// factors, which PEFT starts at zero (hiding the LoRA's input-gradient terms), are drawn in
+/// ±0.05 from `state`.
+fn with_nonzero_b(m: &Model, seed: u64, mut state: u64) -> LoraAdapter {
+    let mut a = LoraAdapter::new(&m.cfg, LoraSpec { r: 4, ..LoraSpec::default() }, seed).unwrap();
+    for (key, b, _) in a.params().into_iter().filter(|(k, _, _)| k.contains("lora_B")) {
+        for x in b.iter_mut() {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            *x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+        }
+        assert!(b.iter().any(|&x| x != 0.0), "{key} stayed zero");
+    }
+    a
+}
+
 /// Dense experts (the bf16 checkpoint) with LoRA on attention and every expert: the experts' bias
 /// and LoRA terms, which the MXFP4 kernels add as they store their products, run as passes of
 /// their own here. PEFT starts B at zero, which would hide the LoRA's input-gradient term, so both
@@ -249,18 +273,7 @@ fn gpu_lora_gradients_match_cpu_and_peft() {
 fn gpu_lora_gradients_on_dense_experts_match_cpu() {
     let gpu = gpu();
     let m = Model::load(&fixtures().join("model/tiny-top2-bf16")).unwrap();
-    let adapter = || {
-        let mut a = LoraAdapter::new(&m.cfg, LoraSpec { r: 4, ..LoraSpec::default() }, 11).unwrap();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        for (key, b, _) in a.params().into_iter().filter(|(k, _, _)| k.contains("lora_B")) {
-            for x in b.iter_mut() {
-                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                *x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
-            }
-            assert!(b.iter().any(|&x| x != 0.0), "{key} stayed zero");
-        }
-        a
-    };
+    let adapter = || with_nonzero_b(&m, 11, 0x9e37_79b9_7f4a_7c15);
     let (mut cpu_adapter, mut gpu_adapter) = (adapter(), adapter());
     let batch = packed_batch(m.cfg.vocab_size);
     let n = batch.counted();
@@ -287,22 +300,11 @@ fn gpu_lora_gradients_on_dense_experts_match_cpu() {
 
 /// A second batch of `packed_batch`'s size (37 tokens) with other ids, targets and sequences.
 fn other_batch_of_37(vocab: usize) -> TrainBatch {
-    let lens = [[14usize].as_slice(), [11, 12].as_slice()];
-    let (mut b, mut start) = (TrainBatch::default(), 0);
-    for row in lens {
-        for (s, &len) in row.iter().enumerate() {
-            for p in 0..len {
-                let i = b.ids.len();
-                b.ids.push(((i * 7727 + 101) % vocab) as u32);
-                b.pos.push(p as u32);
-                b.seg.push(s as u32);
-                b.targets.push(if p % 3 == 0 { -100 } else { ((i * 53 + 17) % vocab) as i64 });
-            }
-        }
-        b.rows.push(start..b.ids.len());
-        start = b.ids.len();
-    }
-    b
+    packed(
+        &[&[14], &[11, 12]],
+        |i| ((i * 7727 + 101) % vocab) as u32,
+        |i, p| (p % 3 != 0).then_some(((i * 53 + 17) % vocab) as i64),
+    )
 }
 
 /// CUDA graphs: a micro-batch size runs eagerly the first time, is captured the second and
@@ -315,17 +317,7 @@ fn other_batch_of_37(vocab: usize) -> TrainBatch {
 fn cuda_graph_replays_give_the_bits_of_eager_passes() {
     let gpu = gpu();
     let m = Model::load(&fixtures().join("model/tiny-top4")).unwrap();
-    let adapter = || {
-        let mut a = LoraAdapter::new(&m.cfg, LoraSpec { r: 4, ..LoraSpec::default() }, 5).unwrap();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        for (_, b, _) in a.params().into_iter().filter(|(k, _, _)| k.contains("lora_B")) {
-            for x in b.iter_mut() {
-                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                *x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
-            }
-        }
-        a
-    };
+    let adapter = || with_nonzero_b(&m, 5, 0x2545_f491_4f6c_dd1d);
     let batches = [packed_batch(m.cfg.vocab_size), other_batch_of_37(m.cfg.vocab_size)];
     assert_eq!(batches[0].ids.len(), batches[1].ids.len());
     assert_ne!(batches[0].counted(), batches[1].counted(), "the loss scales should differ");

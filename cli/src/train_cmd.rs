@@ -19,9 +19,9 @@ use oxtune_trainer::Model;
 #[derive(Args, Debug, Default)]
 pub struct TrainArgs {
     /// Optional TOML run config (keys as the long flags, with underscores; `--no-lora-attention`,
-    /// `--no-lora-experts` and `--no-activation-checkpointing` are `lora_attention`, `lora_experts`
-    /// and `activation_checkpointing = false`; `--resume`, `--show-answers` and
-    /// `--require-eval-improvement` are flags only).
+    /// `--no-lora-experts`, `--no-activation-checkpointing` and `--no-cuda-graphs` are
+    /// `lora_attention`, `lora_experts`, `activation_checkpointing` and `cuda_graphs = false`;
+    /// `--resume`, `--show-answers` and `--require-eval-improvement` are flags only).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Hugging Face gpt-oss model directory [default: the embedded tiny GPT-OSS].

@@ -122,7 +122,7 @@ impl Gpu {
     /// `ops::gemm::mxfp4_scratch_elems`) when it is built. Without a reservation the scratch
     /// grows on first use.
     pub fn reserve_scratch(&self, elems: usize) -> Result<()> {
-        self.grow_scratch(&mut self.scratch_lock(), elems)
+        self.grow_scratch(&mut self.scratch_lock(), elems, true)
     }
 
     /// A number that changes whenever the shared scratch is replaced (it grew) or freed: work
@@ -141,10 +141,23 @@ impl Gpu {
         self.scratch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replaces `scratch` by `elems` u16 (uninitialised) if it holds fewer.
-    fn grow_scratch(&self, scratch: &mut Option<CudaSlice<u16>>, elems: usize) -> Result<()> {
+    /// Replaces `scratch` by `elems` u16 (uninitialised) if it holds fewer. The shared buffer
+    /// (`shared`) is not replaced while the stream is being captured into a CUDA graph: the graph
+    /// would hold the old buffer's free and the new one's allocation, and the new buffer would not
+    /// be backed if the graph were then dropped (the caller runs the work eagerly instead). An op's
+    /// own buffer, allocated and freed inside the graph, is.
+    fn grow_scratch(&self, scratch: &mut Option<CudaSlice<u16>>, elems: usize, shared: bool) -> Result<()> {
         if scratch.as_ref().is_none_or(|b| b.len() < elems) {
-            self.scratch_gen.fetch_add(1, Ordering::Relaxed);
+            if shared {
+                use cudarc::driver::sys::CUstreamCaptureStatus;
+                if self.stream.capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                    return Err(Error::Driver(format!(
+                        "the operand scratch would grow to {elems} u16 while the stream is being captured into a \
+                         CUDA graph (reserve it first: Gpu::reserve_scratch)"
+                    )));
+                }
+                self.scratch_gen.fetch_add(1, Ordering::Relaxed);
+            }
             // Freed in stream order: kernels queued on the old buffer finish first.
             *scratch = None;
             // SAFETY: every op writes the scratch before it reads it (with_scratch's contract).
@@ -166,11 +179,11 @@ impl Gpu {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => {
                 let mut own = None;
-                self.grow_scratch(&mut own, elems)?;
+                self.grow_scratch(&mut own, elems, false)?;
                 return f(own.as_mut().expect("allocated above").slice_mut(0..elems));
             }
         };
-        self.grow_scratch(&mut scratch, elems)?;
+        self.grow_scratch(&mut scratch, elems, true)?;
         f(scratch.as_mut().expect("allocated above").slice_mut(0..elems))
     }
 

@@ -208,8 +208,8 @@ impl<T: DeviceRepr> Drop for PinnedBuf<T> {
 
 /// A second stream for copies from the device into [`PinnedBuf`]s that overlap the compute
 /// stream's work (a copy engine runs them while the kernels run), with the two events that order
-/// it against the compute stream. It is a raw driver stream, not a cudarc `CudaStream`, so the
-/// context stays in cudarc's single-stream mode (no event recorded per kernel argument): the
+/// it against the compute stream. It is a raw driver stream, not a cudarc `CudaStream`, and
+/// [`Gpu::new`] turns cudarc's event tracking off (no event recorded per kernel argument): the
 /// ordering is the caller's, through [`CopyStream::after_compute`] and
 /// [`CopyStream::compute_waits`].
 pub struct CopyStream {

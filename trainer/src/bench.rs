@@ -144,8 +144,11 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
     let names: Vec<String> = adapter.tensors().into_iter().map(|(k, _, _)| k).collect();
     let (mut times, mut losses) = (vec![], vec![]);
     let warm = b.warmup;
+    // Whether graphs were held when the timed steps began (else the first timed step captured them).
+    let mut replayed = false;
     for step in 0..b.steps + warm {
         if step == warm {
+            replayed = eng.graphed_sizes() > 0;
             eng.reset_profile();
         }
         let s0 = Instant::now();
@@ -181,11 +184,14 @@ pub fn bench_train(gpu: Arc<Gpu>, model: &Model, b: &BenchConfig, log: &mut dyn 
     }
     // The first step of a size runs eagerly, the second is captured: with two warm-up steps the
     // timed ones replay the graphs.
-    let cuda_graphs = eng.graphed_sizes() > 0;
+    let cuda_graphs = replayed && eng.graphed_sizes() > 0;
     match eng.cuda_graphs_off() {
         Some(why) => log(&format!("CUDA graphs off: {why}")),
         None if cuda_graphs => log("CUDA graphs: each step's layers forward and backward replayed as two graphs"),
-        None => log("CUDA graphs: none captured yet (a size is captured on its second step: use --warmup 2 or more)"),
+        None if eng.graphed_sizes() > 0 => {
+            log("CUDA graphs: captured in the first timed step, replayed in the others (--warmup 2 times replays only)")
+        }
+        None => log("CUDA graphs: none captured (a size is captured on its second step)"),
     }
     let r = eng.routing_stats();
     if r.plans > 0 {

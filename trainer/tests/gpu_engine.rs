@@ -337,7 +337,9 @@ fn cuda_graph_replays_give_the_bits_of_eager_passes() {
         ("bf16", EngineOptions { precision: Precision::Bf16, ..Default::default() }),
         ("MoE chunks of 7", EngineOptions { moe_chunk: 7, ..Default::default() }),
         ("pageable embeddings", EngineOptions { pageable_embeddings: true, ..Default::default() }),
+        ("without checkpointing", EngineOptions { checkpointing: false, ..Default::default() }),
     ];
+    let mut want_exact = None;
     for (name, opts) in cases {
         let mut a = adapter();
         let mut eager =
@@ -350,6 +352,9 @@ fn cuda_graph_replays_give_the_bits_of_eager_passes() {
         }
         assert!(want[0].0 != want[1].0, "{name}: the two batches should have different losses");
         drop(eager);
+        if want_exact.is_none() {
+            want_exact = Some(want.clone());
+        }
         let mut graphed = GpuEngine::with_options(gpu.clone(), &m, &a, 64, opts).unwrap();
         // Eager (first sight), captured and launched, then replayed three times.
         for (i, which) in [0usize, 1, 0, 1, 0].into_iter().enumerate() {
@@ -364,6 +369,29 @@ fn cuda_graph_replays_give_the_bits_of_eager_passes() {
         }
         println!("{name}: 5 passes (eager, captured, 3 replays) bit for bit as launched one by one");
     }
+    // A capture that fails falls back to launching the pass eagerly, for good: here the shared
+    // scratch is freed after the first pass, and growing it again is refused inside a capture.
+    let want = want_exact.expect("the exact case ran first");
+    let mut a = adapter();
+    let mut eng = GpuEngine::new(gpu.clone(), &m, &a, 64).unwrap();
+    for (i, which) in [0usize, 1, 0, 1].into_iter().enumerate() {
+        if i == 1 {
+            gpu.release_cached_memory().unwrap();
+        }
+        let got = pass(&mut eng, &mut a, &batches[which]);
+        let off = eng.cuda_graphs_off().map(str::to_string);
+        if i == 0 {
+            assert_eq!(off, None);
+        } else {
+            let off = off.expect("the capture should have failed");
+            assert!(off.contains("capture failed") && off.contains("scratch"), "{off}");
+            assert_eq!(eng.graphed_sizes(), 0);
+        }
+        let (loss, n, grads) = &want[which];
+        assert_eq!((got.0, got.1), (*loss, *n), "fallback: pass {i} (batch {which}): loss");
+        assert!(&got.2 == grads, "fallback: pass {i} (batch {which}): gradients differ from the eager pass");
+    }
+    println!("a failed capture: {}", eng.cuda_graphs_off().unwrap_or_default());
 }
 
 fn run(device: Device, out: &Path) -> Vec<f64> {

@@ -70,6 +70,26 @@ fn htod<T: DeviceRepr>(gpu: &Gpu, host: &[T], dev: &mut CudaSlice<T>) -> Result<
     Ok(gpu.stream.memcpy_htod(host, &mut dev.slice_mut(0..host.len()))?)
 }
 
+/// Ends `stream`'s capture if one is still open, dropping what it recorded. cudarc's
+/// `end_capture` can return an error stored by an earlier drop before it ends the capture; the
+/// driver is called directly here.
+fn abandon_capture(stream: &cudarc::driver::CudaStream) -> Result<()> {
+    use cudarc::driver::result;
+    // SAFETY: a live stream of the current context; a graph returned by the end of its capture is
+    // destroyed at once and used by nothing else.
+    unsafe {
+        if result::stream::is_capturing(stream.cu_stream())? != cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            let mut graph = std::ptr::null_mut();
+            let _ = cu::cuStreamEndCapture(stream.cu_stream(), &mut graph);
+            if !graph.is_null() {
+                let _ = result::graph::destroy(graph);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The pairs at `idx` (distinct indices; `None` for a site without LoRA), borrowed together.
 fn lora_pairs_mut<const N: usize>(lora: &mut [GpuLoraPair], idx: [Option<usize>; N]) -> [Option<&mut GpuLoraPair>; N] {
     let mut out = [(); N].map(|_| None);
@@ -2009,7 +2029,13 @@ impl GpuEngine {
                 let gen = self.gpu.scratch_generation();
                 let forward = self.captured(t, Self::forward_pass)?;
                 let n = self.head(t, &b.targets, Some(grad_scale))?;
-                let backward = self.captured(t, Self::backward_pass)?;
+                let backward = match forward {
+                    Some(_) => self.captured(t, Self::backward_pass)?,
+                    None => {
+                        self.backward_pass(t)?;
+                        None
+                    }
+                };
                 if let (Some(forward), Some(backward)) = (forward, backward) {
                     if gen == self.gpu.scratch_generation() {
                         self.graphs.put(t, PassGraphs { forward, backward, scratch_gen: gen });
@@ -2040,35 +2066,34 @@ impl GpuEngine {
     }
 
     /// Runs `pass` for `t` tokens captured into a CUDA graph, then launches the graph. If the
-    /// capture fails (an operation a graph cannot hold), CUDA graphs are turned off for this
-    /// engine, the reason kept for [`GpuEngine::cuda_graphs_off`], and `pass` runs eagerly
-    /// instead: nothing ran while it was being captured.
+    /// capture fails (an operation a graph cannot hold, or any error of the pass), CUDA graphs are
+    /// turned off for this engine, the reason kept for [`GpuEngine::cuda_graphs_off`], and `pass`
+    /// runs eagerly instead: nothing ran while it was being captured (an error of the pass itself
+    /// comes back from that run).
     fn captured(&mut self, t: usize, pass: fn(&mut Self, usize) -> Result<()>) -> Result<Option<CudaGraph>> {
         let stream = self.gpu.stream.clone();
-        let fail = |e: &mut Self, why: String| {
-            e.graphs_off = Some(format!("a capture failed ({why}); every pass runs without them"));
-            e.graphs.clear();
+        let captured = match stream.begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            Err(e) => Err(format!("cuStreamBeginCapture: {e:?}")),
+            Ok(()) => {
+                let ran = pass(self, t);
+                let ended = stream.end_capture(cu::CUgraphInstantiate_flags(0));
+                match (ran, ended) {
+                    (Ok(()), Ok(Some(graph))) => Ok(graph),
+                    (Err(e), _) => Err(e.to_string()),
+                    (Ok(()), Err(e)) => Err(format!("cuStreamEndCapture: {e:?}")),
+                    (Ok(()), Ok(None)) => Err("an empty graph".to_string()),
+                }
+            }
         };
-        if let Err(err) = stream.begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
-            fail(self, format!("cuStreamBeginCapture: {err:?}"));
-            pass(self, t)?;
-            return Ok(None);
-        }
-        let ran = pass(self, t);
-        // Always ends the capture, whatever the pass returned.
-        let ended = stream.end_capture(cu::CUgraphInstantiate_flags(0));
-        match (ran, ended) {
-            (Ok(()), Ok(Some(graph))) => {
+        match captured {
+            Ok(graph) => {
                 graph.launch()?;
                 Ok(Some(graph))
             }
-            (ran, ended) => {
-                let why = match (ran, ended) {
-                    (Err(e), _) => e.to_string(),
-                    (Ok(()), Err(e)) => format!("cuStreamEndCapture: {e:?}"),
-                    (Ok(()), Ok(_)) => "an empty graph".to_string(),
-                };
-                fail(self, why);
+            Err(why) => {
+                abandon_capture(&stream)?;
+                self.graphs_off = Some(format!("a capture failed ({why}); every pass runs without them"));
+                self.graphs.clear();
                 pass(self, t)?;
                 Ok(None)
             }

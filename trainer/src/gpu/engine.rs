@@ -350,7 +350,7 @@ struct PassGraphs {
     scratch_gen: u64,
 }
 
-/// Micro-batch sizes whose graphs the engine keeps (packed batches all have one size).
+/// Micro-batch sizes whose graphs the engine keeps (a benchmark or fixed-size data has one).
 const GRAPHED_SIZES: usize = 4;
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
@@ -484,11 +484,9 @@ impl GpuEngine {
         let staged = staging_elems(&cfg, t, checkpointing, moe_chunk, precision);
         // The GPU's shared scratch may already hold memory (an earlier engine's): that much of the
         // reservation needs no free memory.
-        let need = weight_bytes
-            + lora_bytes
-            + oxtune_kernels::blas::WORKSPACE_BYTES
-            + activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload, precision)
+        let activations = activation_bytes(&cfg, t, max_rank, checkpointing, moe_chunk, offload, precision)
             - 2 * staged.min(gpu.scratch_elems());
+        let need = weight_bytes + lora_bytes + oxtune_kernels::blas::WORKSPACE_BYTES + activations;
         let (free, total) = gpu.ctx.mem_get_info().map_err(|e| Error::Gpu(format!("cuMemGetInfo: {e:?}")))?;
         if need > free {
             return Err(super::oom_advice(
@@ -496,7 +494,7 @@ impl GpuEngine {
                     "training with micro-batches of {t} tokens ({:.2} GiB weights, {:.2} GiB LoRA and gradients, {:.2} GiB activations)",
                     weight_bytes as f64 / super::GIB,
                     lora_bytes as f64 / super::GIB,
-                    (need - weight_bytes - lora_bytes - oxtune_kernels::blas::WORKSPACE_BYTES) as f64 / super::GIB
+                    activations as f64 / super::GIB
                 ),
                 need,
                 free,

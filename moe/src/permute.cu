@@ -39,9 +39,10 @@ extern "C" __global__ void weighted_gather_rows_f32(float* xs, const float* x, c
     gather<true>(xs, x, weight, token, slots, tokens, hidden);
 }
 
-// out[t, :] = sum over j in 0..k of (weight[s] *) y[s, :], s = slot_of[t * k + j], summed in j order.
+// out[t, :] = sum over j in 0..k of (weight[s] *) y[s, :], s = slot_of[t * k + j], summed in j order
+// (ACCUMULATE: out[t, :] + that sum, the sum rounded first).
 // out: [tokens, hidden]; y: [slots, hidden]; weight: [slots]; slot_of: [tokens, k].
-template <bool WEIGHTED>
+template <bool WEIGHTED, bool ACCUMULATE>
 __device__ __forceinline__ void sum_slots(float* out, const float* y, const float* weight, const unsigned int* slot_of,
                                           unsigned long long tokens, unsigned int slots, unsigned int k,
                                           unsigned int hidden) {
@@ -59,7 +60,7 @@ __device__ __forceinline__ void sum_slots(float* out, const float* y, const floa
                 const float v = y[(size_t)s * hidden + c];
                 acc = __fadd_rn(acc, WEIGHTED ? __fmul_rn(weight[s], v) : v);
             }
-            o[c] = acc;
+            o[c] = ACCUMULATE ? __fadd_rn(o[c], acc) : acc;
         }
     }
 }
@@ -67,14 +68,21 @@ __device__ __forceinline__ void sum_slots(float* out, const float* y, const floa
 extern "C" __global__ void combine_f32(float* out, const float* y, const float* weight, const unsigned int* slot_of,
                                        unsigned long long tokens, unsigned int slots, unsigned int k,
                                        unsigned int hidden) {
-    sum_slots<true>(out, y, weight, slot_of, tokens, slots, k, hidden);
+    sum_slots<true, false>(out, y, weight, slot_of, tokens, slots, k, hidden);
+}
+
+// out[t, :] += the combine of token t (a residual stream).
+extern "C" __global__ void combine_add_f32(float* out, const float* y, const float* weight, const unsigned int* slot_of,
+                                           unsigned long long tokens, unsigned int slots, unsigned int k,
+                                           unsigned int hidden) {
+    sum_slots<true, true>(out, y, weight, slot_of, tokens, slots, k, hidden);
 }
 
 // dx[t, :] = sum over j of dxs[slot_of[t * k + j], :] (weight is unused).
 extern "C" __global__ void unpermute_sum_f32(float* dx, const float* dxs, const unsigned int* slot_of,
                                              unsigned long long tokens, unsigned int slots, unsigned int k,
                                              unsigned int hidden) {
-    sum_slots<false>(dx, dxs, nullptr, slot_of, tokens, slots, k, hidden);
+    sum_slots<false, false>(dx, dxs, nullptr, slot_of, tokens, slots, k, hidden);
 }
 
 // Sum over the block (a power of two of at least 32 threads); every thread gets the total.

@@ -347,7 +347,8 @@ pub fn weight_grad_from_input_gpu(
     Ok(())
 }
 
-/// Shared launcher of `combine_f32` (with `weight`) and `unpermute_sum_f32` (without).
+/// Shared launcher of `combine_f32` and `combine_add_f32` (with `weight`; `accumulate` picks the
+/// second) and `unpermute_sum_f32` (without).
 #[cfg(feature = "cuda")]
 fn sum_slots_gpu(
     gpu: &Gpu,
@@ -358,6 +359,7 @@ fn sum_slots_gpu(
     k: usize,
     hidden: usize,
     out: &mut CudaViewMut<'_, f32>,
+    accumulate: bool,
 ) -> oxtune_kernels::Result<()> {
     let slots = to_u32(op, "slots", rows_of(op, "y", y.len(), hidden, "hidden")?)?;
     if let Some(w) = weight {
@@ -372,8 +374,9 @@ fn sum_slots_gpu(
     let cfg = rows_config(tokens, hidden);
     match weight {
         Some(w) => {
-            let f = gpu.function("moe_permute", SRC, "combine_f32")?;
-            // SAFETY: combine_f32(float* out, const float* y, const float* weight, const unsigned*
+            let name = if accumulate { "combine_add_f32" } else { "combine_f32" };
+            let f = gpu.function("moe_permute", SRC, name)?;
+            // SAFETY: combine_f32 and combine_add_f32(float* out, const float* y, const float* weight, const unsigned*
             // slot_of, unsigned long long tokens, unsigned slots, unsigned k, unsigned hidden): out
             // holds tokens·hidden floats, y slots·hidden, weight slots, slot_of tokens·k (checked
             // above); slot indices >= slots are never read; blocks stride over the tokens.
@@ -426,7 +429,22 @@ pub fn combine_gpu(
     hidden: usize,
     out: &mut CudaViewMut<'_, f32>,
 ) -> oxtune_kernels::Result<()> {
-    sum_slots_gpu(gpu, "combine", y, Some(weight), slot_of, k, hidden, out)
+    sum_slots_gpu(gpu, "combine", y, Some(weight), slot_of, k, hidden, out, false)
+}
+
+/// [`combine_gpu`] added to `out [T, H]` (`out += combine`: a residual stream), the sum rounded
+/// first, so bit-identical to the reference's combine followed by an f32 add.
+#[cfg(feature = "cuda")]
+pub fn combine_add_gpu(
+    gpu: &Gpu,
+    y: &CudaView<'_, f32>,
+    weight: &CudaView<'_, f32>,
+    slot_of: &CudaView<'_, u32>,
+    k: usize,
+    hidden: usize,
+    out: &mut CudaViewMut<'_, f32>,
+) -> oxtune_kernels::Result<()> {
+    sum_slots_gpu(gpu, "combine", y, Some(weight), slot_of, k, hidden, out, true)
 }
 
 /// GPU [`unpermute_sum`]: `dxs [S, H]`, `slot_of [T·k]` → `dx [T, H]` (assigned). Bit-identical to
@@ -440,7 +458,7 @@ pub fn unpermute_sum_gpu(
     hidden: usize,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> oxtune_kernels::Result<()> {
-    sum_slots_gpu(gpu, "unpermute_sum", dxs, None, slot_of, k, hidden, dx)
+    sum_slots_gpu(gpu, "unpermute_sum", dxs, None, slot_of, k, hidden, dx, false)
 }
 
 /// GPU [`combine_backward`]: `dout [T, H]`, `y [S, H]`, `weight`, `token`, `choice [S]` →
@@ -770,6 +788,14 @@ mod gpu_tests {
         // tolerance only covers compiler flags (say, flush-to-zero) that are not ours.
         let want = combine(&y, &p.weight, &slot_of, k, h);
         assert_close(&format!("combine {what}"), &s.clone_dtoh(&out_d).unwrap(), &want, 1e-7, 1e-6);
+        // Added to a residual stream: the combine's bits plus one f32 add.
+        let base = randn(seed ^ 0x5eed, t * h, 1.0);
+        let mut acc_d = s.clone_htod(&base).unwrap();
+        combine_add_gpu(gpu, &y_d.as_view(), &w_d.as_view(), &slot_of_d.as_view(), k, h, &mut acc_d.as_view_mut())
+            .unwrap();
+        let combined = s.clone_dtoh(&out_d).unwrap();
+        let want_acc: Vec<f32> = base.iter().zip(&combined).map(|(b, c)| b + c).collect();
+        assert_close(&format!("combine_add {what}"), &s.clone_dtoh(&acc_d).unwrap(), &want_acc, 0.0, 0.0);
 
         let mut dx_d = s.alloc_zeros::<f32>(t * h).unwrap();
         unpermute_sum_gpu(gpu, &dxs_d.as_view(), &slot_of_d.as_view(), k, h, &mut dx_d.as_view_mut()).unwrap();

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use cudarc::driver::{sys as cu, CudaGraph, CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 use half::bf16;
 use oxtune_kernels::blas::Blas;
-use oxtune_kernels::ops::attention::{self, attention_bwd_gpu, attention_fwd_gpu, visible_ranges, Heads};
+use oxtune_kernels::ops::attention::{
+    self, attention_bwd_split_gpu, attention_fwd_split_gpu, split_qkv_gpu, visible_ranges, Heads,
+};
 use oxtune_kernels::ops::cross_entropy::cross_entropy_gpu;
 use oxtune_kernels::ops::elementwise::{
-    add_gpu, cast_f32_to_bf16_gpu, gather_rows_gpu, scatter_rows_gpu, split_f32_to_bf16x2_gpu,
+    cast_f32_to_bf16_gpu, gather_rows_gpu, scatter_rows_gpu, split_f32_to_bf16x2_gpu,
 };
 use oxtune_kernels::ops::embedding::{embedding_gpu_bf16w, embedding_gpu_bf16w_host};
 use oxtune_kernels::ops::gemm::{
@@ -21,13 +23,13 @@ use oxtune_kernels::ops::gemm::{
 use oxtune_kernels::ops::lowrank::{
     self, lowrank_down_cast_gpu, lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, DownPart, GradPart, Layout, UpPart,
 };
-use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_gpu, rmsnorm_gpu};
-use oxtune_kernels::ops::rope::rope_gpu;
+use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_add_gpu, rmsnorm_backward_gpu, rmsnorm_gpu};
+use oxtune_kernels::ops::rope::{rope_gpu, rope_table_gpu};
 use oxtune_kernels::ops::Mma;
 use oxtune_kernels::pinned::PinnedBuf;
 use oxtune_kernels::Gpu;
 use oxtune_moe::permute::{
-    add_expert_bias_gpu, combine_gpu, unpermute_sum_gpu, weight_grad_from_input_gpu, weighted_gather_rows_gpu,
+    add_expert_bias_gpu, combine_add_gpu, unpermute_sum_gpu, weight_grad_from_input_gpu, weighted_gather_rows_gpu,
 };
 use oxtune_moe::plan::{routing_plan_gpu, PlanGpu};
 use oxtune_moe::router::{route_backward_gpu, topk_softmax_gpu};
@@ -189,7 +191,10 @@ struct Scratch {
     ranges: [[CudaSlice<u32>; 4]; 2],
     x: CudaSlice<f32>,
     bf: CudaSlice<bf16>,
-    mix: CudaSlice<f32>,
+    /// The batch's rotary table `[t, head_dim / 2, 2]` (cos and sin), made by each forward pass.
+    rope_cs: CudaSlice<f32>,
+    /// One layer's q, k and v split into bf16 for attention, q and k rotated ([`Self::qkv_of`]).
+    qkv: CudaSlice<u16>,
     router_logits: CudaSlice<f32>,
     hf: CudaSlice<f32>,
     rstd_f: CudaSlice<f32>,
@@ -202,7 +207,6 @@ struct Scratch {
     logits: CudaSlice<f32>,
     dx: CudaSlice<f32>,
     db: CudaSlice<f32>,
-    dn: CudaSlice<f32>,
     da: CudaSlice<f32>,
     dout: CudaSlice<f32>,
     dq: CudaSlice<f32>,
@@ -319,6 +323,9 @@ pub struct GpuEngine {
     /// Bytes allocated on the device.
     pub bytes: usize,
     rope_scaling: f32,
+    /// Whose q, k and v `s.qkv` holds split: (layer, tokens) of the loaded batch. The layer's
+    /// backward reuses the split its forward (or recomputation) just made.
+    qkv_of: Option<(usize, usize)>,
     swiglu: SwigluParams,
     /// Testing hook (`OXTUNE_FAULT_AT_STEP=N`): the N-th forward-backward (1-based) provokes a
     /// sticky CUDA error, to test that a run survives a GPU fault.
@@ -366,7 +373,8 @@ pub fn activation_bytes(
     offload: bool,
     precision: Precision,
 ) -> usize {
-    2 * staging_elems(cfg, t, checkpointing, moe_chunk, precision)
+    let qkv = attention::qkv_split_elems(heads_of(cfg), t, t, mma_of(precision));
+    2 * (staging_elems(cfg, t, checkpointing, moe_chunk, precision) + qkv)
         + activation_f32s(cfg, t, max_rank, checkpointing, moe_chunk, offload)
 }
 
@@ -376,14 +384,25 @@ pub fn activation_bytes(
 /// expert product over one MoE chunk (reduction length up to 2 · intermediate, in the backward),
 /// or the dense LoRA's split low-rank reductions over `t` tokens or fewer.
 fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: usize, precision: Precision) -> usize {
-    let mma = if precision == Precision::Exact { Mma::Split } else { Mma::Bf16 };
-    let heads = Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
+    let (mma, heads) = (mma_of(precision), heads_of(cfg));
     let slots = chunk_tokens(t, checkpointing, moe_chunk) * cfg.num_experts_per_tok;
     let k = cfg.hidden_size.max(2 * cfg.intermediate_size);
     // The dense LoRA's low-rank products read inputs and gradients of these widths.
     let lowrank = [cfg.hidden_size, cfg.q_width(), cfg.kv_width()].map(|w| lowrank::scratch_elems_up_to(t, w, w));
     let lowrank = lowrank.into_iter().max().unwrap_or(0);
-    attention::backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma)).max(lowrank)
+    attention::split_backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma)).max(lowrank)
+}
+
+fn heads_of(cfg: &GptOssConfig) -> Heads {
+    Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim }
+}
+
+fn mma_of(precision: Precision) -> Mma {
+    if precision == Precision::Exact {
+        Mma::Split
+    } else {
+        Mma::Bf16
+    }
 }
 
 /// f32 elements of [`activation_bytes`] besides the shared scratch.
@@ -402,7 +421,8 @@ fn activation_f32s(
     let per_layer = t * (4 * h + 2 * qw + 2 * kw + nq + 2) + t * k * 2 + moe;
     let chunk = HEAD_CHUNK.min(t.max(1));
     let scratch = t * (10 + 2 + 8) // ids, pos, ones, ranges, idx, targets, losses
-        + t * h * 9
+        + t * h * 7
+        + t * cfg.head_dim // the rotary table
         + t * (2 * qw + 2 * kw + nq + k + 2 * e)
         + chunk * (2 * h + cfg.vocab_size)
         + sc * (2 * h + 3 * i)
@@ -583,6 +603,7 @@ impl GpuEngine {
         };
         let ranges = [zr()?, zr()?];
         let bf_len = 2 * (t * h.max(qw)).max(chunk * cfg.vocab_size);
+        let (heads, mma) = (heads_of(&cfg), mma_of(precision));
         let s_ = Scratch {
             ids: al.upload("token ids", &(0..t as u32).collect::<Vec<_>>())?,
             pos: al.zeros("positions", t)?,
@@ -590,7 +611,8 @@ impl GpuEngine {
             ranges,
             x: al.zeros("residual", t * h)?,
             bf: al.zeros("bf16 scratch", bf_len)?,
-            mix: al.zeros("scratch", t * h)?,
+            rope_cs: al.zeros("rotary table", t * cfg.head_dim)?,
+            qkv: al.zeros("attention operands", attention::qkv_split_elems(heads, t, t, mma))?,
             router_logits: al.zeros("router logits", t * e)?,
             hf: al.zeros("final hidden", t * h)?,
             rstd_f: al.zeros("final norm", t)?,
@@ -603,7 +625,6 @@ impl GpuEngine {
             logits: al.zeros("logits chunk", chunk * cfg.vocab_size)?,
             dx: al.zeros("scratch", t * h)?,
             db: al.zeros("scratch", t * h)?,
-            dn: al.zeros("scratch", t * h)?,
             da: al.zeros("scratch", t * h)?,
             dout: al.zeros("scratch", t * qw)?,
             dq: al.zeros("scratch", t * qw)?,
@@ -648,6 +669,7 @@ impl GpuEngine {
         Ok(Self {
             blas,
             rope_scaling: model.rope.attention_scaling,
+            qkv_of: None,
             swiglu: model.swiglu(),
             cfg,
             w,
@@ -1324,6 +1346,7 @@ impl GpuEngine {
             }
         }
         htod(gpu, pos, &mut self.s.pos)?;
+        self.qkv_of = None;
         for (wi, window) in [None, Some(self.cfg.sliding_window)].into_iter().enumerate() {
             let r = visible_ranges(pos, seg, rows, window)?;
             let [klo, khi, qlo, qhi] = &mut self.s.ranges[wi];
@@ -1350,6 +1373,9 @@ impl GpuEngine {
                 embedding_gpu_bf16w(&self.gpu, &v(&self.s.bf, t * h), &v(&self.s.ids, t), h, out)?;
             }
         }
+        let inv = self.w.inv_freq.as_view();
+        let cs = &mut vm(&mut self.s.rope_cs, t * self.cfg.head_dim);
+        rope_table_gpu(&self.gpu, &v(&self.s.pos, t), &inv, self.rope_scaling, cs)?;
         let last = self.cfg.num_hidden_layers.saturating_sub(1);
         for l in 0..self.cfg.num_hidden_layers {
             if save && self.checkpointing {
@@ -1418,15 +1444,17 @@ impl GpuEngine {
             let n_out = lin.n_out;
             Self::linear_fwd_split(blas, gpu, &s.bf, lin, p.map(|p| (p, u)), t, &mut vm(out, t * n_out), false, split)?;
         }
-        let inv = self.w.inv_freq.as_view();
-        rope_gpu(gpu, &mut vm(&mut a.q, t * qw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, false)?;
-        rope_gpu(gpu, &mut vm(&mut a.k, t * kw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, false)?;
+        // q and k rotated as they are split (a.q and a.k keep the projections' outputs); the
+        // split stays in s.qkv for this layer's backward.
+        let qkv = &mut vm(&mut s.qkv, attention::qkv_split_elems(heads, t, t, mma));
+        let cs = v(&s.rope_cs, t * cfg.head_dim);
+        split_qkv_gpu(gpu, &v(&a.q, t * qw), &v(&a.k, t * kw), &v(&a.v, t * kw), Some(&cs), heads, mma, qkv)?;
+        self.qkv_of = Some((l, t));
         let r = &s.ranges[layer.window.is_some() as usize];
-        attention_fwd_gpu(
+        attention_fwd_split_gpu(
             gpu,
-            &v(&a.q, t * qw),
-            &v(&a.k, t * kw),
-            &v(&a.v, t * kw),
+            &v(&s.qkv, attention::qkv_split_elems(heads, t, t, mma)),
+            t,
             &layer.sinks.as_view(),
             &v(&r[0], t),
             &v(&r[1], t),
@@ -1505,9 +1533,6 @@ impl GpuEngine {
         for (c0, c1) in self.moe_chunks(t) {
             self.moe_forward(l, set, c0, c1, true)?;
         }
-        let s = &mut self.s;
-        add_gpu(gpu, &mut vm(&mut s.x, t * h), &v(&s.mix, t * h))?;
-        self.prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         Ok(())
     }
 
@@ -1518,7 +1543,7 @@ impl GpuEngine {
 
     /// The experts of layer `l` on tokens `c0..c1` (activation set `set`, whose router outputs
     /// are computed): builds the chunk's plan on the device, runs the experts and their LoRA, and
-    /// with `combine` writes the weighted sum into rows `c0..c1` of the mix buffer. Without
+    /// with `combine` adds the weighted sum to rows `c0..c1` of the residual stream. Without
     /// `combine` (the recomputation before the backward) it stops after the SwiGLU: the backward
     /// needs the experts' inputs and `hh`, not their outputs (`weight_grad_from_input`).
     fn moe_forward(&mut self, l: usize, set: usize, c0: usize, c1: usize, combine: bool) -> Result<()> {
@@ -1594,14 +1619,14 @@ impl GpuEngine {
             &mut vm(&mut m.y, slots * h),
         )?;
         prof.mark(gpu, "expert GEMMs (MXFP4) with bias and LoRA, forward")?;
-        combine_gpu(
+        combine_add_gpu(
             gpu,
             &v(&m.y, slots * h),
             &v(&m.pweight, slots),
             &v(&m.slot_of, tc * k),
             k,
             h,
-            &mut s.mix.slice_mut(c0 * h..c1 * h),
+            &mut s.x.slice_mut(c0 * h..c1 * h),
         )?;
         prof.mark(gpu, "gather, SwiGLU, combine (MoE), forward")?;
         Ok(())
@@ -1871,15 +1896,14 @@ impl GpuEngine {
             1.0,
             1.0,
         )?;
-        rmsnorm_backward_gpu(
+        rmsnorm_backward_add_gpu(
             gpu,
             &v(&a.x_mid, t * h),
             &layer.post_norm.as_view(),
             &v(&a.rstd2, t),
             &v(&s.db, t * h),
-            &mut vm(&mut s.dn, t * h),
+            &mut vm(&mut s.dx, t * h),
         )?;
-        add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
         prof.mark(gpu, "MoE block, backward")?;
 
         // Attention block. With checkpointing the layer's recomputation (the last layer: its
@@ -1896,12 +1920,19 @@ impl GpuEngine {
         if let Some(p) = po {
             Self::lora_dense_bwd_in(gpu, vec![(p, &s.du)], &v(&a.o, t * qw), t, dout)?;
         }
+        // q, k and v as this layer's forward split them: still in s.qkv after the recomputation
+        // (with checkpointing) or the last layer's forward; else split again, the same bits.
+        let lqkv = attention::qkv_split_elems(heads, t, t, mma);
+        if self.qkv_of != Some((l, t)) {
+            let cs = v(&s.rope_cs, t * cfg.head_dim);
+            let qkv = &mut vm(&mut s.qkv, lqkv);
+            split_qkv_gpu(gpu, &v(&a.q, t * qw), &v(&a.k, t * kw), &v(&a.v, t * kw), Some(&cs), heads, mma, qkv)?;
+            self.qkv_of = Some((l, t));
+        }
         let r = &s.ranges[layer.window.is_some() as usize];
-        attention_bwd_gpu(
+        attention_bwd_split_gpu(
             gpu,
-            &v(&a.q, t * qw),
-            &v(&a.k, t * kw),
-            &v(&a.v, t * kw),
+            &v(&s.qkv, lqkv),
             &layer.sinks.as_view(),
             &v(&a.o, t * qw),
             &v(&a.lse, t * nq),
@@ -1949,15 +1980,14 @@ impl GpuEngine {
         }
         let ins = qkv.into_iter().zip([&*duq, &*duk, &*duv]).filter_map(|(p, du)| Some((p?, du)));
         Self::lora_dense_bwd_in(gpu, ins.collect(), &v(&a.a, t * h), t, &mut vm(&mut s.da, t * h))?;
-        rmsnorm_backward_gpu(
+        rmsnorm_backward_add_gpu(
             gpu,
             &v(&a.x_in, t * h),
             &layer.input_norm.as_view(),
             &v(&a.rstd1, t),
             &v(&s.da, t * h),
-            &mut vm(&mut s.dn, t * h),
+            &mut vm(&mut s.dx, t * h),
         )?;
-        add_gpu(gpu, &mut vm(&mut s.dx, t * h), &v(&s.dn, t * h))?;
         prof.mark(gpu, "attention block, backward")?;
         Ok(())
     }
@@ -2243,15 +2273,21 @@ mod tests {
         // On the H100 the f32 part of this estimate said 35.29 GiB for the 64K run, whose engine
         // allocated 47.03 GiB with 11.75 of weights and 0.69 of LoRA: 34.59 of activations
         // (PERFORMANCE.md v2, before the shared scratch); without the last layer's input, which
-        // is no longer kept, that is 34.59 − 0.70 = 33.89.
-        let staging = 2 * staging_elems(&cfg, 65536, true, MOE_CHUNK, Precision::Exact);
-        let f32s = gib(chunked - staging);
-        assert!((33.89..=35.3).contains(&f32s), "{f32s:.2}");
-        // At 64K the largest staged op is attention's backward: q and dout (64 heads), k and v (8)
-        // in bf16 hi and lo, 64 padding rows per head: 2.25 GiB, more than an expert product's.
+        // is no longer kept, that is 34.59 − 0.70 = 33.89; without the two [t, hidden] buffers
+        // that the fused residual adds (the combine's, the norms' backward) made unneeded, 1.41
+        // less: 32.48, plus the rotary table (0.02).
         let heads = Heads { nq: 64, nkv: 8, d: 64 };
-        assert_eq!(staging, 2 * attention::scratch_elems(heads, 65536, 65536, Mma::Split, true));
-        assert_eq!(staging, 2 * 2 * (2 * 64 + 2 * 8) * (65536 + 64) * 64);
+        let staging = 2 * staging_elems(&cfg, 65536, true, MOE_CHUNK, Precision::Exact);
+        let qkv = 2 * attention::qkv_split_elems(heads, 65536, 65536, Mma::Split);
+        let f32s = gib(chunked - staging - qkv);
+        assert!((32.48..=33.9).contains(&f32s), "{f32s:.2}");
+        // At 64K the largest staged op is attention's backward: its split of dout (64 heads) in
+        // bf16 hi and lo, 64 padding rows per head, 1.0 GiB, more than an expert product's. The
+        // split q, k and v (1.25 GiB) are kept beside the scratch from a layer's forward to its
+        // backward: together what the backward staged when it split them itself.
+        assert_eq!(staging, 2 * attention::split_backward_scratch_elems(heads, 65536, 65536, Mma::Split));
+        assert_eq!(staging, 2 * 2 * 64 * (65536 + 64) * 64);
+        assert_eq!(staging + qkv, 2 * attention::scratch_elems(heads, 65536, 65536, Mma::Split, true));
         assert!(staging > 2 * mxfp4_scratch_elems(MOE_CHUNK * 4, 2 * cfg.intermediate_size, Mma::Split));
         // Without checkpointing the MoE runs as one chunk whatever moe_chunk says.
         assert_eq!(at(4096, false, 7, false), at(4096, false, usize::MAX, false));

@@ -119,6 +119,39 @@ extern "C" __global__ void attention_split_f32(unsigned int* __restrict__ dst, c
 #endif
 }
 
+// Column i of one head of x rotated by the rotary embedding (half-split layout: i pairs with
+// i ± d/2) with cs = that row's [d/2][2] cos and sin (rope.cu's rope_table_f32), each product and
+// sum rounded on its own (no FMA), as rope_apply_table computes it on the CPU.
+__device__ __forceinline__ float roped(const float* head, const float* cs, unsigned int i, unsigned int half) {
+    if (i < half) return __fsub_rn(__fmul_rn(head[i], cs[2 * i]), __fmul_rn(head[i + half], cs[2 * i + 1]));
+    const unsigned int j = i - half;
+    return __fadd_rn(__fmul_rn(head[i], cs[2 * j]), __fmul_rn(head[j], cs[2 * j + 1]));
+}
+
+// attention_split_f32 of x rotated first: cs [rows][d/2][2] (q and k, whose rows are tokens).
+extern "C" __global__ void attention_split_rope_f32(unsigned int* __restrict__ dst, const float* __restrict__ x,
+                                                    const float* __restrict__ cs, unsigned int rows,
+                                                    unsigned int heads, unsigned int d, unsigned int dp) {
+    const size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t per_row = dp / 2, prow = (size_t)rows + FA_TILE, pairs = (size_t)heads * prow * per_row;
+    if (p >= pairs) return;
+    const unsigned int c = 2 * (unsigned int)(p % per_row);
+    const size_t r = (p / per_row) % prow, h = p / per_row / prow;
+    float a = 0.0f, b = 0.0f;
+    if (r < rows && c < d) {
+        const float* head = x + r * heads * d + h * d;
+        const float* row_cs = cs + r * d;  // d/2 pairs of (cos, sin)
+        a = roped(head, row_cs, c, d / 2);
+        b = roped(head, row_cs, c + 1, d / 2);
+    }
+    unsigned int hi, lo;
+    split2(a, b, hi, lo);
+    dst[p] = hi;
+#ifndef MMA_ONE_PASS
+    dst[pairs + p] = lo;
+#endif
+}
+
 // c += a · b for one m16n8k16 bf16 product.
 __device__ __forceinline__ void mma(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
     asm volatile(

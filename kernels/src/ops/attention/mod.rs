@@ -321,32 +321,52 @@ fn dkdv_parts_len(heads: Heads, tk: usize) -> usize {
     }
 }
 
+/// u16 elements of [`split_qkv_gpu`]'s output for `t` queries and `tk` keys: q, k and v split into
+/// bf16 for the tiled kernels.
+pub fn qkv_split_elems(heads: Heads, t: usize, tk: usize, mma: Mma) -> usize {
+    split_len(mma, t, heads.nq, heads.d) + 2 * split_len(mma, tk, heads.nkv, heads.d)
+}
+
+/// Elements (u16) of [`Gpu`] scratch [`attention_bwd_split_gpu`] takes for `t` queries and `tk`
+/// keys: the bf16 split of dout and the dk/dv kernel's f32 partial sums.
+pub fn split_backward_scratch_elems(heads: Heads, t: usize, tk: usize, mma: Mma) -> usize {
+    split_len(mma, t, heads.nq, heads.d) + 2 * dkdv_parts_len(heads, tk)
+}
+
 /// Elements (u16) of [`Gpu`] scratch the attention forward (`backward = false`) or backward
 /// takes for `t` queries and `tk` keys: the bf16 splits of q, k and v (and dout), and in the
 /// backward the dk/dv kernel's f32 partial sums.
 pub fn scratch_elems(heads: Heads, t: usize, tk: usize, mma: Mma, backward: bool) -> usize {
-    let Heads { nq, nkv, d } = heads;
-    let q = split_len(mma, t, nq, d);
-    let parts = if backward { 2 * dkdv_parts_len(heads, tk) } else { 0 };
-    q * (1 + backward as usize) + 2 * split_len(mma, tk, nkv, d) + parts
+    let bwd = if backward { split_backward_scratch_elems(heads, t, tk, mma) } else { 0 };
+    qkv_split_elems(heads, t, tk, mma) + bwd
 }
 
-/// [`scratch_elems`] of the backward that serves a batch of `t` tokens and every shorter one
-/// (queries = keys), which a caller that sizes its scratch once for its longest batch needs: the
-/// dK/dV partials do not grow with the length (a length just below a block threshold takes more
-/// runs than one at it: 16,320 tokens of gpt-oss-20b need 128 MiB of them, 16,384 none). Within
-/// one count of key tiles the need grows with the length, so the longest of each count suffices.
+/// The largest of `need(n)` over batches of `n <= t` tokens (queries = keys), which a caller that
+/// sizes its scratch once for its longest batch needs: the dK/dV partials do not grow with the
+/// length (a length just below a block threshold takes more runs than one at it: 16,320 tokens of
+/// gpt-oss-20b need 128 MiB of them, 16,384 none). Within one count of key tiles the need grows
+/// with the length, so the longest of each count suffices.
+fn up_to(t: usize, need: impl Fn(usize) -> usize) -> usize {
+    (1..=t.div_ceil(TILE)).map(|k| need((k * TILE).min(t))).fold(need(t), usize::max)
+}
+
+/// [`scratch_elems`] of the backward that serves a batch of `t` tokens and every shorter one.
 pub fn backward_scratch_elems_up_to(heads: Heads, t: usize, mma: Mma) -> usize {
-    (1..=t.div_ceil(TILE))
-        .map(|k| (k * TILE).min(t))
-        .map(|n| scratch_elems(heads, n, n, mma, true))
-        .fold(scratch_elems(heads, t, t, mma, true), usize::max)
+    up_to(t, |n| scratch_elems(heads, n, n, mma, true))
+}
+
+/// [`split_backward_scratch_elems`] that serves a batch of `t` tokens and every shorter one.
+pub fn split_backward_scratch_elems_up_to(heads: Heads, t: usize, mma: Mma) -> usize {
+    up_to(t, |n| split_backward_scratch_elems(heads, n, n, mma))
 }
 
 /// `x [rows, heads·d]` split for the tiled kernels by `attention_split_f32` into `out`
 /// ([`split_len`] long): bf16 bit patterns `[parts][heads][rows + TILE][dp]` (`dp` =
 /// [`padded_width`]`(d)`), `hi = bf16(x)` and, for [`Mma::Split`], `lo = bf16(x − hi)`, zeros
 /// past `d` and past `rows`.
+/// With `rope` (`[rows, d/2, 2]` cos and sin, [`crate::ops::rope::rope_table_gpu`]) each head is
+/// first rotated by the rotary embedding (`attention_split_rope_f32`).
+#[allow(clippy::too_many_arguments)]
 fn split_heads_gpu(
     gpu: &Gpu,
     mma: Mma,
@@ -354,6 +374,7 @@ fn split_heads_gpu(
     rows: usize,
     heads: usize,
     d: usize,
+    rope: Option<&CudaView<'_, f32>>,
     out: &mut CudaViewMut<'_, u16>,
 ) -> Result<()> {
     let dp = padded_width(d);
@@ -365,16 +386,47 @@ fn split_heads_gpu(
         (u32::try_from(rows).map_err(|_| shape())?, u32::try_from(heads).map_err(|_| shape())?, d as u32, dp as u32);
     expect("attention_split", "x", x.len(), rows * heads * d)?;
     expect("attention_split", "out", out.len(), split_len(mma, rows, heads, d))?;
-    let f = function(gpu, mma, "attention_split_f32")?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: attention_split_f32(unsigned* dst, const float* x, unsigned rows, unsigned heads,
-    // unsigned d, unsigned dp): x holds rows·heads·d floats (checked above), dst parts·n bf16 =
-    // parts·n/2 u32 with n = heads·(rows + FA_TILE)·dp (FA_TILE = TILE), as many parts as this
-    // module's FA_PARTS writes; d and dp are even (sizes() checks d), d <= dp; n > 0 (heads,
-    // dp > 0), one thread per u32 of a part, blocks·256 >= n/2.
-    unsafe {
-        gpu.stream.launch_builder(&f).arg(out).arg(x).arg(&rows32).arg(&heads32).arg(&d32).arg(&dp32).launch(cfg)
-    }?;
+    match rope {
+        None => {
+            let f = function(gpu, mma, "attention_split_f32")?;
+            // SAFETY: attention_split_f32(unsigned* dst, const float* x, unsigned rows, unsigned heads,
+            // unsigned d, unsigned dp): x holds rows·heads·d floats (checked above), dst parts·n bf16 =
+            // parts·n/2 u32 with n = heads·(rows + FA_TILE)·dp (FA_TILE = TILE), as many parts as this
+            // module's FA_PARTS writes; d and dp are even (sizes() checks d), d <= dp; n > 0 (heads,
+            // dp > 0), one thread per u32 of a part, blocks·256 >= n/2.
+            unsafe {
+                gpu.stream
+                    .launch_builder(&f)
+                    .arg(out)
+                    .arg(x)
+                    .arg(&rows32)
+                    .arg(&heads32)
+                    .arg(&d32)
+                    .arg(&dp32)
+                    .launch(cfg)
+            }?;
+        }
+        Some(cs) => {
+            expect("attention_split", "rope table", cs.len(), rows * d)?;
+            let f = function(gpu, mma, "attention_split_rope_f32")?;
+            // SAFETY: attention_split_rope_f32(unsigned* dst, const float* x, const float* cs,
+            // unsigned rows, unsigned heads, unsigned d, unsigned dp): as attention_split_f32, and cs
+            // holds rows·d floats (checked above), read for rows < rows and columns < d only.
+            unsafe {
+                gpu.stream
+                    .launch_builder(&f)
+                    .arg(out)
+                    .arg(x)
+                    .arg(cs)
+                    .arg(&rows32)
+                    .arg(&heads32)
+                    .arg(&d32)
+                    .arg(&dp32)
+                    .launch(cfg)
+            }?;
+        }
+    }
     Ok(())
 }
 
@@ -435,6 +487,57 @@ fn warp_grid(items: usize) -> LaunchConfig {
     }
 }
 
+/// `q [T, nq·d]`, `k`, `v [Tk, nkv·d]` split into `out` ([`qkv_split_elems`] u16) for
+/// [`attention_fwd_split_gpu`] and [`attention_bwd_split_gpu`]: bf16 (hi, and lo for
+/// [`Mma::Split`]), head-major, padded. With `rope` (`[T, d/2, 2]`, the cos and sin of
+/// [`crate::ops::rope::rope_table_gpu`]; queries and keys are then the same tokens) q and k are
+/// rotated by the rotary embedding first, each product and sum rounded on its own
+/// ([`crate::ops::rope::rope_apply_table`]'s arithmetic), so `q` and `k` are the projections'
+/// outputs and a caller needs no rotated copy. A split kept from the forward to the backward
+/// spares the backward its splits.
+#[allow(clippy::too_many_arguments)]
+pub fn split_qkv_gpu(
+    gpu: &Gpu,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, f32>,
+    v: &CudaView<'_, f32>,
+    rope: Option<&CudaView<'_, f32>>,
+    heads: Heads,
+    mma: Mma,
+    out: &mut CudaViewMut<'_, u16>,
+) -> Result<()> {
+    const OP: &str = "attention_split";
+    let Heads { nq, nkv, d } = heads;
+    let t = q.len() / (nq * d).max(1);
+    let (_, tk32) = sizes(OP, heads, t, k.len())?;
+    let tk = tk32 as usize;
+    expect(OP, "q", q.len(), t * nq * d)?;
+    expect(OP, "v", v.len(), k.len())?;
+    expect(OP, "out", out.len(), qkv_split_elems(heads, t, tk, mma))?;
+    if rope.is_some() && t != tk {
+        return Err(Error::Shape(format!(
+            "{OP}: the rotary table is for queries and keys of the same tokens, got {t} queries and {tk} keys"
+        )));
+    }
+    let (mut qs, mut rest) = out.split_at_mut(split_len(mma, t, nq, d));
+    let (mut ks, mut vs) = rest.split_at_mut(split_len(mma, tk, nkv, d));
+    split_heads_gpu(gpu, mma, q, t, nq, d, rope, &mut qs)?;
+    split_heads_gpu(gpu, mma, k, tk, nkv, d, rope, &mut ks)?;
+    split_heads_gpu(gpu, mma, v, tk, nkv, d, None, &mut vs)
+}
+
+/// The q, k and v parts of a [`split_qkv_gpu`] output.
+fn qkv_parts<'a>(
+    qkv: &'a CudaView<'a, u16>,
+    heads: Heads,
+    t: usize,
+    tk: usize,
+    mma: Mma,
+) -> (CudaView<'a, u16>, CudaView<'a, u16>, CudaView<'a, u16>) {
+    let (lq, lk) = (split_len(mma, t, heads.nq, heads.d), split_len(mma, tk, heads.nkv, heads.d));
+    (qkv.slice(0..lq), qkv.slice(lq..lq + lk), qkv.slice(lq + lk..lq + 2 * lk))
+}
+
 /// GPU forward over a batch of `T` queries: `q [T, nq·d]`, `k`, `v [Tk, nkv·d]`, `sinks [nq]`,
 /// visible keys `klo..khi [T]` (u32, see [`Ranges`]) → `o [T, nq·d]`, `lse [T, nq]` (assigned).
 /// A query with no visible key gets `o = 0`, `lse = S_h`. `d` must be even and at most 128.
@@ -456,58 +559,95 @@ pub fn attention_fwd_gpu(
     lse: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "attention_fwd";
-    let Heads { nq, nkv, d } = heads;
+    let Heads { nq, d, .. } = heads;
     let t = klo.len();
-    let (t32, tk32) = sizes(OP, heads, t, k.len())?;
+    let (_, tk32) = sizes(OP, heads, t, k.len())?;
     expect(OP, "q", q.len(), t * nq * d)?;
     expect(OP, "v", v.len(), k.len())?;
-    expect(OP, "sinks", sinks.len(), nq)?;
-    expect(OP, "khi", khi.len(), t)?;
-    expect(OP, "o", o.len(), t * nq * d)?;
-    expect(OP, "lse", lse.len(), t * nq)?;
+    fwd_checks(heads, t, sinks, khi, o, lse)?;
     if t == 0 {
         return Ok(());
     }
-    let tk = tk32 as usize;
-    let (f, cfg) = tiled(gpu, mma, "attention_fwd_f32", padded_width(d), t.div_ceil(TILE) * nq, [3, 0])?;
-    let (lq, lk) = (split_len(mma, t, nq, d), split_len(mma, tk, nkv, d));
-    gpu.with_scratch(scratch_elems(heads, t, tk, mma, false), |mut buf| {
-        let (mut qs, mut rest) = buf.split_at_mut(lq);
-        let (mut ks, mut vs) = rest.split_at_mut(lk);
-        split_heads_gpu(gpu, mma, q, t, nq, d, &mut qs)?;
-        split_heads_gpu(gpu, mma, k, tk, nkv, d, &mut ks)?;
-        split_heads_gpu(gpu, mma, v, tk, nkv, d, &mut vs)?;
-        let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
-        // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const bf16* qs, const bf16* ks,
-        // const bf16* vs, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
-        // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o holds T·nq·d floats,
-        // lse T·nq, sinks nq, klo and khi T (checked above); qs, ks and vs are split_heads_gpu's
-        // [FA_PARTS][heads][rows + FA_TILE][DP] of q (T rows, nq heads), k and v (Tk rows, nkv
-        // heads) for this module's FA_PARTS and DP = padded_width(d); nkv divides nq and d <= DP. The
-        // kernel clamps the ranges to Tk and reads tiles that start below T or Tk, so no read leaves
-        // the buffers. One block of 32·FA_WARPS threads per (query tile, head), ceil(T / FA_TILE)·nq
-        // blocks, with the dynamic shared memory the kernel carves up (tile_smem_bytes).
-        unsafe {
-            gpu.stream
-                .launch_builder(&f)
-                .arg(o)
-                .arg(lse)
-                .arg(&qs.as_view())
-                .arg(&ks.as_view())
-                .arg(&vs.as_view())
-                .arg(sinks)
-                .arg(klo)
-                .arg(khi)
-                .arg(&t32)
-                .arg(&tk32)
-                .arg(&nq32)
-                .arg(&nkv32)
-                .arg(&d32)
-                .arg(&scale)
-                .launch(cfg)
-        }?;
-        Ok(())
+    gpu.with_scratch(scratch_elems(heads, t, tk32 as usize, mma, false), |mut buf| {
+        split_qkv_gpu(gpu, q, k, v, None, heads, mma, &mut buf)?;
+        attention_fwd_split_gpu(gpu, &buf.as_view(), tk32 as usize, sinks, klo, khi, heads, scale, mma, o, lse)
     })
+}
+
+/// The forward's checks of its other inputs and outputs for `t` queries.
+fn fwd_checks(
+    heads: Heads,
+    t: usize,
+    sinks: &CudaView<'_, f32>,
+    khi: &CudaView<'_, u32>,
+    o: &CudaViewMut<'_, f32>,
+    lse: &CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    expect(OP, "sinks", sinks.len(), heads.nq)?;
+    expect(OP, "khi", khi.len(), t)?;
+    expect(OP, "o", o.len(), t * heads.nq * heads.d)?;
+    expect(OP, "lse", lse.len(), t * heads.nq)
+}
+
+/// [`attention_fwd_gpu`] on q, k and v already split by [`split_qkv_gpu`] (`qkv`, for `T =
+/// klo.len()` queries and `tk` keys).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_split_gpu(
+    gpu: &Gpu,
+    qkv: &CudaView<'_, u16>,
+    tk: usize,
+    sinks: &CudaView<'_, f32>,
+    klo: &CudaView<'_, u32>,
+    khi: &CudaView<'_, u32>,
+    heads: Heads,
+    scale: f32,
+    mma: Mma,
+    o: &mut CudaViewMut<'_, f32>,
+    lse: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    let Heads { nq, nkv, d } = heads;
+    let t = klo.len();
+    let (t32, tk32) = sizes(OP, heads, t, tk * nkv * d)?;
+    fwd_checks(heads, t, sinks, khi, o, lse)?;
+    if t == 0 {
+        return Ok(());
+    }
+    expect(OP, "the split q, k and v", qkv.len(), qkv_split_elems(heads, t, tk, mma))?;
+    let (f, cfg) = tiled(gpu, mma, "attention_fwd_f32", padded_width(d), t.div_ceil(TILE) * nq, [3, 0])?;
+    let (qs, ks, vs) = qkv_parts(qkv, heads, t, tk, mma);
+    let (nq32, nkv32, d32) = (nq as u32, nkv as u32, d as u32);
+    // SAFETY: attention_fwd_f32_d<DP>(float* o, float* lse, const bf16* qs, const bf16* ks,
+    // const bf16* vs, const float* sinks, const unsigned* klo, const unsigned* khi, unsigned T,
+    // unsigned Tk, unsigned nq, unsigned nkv, unsigned d, float scale): o holds T·nq·d floats,
+    // lse T·nq, sinks nq, klo and khi T (checked above); qs, ks and vs are split_heads_gpu's
+    // [FA_PARTS][heads][rows + FA_TILE][DP] of q (T rows, nq heads), k and v (Tk rows, nkv
+    // heads) for this module's FA_PARTS and DP = padded_width(d) (qkv's length checked above);
+    // nkv divides nq and d <= DP. The kernel clamps the ranges to Tk and reads tiles that start
+    // below T or Tk, so no read leaves the buffers. One block of 32·FA_WARPS threads per (query
+    // tile, head), ceil(T / FA_TILE)·nq blocks, with the dynamic shared memory the kernel carves up
+    // (tile_smem_bytes).
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(o)
+            .arg(lse)
+            .arg(&qs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(sinks)
+            .arg(klo)
+            .arg(khi)
+            .arg(&t32)
+            .arg(&tk32)
+            .arg(&nq32)
+            .arg(&nkv32)
+            .arg(&d32)
+            .arg(&scale)
+            .launch(cfg)
+    }?;
+    Ok(())
 }
 
 /// GPU backward of [`attention_fwd_gpu`] given its `o`, `lse` and `dout [T, nq·d]`: `dq [T, nq·d]`,
@@ -539,25 +679,101 @@ pub fn attention_bwd_gpu(
     dsinks: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "attention_bwd";
-    let Heads { nq, nkv, d } = heads;
+    let Heads { nq, d, .. } = heads;
     let t = klo.len();
-    let (t32, tk32) = sizes(OP, heads, t, k.len())?;
+    let (_, tk32) = sizes(OP, heads, t, k.len())?;
     let tk = tk32 as usize;
+    expect(OP, "q", q.len(), t * nq * d)?;
+    expect(OP, "v", v.len(), k.len())?;
+    expect(OP, "qlo", qlo.len(), tk)?;
+    let lqkv = qkv_split_elems(heads, t, tk, mma);
+    gpu.with_scratch(lqkv + split_backward_scratch_elems(heads, t, tk, mma), |mut buf| {
+        let (mut qkv, rest) = buf.split_at_mut(lqkv);
+        split_qkv_gpu(gpu, q, k, v, None, heads, mma, &mut qkv)?;
+        let io = BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi };
+        backward(gpu, &qkv.as_view(), rest, io, heads, scale, mma, delta_scratch, dq, dk, dv, dsinks)
+    })
+}
+
+/// [`attention_bwd_gpu`] on q, k and v already split by [`split_qkv_gpu`] (`qkv`, for `T =
+/// klo.len()` queries and `Tk = qlo.len()` keys); takes [`split_backward_scratch_elems`] of the
+/// [`Gpu`]'s scratch for the split of dout and the dk/dv partial sums.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_split_gpu(
+    gpu: &Gpu,
+    qkv: &CudaView<'_, u16>,
+    sinks: &CudaView<'_, f32>,
+    o: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    klo: &CudaView<'_, u32>,
+    khi: &CudaView<'_, u32>,
+    qlo: &CudaView<'_, u32>,
+    qhi: &CudaView<'_, u32>,
+    heads: Heads,
+    scale: f32,
+    mma: Mma,
+    delta_scratch: &mut CudaViewMut<'_, f32>,
+    dq: &mut CudaViewMut<'_, f32>,
+    dk: &mut CudaViewMut<'_, f32>,
+    dv: &mut CudaViewMut<'_, f32>,
+    dsinks: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (t, tk) = (klo.len(), qlo.len());
+    expect("attention_bwd", "the split q, k and v", qkv.len(), qkv_split_elems(heads, t, tk, mma))?;
+    gpu.with_scratch(split_backward_scratch_elems(heads, t, tk, mma), |rest| {
+        let io = BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi };
+        backward(gpu, qkv, rest, io, heads, scale, mma, delta_scratch, dq, dk, dv, dsinks)
+    })
+}
+
+/// The backward's inputs besides the split q, k and v.
+struct BwdIo<'a, 'b> {
+    sinks: &'a CudaView<'b, f32>,
+    o: &'a CudaView<'b, f32>,
+    lse: &'a CudaView<'b, f32>,
+    dout: &'a CudaView<'b, f32>,
+    klo: &'a CudaView<'b, u32>,
+    khi: &'a CudaView<'b, u32>,
+    qlo: &'a CudaView<'b, u32>,
+    qhi: &'a CudaView<'b, u32>,
+}
+
+/// The backward on split q, k and v, with `scratch` ([`split_backward_scratch_elems`] u16) for the
+/// split of dout and the dk/dv partial sums.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    gpu: &Gpu,
+    qkv: &CudaView<'_, u16>,
+    mut scratch: CudaViewMut<'_, u16>,
+    io: BwdIo<'_, '_>,
+    heads: Heads,
+    scale: f32,
+    mma: Mma,
+    delta_scratch: &mut CudaViewMut<'_, f32>,
+    dq: &mut CudaViewMut<'_, f32>,
+    dk: &mut CudaViewMut<'_, f32>,
+    dv: &mut CudaViewMut<'_, f32>,
+    dsinks: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    let BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi } = io;
+    let Heads { nq, nkv, d } = heads;
+    let (t, tk) = (klo.len(), qlo.len());
+    let (t32, tk32) = sizes(OP, heads, t, tk * nkv * d)?;
     for (what, got, want) in [
-        ("q", q.len(), t * nq * d),
-        ("v", v.len(), k.len()),
         ("sinks", sinks.len(), nq),
         ("o", o.len(), t * nq * d),
         ("lse", lse.len(), t * nq),
         ("dout", dout.len(), t * nq * d),
         ("khi", khi.len(), t),
-        ("qlo", qlo.len(), tk),
         ("qhi", qhi.len(), tk),
         ("delta_scratch", delta_scratch.len(), t * nq),
         ("dq", dq.len(), t * nq * d),
         ("dk", dk.len(), tk * nkv * d),
         ("dv", dv.len(), tk * nkv * d),
         ("dsinks", dsinks.len(), nq),
+        ("scratch", scratch.len(), split_backward_scratch_elems(heads, t, tk, mma)),
     ] {
         expect(OP, what, got, want)?;
     }
@@ -566,137 +782,125 @@ pub fn attention_bwd_gpu(
         gpu.stream.memset_zeros(dk)?;
         gpu.stream.memset_zeros(dv)?;
     }
-    if t > 0 {
-        let f = gpu.function("attention", SRC, "attention_delta_f32")?;
-        // SAFETY: attention_delta_f32(float* delta, const float* o, const float* dout, unsigned T,
-        // unsigned nq, unsigned d): o and dout hold T·nq·d floats, delta T·nq (checked above).
-        unsafe {
-            gpu.stream
-                .launch_builder(&f)
-                .arg(&mut *delta_scratch)
-                .arg(o)
-                .arg(dout)
-                .arg(&t32)
-                .arg(&nq32)
-                .arg(&d32)
-                .launch(warp_grid(t * nq))
-        }?;
+    if t == 0 {
+        return Ok(());
     }
+    let f = gpu.function("attention", SRC, "attention_delta_f32")?;
+    // SAFETY: attention_delta_f32(float* delta, const float* o, const float* dout, unsigned T,
+    // unsigned nq, unsigned d): o and dout hold T·nq·d floats, delta T·nq (checked above).
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(&mut *delta_scratch)
+            .arg(o)
+            .arg(dout)
+            .arg(&t32)
+            .arg(&nq32)
+            .arg(&d32)
+            .launch(warp_grid(t * nq))
+    }?;
     let delta = delta_scratch.as_view();
-    if t > 0 {
-        let f = gpu.function("attention", SRC, "attention_dsinks_f32")?;
-        let cfg = LaunchConfig { grid_dim: (nq32, 1, 1), block_dim: (32 * WARPS as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: attention_dsinks_f32(float* dsinks, const float* sinks, const float* lse,
-        // const float* delta, unsigned T, unsigned nq): dsinks and sinks hold nq floats, lse and
-        // delta T·nq (checked above); one block of 32·ATT_WARPS threads per head.
-        unsafe {
-            gpu.stream.launch_builder(&f).arg(dsinks).arg(sinks).arg(lse).arg(&delta).arg(&t32).arg(&nq32).launch(cfg)
-        }?;
-        let (lq, lk) = (split_len(mma, t, nq, d), split_len(mma, tk, nkv, d));
-        gpu.with_scratch(scratch_elems(heads, t, tk, mma, true), |mut buf| {
-            let (mut qs, mut rest) = buf.split_at_mut(lq);
-            let (mut dos, mut rest) = rest.split_at_mut(lq);
-            let (mut ks, mut rest) = rest.split_at_mut(lk);
-            let (mut vs, mut parts) = rest.split_at_mut(lk);
-            split_heads_gpu(gpu, mma, q, t, nq, d, &mut qs)?;
-            split_heads_gpu(gpu, mma, k, tk, nkv, d, &mut ks)?;
-            split_heads_gpu(gpu, mma, v, tk, nkv, d, &mut vs)?;
-            split_heads_gpu(gpu, mma, dout, t, nq, d, &mut dos)?;
-            let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
-            // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,
-            // const bf16* vs, const bf16* dos, const float* lse, const float* delta,
-            // const unsigned* klo, const unsigned* khi, unsigned T, unsigned Tk, unsigned nq,
-            // unsigned nkv, unsigned d, float scale): dq holds T·nq·d floats, lse and delta T·nq, klo
-            // and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows, nkv heads)
-            // are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module, d <= DP;
-            // ranges are clamped to Tk in the kernel and tiles start below T or Tk; one block of
-            // 32·FA_WARPS threads per (query tile, head) with its dynamic shared memory.
-            unsafe {
-                gpu.stream
-                    .launch_builder(&f)
-                    .arg(dq)
-                    .arg(&qs.as_view())
-                    .arg(&ks.as_view())
-                    .arg(&vs.as_view())
-                    .arg(&dos.as_view())
-                    .arg(lse)
-                    .arg(&delta)
-                    .arg(klo)
-                    .arg(khi)
-                    .arg(&t32)
-                    .arg(&tk32)
-                    .arg(&nq32)
-                    .arg(&nkv32)
-                    .arg(&d32)
-                    .arg(&scale)
-                    .launch(cfg)
-            }?;
-            if tk > 0 {
-                let hs = head_splits(heads, tk);
-                let n = tk * nkv * d;
-                let blocks = tk.div_ceil(TILE) * nkv * hs;
-                let (f, cfg) = tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), blocks, [4, 2 * TILE])?;
-                let hs32 = hs as u32;
-                // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
-                // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
-                // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
-                // unsigned nkv, unsigned d, float scale, unsigned hs): dk_out and dv_out hold hs·Tk·nkv·d
-                // floats (dk, dv when hs = 1, else the partial sums), lse and delta T·nq, qlo and qhi
-                // Tk (checked above); hs divides nq / nkv; qs, ks, vs and dos as for the dq kernel;
-                // ranges are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one
-                // block of 32·FA_WARPS threads per (key tile, KV head, head split) with its dynamic
-                // shared memory.
-                let launch = |dk_out: &mut CudaViewMut<'_, f32>, dv_out: &mut CudaViewMut<'_, f32>| unsafe {
-                    gpu.stream
-                        .launch_builder(&f)
-                        .arg(dk_out)
-                        .arg(dv_out)
-                        .arg(&qs.as_view())
-                        .arg(&ks.as_view())
-                        .arg(&vs.as_view())
-                        .arg(&dos.as_view())
-                        .arg(lse)
-                        .arg(&delta)
-                        .arg(qlo)
-                        .arg(qhi)
-                        .arg(&t32)
-                        .arg(&tk32)
-                        .arg(&nq32)
-                        .arg(&nkv32)
-                        .arg(&d32)
-                        .arg(&scale)
-                        .arg(&hs32)
-                        .launch(cfg)
-                };
-                if hs == 1 {
-                    launch(dk, dv)?;
-                } else {
-                    // The partial sums, 2·hs·n f32 at the end of the scratch (its u16 offset, a sum
-                    // of split lengths, is a multiple of 32: 64-byte aligned).
-                    // SAFETY: f32 has no invalid bit patterns; the view holds 2·dkdv_parts_len u16.
-                    let mut p =
-                        unsafe { parts.transmute_mut::<f32>(2 * hs * n) }.expect("scratch_elems counts the parts");
-                    let (mut pk, mut pv) = p.split_at_mut(hs * n);
-                    launch(&mut pk, &mut pv)?;
-                    let f = function(gpu, mma, "attention_sum_parts_f32")?;
-                    let cfg = LaunchConfig {
-                        grid_dim: (n.div_ceil(256) as u32, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    let n64 = n as u64;
-                    let (pk, pv) = (pk.as_view(), pv.as_view());
-                    // SAFETY: attention_sum_parts_f32(float* out, const float* parts, unsigned long
-                    // long n, unsigned hs): dk and dv hold n = Tk·nkv·d floats (checked above), pk and
-                    // pv hs·n each; one thread per element.
-                    unsafe { gpu.stream.launch_builder(&f).arg(&mut *dk).arg(&pk).arg(&n64).arg(&hs32).launch(cfg) }?;
-                    // SAFETY: as above.
-                    unsafe { gpu.stream.launch_builder(&f).arg(&mut *dv).arg(&pv).arg(&n64).arg(&hs32).launch(cfg) }?;
-                }
-            }
-            Ok(())
-        })?;
+    let f = gpu.function("attention", SRC, "attention_dsinks_f32")?;
+    let cfg = LaunchConfig { grid_dim: (nq32, 1, 1), block_dim: (32 * WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: attention_dsinks_f32(float* dsinks, const float* sinks, const float* lse,
+    // const float* delta, unsigned T, unsigned nq): dsinks and sinks hold nq floats, lse and
+    // delta T·nq (checked above); one block of 32·ATT_WARPS threads per head.
+    unsafe {
+        gpu.stream.launch_builder(&f).arg(dsinks).arg(sinks).arg(lse).arg(&delta).arg(&t32).arg(&nq32).launch(cfg)
+    }?;
+    let (qs, ks, vs) = qkv_parts(qkv, heads, t, tk, mma);
+    let (mut dos, mut parts) = scratch.split_at_mut(split_len(mma, t, nq, d));
+    split_heads_gpu(gpu, mma, dout, t, nq, d, None, &mut dos)?;
+    let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
+    // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,
+    // const bf16* vs, const bf16* dos, const float* lse, const float* delta,
+    // const unsigned* klo, const unsigned* khi, unsigned T, unsigned Tk, unsigned nq,
+    // unsigned nkv, unsigned d, float scale): dq holds T·nq·d floats, lse and delta T·nq, klo
+    // and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows, nkv heads)
+    // are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module, d <= DP
+    // (qkv's length checked by the callers); ranges are clamped to Tk in the kernel and tiles
+    // start below T or Tk; one block of 32·FA_WARPS threads per (query tile, head) with its
+    // dynamic shared memory.
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(dq)
+            .arg(&qs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(&dos.as_view())
+            .arg(lse)
+            .arg(&delta)
+            .arg(klo)
+            .arg(khi)
+            .arg(&t32)
+            .arg(&tk32)
+            .arg(&nq32)
+            .arg(&nkv32)
+            .arg(&d32)
+            .arg(&scale)
+            .launch(cfg)
+    }?;
+    if tk == 0 {
+        return Ok(());
     }
+    let hs = head_splits(heads, tk);
+    let n = tk * nkv * d;
+    let blocks = tk.div_ceil(TILE) * nkv * hs;
+    let (f, cfg) = tiled(gpu, mma, "attention_bwd_dkdv_f32", padded_width(d), blocks, [4, 2 * TILE])?;
+    let hs32 = hs as u32;
+    // SAFETY: attention_bwd_dkdv_f32_d<DP>(float* dk, float* dv, const bf16* qs,
+    // const bf16* ks, const bf16* vs, const bf16* dos, const float* lse, const float* delta,
+    // const unsigned* qlo, const unsigned* qhi, unsigned T, unsigned Tk, unsigned nq,
+    // unsigned nkv, unsigned d, float scale, unsigned hs): dk_out and dv_out hold hs·Tk·nkv·d
+    // floats (dk, dv when hs = 1, else the partial sums), lse and delta T·nq, qlo and qhi
+    // Tk (checked above); hs divides nq / nkv; qs, ks, vs and dos as for the dq kernel;
+    // ranges are clamped to T in the kernel and tiles start below T or Tk, d <= DP; one
+    // block of 32·FA_WARPS threads per (key tile, KV head, head split) with its dynamic
+    // shared memory.
+    let launch = |dk_out: &mut CudaViewMut<'_, f32>, dv_out: &mut CudaViewMut<'_, f32>| unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(dk_out)
+            .arg(dv_out)
+            .arg(&qs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(&dos.as_view())
+            .arg(lse)
+            .arg(&delta)
+            .arg(qlo)
+            .arg(qhi)
+            .arg(&t32)
+            .arg(&tk32)
+            .arg(&nq32)
+            .arg(&nkv32)
+            .arg(&d32)
+            .arg(&scale)
+            .arg(&hs32)
+            .launch(cfg)
+    };
+    if hs == 1 {
+        launch(dk, dv)?;
+        return Ok(());
+    }
+    // The partial sums, 2·hs·n f32 after the split of dout (its u16 length, a split length, is a
+    // multiple of 32: 64-byte aligned).
+    // SAFETY: f32 has no invalid bit patterns; the view holds 2·dkdv_parts_len u16.
+    let mut p =
+        unsafe { parts.transmute_mut::<f32>(2 * hs * n) }.expect("split_backward_scratch_elems counts the parts");
+    let (mut pk, mut pv) = p.split_at_mut(hs * n);
+    launch(&mut pk, &mut pv)?;
+    let f = function(gpu, mma, "attention_sum_parts_f32")?;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let n64 = n as u64;
+    let (pk, pv) = (pk.as_view(), pv.as_view());
+    // SAFETY: attention_sum_parts_f32(float* out, const float* parts, unsigned long long
+    // n, unsigned hs): dk and dv hold n = Tk·nkv·d floats (checked above), pk and
+    // pv hs·n each; one thread per element.
+    unsafe { gpu.stream.launch_builder(&f).arg(&mut *dk).arg(&pk).arg(&n64).arg(&hs32).launch(cfg) }?;
+    // SAFETY: as above.
+    unsafe { gpu.stream.launch_builder(&f).arg(&mut *dv).arg(&pv).arg(&n64).arg(&hs32).launch(cfg) }?;
     Ok(())
 }
 
@@ -1199,7 +1403,8 @@ mod tests {
                     // Starts as garbage: the kernel must write every element.
                     let n = split_len(mma, rows, heads, d);
                     let mut split = s.clone_htod(&vec![0x7fc1u16; n]).unwrap();
-                    split_heads_gpu(&gpu, mma, &xd.slice(off..), rows, heads, d, &mut split.as_view_mut()).unwrap();
+                    split_heads_gpu(&gpu, mma, &xd.slice(off..), rows, heads, d, None, &mut split.as_view_mut())
+                        .unwrap();
                     let got = s.clone_dtoh(&split).unwrap();
                     let want = split_reference(&x, rows, heads, d, mma);
                     assert_eq!(got.len(), want.len(), "{mma:?} rows {rows} heads {heads} d {d}");
@@ -1211,6 +1416,202 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// The split entry points with the rotary embedding in the split, against the unsplit
+        /// ones on q and k rotated on the CPU with the same table: every output bit for bit (the
+        /// split rotates with the CPU's arithmetic), and the split itself against the reference.
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+        fn split_entry_points_rotate_q_and_k_as_the_cpu_does() {
+            use crate::ops::rope::{rope_apply_table, rope_table};
+            let gpu = Gpu::new(0).expect("a GPU");
+            let s = &gpu.stream;
+            for mma in [Mma::Split, Mma::Bf16] {
+                for (seed, (nq, nkv, d), rows, window) in [
+                    (1u64, (4usize, 2usize, 64usize), vec![vec![5usize, 9, 3], vec![1, 12], vec![20]], None),
+                    (2, (8, 2, 64), vec![vec![300]], Some(128)),
+                    (3, (6, 3, 14), vec![vec![65, 1], vec![2, 97]], None),
+                ] {
+                    let heads = Heads { nq, nkv, d };
+                    let (mut pos, mut seg, mut rr) = (vec![], vec![], vec![]);
+                    for lens in &rows {
+                        let start = pos.len();
+                        for (sg, &n) in lens.iter().enumerate() {
+                            pos.extend(3..3 + n as u32);
+                            seg.extend(std::iter::repeat_n(sg as u32, n));
+                        }
+                        rr.push(start..pos.len());
+                    }
+                    let t = pos.len();
+                    let (qw, kw) = (nq * d, nkv * d);
+                    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 150000f32.powf(-2.0 * i as f32 / d as f32)).collect();
+                    let table = rope_table(&pos, &inv_freq, 1.3);
+                    let (q, k, v) =
+                        (randn(seed, t * qw, 1.5), randn(seed + 1, t * kw, 1.5), randn(seed + 2, t * kw, 1.0));
+                    let (mut qr, mut kr) = (q.clone(), k.clone());
+                    rope_apply_table(&mut qr, &table, d);
+                    rope_apply_table(&mut kr, &table, d);
+                    let sinks = randn(seed + 3, nq, 1.0);
+                    let dout = randn(seed + 4, t * qw, 1.0);
+                    let ranges = visible_ranges(&pos, &seg, &rr, window).unwrap();
+                    let up = |x: &[f32]| s.clone_htod(x).unwrap();
+                    let up32 = |x: &[u32]| s.clone_htod(x).unwrap();
+                    let (klo, khi, qlo, qhi) =
+                        (up32(&ranges.klo), up32(&ranges.khi), up32(&ranges.qlo), up32(&ranges.qhi));
+                    let (sd, dod, cs) = (up(&sinks), up(&dout), up(&table));
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let what = format!("{mma:?} heads {nq}/{nkv} d {d} rows {rows:?}");
+
+                    // The split of q, k and v (starting as garbage) against the reference.
+                    let n = qkv_split_elems(heads, t, t, mma);
+                    let mut qkv = s.clone_htod(&vec![0x7fc1u16; n]).unwrap();
+                    let (qd, kd, vd) = (up(&q), up(&k), up(&v));
+                    split_qkv_gpu(
+                        &gpu,
+                        &qd.as_view(),
+                        &kd.as_view(),
+                        &vd.as_view(),
+                        Some(&cs.as_view()),
+                        heads,
+                        mma,
+                        &mut qkv.as_view_mut(),
+                    )
+                    .unwrap();
+                    let want = [
+                        split_reference(&qr, t, nq, d, mma),
+                        split_reference(&kr, t, nkv, d, mma),
+                        split_reference(&v, t, nkv, d, mma),
+                    ]
+                    .concat();
+                    assert!(
+                        s.clone_dtoh(&qkv).unwrap() == want,
+                        "{what}: the rotated split differs from the reference"
+                    );
+
+                    // Every output of the split entry points, then of the unsplit ones on rotated q, k.
+                    let outputs = |split: bool| -> Vec<Vec<f32>> {
+                        let (mut o, mut lse, mut delta) =
+                            (up(&vec![9.0; t * qw]), up(&vec![9.0; t * nq]), up(&vec![9.0; t * nq]));
+                        let (mut dq, mut dk, mut dv) =
+                            (up(&vec![9.0; t * qw]), up(&vec![9.0; t * kw]), up(&vec![9.0; t * kw]));
+                        let mut ds = up(&sinks);
+                        let (qrd, krd) = (up(&qr), up(&kr));
+                        if split {
+                            attention_fwd_split_gpu(
+                                &gpu,
+                                &qkv.as_view(),
+                                t,
+                                &sd.as_view(),
+                                &klo.as_view(),
+                                &khi.as_view(),
+                                heads,
+                                scale,
+                                mma,
+                                &mut o.as_view_mut(),
+                                &mut lse.as_view_mut(),
+                            )
+                            .unwrap();
+                            attention_bwd_split_gpu(
+                                &gpu,
+                                &qkv.as_view(),
+                                &sd.as_view(),
+                                &o.as_view(),
+                                &lse.as_view(),
+                                &dod.as_view(),
+                                &klo.as_view(),
+                                &khi.as_view(),
+                                &qlo.as_view(),
+                                &qhi.as_view(),
+                                heads,
+                                scale,
+                                mma,
+                                &mut delta.as_view_mut(),
+                                &mut dq.as_view_mut(),
+                                &mut dk.as_view_mut(),
+                                &mut dv.as_view_mut(),
+                                &mut ds.as_view_mut(),
+                            )
+                            .unwrap();
+                        } else {
+                            attention_fwd_gpu(
+                                &gpu,
+                                &qrd.as_view(),
+                                &krd.as_view(),
+                                &vd.as_view(),
+                                &sd.as_view(),
+                                &klo.as_view(),
+                                &khi.as_view(),
+                                heads,
+                                scale,
+                                mma,
+                                &mut o.as_view_mut(),
+                                &mut lse.as_view_mut(),
+                            )
+                            .unwrap();
+                            attention_bwd_gpu(
+                                &gpu,
+                                &qrd.as_view(),
+                                &krd.as_view(),
+                                &vd.as_view(),
+                                &sd.as_view(),
+                                &o.as_view(),
+                                &lse.as_view(),
+                                &dod.as_view(),
+                                &klo.as_view(),
+                                &khi.as_view(),
+                                &qlo.as_view(),
+                                &qhi.as_view(),
+                                heads,
+                                scale,
+                                mma,
+                                &mut delta.as_view_mut(),
+                                &mut dq.as_view_mut(),
+                                &mut dk.as_view_mut(),
+                                &mut dv.as_view_mut(),
+                                &mut ds.as_view_mut(),
+                            )
+                            .unwrap();
+                        }
+                        [o, lse, dq, dk, dv, ds].iter().map(|x| s.clone_dtoh(x).unwrap()).collect()
+                    };
+                    let (got, want) = (outputs(true), outputs(false));
+                    for (name, (g, w)) in ["o", "lse", "dq", "dk", "dv", "dsinks"].iter().zip(got.iter().zip(&want)) {
+                        assert!(g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: {name} differs");
+                        assert!(g.iter().any(|x| *x != 0.0), "{what}: {name} is all zeros");
+                    }
+                }
+            }
+            // A rotary table of the wrong length, and one for queries and keys of different tokens.
+            let heads = Heads { nq: 2, nkv: 1, d: 8 };
+            let (q, k) = (s.alloc_zeros::<f32>(3 * 16).unwrap(), s.alloc_zeros::<f32>(3 * 8).unwrap());
+            let mut out = s.alloc_zeros::<u16>(qkv_split_elems(heads, 3, 3, Mma::Bf16)).unwrap();
+            let cs = s.alloc_zeros::<f32>(3 * 8 - 2).unwrap();
+            let e = split_qkv_gpu(
+                &gpu,
+                &q.as_view(),
+                &k.as_view(),
+                &k.as_view(),
+                Some(&cs.as_view()),
+                heads,
+                Mma::Bf16,
+                &mut out.as_view_mut(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("rope table has 22 elements, expected 24"), "{e}");
+            let mut out = s.alloc_zeros::<u16>(qkv_split_elems(heads, 3, 2, Mma::Bf16)).unwrap();
+            let e = split_qkv_gpu(
+                &gpu,
+                &q.as_view(),
+                &k.slice(0..16),
+                &k.slice(0..16),
+                Some(&cs.as_view()),
+                heads,
+                Mma::Bf16,
+                &mut out.as_view_mut(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("same tokens, got 3 queries and 2 keys"), "{e}");
         }
 
         #[test]

@@ -195,10 +195,11 @@ __device__ void lowrank_reduce_rows(const float* __restrict__ ws, LrParts ps, un
 }
 
 // ---- lowrank_up ------------------------------------------------------------------------------
-// A block covers UP_COLS columns (lane l: columns c0 + l + 32 i, i < UP_CPT) and UP_ROWS rows
-// (warp w: UP_RPW rows from w UP_RPW); each thread holds alpha_p M_p(j, c) of its columns in
-// registers and reads the rows' R values, staged in shared memory, as broadcasts; a warp loads
-// every Y value of its rows before it adds to them.
+// A block covers UP_COLS columns (lane l: columns c0 + l + 32 i, i < UP_CPT) and chunks of UP_ROWS
+// rows (warp w: UP_RPW rows from w UP_RPW of each; the chunks blockIdx.y, + gridDim.y, ...); each
+// thread holds alpha_p M_p(j, c) of its columns in registers for all its chunks and reads the rows'
+// R values, staged in shared memory, as broadcasts; a warp loads every Y value of its rows before
+// it adds to them.
 constexpr int UP_CPT = 2, UP_COLS = 32 * UP_CPT, UP_RPW = 8, UP_ROWS = LR_THREADS / 32 * UP_RPW;
 
 template <int RB>
@@ -207,14 +208,9 @@ __device__ void lowrank_up(float* __restrict__ y, const float* __restrict__ bias
     __shared__ float rs[UP_ROWS][RB];
     __shared__ LrCols<RB> cols;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const unsigned int c0 = blockIdx.x * UP_COLS, t0 = blockIdx.y * UP_ROWS;
+    const unsigned int c0 = blockIdx.x * UP_COLS;
     lr_cols<RB>(ps, cols);
     __syncthreads();
-    for (int e = tid; e < UP_ROWS * RB; e += LR_THREADS) {
-        const int r = e / RB, j = e % RB;
-        const float* const base = cols.rows[j];
-        rs[r][j] = (base != nullptr && t0 + r < t) ? base[(size_t)(t0 + r) * cols.ld[j]] : 0.0f;
-    }
     float m[RB][UP_CPT], b[UP_CPT];
 #pragma unroll
     for (int i = 0; i < UP_CPT; ++i) {
@@ -230,32 +226,42 @@ __device__ void lowrank_up(float* __restrict__ y, const float* __restrict__ bias
             m[j][i] = (f != nullptr && c < n) ? cols.alpha[j] * f[(size_t)c * cols.sc[j]] : 0.0f;
         }
     }
-    float yv[UP_RPW][UP_CPT];
+    // Row chunks t0 = blockIdx.y UP_ROWS, + gridDim.y UP_ROWS, ...: the factor's registers serve
+    // every chunk of the block.
     const int r0 = warp * UP_RPW;
-#pragma unroll
-    for (int r = 0; r < UP_RPW; ++r)
-#pragma unroll
-        for (int i = 0; i < UP_CPT; ++i) {
-            const unsigned int row = t0 + r0 + r, c = c0 + lane + 32 * i;
-            yv[r][i] = (accumulate && row < t && c < n) ? y[(size_t)row * n + c] : 0.0f;
+    for (unsigned int t0 = blockIdx.y * UP_ROWS; t0 < t; t0 += gridDim.y * UP_ROWS) {
+        __syncthreads();  // every warp is past its reads of the previous chunk's rs
+        for (int e = tid; e < UP_ROWS * RB; e += LR_THREADS) {
+            const int r = e / RB, j = e % RB;
+            const float* const base = cols.rows[j];
+            rs[r][j] = (base != nullptr && t0 + r < t) ? base[(size_t)(t0 + r) * cols.ld[j]] : 0.0f;
         }
-    __syncthreads();
+        float yv[UP_RPW][UP_CPT];
 #pragma unroll
-    for (int r = 0; r < UP_RPW; ++r) {
-        const unsigned int row = t0 + r0 + r;
-        float s[UP_CPT];
+        for (int r = 0; r < UP_RPW; ++r)
 #pragma unroll
-        for (int i = 0; i < UP_CPT; ++i) s[i] = 0.0f;
+            for (int i = 0; i < UP_CPT; ++i) {
+                const unsigned int row = t0 + r0 + r, c = c0 + lane + 32 * i;
+                yv[r][i] = (accumulate && row < t && c < n) ? y[(size_t)row * n + c] : 0.0f;
+            }
+        __syncthreads();
 #pragma unroll
-        for (int j = 0; j < RB; ++j) {
-            const float u = rs[r0 + r][j];
+        for (int r = 0; r < UP_RPW; ++r) {
+            const unsigned int row = t0 + r0 + r;
+            float s[UP_CPT];
 #pragma unroll
-            for (int i = 0; i < UP_CPT; ++i) s[i] = fmaf(u, m[j][i], s[i]);
-        }
+            for (int i = 0; i < UP_CPT; ++i) s[i] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < UP_CPT; ++i) {
-            const unsigned int c = c0 + lane + 32 * i;
-            if (row < t && c < n) y[(size_t)row * n + c] = yv[r][i] + (s[i] + b[i]);
+            for (int j = 0; j < RB; ++j) {
+                const float u = rs[r0 + r][j];
+#pragma unroll
+                for (int i = 0; i < UP_CPT; ++i) s[i] = fmaf(u, m[j][i], s[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < UP_CPT; ++i) {
+                const unsigned int c = c0 + lane + 32 * i;
+                if (row < t && c < n) y[(size_t)row * n + c] = yv[r][i] + (s[i] + b[i]);
+            }
         }
     }
 }

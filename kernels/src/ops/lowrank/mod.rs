@@ -31,6 +31,8 @@ const DOWN_THREADS: u32 = 128;
 const DOWN_KC: usize = 64;
 const UP_COLS: usize = 64;
 const UP_ROWS: usize = 64;
+/// Row chunks a `lowrank_up` block walks (its grid is ⌈t / (UP_ROWS · UP_CHUNKS)⌉ high).
+const UP_CHUNKS: usize = 4;
 const GRAD_COLS: usize = 32;
 /// Blocks a launch aims for: when the rows (lowrank_down) or columns (lowrank_grad) give fewer,
 /// the reduction is split into ranges whose sums lowrank_reduce_* add in order. Constants, not
@@ -473,10 +475,9 @@ pub fn lowrank_up_gpu(
         check_part("lowrank_up", i, &p.layout, p.factor.len(), p.rows.len(), t, n)?;
     }
     let (t32, n32) = (dim("t", t)?, dim("n", n)?);
-    let grid_y = t.div_ceil(UP_ROWS);
-    if grid_y > 65535 {
-        return Err(shape(format!("lowrank_up: {t} rows exceed the kernel's {} (65535 blocks)", 65535 * UP_ROWS)));
-    }
+    // Each block walks UP_CHUNKS chunks of UP_ROWS rows (more when the rows would need more than
+    // 65535 blocks), so that its factor registers serve more rows.
+    let grid_y = t.div_ceil(UP_ROWS * UP_CHUNKS).clamp(1, 65535);
     if t == 0 || n == 0 {
         return Ok(());
     }
@@ -500,7 +501,7 @@ pub fn lowrank_up_gpu(
         // SAFETY: lowrank_up_RB(float* y, const float* bias, LrParts ps, unsigned t, unsigned n,
         // unsigned accumulate): y holds t·n floats, bias (0 for none) n; each entry is a piece of a
         // part whose factor (rank rows by n columns) and row-wise matrix (t rows of ld) were checked
-        // to lie inside their buffers; grid.y = ⌈t / UP_ROWS⌉ ≤ 65535 (checked).
+        // to lie inside their buffers; the blocks walk the row chunks grid-stride (any grid.y ≥ 1).
         unsafe {
             s.launch_builder(&f).arg(&mut *y).arg(&b).arg(&ps).arg(&t32).arg(&n32).arg(&acc).launch(grid(
                 n.div_ceil(UP_COLS),

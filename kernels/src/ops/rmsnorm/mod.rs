@@ -83,6 +83,31 @@ pub fn rmsnorm_backward_gpu(
     dy: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    backward(gpu, x, w, rstd, dy, dx, false)
+}
+
+/// [`rmsnorm_backward_gpu`] added to `dx` (`dx += ∂/∂x`, a residual stream's gradient): the bits
+/// of the assignment into a scratch buffer followed by an f32 add, in one pass.
+pub fn rmsnorm_backward_add_gpu(
+    gpu: &Gpu,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rstd: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    backward(gpu, x, w, rstd, dy, dx, true)
+}
+
+fn backward(
+    gpu: &Gpu,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rstd: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    accumulate: bool,
+) -> Result<()> {
     let (h, rows) = (w.len(), rstd.len());
     check("x", x.len(), rows * h)?;
     check("dy", dy.len(), rows * h)?;
@@ -91,11 +116,21 @@ pub fn rmsnorm_backward_gpu(
         return Ok(());
     }
     let f = gpu.function("rmsnorm", SRC, "rmsnorm_bwd_f32")?;
-    let h32 = h as u32;
+    let (h32, acc) = (h as u32, accumulate as i32);
     // SAFETY: rmsnorm_bwd_f32(float* dx, const float* x, const float* w, const float* rstd,
-    // const float* dy, unsigned h): x, dy, dx hold rows·h floats, rstd rows, w h (checked above).
+    // const float* dy, unsigned h, int accumulate): x, dy, dx hold rows·h floats, rstd rows, w h
+    // (checked above); one block per row.
     unsafe {
-        gpu.stream.launch_builder(&f).arg(dx).arg(x).arg(w).arg(rstd).arg(dy).arg(&h32).launch(launch_config(rows, h))
+        gpu.stream
+            .launch_builder(&f)
+            .arg(dx)
+            .arg(x)
+            .arg(w)
+            .arg(rstd)
+            .arg(dy)
+            .arg(&h32)
+            .arg(&acc)
+            .launch(launch_config(rows, h))
     }?;
     Ok(())
 }
@@ -178,6 +213,25 @@ mod tests {
                 &mut dxg.as_view_mut(),
             )
             .unwrap();
+            // The accumulating form: the bits of the assignment plus an f32 add.
+            let base = randn(seed + 300, rows * h, 1.0);
+            let mut acc = s.clone_htod(&base).unwrap();
+            rmsnorm_backward_add_gpu(
+                &gpu,
+                &xd.as_view(),
+                &wd.as_view(),
+                &rg.as_view(),
+                &dyd.as_view(),
+                &mut acc.as_view_mut(),
+            )
+            .unwrap();
+            let assigned = s.clone_dtoh(&dxg).unwrap();
+            let want: Vec<f32> = base.iter().zip(&assigned).map(|(b, g)| b + g).collect();
+            let got = s.clone_dtoh(&acc).unwrap();
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "dx += [{rows}, {h}] differs from the assignment plus an add"
+            );
             // f32 on both sides, different summation order: rtol 1e-5 (STYLE's fp32 default).
             assert_close(&format!("y [{rows}, {h}]"), &s.clone_dtoh(&yg).unwrap(), &y, 1e-6, 1e-5);
             assert_close(&format!("rstd [{rows}]"), &s.clone_dtoh(&rg).unwrap(), &r, 1e-6, 1e-5);

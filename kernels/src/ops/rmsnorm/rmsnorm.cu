@@ -30,15 +30,18 @@ extern "C" __global__ void rmsnorm_fwd_f32(float* y, float* rstd, const float* x
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
-// dx = r * (w * dy) - x * r^3 * mean(x * w * dy)
+// dx = r * (w * dy) - x * r^3 * mean(x * w * dy), assigned; with `accumulate`, added to dx instead
+// (dx + that, rounded once more: the bits of the assignment followed by an f32 add).
 extern "C" __global__ void rmsnorm_bwd_f32(float* dx, const float* x, const float* w, const float* rstd,
-                                           const float* dy, unsigned int h) {
+                                           const float* dy, unsigned int h, int accumulate) {
     __shared__ float shared[32];
     const size_t off = (size_t)blockIdx.x * h;
     const float r = rstd[blockIdx.x];
     float s = 0.0f;
     for (unsigned int i = threadIdx.x; i < h; i += blockDim.x) s += x[off + i] * w[i] * dy[off + i];
     const float m = block_sum(s, shared) / (float)h;
-    for (unsigned int i = threadIdx.x; i < h; i += blockDim.x)
-        dx[off + i] = r * w[i] * dy[off + i] - x[off + i] * r * r * r * m;
+    for (unsigned int i = threadIdx.x; i < h; i += blockDim.x) {
+        const float g = r * w[i] * dy[off + i] - x[off + i] * r * r * r * m;
+        dx[off + i] = accumulate ? __fadd_rn(dx[off + i], g) : g;
+    }
 }

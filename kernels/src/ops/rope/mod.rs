@@ -109,6 +109,88 @@ pub fn rope_gpu(
     Ok(())
 }
 
+/// CPU reference of [`rope_table_gpu`]: `[T, head_dim / 2, 2]`, the cos and sin of each position
+/// and frequency times `attention_scaling` (the f32 angle of [`rope_apply`], libm's cos and sin).
+pub fn rope_table(positions: &[u32], inv_freq: &[f32], attention_scaling: f32) -> Vec<f32> {
+    let mut cs = Vec::with_capacity(positions.len() * inv_freq.len() * 2);
+    for &p in positions {
+        for f in inv_freq {
+            let a = p as f32 * f;
+            cs.extend([a.cos() * attention_scaling, a.sin() * attention_scaling]);
+        }
+    }
+    cs
+}
+
+/// Rotates `x [T, heads · head_dim]` in place with a [`rope_table`] (`[T, head_dim / 2, 2]`), each
+/// output `a·c − b·s` or `b·c + a·s` rounded product by product (no fused multiply-add): the
+/// arithmetic of the attention split kernel's rotation, so with the GPU's table the same bits.
+pub fn rope_apply_table(x: &mut [f32], table: &[f32], head_dim: usize) {
+    let half = head_dim / 2;
+    let tokens = if half == 0 { 0 } else { table.len() / (2 * half) };
+    assert!(head_dim.is_multiple_of(2) && table.len() == tokens * 2 * half, "rope: table is not [T, head_dim / 2, 2]");
+    if tokens == 0 {
+        assert!(x.is_empty(), "rope: x has {} elements but the table has no rows", x.len());
+        return;
+    }
+    let width = x.len() / tokens;
+    assert!(x.len() == tokens * width && width.is_multiple_of(head_dim), "rope: x is not [T, heads * head_dim]");
+    for (row, cs) in x.chunks_exact_mut(width).zip(table.chunks_exact(2 * half)) {
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b, c, s) = (head[i], head[i + half], cs[2 * i], cs[2 * i + 1]);
+                head[i] = a * c - b * s;
+                head[i + half] = b * c + a * s;
+            }
+        }
+    }
+}
+
+/// GPU [`rope_table`]: `positions [T]`, `inv_freq [head_dim / 2]` → `out [T, head_dim / 2, 2]`
+/// (assigned), with `rope_f32`'s cos and sin (CUDA's precise `sincosf`).
+pub fn rope_table_gpu(
+    gpu: &Gpu,
+    positions: &CudaView<'_, u32>,
+    inv_freq: &CudaView<'_, f32>,
+    attention_scaling: f32,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (tokens, half) = (positions.len(), inv_freq.len());
+    if out.len() != tokens * half * 2 {
+        return Err(Error::Shape(format!(
+            "rope_table: out has {} elements, expected {tokens} positions × {half} frequencies × 2",
+            out.len()
+        )));
+    }
+    if tokens == 0 || half == 0 {
+        return Ok(());
+    }
+    let f = gpu.function("rope", SRC, "rope_table_f32")?;
+    let pairs = tokens * half;
+    let cfg = LaunchConfig {
+        grid_dim: (pairs.div_ceil(256).min(65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (tokens64, half32) = (tokens as u64, half as u32);
+    // SAFETY: rope_table_f32(float* cs, const unsigned* positions, const float* inv_freq,
+    // unsigned long long tokens, unsigned half, float attention_scaling): cs holds tokens·half·2
+    // floats, positions tokens, inv_freq half (checked above); the grid-stride loop covers the
+    // tokens·half pairs with any grid.
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(out)
+            .arg(positions)
+            .arg(inv_freq)
+            .arg(&tokens64)
+            .arg(&half32)
+            .arg(&attention_scaling)
+            .launch(cfg)
+    }?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +290,46 @@ mod tests {
         let pos: Vec<u32> = (0..300u32).map(|t| (t * 437) % 131072).chain([131071, 65535, 0]).collect();
         check_gpu(&gpu, 1, &pos, 64, 64, 1.346_573_6);
         check_gpu(&gpu, 2, &pos, 8, 64, 1.346_573_6);
+    }
+
+    #[test]
+    fn rotating_with_the_table_is_rope_apply() {
+        let d = 16;
+        let pos = [0u32, 7, 4096, 131071];
+        let f = inv_freq(d);
+        let x = randn(7, pos.len() * 3 * d, 2.0);
+        let (mut want, mut got) = (x.clone(), x.clone());
+        rope_apply(&mut want, &pos, &f, 1.25, d, false);
+        rope_apply_table(&mut got, &rope_table(&pos, &f, 1.25), d);
+        // The same products and sums: only the order of the scaling's multiply differs.
+        assert_close("rope with the table", &got, &want, 1e-5, 1e-6);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run on the GPU machine (cargo xtask gpu-bundle, then gpu-bundle/run)"]
+    fn table_matches_cpu_and_rotates_like_rope_f32() {
+        let gpu = Gpu::new(0).expect("a GPU");
+        let s = &gpu.stream;
+        let (d, scaling) = (64, 1.346_573_6f32);
+        let pos: Vec<u32> = (0..300u32).map(|t| (t * 437) % 131072).chain([131071, 65535, 0]).collect();
+        let f = inv_freq(d);
+        let (pd, fd) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&f).unwrap());
+        let mut cs = s.alloc_zeros::<f32>(pos.len() * d).unwrap();
+        rope_table_gpu(&gpu, &pd.as_view(), &fd.as_view(), scaling, &mut cs.as_view_mut()).unwrap();
+        let table = s.clone_dtoh(&cs).unwrap();
+        // CUDA's sincosf against libm: a few ulp of the scaling.
+        assert_close("rope table", &table, &rope_table(&pos, &f, scaling), 1e-6 * scaling, 1e-6);
+        // Rotating with the GPU's table is rope_f32 up to its FMA contraction (a few ulp of |x|).
+        let x = randn(8, pos.len() * 8 * d, 3.0);
+        let mut want = x.clone();
+        rope_apply_table(&mut want, &table, d);
+        let got = run_gpu(&gpu, &x, &pos, &f, scaling, d, false);
+        let xmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) * scaling;
+        assert_close("rope_f32 against the table", &got, &want, 1e-6 * xmax, 1e-6);
+        // A table of the wrong length is refused.
+        let mut short = s.alloc_zeros::<f32>(pos.len() * d - 2).unwrap();
+        let e = rope_table_gpu(&gpu, &pd.as_view(), &fd.as_view(), 1.0, &mut short.as_view_mut()).unwrap_err();
+        assert!(e.to_string().contains("rope_table: out has"), "{e}");
     }
 
     #[test]

@@ -27,3 +27,18 @@ extern "C" __global__ void rope_f32(float* x, const unsigned int* positions, con
         }
     }
 }
+
+// cos and sin of every (token, i < head_dim / 2), times attention_scaling, computed as rope_f32
+// computes them: cs[(t * half + i) * 2] = c and cs[(t * half + i) * 2 + 1] = s. The attention split
+// kernel rotates q and k with this table as it splits them (attention.cu).
+extern "C" __global__ void rope_table_f32(float* cs, const unsigned int* positions, const float* inv_freq,
+                                          unsigned long long tokens, unsigned int half, float attention_scaling) {
+    const size_t pairs = (size_t)tokens * half;
+    for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (size_t)gridDim.x * blockDim.x) {
+        const float angle = (float)positions[p / half] * inv_freq[p % half];
+        float s, c;
+        sincosf(angle, &s, &c);
+        cs[2 * p] = c * attention_scaling;
+        cs[2 * p + 1] = s * attention_scaling;
+    }
+}

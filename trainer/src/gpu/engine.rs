@@ -24,7 +24,7 @@ use oxtune_kernels::ops::lowrank::{
     self, lowrank_down_cast_gpu, lowrank_down_gpu, lowrank_grad_gpu, lowrank_up_gpu, DownPart, GradPart, Layout, UpPart,
 };
 use oxtune_kernels::ops::rmsnorm::{rmsnorm_backward_add_gpu, rmsnorm_backward_gpu, rmsnorm_gpu};
-use oxtune_kernels::ops::rope::{rope_gpu, rope_table_gpu};
+use oxtune_kernels::ops::rope::rope_table_gpu;
 use oxtune_kernels::ops::Mma;
 use oxtune_kernels::pinned::PinnedBuf;
 use oxtune_kernels::Gpu;
@@ -359,6 +359,20 @@ struct PassGraphs {
 
 /// Micro-batch sizes whose graphs the engine keeps (a benchmark or fixed-size data has one).
 const GRAPHED_SIZES: usize = 4;
+
+/// Which copies of the residual stream a layer's forward makes for its backward
+/// ([`GpuEngine::layer_forward`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inputs {
+    /// Its input and middle, in the layer's activation set (training without checkpointing, and
+    /// the last layer with it, whose backward follows without a recomputation).
+    Keep,
+    /// Neither: nothing reads them (evaluation, and checkpointed layers, which are recomputed).
+    Drop,
+    /// The recomputation before a checkpointed layer's backward: the input only when offloaded
+    /// (else the backward reads the checkpoint), never the middle (left in `s.x`).
+    Recompute,
+}
 
 /// Bytes of the activations and scratch for `t` tokens (what [`GpuEngine::new`] allocates besides
 /// weights and LoRA), to check against free memory first.
@@ -1388,9 +1402,12 @@ impl GpuEngine {
                         self.gpu.stream.memcpy_dtod(&v(x, t * h), &mut vm(inputs, t * h))?;
                     }
                 }
-                self.layer_forward(l, t, false, true)?;
+                // Only the last layer's backward reads its forward's copies of the residual stream
+                // (the others recompute them).
+                let inputs = if l == last { Inputs::Keep } else { Inputs::Drop };
+                self.layer_forward(l, t, false, true, inputs)?;
             } else {
-                self.layer_forward(l, t, save, true)?;
+                self.layer_forward(l, t, save, true, if save { Inputs::Keep } else { Inputs::Drop })?;
             }
         }
         Ok(())
@@ -1400,7 +1417,9 @@ impl GpuEngine {
     /// checkpointing) its activations go to set `l`, else to set 0. Without `moe` (the
     /// checkpointed recomputation before the layer's backward) the experts are not run: the
     /// backward pass recomputes them chunk by chunk, and the layer's output is not needed.
-    fn layer_forward(&mut self, l: usize, t: usize, save: bool, moe: bool) -> Result<()> {
+    /// `inputs`: which copies of the residual stream (the layer's input and its middle, the
+    /// norms' inputs) the layer's backward will read.
+    fn layer_forward(&mut self, l: usize, t: usize, save: bool, moe: bool, inputs: Inputs) -> Result<()> {
         let cfg = &self.cfg;
         let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
         let (ne, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
@@ -1423,7 +1442,10 @@ impl GpuEngine {
         prof.mark(gpu, "other")?;
 
         // Attention block: x += o_proj(attn(rope(q), rope(k), v)) of norm1(x).
-        gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_in, t * h))?;
+        // A recomputation's backward reads the layer's input from its checkpoint on the device.
+        if inputs == Inputs::Keep || (inputs == Inputs::Recompute && !self.host_inputs.is_empty()) {
+            gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_in, t * h))?;
+        }
         rmsnorm_gpu(
             gpu,
             &v(&s.x, t * h),
@@ -1472,7 +1494,10 @@ impl GpuEngine {
 
         prof.mark(gpu, "attention block, forward (with recomputation)")?;
         // MoE block: x += Σ_j w_j · expert_j(norm2(x)).
-        gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_mid, t * h))?;
+        // A recomputation stops before the experts: its backward reads the middle from s.x.
+        if inputs == Inputs::Keep {
+            gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_mid, t * h))?;
+        }
         rmsnorm_gpu(
             gpu,
             &v(&s.x, t * h),
@@ -1851,6 +1876,9 @@ impl GpuEngine {
     /// activations are still in set 0 (the last layer's), so they are not recomputed.
     fn layer_backward(&mut self, l: usize, t: usize, kept_moe: bool) -> Result<()> {
         let set = if self.checkpointing { 0 } else { l };
+        // A recomputed layer (layer_forward with Inputs::Recompute) left its middle in s.x and its
+        // input in its checkpoint (or, offloaded, in x_in).
+        let recomputed = self.checkpointing && l + 1 < self.cfg.num_hidden_layers;
         let split = self.split;
         let mma = if split { Mma::Split } else { Mma::Bf16 };
         self.prof.mark(&self.gpu, "other")?;
@@ -1896,9 +1924,10 @@ impl GpuEngine {
             1.0,
             1.0,
         )?;
+        let x_mid = if recomputed { &s.x } else { &a.x_mid };
         rmsnorm_backward_add_gpu(
             gpu,
-            &v(&a.x_mid, t * h),
+            &v(x_mid, t * h),
             &layer.post_norm.as_view(),
             &v(&a.rstd2, t),
             &v(&s.db, t * h),
@@ -1930,9 +1959,11 @@ impl GpuEngine {
             self.qkv_of = Some((l, t));
         }
         let r = &s.ranges[layer.window.is_some() as usize];
+        // dq and dk come back as the gradients of the projections' outputs (before the rotation).
         attention_bwd_split_gpu(
             gpu,
             &v(&s.qkv, lqkv),
+            Some(&v(&s.rope_cs, t * cfg.head_dim)),
             &layer.sinks.as_view(),
             &v(&a.o, t * qw),
             &v(&a.lse, t * nq),
@@ -1950,9 +1981,6 @@ impl GpuEngine {
             &mut vm(&mut s.dv, t * kw),
             &mut self.dsinks[l].as_view_mut(),
         )?;
-        let inv = self.w.inv_freq.as_view();
-        rope_gpu(gpu, &mut vm(&mut s.dq, t * qw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
-        rope_gpu(gpu, &mut vm(&mut s.dk, t * kw), &v(&s.pos, t), &inv, self.rope_scaling, cfg.head_dim, true)?;
         // q, k and v: each pair's output side with its projection's input gradient, then the
         // three input sides (they share the input) in one pass over it and one over its gradient
         // (ranks summing to at most 32).
@@ -1980,9 +2008,13 @@ impl GpuEngine {
         }
         let ins = qkv.into_iter().zip([&*duq, &*duk, &*duv]).filter_map(|(p, du)| Some((p?, du)));
         Self::lora_dense_bwd_in(gpu, ins.collect(), &v(&a.a, t * h), t, &mut vm(&mut s.da, t * h))?;
+        let x_in = match self.layer_inputs.get(l) {
+            Some(checkpoint) if recomputed => checkpoint,
+            _ => &a.x_in,
+        };
         rmsnorm_backward_add_gpu(
             gpu,
-            &v(&a.x_in, t * h),
+            &v(x_in, t * h),
             &layer.input_norm.as_view(),
             &v(&a.rstd1, t),
             &v(&s.da, t * h),
@@ -2154,7 +2186,7 @@ impl GpuEngine {
                     let (inputs, x) = (&self.layer_inputs[l], &mut self.s.x);
                     self.gpu.stream.memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))?;
                 }
-                self.layer_forward(l, t, false, false)?;
+                self.layer_forward(l, t, false, false, Inputs::Recompute)?;
             }
             self.layer_backward(l, t, kept_moe)?;
         }

@@ -284,6 +284,32 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dst, size_t strid
     }
 }
 
+// store_rows of a gradient with respect to rotated rows (q) turned into the gradient with respect
+// to the rows before the rotation (the rotary embedding's transpose, rope_f32's inverse) with the
+// rows' cos and sin cs [rows][DP/2][2]: for d = DP only (a multiple of 16), where column c < DP/2
+// and its partner c + DP/2 sit in the same lane, blocks n and n + DP/16. Each product and sum is
+// rounded on its own, as attention_unrope_f32 and rope_apply_table compute it.
+template <int DP>
+__device__ __forceinline__ void store_rows_unrope(float* __restrict__ dst, size_t stride, const float (*acc)[4],
+                                                  unsigned int r0, unsigned int rows, float mul,
+                                                  const float* __restrict__ cs) {
+    constexpr int H = DP / 16;  // 8-column blocks per half
+    const unsigned int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int n = 0; n < H; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const unsigned int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
+            if (r < rows) {
+                const float a = acc[n][e] * mul, b = acc[n + H][e] * mul;
+                const float co = cs[(size_t)r * DP + 2 * c], si = cs[(size_t)r * DP + 2 * c + 1];
+                dst[(size_t)r * stride + c] = __fadd_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+                dst[(size_t)r * stride + c + DP / 2] = __fsub_rn(__fmul_rn(b, co), __fmul_rn(a, si));
+            }
+        }
+    }
+}
+
 // s[NB][4] (16 x 8·NB) = A · B^T: A the warp's 16 rows at `a`, B the 8·NB rows at `b`, both in
 // row-major tile pairs [FA_PARTS][FA_TILE][DP + 8] (hi, lo) in shared memory.
 template <int DP, int NB>
@@ -463,6 +489,8 @@ __device__ __forceinline__ void fwd(float* __restrict__ o, float* __restrict__ l
 
 // dq [T, nq*d] (assigned): block (query tile, head h) as in the forward. Over the visible key
 // tiles: p_ij = exp(s_ij - lse_i), ds_ij = p_ij (dO_i . v_j - D_i), dq_i = scale sum_j ds_ij k_j.
+// With cs (not null; d = DP only) the stored dq is that of the queries before their rotation
+// (store_rows_unrope).
 // qs, ks, vs, dos: the split scratch of q, k, v and dout.
 // Shared memory: Q, dO, K, V tile pairs [FA_PARTS][FA_TILE][DP + 8]; ranges.
 // Copies: Q, dO and V_0 before the loop; K_j while dO·V_j^T runs, V_j+1 while the chunks of
@@ -473,7 +501,8 @@ __device__ __forceinline__ void bwd_dq(float* __restrict__ dq, const bf16* __res
                                        const bf16* __restrict__ dos, const float* __restrict__ lse,
                                        const float* __restrict__ delta, const unsigned int* __restrict__ klo,
                                        const unsigned int* __restrict__ khi, unsigned int T, unsigned int Tk,
-                                       unsigned int nq, unsigned int nkv, unsigned int d, float scale) {
+                                       unsigned int nq, unsigned int nkv, unsigned int d, float scale,
+                                       const float* __restrict__ cs) {
     constexpr int LD = DP + 8, PAIR = FA_PARTS * FA_TILE * LD, CW = 8 * FA_CH;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* qt = reinterpret_cast<bf16*>(smem);
@@ -543,7 +572,11 @@ __device__ __forceinline__ void bwd_dq(float* __restrict__ dq, const bf16* __res
         }
     }
     cp_wait_all();
-    store_rows<DP>(dq + (size_t)h * d, (size_t)nq * d, acc, q0 + warp * 16, T, d, scale);
+    if (cs != nullptr) {
+        store_rows_unrope<DP>(dq + (size_t)h * d, (size_t)nq * d, acc, q0 + warp * 16, T, scale, cs);
+    } else {
+        store_rows<DP>(dq + (size_t)h * d, (size_t)nq * d, acc, q0 + warp * 16, T, d, scale);
+    }
 }
 
 // dk, dv [Tk, nkv*d] (assigned): block (key tile, KV head kvh, head split sp), blockIdx.x =
@@ -660,8 +693,8 @@ __device__ __forceinline__ void bwd_dkdv(float* __restrict__ dk, float* __restri
         const bf16* __restrict__ vs, const bf16* __restrict__ dos, const float* __restrict__ lse,         \
         const float* __restrict__ delta, const unsigned int* __restrict__ klo,                            \
         const unsigned int* __restrict__ khi, unsigned int T, unsigned int Tk, unsigned int nq,           \
-        unsigned int nkv, unsigned int d, float scale) {                                                  \
-        bwd_dq<DP>(dq, qs, ks, vs, dos, lse, delta, klo, khi, T, Tk, nq, nkv, d, scale);                  \
+        unsigned int nkv, unsigned int d, float scale, const float* __restrict__ cs) {                    \
+        bwd_dq<DP>(dq, qs, ks, vs, dos, lse, delta, klo, khi, T, Tk, nq, nkv, d, scale, cs);              \
     }                                                                                                     \
     extern "C" __global__ void LBB attention_bwd_dkdv_f32_d##DP(                                          \
         float* __restrict__ dk, float* __restrict__ dv, const bf16* __restrict__ qs,                      \
@@ -688,6 +721,22 @@ extern "C" __global__ void attention_sum_parts_f32(float* __restrict__ out, cons
     float s = parts[i];
     for (unsigned int p = 1; p < hs; ++p) s += parts[p * n + i];
     out[i] = s;
+}
+
+// x [rows, heads*d] (in place): the gradient with respect to rotated rows turned into the one with
+// respect to the rows before the rotation, with cs [rows][d/2][2] (rope_f32's inverse, each
+// product and sum rounded on its own). One thread per (row, head, c < d/2).
+extern "C" __global__ void attention_unrope_f32(float* __restrict__ x, const float* __restrict__ cs,
+                                                unsigned int rows, unsigned int heads, unsigned int d) {
+    const unsigned int half = d / 2;
+    const size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= (size_t)rows * heads * half) return;
+    const unsigned int c = (unsigned int)(p % half);
+    const size_t r = p / half / heads, h = p / half % heads;
+    float* head = x + (r * heads + h) * d;
+    const float a = head[c], b = head[c + half], co = cs[r * d + 2 * c], si = cs[r * d + 2 * c + 1];
+    head[c] = __fadd_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+    head[c + half] = __fsub_rn(__fmul_rn(b, co), __fmul_rn(a, si));
 }
 
 // delta [T, nq] = dO_i . O_i per (query, head).

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::Mma;
@@ -690,18 +690,23 @@ pub fn attention_bwd_gpu(
     gpu.with_scratch(lqkv + split_backward_scratch_elems(heads, t, tk, mma), |mut buf| {
         let (mut qkv, rest) = buf.split_at_mut(lqkv);
         split_qkv_gpu(gpu, q, k, v, None, heads, mma, &mut qkv)?;
-        let io = BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi };
+        let io = BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi, rope: None };
         backward(gpu, &qkv.as_view(), rest, io, heads, scale, mma, delta_scratch, dq, dk, dv, dsinks)
     })
 }
 
 /// [`attention_bwd_gpu`] on q, k and v already split by [`split_qkv_gpu`] (`qkv`, for `T =
 /// klo.len()` queries and `Tk = qlo.len()` keys); takes [`split_backward_scratch_elems`] of the
-/// [`Gpu`]'s scratch for the split of dout and the dk/dv partial sums.
+/// [`Gpu`]'s scratch for the split of dout and the dk/dv partial sums. With `rope` (the table the
+/// split rotated q and k with) `dq` and `dk` are the gradients of q and k before their rotation:
+/// the rotation's transpose applied in the dq kernel's store (head widths that are a multiple of
+/// 16 and at most 128) or after it, and after dk's sums; each product and sum rounded on its own,
+/// as [`crate::ops::rope::rope_apply_table`] computes it with `inverse`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_split_gpu(
     gpu: &Gpu,
     qkv: &CudaView<'_, u16>,
+    rope: Option<&CudaView<'_, f32>>,
     sinks: &CudaView<'_, f32>,
     o: &CudaView<'_, f32>,
     lse: &CudaView<'_, f32>,
@@ -721,8 +726,16 @@ pub fn attention_bwd_split_gpu(
 ) -> Result<()> {
     let (t, tk) = (klo.len(), qlo.len());
     expect("attention_bwd", "the split q, k and v", qkv.len(), qkv_split_elems(heads, t, tk, mma))?;
+    if let Some(cs) = rope {
+        if t != tk {
+            return Err(Error::Shape(format!(
+                "attention_bwd: the rotary table is for queries and keys of the same tokens, got {t} queries and {tk} keys"
+            )));
+        }
+        expect("attention_bwd", "rope table", cs.len(), t * heads.d)?;
+    }
     gpu.with_scratch(split_backward_scratch_elems(heads, t, tk, mma), |rest| {
-        let io = BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi };
+        let io = BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi, rope };
         backward(gpu, qkv, rest, io, heads, scale, mma, delta_scratch, dq, dk, dv, dsinks)
     })
 }
@@ -737,6 +750,8 @@ struct BwdIo<'a, 'b> {
     khi: &'a CudaView<'b, u32>,
     qlo: &'a CudaView<'b, u32>,
     qhi: &'a CudaView<'b, u32>,
+    /// The rotary table `[T, d/2, 2]` when dq and dk are wanted before the rotation (checked).
+    rope: Option<&'a CudaView<'b, f32>>,
 }
 
 /// The backward on split q, k and v, with `scratch` ([`split_backward_scratch_elems`] u16) for the
@@ -757,7 +772,7 @@ fn backward(
     dsinks: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "attention_bwd";
-    let BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi } = io;
+    let BwdIo { sinks, o, lse, dout, klo, khi, qlo, qhi, rope } = io;
     let Heads { nq, nkv, d } = heads;
     let (t, tk) = (klo.len(), qlo.len());
     let (t32, tk32) = sizes(OP, heads, t, tk * nkv * d)?;
@@ -812,19 +827,24 @@ fn backward(
     let (mut dos, mut parts) = scratch.split_at_mut(split_len(mma, t, nq, d));
     split_heads_gpu(gpu, mma, dout, t, nq, d, None, &mut dos)?;
     let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
+    // The rotation's transpose in the dq kernel's store where a lane holds both columns of a pair.
+    let fused = rope.filter(|_| d == padded_width(d) && d.is_multiple_of(16));
+    let cs = fused.map(|cs| cs.device_ptr(&gpu.stream));
+    let cs_ptr = cs.as_ref().map_or(0, |(p, _)| *p);
     // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,
     // const bf16* vs, const bf16* dos, const float* lse, const float* delta,
     // const unsigned* klo, const unsigned* khi, unsigned T, unsigned Tk, unsigned nq,
-    // unsigned nkv, unsigned d, float scale): dq holds T·nq·d floats, lse and delta T·nq, klo
-    // and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows, nkv heads)
-    // are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module, d <= DP
-    // (qkv's length checked by the callers); ranges are clamped to Tk in the kernel and tiles
+    // unsigned nkv, unsigned d, float scale, const float* cs): dq holds T·nq·d floats, lse and
+    // delta T·nq, klo and khi T (checked above); qs, dos (T rows, nq heads), ks and vs (Tk rows,
+    // nkv heads) are split_heads_gpu's [FA_PARTS][heads][rows + FA_TILE][DP] for this module,
+    // d <= DP (qkv's length checked by the callers); cs is null or T·d floats (checked by
+    // attention_bwd_split_gpu) with d = DP; ranges are clamped to Tk in the kernel and tiles
     // start below T or Tk; one block of 32·FA_WARPS threads per (query tile, head) with its
     // dynamic shared memory.
     unsafe {
         gpu.stream
             .launch_builder(&f)
-            .arg(dq)
+            .arg(&mut *dq)
             .arg(&qs)
             .arg(&ks)
             .arg(&vs)
@@ -839,8 +859,13 @@ fn backward(
             .arg(&nkv32)
             .arg(&d32)
             .arg(&scale)
+            .arg(&cs_ptr)
             .launch(cfg)
     }?;
+    drop(cs);
+    if let (Some(cs), None) = (rope, fused) {
+        unrope_gpu(gpu, dq, cs, t, nq, d)?;
+    }
     if tk == 0 {
         return Ok(());
     }
@@ -882,7 +907,10 @@ fn backward(
     };
     if hs == 1 {
         launch(dk, dv)?;
-        return Ok(());
+        return match rope {
+            Some(cs) => unrope_gpu(gpu, dk, cs, tk, nkv, d),
+            None => Ok(()),
+        };
     }
     // The partial sums, 2·hs·n f32 after the split of dout (its u16 length, a split length, is a
     // multiple of 32: 64-byte aligned).
@@ -901,6 +929,33 @@ fn backward(
     unsafe { gpu.stream.launch_builder(&f).arg(&mut *dk).arg(&pk).arg(&n64).arg(&hs32).launch(cfg) }?;
     // SAFETY: as above.
     unsafe { gpu.stream.launch_builder(&f).arg(&mut *dv).arg(&pv).arg(&n64).arg(&hs32).launch(cfg) }?;
+    match rope {
+        Some(cs) => unrope_gpu(gpu, dk, cs, tk, nkv, d),
+        None => Ok(()),
+    }
+}
+
+/// `x [rows, heads·d]` in place: the gradient with respect to rows rotated with `cs` (`[rows, d/2,
+/// 2]`, checked by the caller) turned into the one before the rotation (`attention_unrope_f32`).
+fn unrope_gpu(
+    gpu: &Gpu,
+    x: &mut CudaViewMut<'_, f32>,
+    cs: &CudaView<'_, f32>,
+    rows: usize,
+    heads: usize,
+    d: usize,
+) -> Result<()> {
+    let n = rows * heads * (d / 2);
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function("attention", SRC, "attention_unrope_f32")?;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (rows32, heads32, d32) = (rows as u32, heads as u32, d as u32);
+    // SAFETY: attention_unrope_f32(float* x, const float* cs, unsigned rows, unsigned heads,
+    // unsigned d): x holds rows·heads·d floats and cs rows·d (checked by the callers; rows,
+    // heads and d fit u32 by sizes()); one thread per (row, head, column < d/2).
+    unsafe { gpu.stream.launch_builder(&f).arg(x).arg(cs).arg(&rows32).arg(&heads32).arg(&d32).launch(cfg) }?;
     Ok(())
 }
 
@@ -1432,6 +1487,7 @@ mod tests {
                     (1u64, (4usize, 2usize, 64usize), vec![vec![5usize, 9, 3], vec![1, 12], vec![20]], None),
                     (2, (8, 2, 64), vec![vec![300]], Some(128)),
                     (3, (6, 3, 14), vec![vec![65, 1], vec![2, 97]], None),
+                    (4, (4, 4, 32), vec![vec![40, 7]], None),
                 ] {
                     let heads = Heads { nq, nkv, d };
                     let (mut pos, mut seg, mut rr) = (vec![], vec![], vec![]);
@@ -1450,8 +1506,8 @@ mod tests {
                     let (q, k, v) =
                         (randn(seed, t * qw, 1.5), randn(seed + 1, t * kw, 1.5), randn(seed + 2, t * kw, 1.0));
                     let (mut qr, mut kr) = (q.clone(), k.clone());
-                    rope_apply_table(&mut qr, &table, d);
-                    rope_apply_table(&mut kr, &table, d);
+                    rope_apply_table(&mut qr, &table, d, false);
+                    rope_apply_table(&mut kr, &table, d, false);
                     let sinks = randn(seed + 3, nq, 1.0);
                     let dout = randn(seed + 4, t * qw, 1.0);
                     let ranges = visible_ranges(&pos, &seg, &rr, window).unwrap();
@@ -1490,7 +1546,9 @@ mod tests {
                     );
 
                     // Every output of the split entry points, then of the unsplit ones on rotated q, k.
-                    let outputs = |split: bool| -> Vec<Vec<f32>> {
+                    // Every output of the split entry points (with the backward's gradients of q and
+                    // k before the rotation, or not), then of the unsplit ones on rotated q, k.
+                    let outputs = |split: bool, unrope: bool| -> Vec<Vec<f32>> {
                         let (mut o, mut lse, mut delta) =
                             (up(&vec![9.0; t * qw]), up(&vec![9.0; t * nq]), up(&vec![9.0; t * nq]));
                         let (mut dq, mut dk, mut dv) =
@@ -1512,9 +1570,11 @@ mod tests {
                                 &mut lse.as_view_mut(),
                             )
                             .unwrap();
+                            let rope = unrope.then(|| cs.as_view());
                             attention_bwd_split_gpu(
                                 &gpu,
                                 &qkv.as_view(),
+                                rope.as_ref(),
                                 &sd.as_view(),
                                 &o.as_view(),
                                 &lse.as_view(),
@@ -1575,10 +1635,21 @@ mod tests {
                         }
                         [o, lse, dq, dk, dv, ds].iter().map(|x| s.clone_dtoh(x).unwrap()).collect()
                     };
-                    let (got, want) = (outputs(true), outputs(false));
-                    for (name, (g, w)) in ["o", "lse", "dq", "dk", "dv", "dsinks"].iter().zip(got.iter().zip(&want)) {
+                    let (got, mut want) = (outputs(true, false), outputs(false, false));
+                    let names = ["o", "lse", "dq", "dk", "dv", "dsinks"];
+                    for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
                         assert!(g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: {name} differs");
                         assert!(g.iter().any(|x| *x != 0.0), "{what}: {name} is all zeros");
+                    }
+                    // dq and dk before the rotation: the CPU's inverse rotation of the rotated
+                    // rows' gradients, bit for bit (in the dq kernel's store for d = 64 and 32,
+                    // after it for d = 14; after dk's partial sums, or its kernel with one run).
+                    rope_apply_table(&mut want[2], &table, d, true);
+                    rope_apply_table(&mut want[3], &table, d, true);
+                    let got = outputs(true, true);
+                    for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+                        let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{what}: {name} with the inverse rotation differs");
                     }
                 }
             }

@@ -125,7 +125,9 @@ pub fn rope_table(positions: &[u32], inv_freq: &[f32], attention_scaling: f32) -
 /// Rotates `x [T, heads · head_dim]` in place with a [`rope_table`] (`[T, head_dim / 2, 2]`), each
 /// output `a·c − b·s` or `b·c + a·s` rounded product by product (no fused multiply-add): the
 /// arithmetic of the attention split kernel's rotation, so with the GPU's table the same bits.
-pub fn rope_apply_table(x: &mut [f32], table: &[f32], head_dim: usize) {
+/// With `inverse` the transposed rotation (`a·c + b·s`, `b·c − a·s`: a gradient's backward), the
+/// arithmetic of the attention backward's.
+pub fn rope_apply_table(x: &mut [f32], table: &[f32], head_dim: usize, inverse: bool) {
     let half = head_dim / 2;
     let tokens = if half == 0 { 0 } else { table.len() / (2 * half) };
     assert!(head_dim.is_multiple_of(2) && table.len() == tokens * 2 * half, "rope: table is not [T, head_dim / 2, 2]");
@@ -139,8 +141,13 @@ pub fn rope_apply_table(x: &mut [f32], table: &[f32], head_dim: usize) {
         for head in row.chunks_exact_mut(head_dim) {
             for i in 0..half {
                 let (a, b, c, s) = (head[i], head[i + half], cs[2 * i], cs[2 * i + 1]);
-                head[i] = a * c - b * s;
-                head[i + half] = b * c + a * s;
+                if inverse {
+                    head[i] = a * c + b * s;
+                    head[i + half] = b * c - a * s;
+                } else {
+                    head[i] = a * c - b * s;
+                    head[i + half] = b * c + a * s;
+                }
             }
         }
     }
@@ -298,11 +305,13 @@ mod tests {
         let pos = [0u32, 7, 4096, 131071];
         let f = inv_freq(d);
         let x = randn(7, pos.len() * 3 * d, 2.0);
-        let (mut want, mut got) = (x.clone(), x.clone());
-        rope_apply(&mut want, &pos, &f, 1.25, d, false);
-        rope_apply_table(&mut got, &rope_table(&pos, &f, 1.25), d);
-        // The same products and sums: only the order of the scaling's multiply differs.
-        assert_close("rope with the table", &got, &want, 1e-5, 1e-6);
+        for inverse in [false, true] {
+            let (mut want, mut got) = (x.clone(), x.clone());
+            rope_apply(&mut want, &pos, &f, 1.25, d, inverse);
+            rope_apply_table(&mut got, &rope_table(&pos, &f, 1.25), d, inverse);
+            // The same products and sums: only the order of the scaling's multiply differs.
+            assert_close(&format!("rope with the table (inverse {inverse})"), &got, &want, 1e-5, 1e-6);
+        }
     }
 
     #[test]
@@ -322,7 +331,7 @@ mod tests {
         // Rotating with the GPU's table is rope_f32 up to its FMA contraction (a few ulp of |x|).
         let x = randn(8, pos.len() * 8 * d, 3.0);
         let mut want = x.clone();
-        rope_apply_table(&mut want, &table, d);
+        rope_apply_table(&mut want, &table, d, false);
         let got = run_gpu(&gpu, &x, &pos, &f, scaling, d, false);
         let xmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) * scaling;
         assert_close("rope_f32 against the table", &got, &want, 1e-6 * xmax, 1e-6);

@@ -699,8 +699,8 @@ pub fn attention_bwd_gpu(
 /// klo.len()` queries and `Tk = qlo.len()` keys); takes [`split_backward_scratch_elems`] of the
 /// [`Gpu`]'s scratch for the split of dout and the dk/dv partial sums. With `rope` (the table the
 /// split rotated q and k with) `dq` and `dk` are the gradients of q and k before their rotation:
-/// the rotation's transpose applied in the dq kernel's store (head widths that are a multiple of
-/// 16 and at most 128) or after it, and after dk's sums; each product and sum rounded on its own,
+/// the rotation's transpose applied in the dq kernel's store (head widths of 16, 32, 64 or 128,
+/// which the kernels hold unpadded) or after it, and after dk's sums; each product and sum rounded on its own,
 /// as [`crate::ops::rope::rope_apply_table`] computes it with `inverse`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_split_gpu(
@@ -828,7 +828,7 @@ fn backward(
     split_heads_gpu(gpu, mma, dout, t, nq, d, None, &mut dos)?;
     let (f, cfg) = tiled(gpu, mma, "attention_bwd_dq_f32", padded_width(d), t.div_ceil(TILE) * nq, [4, 0])?;
     // The rotation's transpose in the dq kernel's store where a lane holds both columns of a pair.
-    let fused = rope.filter(|_| d == padded_width(d) && d.is_multiple_of(16));
+    let fused = rope.filter(|_| d == padded_width(d));
     let cs = fused.map(|cs| cs.device_ptr(&gpu.stream));
     let cs_ptr = cs.as_ref().map_or(0, |(p, _)| *p);
     // SAFETY: attention_bwd_dq_f32_d<DP>(float* dq, const bf16* qs, const bf16* ks,

@@ -369,8 +369,8 @@ enum Inputs {
     Keep,
     /// Neither: nothing reads them (evaluation, and checkpointed layers, which are recomputed).
     Drop,
-    /// The recomputation before a checkpointed layer's backward: the input only when offloaded
-    /// (else the backward reads the checkpoint), never the middle (left in `s.x`).
+    /// The recomputation before a checkpointed layer's backward (no experts): the input only when
+    /// offloaded (else the backward reads the checkpoint), never the middle (left in `s.x`).
     Recompute,
 }
 
@@ -387,7 +387,7 @@ pub fn activation_bytes(
     offload: bool,
     precision: Precision,
 ) -> usize {
-    let qkv = attention::qkv_split_elems(heads_of(cfg), t, t, mma_of(precision));
+    let qkv = attention::qkv_split_elems(heads_of(cfg), t, t, mma_of(precision == Precision::Exact));
     2 * (staging_elems(cfg, t, checkpointing, moe_chunk, precision) + qkv)
         + activation_f32s(cfg, t, max_rank, checkpointing, moe_chunk, offload)
 }
@@ -398,7 +398,7 @@ pub fn activation_bytes(
 /// expert product over one MoE chunk (reduction length up to 2 · intermediate, in the backward),
 /// or the dense LoRA's split low-rank reductions over `t` tokens or fewer.
 fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: usize, precision: Precision) -> usize {
-    let (mma, heads) = (mma_of(precision), heads_of(cfg));
+    let (mma, heads) = (mma_of(precision == Precision::Exact), heads_of(cfg));
     let slots = chunk_tokens(t, checkpointing, moe_chunk) * cfg.num_experts_per_tok;
     let k = cfg.hidden_size.max(2 * cfg.intermediate_size);
     // The dense LoRA's low-rank products read inputs and gradients of these widths.
@@ -407,12 +407,29 @@ fn staging_elems(cfg: &GptOssConfig, t: usize, checkpointing: bool, moe_chunk: u
     attention::split_backward_scratch_elems_up_to(heads, t, mma).max(mxfp4_scratch_elems(slots, k, mma)).max(lowrank)
 }
 
+/// Splits the q, k and v of activation set `a` into `qkv` (`s.qkv`) for attention, q and k rotated
+/// with the batch's table `rope_cs` (the caller records whose they are in `qkv_of`).
+fn split_layer_qkv(
+    gpu: &Gpu,
+    cfg: &GptOssConfig,
+    rope_cs: &CudaSlice<f32>,
+    qkv: &mut CudaSlice<u16>,
+    a: &LayerActs,
+    t: usize,
+    mma: Mma,
+) -> Result<()> {
+    let (heads, qw, kw) = (heads_of(cfg), cfg.q_width(), cfg.kv_width());
+    let (cs, qkv) = (v(rope_cs, t * cfg.head_dim), &mut vm(qkv, attention::qkv_split_elems(heads, t, t, mma)));
+    Ok(split_qkv_gpu(gpu, &v(&a.q, t * qw), &v(&a.k, t * kw), &v(&a.v, t * kw), Some(&cs), heads, mma, qkv)?)
+}
+
 fn heads_of(cfg: &GptOssConfig) -> Heads {
     Heads { nq: cfg.num_attention_heads, nkv: cfg.num_key_value_heads, d: cfg.head_dim }
 }
 
-fn mma_of(precision: Precision) -> Mma {
-    if precision == Precision::Exact {
+/// The tensor-core products' mode: operands split into bf16 halves ([`Precision::Exact`]) or not.
+fn mma_of(split: bool) -> Mma {
+    if split {
         Mma::Split
     } else {
         Mma::Bf16
@@ -618,7 +635,7 @@ impl GpuEngine {
         };
         let ranges = [zr()?, zr()?];
         let bf_len = 2 * (t * h.max(qw)).max(chunk * cfg.vocab_size);
-        let (heads, mma) = (heads_of(&cfg), mma_of(precision));
+        let (heads, mma) = (heads_of(&cfg), mma_of(precision == Precision::Exact));
         let s_ = Scratch {
             ids: al.upload("token ids", &(0..t as u32).collect::<Vec<_>>())?,
             pos: al.zeros("positions", t)?,
@@ -1406,31 +1423,32 @@ impl GpuEngine {
                 // Only the last layer's backward reads its forward's copies of the residual stream
                 // (the others recompute them).
                 let inputs = if l == last { Inputs::Keep } else { Inputs::Drop };
-                self.layer_forward(l, t, false, true, inputs)?;
+                self.layer_forward(l, t, false, inputs)?;
             } else {
-                self.layer_forward(l, t, save, true, if save { Inputs::Keep } else { Inputs::Drop })?;
+                self.layer_forward(l, t, save, if save { Inputs::Keep } else { Inputs::Drop })?;
             }
         }
         Ok(())
     }
 
     /// Layer `l` on the residual stream `s.x` (`t` tokens). With `save` (training without
-    /// checkpointing) its activations go to set `l`, else to set 0. Without `moe` (the
-    /// checkpointed recomputation before the layer's backward) the experts are not run: the
-    /// backward pass recomputes them chunk by chunk, and the layer's output is not needed.
-    /// `inputs`: which copies of the residual stream (the layer's input and its middle, the
-    /// norms' inputs) the layer's backward will read.
-    fn layer_forward(&mut self, l: usize, t: usize, save: bool, moe: bool, inputs: Inputs) -> Result<()> {
+    /// checkpointing) its activations go to set `l`, else to set 0. `inputs`: which copies
+    /// of the residual stream (the layer's input and its middle, the norms' inputs) the layer's
+    /// backward will read. In the recomputation before a checkpointed layer's backward
+    /// ([`Inputs::Recompute`]) the experts are not run: the backward pass recomputes them chunk
+    /// by chunk, and the layer's output is not needed.
+    fn layer_forward(&mut self, l: usize, t: usize, save: bool, inputs: Inputs) -> Result<()> {
+        let moe = inputs != Inputs::Recompute;
         let cfg = &self.cfg;
-        let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
+        let (h, qw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.num_attention_heads);
         let (ne, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
-        let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
+        let heads = heads_of(cfg);
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let gpu_arc = self.gpu.clone();
         let gpu = &*gpu_arc;
         let split = self.split;
-        let mma = if split { Mma::Split } else { Mma::Bf16 };
+        let mma = mma_of(split);
         let layer = &self.w.layers[l];
         // Without `save` (evaluation, decoding, checkpointed training), every layer uses the first
         // set of buffers.
@@ -1444,7 +1462,7 @@ impl GpuEngine {
 
         // Attention block: x += o_proj(attn(rope(q), rope(k), v)) of norm1(x).
         // A recomputation's backward reads the layer's input from its checkpoint on the device.
-        if inputs == Inputs::Keep || (inputs == Inputs::Recompute && !self.host_inputs.is_empty()) {
+        if inputs == Inputs::Keep || (inputs == Inputs::Recompute && self.layer_inputs.get(l).is_none()) {
             gpu.stream.memcpy_dtod(&v(&s.x, t * h), &mut vm(&mut a.x_in, t * h))?;
         }
         rmsnorm_gpu(
@@ -1469,9 +1487,7 @@ impl GpuEngine {
         }
         // q and k rotated as they are split (a.q and a.k keep the projections' outputs); the
         // split stays in s.qkv for this layer's backward.
-        let qkv = &mut vm(&mut s.qkv, attention::qkv_split_elems(heads, t, t, mma));
-        let cs = v(&s.rope_cs, t * cfg.head_dim);
-        split_qkv_gpu(gpu, &v(&a.q, t * qw), &v(&a.k, t * kw), &v(&a.v, t * kw), Some(&cs), heads, mma, qkv)?;
+        split_layer_qkv(gpu, cfg, &s.rope_cs, &mut s.qkv, a, t, mma)?;
         self.qkv_of = Some((l, t));
         let r = &s.ranges[layer.window.is_some() as usize];
         attention_fwd_split_gpu(
@@ -1574,7 +1590,7 @@ impl GpuEngine {
     /// needs the experts' inputs and `hh`, not their outputs (`weight_grad_from_input`).
     fn moe_forward(&mut self, l: usize, set: usize, c0: usize, c1: usize, combine: bool) -> Result<()> {
         let Self { gpu, cfg, w, lora, lora_at, acts, s, prof, swiglu, split, .. } = self;
-        let mma = if *split { Mma::Split } else { Mma::Bf16 };
+        let mma = mma_of(*split);
         let gpu = &**gpu;
         let (h, ne, k, i2) =
             (cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
@@ -1763,7 +1779,7 @@ impl GpuEngine {
     /// (the recomputation) ran just before, so its gate_up LoRA's u is still in `u_gu`.
     fn moe_backward(&mut self, l: usize, set: usize, c0: usize, c1: usize, recomputed: bool) -> Result<()> {
         let Self { gpu, cfg, w, lora, lora_at, acts, s, swiglu, split, prof, .. } = self;
-        let mma = if *split { Mma::Split } else { Mma::Bf16 };
+        let mma = mma_of(*split);
         let gpu = &**gpu;
         let (h, ne, k, i2) =
             (cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, 2 * cfg.intermediate_size);
@@ -1873,15 +1889,14 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// The backward of layer `l`; `kept_moe`: with checkpointing, its one MoE chunk's forward
+    /// The backward of layer `l`; `recomputed`: its forward just ran again (layer_forward with
+    /// Inputs::Recompute), leaving its middle in s.x and its input in its checkpoint (or,
+    /// offloaded, in x_in); `kept_moe`: with checkpointing, its one MoE chunk's forward
     /// activations are still in set 0 (the last layer's), so they are not recomputed.
-    fn layer_backward(&mut self, l: usize, t: usize, kept_moe: bool) -> Result<()> {
+    fn layer_backward(&mut self, l: usize, t: usize, recomputed: bool, kept_moe: bool) -> Result<()> {
         let set = if self.checkpointing { 0 } else { l };
-        // A recomputed layer (layer_forward with Inputs::Recompute) left its middle in s.x and its
-        // input in its checkpoint (or, offloaded, in x_in).
-        let recomputed = self.checkpointing && l + 1 < self.cfg.num_hidden_layers;
         let split = self.split;
-        let mma = if split { Mma::Split } else { Mma::Bf16 };
+        let mma = mma_of(split);
         self.prof.mark(&self.gpu, "other")?;
         // MoE block, chunk by chunk: with checkpointing each chunk's experts are recomputed first.
         for (c0, c1) in self.moe_chunks(t) {
@@ -1894,7 +1909,7 @@ impl GpuEngine {
         let cfg = &self.cfg;
         let (h, qw, kw, nq) = (cfg.hidden_size, cfg.q_width(), cfg.kv_width(), cfg.num_attention_heads);
         let (ne, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
-        let heads = Heads { nq, nkv: cfg.num_key_value_heads, d: cfg.head_dim };
+        let heads = heads_of(cfg);
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let gpu = &*self.gpu;
         let layer = &self.w.layers[l];
@@ -1954,9 +1969,7 @@ impl GpuEngine {
         // (with checkpointing) or the last layer's forward; else split again, the same bits.
         let lqkv = attention::qkv_split_elems(heads, t, t, mma);
         if self.qkv_of != Some((l, t)) {
-            let cs = v(&s.rope_cs, t * cfg.head_dim);
-            let qkv = &mut vm(&mut s.qkv, lqkv);
-            split_qkv_gpu(gpu, &v(&a.q, t * qw), &v(&a.k, t * kw), &v(&a.v, t * kw), Some(&cs), heads, mma, qkv)?;
+            split_layer_qkv(gpu, cfg, &s.rope_cs, &mut s.qkv, a, t, mma)?;
             self.qkv_of = Some((l, t));
         }
         let r = &s.ranges[layer.window.is_some() as usize];
@@ -2187,9 +2200,9 @@ impl GpuEngine {
                     let (inputs, x) = (&self.layer_inputs[l], &mut self.s.x);
                     self.gpu.stream.memcpy_dtod(&v(inputs, t * h), &mut vm(x, t * h))?;
                 }
-                self.layer_forward(l, t, false, false, Inputs::Recompute)?;
+                self.layer_forward(l, t, false, Inputs::Recompute)?;
             }
-            self.layer_backward(l, t, kept_moe)?;
+            self.layer_backward(l, t, self.checkpointing && !kept, kept_moe)?;
         }
         Ok(())
     }

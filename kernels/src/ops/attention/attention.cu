@@ -94,31 +94,6 @@ __device__ __forceinline__ void split2(float x, float y, unsigned int& hi, unsig
     lo = *reinterpret_cast<const unsigned int*>(&l);
 }
 
-// Splits x [rows, heads·d] (row-major, f32) into dst [FA_PARTS][heads][rows + FA_TILE][dp] bf16
-// (the lo part, if any, n = heads·(rows + FA_TILE)·dp elements after the hi part). Columns >= d
-// and rows >= rows are zeros. One thread per pair of columns (d and dp are even).
-extern "C" __global__ void attention_split_f32(unsigned int* __restrict__ dst, const float* __restrict__ x,
-                                               unsigned int rows, unsigned int heads, unsigned int d,
-                                               unsigned int dp) {
-    const size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const size_t per_row = dp / 2, prow = (size_t)rows + FA_TILE, pairs = (size_t)heads * prow * per_row;
-    if (p >= pairs) return;
-    const unsigned int c = 2 * (unsigned int)(p % per_row);
-    const size_t r = (p / per_row) % prow, h = p / per_row / prow;
-    float a = 0.0f, b = 0.0f;
-    if (r < rows && c < d) {
-        const float* src = x + r * heads * d + h * d + c;
-        a = src[0];
-        b = src[1];
-    }
-    unsigned int hi, lo;
-    split2(a, b, hi, lo);
-    dst[p] = hi;
-#ifndef MMA_ONE_PASS
-    dst[pairs + p] = lo;
-#endif
-}
-
 // Column i of one head of x rotated by the rotary embedding (half-split layout: i pairs with
 // i ± d/2) with cs = that row's [d/2][2] cos and sin (rope.cu's rope_table_f32), each product and
 // sum rounded on its own (no FMA), as rope_apply_table computes it on the CPU.
@@ -128,10 +103,21 @@ __device__ __forceinline__ float roped(const float* head, const float* cs, unsig
     return __fadd_rn(__fmul_rn(head[i], cs[2 * j]), __fmul_rn(head[j], cs[2 * j + 1]));
 }
 
-// attention_split_f32 of x rotated first: cs [rows][d/2][2] (q and k, whose rows are tokens).
-extern "C" __global__ void attention_split_rope_f32(unsigned int* __restrict__ dst, const float* __restrict__ x,
-                                                    const float* __restrict__ cs, unsigned int rows,
-                                                    unsigned int heads, unsigned int d, unsigned int dp) {
+// The rotation's transpose of the pair (a, b) = (column c, column c + d/2) of a gradient with
+// respect to rotated rows, with that column's cos co and sin si (rope_f32's inverse), each product
+// and sum rounded on its own, as rope_apply_table computes it with `inverse`.
+__device__ __forceinline__ void unrope(float a, float b, float co, float si, float& x, float& y) {
+    x = __fadd_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+    y = __fsub_rn(__fmul_rn(b, co), __fmul_rn(a, si));
+}
+
+// Splits x [rows, heads·d] (row-major, f32) into dst [FA_PARTS][heads][rows + FA_TILE][dp] bf16
+// (the lo part, if any, n = heads·(rows + FA_TILE)·dp elements after the hi part). Columns >= d
+// and rows >= rows are zeros. With cs (not null: [rows][d/2][2], q and k, whose rows are tokens)
+// each head is rotated first (roped). One thread per pair of columns (d and dp are even).
+extern "C" __global__ void attention_split_f32(unsigned int* __restrict__ dst, const float* __restrict__ x,
+                                               const float* __restrict__ cs, unsigned int rows,
+                                               unsigned int heads, unsigned int d, unsigned int dp) {
     const size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const size_t per_row = dp / 2, prow = (size_t)rows + FA_TILE, pairs = (size_t)heads * prow * per_row;
     if (p >= pairs) return;
@@ -140,9 +126,14 @@ extern "C" __global__ void attention_split_rope_f32(unsigned int* __restrict__ d
     float a = 0.0f, b = 0.0f;
     if (r < rows && c < d) {
         const float* head = x + r * heads * d + h * d;
-        const float* row_cs = cs + r * d;  // d/2 pairs of (cos, sin)
-        a = roped(head, row_cs, c, d / 2);
-        b = roped(head, row_cs, c + 1, d / 2);
+        if (cs != nullptr) {
+            const float* row_cs = cs + r * d;  // d/2 pairs of (cos, sin)
+            a = roped(head, row_cs, c, d / 2);
+            b = roped(head, row_cs, c + 1, d / 2);
+        } else {
+            a = head[c];
+            b = head[c + 1];
+        }
     }
     unsigned int hi, lo;
     split2(a, b, hi, lo);
@@ -288,7 +279,7 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dst, size_t strid
 // to the rows before the rotation (the rotary embedding's transpose, rope_f32's inverse) with the
 // rows' cos and sin cs [rows][DP/2][2]: for d = DP only (a multiple of 16), where column c < DP/2
 // and its partner c + DP/2 sit in the same lane, blocks n and n + DP/16. Each product and sum is
-// rounded on its own, as attention_unrope_f32 and rope_apply_table compute it.
+// rounded on its own (unrope).
 template <int DP>
 __device__ __forceinline__ void store_rows_unrope(float* __restrict__ dst, size_t stride, const float (*acc)[4],
                                                   unsigned int r0, unsigned int rows, float mul,
@@ -301,10 +292,9 @@ __device__ __forceinline__ void store_rows_unrope(float* __restrict__ dst, size_
         for (int e = 0; e < 4; ++e) {
             const unsigned int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
             if (r < rows) {
-                const float a = acc[n][e] * mul, b = acc[n + H][e] * mul;
-                const float co = cs[(size_t)r * DP + 2 * c], si = cs[(size_t)r * DP + 2 * c + 1];
-                dst[(size_t)r * stride + c] = __fadd_rn(__fmul_rn(a, co), __fmul_rn(b, si));
-                dst[(size_t)r * stride + c + DP / 2] = __fsub_rn(__fmul_rn(b, co), __fmul_rn(a, si));
+                const float* rc = cs + (size_t)r * DP + 2 * c;
+                float* row = dst + (size_t)r * stride;
+                unrope(acc[n][e] * mul, acc[n + H][e] * mul, rc[0], rc[1], row[c], row[c + DP / 2]);
             }
         }
     }
@@ -724,8 +714,8 @@ extern "C" __global__ void attention_sum_parts_f32(float* __restrict__ out, cons
 }
 
 // x [rows, heads*d] (in place): the gradient with respect to rotated rows turned into the one with
-// respect to the rows before the rotation, with cs [rows][d/2][2] (rope_f32's inverse, each
-// product and sum rounded on its own). One thread per (row, head, c < d/2).
+// respect to the rows before the rotation, with cs [rows][d/2][2] (unrope). One thread per (row,
+// head, c < d/2).
 extern "C" __global__ void attention_unrope_f32(float* __restrict__ x, const float* __restrict__ cs,
                                                 unsigned int rows, unsigned int heads, unsigned int d) {
     const unsigned int half = d / 2;
@@ -734,9 +724,7 @@ extern "C" __global__ void attention_unrope_f32(float* __restrict__ x, const flo
     const unsigned int c = (unsigned int)(p % half);
     const size_t r = p / half / heads, h = p / half % heads;
     float* head = x + (r * heads + h) * d;
-    const float a = head[c], b = head[c + half], co = cs[r * d + 2 * c], si = cs[r * d + 2 * c + 1];
-    head[c] = __fadd_rn(__fmul_rn(a, co), __fmul_rn(b, si));
-    head[c + half] = __fsub_rn(__fmul_rn(b, co), __fmul_rn(a, si));
+    unrope(head[c], head[c + half], cs[r * d + 2 * c], cs[r * d + 2 * c + 1], head[c], head[c + half]);
 }
 
 // delta [T, nq] = dO_i . O_i per (query, head).

@@ -365,7 +365,7 @@ pub fn split_backward_scratch_elems_up_to(heads: Heads, t: usize, mma: Mma) -> u
 /// [`padded_width`]`(d)`), `hi = bf16(x)` and, for [`Mma::Split`], `lo = bf16(x − hi)`, zeros
 /// past `d` and past `rows`.
 /// With `rope` (`[rows, d/2, 2]` cos and sin, [`crate::ops::rope::rope_table_gpu`]) each head is
-/// first rotated by the rotary embedding (`attention_split_rope_f32`).
+/// first rotated by the rotary embedding.
 #[allow(clippy::too_many_arguments)]
 fn split_heads_gpu(
     gpu: &Gpu,
@@ -387,46 +387,30 @@ fn split_heads_gpu(
     expect("attention_split", "x", x.len(), rows * heads * d)?;
     expect("attention_split", "out", out.len(), split_len(mma, rows, heads, d))?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    match rope {
-        None => {
-            let f = function(gpu, mma, "attention_split_f32")?;
-            // SAFETY: attention_split_f32(unsigned* dst, const float* x, unsigned rows, unsigned heads,
-            // unsigned d, unsigned dp): x holds rows·heads·d floats (checked above), dst parts·n bf16 =
-            // parts·n/2 u32 with n = heads·(rows + FA_TILE)·dp (FA_TILE = TILE), as many parts as this
-            // module's FA_PARTS writes; d and dp are even (sizes() checks d), d <= dp; n > 0 (heads,
-            // dp > 0), one thread per u32 of a part, blocks·256 >= n/2.
-            unsafe {
-                gpu.stream
-                    .launch_builder(&f)
-                    .arg(out)
-                    .arg(x)
-                    .arg(&rows32)
-                    .arg(&heads32)
-                    .arg(&d32)
-                    .arg(&dp32)
-                    .launch(cfg)
-            }?;
-        }
-        Some(cs) => {
-            expect("attention_split", "rope table", cs.len(), rows * d)?;
-            let f = function(gpu, mma, "attention_split_rope_f32")?;
-            // SAFETY: attention_split_rope_f32(unsigned* dst, const float* x, const float* cs,
-            // unsigned rows, unsigned heads, unsigned d, unsigned dp): as attention_split_f32, and cs
-            // holds rows·d floats (checked above), read for rows < rows and columns < d only.
-            unsafe {
-                gpu.stream
-                    .launch_builder(&f)
-                    .arg(out)
-                    .arg(x)
-                    .arg(cs)
-                    .arg(&rows32)
-                    .arg(&heads32)
-                    .arg(&d32)
-                    .arg(&dp32)
-                    .launch(cfg)
-            }?;
-        }
+    if let Some(cs) = rope {
+        expect("attention_split", "rope table", cs.len(), rows * d)?;
     }
+    let cs = rope.map(|cs| cs.device_ptr(&gpu.stream));
+    let cs_ptr = cs.as_ref().map_or(0, |(p, _)| *p);
+    let f = function(gpu, mma, "attention_split_f32")?;
+    // SAFETY: attention_split_f32(unsigned* dst, const float* x, const float* cs, unsigned rows,
+    // unsigned heads, unsigned d, unsigned dp): x holds rows·heads·d floats (checked above), cs is
+    // null or rows·d floats (checked above, read for rows < rows and columns < d only), dst
+    // parts·n bf16 = parts·n/2 u32 with n = heads·(rows + FA_TILE)·dp (FA_TILE = TILE), as many
+    // parts as this module's FA_PARTS writes; d and dp are even (sizes() checks d), d <= dp; n > 0
+    // (heads, dp > 0), one thread per u32 of a part, blocks·256 >= n/2.
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(out)
+            .arg(x)
+            .arg(&cs_ptr)
+            .arg(&rows32)
+            .arg(&heads32)
+            .arg(&d32)
+            .arg(&dp32)
+            .launch(cfg)
+    }?;
     Ok(())
 }
 
